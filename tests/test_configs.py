@@ -1,0 +1,313 @@
+"""Checks the CQL YAML configs under configs/ (GitHub issue 4).
+
+* every config parses with the script it belongs to, and lists only fields of that script's
+  TrainConfig, each with a value of the field's type;
+* every ``env`` is a known D4RL dataset or the Minari port of one;
+* a sample of configs carries CORL's published hyperparameters (values written out below,
+  taken from corl-team/CORL configs/{offline,finetune}/cql/...);
+* every ``*_minari.yaml`` has exactly the hyperparameters of its D4RL twin.
+"""
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+import algorithms.finetune.cql as finetune_cql
+import algorithms.offline.cql as offline_cql
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_ROOTS = {
+    "offline": REPO / "configs" / "offline" / "cql",
+    "finetune": REPO / "configs" / "finetune" / "cql",
+}
+MODULES = {"offline": offline_cql, "finetune": finetune_cql}
+INF = math.inf
+
+# --------------------------------------------------------------------------------------
+# What should be there: CORL's CQL benchmark, plus a Minari twin for antmaze/maze2d/adroit.
+# --------------------------------------------------------------------------------------
+LOCOMOTION = ["halfcheetah", "hopper", "walker2d"]
+LOCOMOTION_SETS = ["random", "medium", "medium_replay", "medium_expert", "expert", "full_replay"]
+ANTMAZE_SETS = ["umaze", "umaze_diverse", "medium_play", "medium_diverse", "large_play", "large_diverse"]
+MAZE2D_SETS = ["umaze", "medium", "large", "umaze_dense", "medium_dense", "large_dense"]
+ADROIT = ["pen", "door", "hammer", "relocate"]
+ADROIT_SETS = ["human", "cloned", "expert"]
+
+
+def _expected_files():
+    offline = {f"{t}/{d}_v2.yaml" for t in LOCOMOTION for d in LOCOMOTION_SETS}
+    with_minari = (
+        [f"antmaze/{d}_v2" for d in ANTMAZE_SETS]
+        + [f"maze2d/{d}_v1" for d in MAZE2D_SETS]
+        + [f"{t}/{d}_v1" for t in ADROIT for d in ADROIT_SETS]
+    )
+    offline |= {f"{stem}{suffix}.yaml" for stem in with_minari for suffix in ("", "_minari")}
+    finetune_stems = [f"antmaze/{d}_v2" for d in ANTMAZE_SETS] + [f"{t}/cloned_v1" for t in ADROIT]
+    finetune = {f"{stem}{suffix}.yaml" for stem in finetune_stems for suffix in ("", "_minari")}
+    return {"offline": offline, "finetune": finetune}
+
+
+EXPECTED_FILES = _expected_files()
+
+# Episode limit of each Minari dataset's (evaluation) environment: AntMaze_UMaze-v4 700,
+# AntMaze_Medium/Large-v4 1000, PointMaze_UMaze/Medium/Large-v3 300/600/800,
+# AdroitHandPen-v1 100 (as recorded in the Minari datasets), Door/Hammer/Relocate 200.
+MINARI_EPISODE_STEPS = {
+    "D4RL/antmaze/umaze-v1": 700,
+    "D4RL/antmaze/umaze-diverse-v1": 700,
+    "D4RL/antmaze/medium-play-v1": 1000,
+    "D4RL/antmaze/medium-diverse-v1": 1000,
+    "D4RL/antmaze/large-play-v1": 1000,
+    "D4RL/antmaze/large-diverse-v1": 1000,
+    "D4RL/pointmaze/umaze-v2": 300,
+    "D4RL/pointmaze/medium-v2": 600,
+    "D4RL/pointmaze/large-v2": 800,
+    "D4RL/pointmaze/umaze-dense-v2": 300,
+    "D4RL/pointmaze/medium-dense-v2": 600,
+    "D4RL/pointmaze/large-dense-v2": 800,
+    **{f"D4RL/pen/{d}-v2": 100 for d in ADROIT_SETS},
+    **{f"D4RL/{t}/{d}-v2": 200 for t in ("door", "hammer", "relocate") for d in ADROIT_SETS},
+}
+
+
+def _all_configs():
+    found = []
+    for kind, root in CONFIG_ROOTS.items():
+        for path in sorted(root.rglob("*.yaml")):
+            found.append(pytest.param(kind, path, id=f"{kind}/{path.relative_to(root)}"))
+    return found
+
+
+ALL_CONFIGS = _all_configs()
+MINARI_CONFIGS = [p for p in ALL_CONFIGS if p.values[1].stem.endswith("_minari")]
+
+
+def _load(path: Path) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    assert isinstance(data, dict), f"{path}: not a mapping"
+    return data
+
+
+def _field_types(config_class) -> dict:
+    hints = typing.get_type_hints(config_class)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_class)}
+
+
+def _split_optional(annotation):
+    """(base type, whether None is allowed) for X, Optional[X] and X | None."""
+    union_types = (typing.Union,) + ((types.UnionType,) if hasattr(types, "UnionType") else ())
+    if typing.get_origin(annotation) in union_types:
+        args = typing.get_args(annotation)
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and len(args) == 2:
+            return rest[0], True
+    return annotation, False
+
+
+def _type_problem(value, annotation):
+    """None if a YAML value fits a field's annotation, else a description of the mismatch."""
+    base, optional = _split_optional(annotation)
+    if value is None:
+        return None if optional else "None for a non-Optional field"
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif base is str:
+        ok = isinstance(value, str)
+    else:
+        return f"field type {annotation} is not a scalar a config can set"
+    return None if ok else f"{type(value).__name__} {value!r} for a {base.__name__} field"
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return a == b
+
+
+# --------------------------------------------------------------------------------------
+# 0. inventory
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["offline", "finetune"])
+def test_config_inventory(kind):
+    root = CONFIG_ROOTS[kind]
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*.yaml")}
+    missing = sorted(EXPECTED_FILES[kind] - present)
+    extra = sorted(present - EXPECTED_FILES[kind])
+    assert not missing and not extra, f"missing: {missing}; unexpected: {extra}"
+
+
+# --------------------------------------------------------------------------------------
+# 1. every config parses, and lists only TrainConfig fields with values of their types
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,path", ALL_CONFIGS)
+def test_config_parses(kind, path):
+    module = MODULES[kind]
+    config = module.parse_config(["--config_path", str(path)])
+    assert isinstance(config, module.TrainConfig)
+    for key, value in _load(path).items():
+        if key == "name":  # a script may decorate the run name; the rest must arrive unchanged
+            continue
+        assert _same(getattr(config, key), value), f"{key}: parsed {getattr(config, key)!r}, file {value!r}"
+
+
+@pytest.mark.parametrize("kind,path", ALL_CONFIGS)
+def test_config_keys_and_types(kind, path):
+    fields = _field_types(MODULES[kind].TrainConfig)
+    data = _load(path)
+    unknown = sorted(set(data) - set(fields))
+    assert not unknown, f"keys that TrainConfig does not have: {unknown}"
+    problems = {k: _type_problem(v, fields[k]) for k, v in data.items()}
+    problems = {k: p for k, p in problems.items() if p is not None}
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("kind,path", ALL_CONFIGS)
+def test_config_leaves_machine_settings_to_the_script(kind, path):
+    data = _load(path)
+    assert "device" not in data and "checkpoints_path" not in data
+
+
+# --------------------------------------------------------------------------------------
+# 2. every env is a D4RL dataset with sane reference scores, or the Minari port of one
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,path", ALL_CONFIGS)
+def test_env_resolves(kind, path):
+    module = MODULES[kind]
+    env = _load(path)["env"]
+    if env in module.D4RL_DATASETS:
+        url, ref_min, ref_max = module.D4RL_DATASETS[env]
+        assert url.startswith("http") and url.endswith(".hdf5")
+        assert math.isfinite(ref_min) and math.isfinite(ref_max) and ref_max > ref_min
+        assert not path.stem.endswith("_minari"), "a *_minari.yaml must name a Minari dataset"
+    else:
+        assert env in set(module.MINARI_EQUIVALENTS.values()), f"{env!r} is neither D4RL nor Minari"
+        assert path.stem.endswith("_minari"), "a Minari dataset belongs in a *_minari.yaml"
+
+
+# --------------------------------------------------------------------------------------
+# 3. CORL's published hyperparameters (corl-team/CORL configs/.../cql/...), written out
+# --------------------------------------------------------------------------------------
+_SHARED = dict(
+    seed=0, batch_size=256, buffer_size=10_000_000, discount=0.99, alpha_multiplier=1.0,
+    use_automatic_entropy_tuning=True, backup_entropy=False, qf_lr=3e-4,
+    soft_target_update_rate=5e-3, target_update_period=1, cql_n_actions=10,
+    cql_importance_sample=True, cql_temp=1.0, cql_clip_diff_max=INF, orthogonal_init=True,
+    bc_steps=0, project="CORL", load_model="",
+)
+PUBLISHED = [
+    (
+        "offline", "hopper/medium_v2.yaml",
+        dict(_SHARED, env="hopper-medium-v2", group="cql-hopper-medium-v2-multiseed-v0",
+             cql_alpha=10.0, policy_lr=3e-5, q_n_hidden_layers=3, reward_scale=1.0,
+             reward_bias=0.0, normalize=True, normalize_reward=True, cql_lagrange=False,
+             cql_target_action_gap=-1.0, max_timesteps=1_000_000, cql_max_target_backup=False,
+             cql_clip_diff_min=-INF, n_episodes=10, eval_freq=5_000),
+    ),
+    (
+        "offline", "antmaze/umaze_v2.yaml",
+        dict(_SHARED, env="antmaze-umaze-v2", group="cql-antmaze-umaze-v2-multiseed-v0",
+             cql_alpha=5.0, policy_lr=1e-4, q_n_hidden_layers=5, reward_scale=10.0,
+             reward_bias=-5.0, normalize=False, normalize_reward=True, cql_lagrange=True,
+             cql_target_action_gap=0.8, max_timesteps=1_000_000, cql_max_target_backup=True,
+             cql_clip_diff_min=-200.0, n_episodes=100, eval_freq=50_000),
+    ),
+    (
+        "finetune", "antmaze/umaze_v2.yaml",
+        dict(_SHARED, env="antmaze-umaze-v2", group="cql-antmaze-umaze-v2-multiseed-v0",
+             cql_alpha=5.0, cql_alpha_online=5.0, policy_lr=1e-4, q_n_hidden_layers=5,
+             reward_scale=10.0, reward_bias=-5.0, normalize=False, normalize_reward=True,
+             cql_lagrange=True, cql_target_action_gap=0.8, offline_iterations=1_000_000,
+             online_iterations=1_000_000, cql_max_target_backup=True, cql_clip_diff_min=-200.0,
+             n_episodes=100, eval_freq=50_000),
+    ),
+    (
+        "offline", "pen/cloned_v1.yaml",
+        dict(_SHARED, env="pen-cloned-v1", group="cql-pen-cloned-v1-multiseed-v0",
+             cql_alpha=1.0, policy_lr=1e-4, q_n_hidden_layers=3, reward_scale=1.0,
+             reward_bias=0.0, normalize=True, normalize_reward=False, cql_lagrange=False,
+             cql_target_action_gap=-1.0, max_timesteps=1_000_000, cql_max_target_backup=False,
+             cql_clip_diff_min=-INF, n_episodes=10, eval_freq=5_000),
+    ),
+    (
+        "finetune", "pen/cloned_v1.yaml",
+        dict(_SHARED, env="pen-cloned-v1", group="cql-pen-cloned-v1-multiseed-v0",
+             cql_alpha=1.0, cql_alpha_online=1.0, policy_lr=1e-4, q_n_hidden_layers=3,
+             reward_scale=1.0, reward_bias=0.0, normalize=False, normalize_reward=False,
+             cql_lagrange=False, cql_target_action_gap=0.8, offline_iterations=1_000_000,
+             online_iterations=1_000_000, cql_max_target_backup=True, cql_clip_diff_min=-200.0,
+             n_episodes=10, eval_freq=5_000),
+    ),
+    (
+        "offline", "maze2d/umaze_v1.yaml",
+        dict(_SHARED, env="maze2d-umaze-v1", group="cql-maze2d-umaze-v1-multiseed-v0",
+             cql_alpha=10.0, policy_lr=3e-5, q_n_hidden_layers=3, reward_scale=1.0,
+             reward_bias=0.0, normalize=True, normalize_reward=False, cql_lagrange=True,
+             cql_target_action_gap=5.0, max_timesteps=1_000_000, cql_max_target_backup=False,
+             cql_clip_diff_min=-INF, n_episodes=100, eval_freq=5_000),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "kind,relpath,expected", [pytest.param(*p, id=f"{p[0]}/{p[1]}") for p in PUBLISHED]
+)
+def test_published_hyperparameters(kind, relpath, expected):
+    path = CONFIG_ROOTS[kind] / relpath
+    data = _load(path)
+    config = MODULES[kind].parse_config(["--config_path", str(path)])
+    assert data.get("name") == "CQL"
+    for key, want in expected.items():
+        assert key in data, f"{relpath}: {key} is not set"
+        assert _same(data[key], want), f"{relpath}: {key} = {data[key]!r}, CORL has {want!r}"
+        assert _same(getattr(config, key), want), f"{relpath}: parsed {key} = {getattr(config, key)!r}"
+
+
+# --------------------------------------------------------------------------------------
+# 4. Minari variants: same hyperparameters as the D4RL twin, Minari env, episode limit
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,path", MINARI_CONFIGS)
+def test_minari_variant_matches_d4rl_twin(kind, path):
+    module = MODULES[kind]
+    twin_path = path.with_name(path.stem[: -len("_minari")] + ".yaml")
+    assert twin_path.exists(), f"no D4RL twin {twin_path.name}"
+    minari, d4rl = _load(path), _load(twin_path)
+
+    assert minari["env"] == module.MINARI_EQUIVALENTS[d4rl["env"]]
+    assert minari.get("max_episode_steps") == MINARI_EPISODE_STEPS[minari["env"]]
+
+    ignored = {"env", "max_episode_steps"}
+    assert set(minari) - ignored == set(d4rl) - ignored
+    differing = {k: (minari[k], d4rl[k]) for k in set(minari) - ignored if not _same(minari[k], d4rl[k])}
+    assert not differing, differing
+
+
+# --------------------------------------------------------------------------------------
+# 5. parse_config is strict, so the checks above mean something
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["offline", "finetune"])
+@pytest.mark.parametrize(
+    "key,value",
+    [("no_such_field", 1), ("cql_alpha", "ten"), ("normalize", "maybe"), ("q_n_hidden_layers", 2.5)],
+)
+def test_parse_config_rejects_bad_keys_and_types(kind, key, value, tmp_path):
+    module = MODULES[kind]
+    data = _load(CONFIG_ROOTS[kind] / "antmaze" / "umaze_v2.yaml")
+    data[key] = value
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(module.ConfigError) as info:
+        module.parse_config(["--config_path", str(bad)])
+    message = str(info.value).strip()
+    assert message and "\n" not in message
