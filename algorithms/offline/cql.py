@@ -7,8 +7,6 @@ offline CQL, on Gymnasium + MuJoCo, h5py and Minari instead of gym, d4rl and muj
 
 Layout: config -> data -> networks -> algorithm -> evaluation and logging -> train() -> main.
 """
-from __future__ import annotations
-
 import json
 import math
 import os
@@ -18,6 +16,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union, get_args, get_origin
@@ -31,13 +30,18 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
+# D4RL's locomotion data was recorded on the v2/v3 MuJoCo tasks; Gymnasium's v4 tasks keep their
+# observation layout, so we evaluate on v4 on purpose and silence its "out of date" notice.
+warnings.filterwarnings("ignore", message=r".*is out of date\. You should consider upgrading")
+
 
 # ======================================================================================
 # Config
 # ======================================================================================
 @dataclass
 class TrainConfig:
-    # Experiment
+    """CORL's offline CQL options with their defaults, then this project's additions (dataset_path on)."""
+
     device: str = "auto"  # torch device; "auto": cuda when available, else cpu
     env: str = "halfcheetah-medium-expert-v2"  # D4RL name, Minari dataset id, or path to a D4RL-format HDF5 file
     seed: int = 0  # seeds python, numpy, torch and the evaluation episodes
@@ -46,7 +50,6 @@ class TrainConfig:
     max_timesteps: int = 1_000_000  # number of gradient updates
     checkpoints_path: Optional[str] = None  # where run directories with checkpoints go; None: no checkpoints
     load_model: str = ""  # checkpoint file to start from; "" starts fresh
-    # CQL
     buffer_size: int = 2_000_000  # largest dataset (transitions) the replay buffer accepts
     batch_size: int = 256  # transitions per update
     discount: float = 0.99  # discount factor gamma
@@ -74,11 +77,9 @@ class TrainConfig:
     reward_bias: float = -1.0  # reward offset applied when normalize_reward
     bc_steps: int = 0  # first updates train the actor by behaviour cloning (log-likelihood)
     policy_log_std_multiplier: float = 1.0  # initial value of the actor's learnable log-std multiplier
-    # Logging
     project: str = "CORL"  # wandb project
     group: str = "CQL-D4RL"  # wandb group
     name: str = "CQL"  # run name prefix; the run directory is <name>-<env>-<seed>-<id>
-    # Additions to CORL's options
     dataset_path: Optional[str] = None  # read env's data from this HDF5 file instead of the D4RL cache
     eval_env: Optional[str] = None  # Gymnasium id to evaluate on; default: the dataset's own env
     max_episode_steps: Optional[int] = None  # evaluation episode length; default: the env's limit
@@ -105,7 +106,6 @@ _FALSE_WORDS = {"false", "no", "off", "0"}
 
 def _coerce(name: str, annotation: Any, value: Any, where: str) -> Any:
     """Converts one raw value (a CLI string or a YAML scalar) to the field's type, or fails."""
-    annotation = eval(annotation, globals()) if isinstance(annotation, str) else annotation
     optional = get_origin(annotation) is Union and type(None) in get_args(annotation)
     base = next(a for a in get_args(annotation) if a is not type(None)) if optional else annotation
     text = value.strip() if isinstance(value, str) else None
@@ -246,21 +246,48 @@ def parse_config(argv: List[str], config_class: type = TrainConfig) -> Any:
 # Data
 # ======================================================================================
 # D4RL's dataset files and reference returns (d4rl/infos.py): name -> (url, ref min, ref max).
-_GYM = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"
+_D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
+_ANTMAZE = {  # name -> D4RL file stem (multistart, multigoal)
+    "umaze": "u-maze_noisy_multistart_False_multigoal_False", "umaze-diverse": "u-maze_noisy_multistart_True_multigoal_True",
+    "medium-play": "big-maze_noisy_multistart_True_multigoal_False",
+    "medium-diverse": "big-maze_noisy_multistart_True_multigoal_True",
+    "large-play": "hardest-maze_noisy_multistart_True_multigoal_False",
+    "large-diverse": "hardest-maze_noisy_multistart_True_multigoal_True",
+}
 D4RL_DATASETS: Dict[str, Tuple[str, float, float]] = {
     **{
-        f"{task}-{kind}-v2": (f"{_GYM}/{task}_{kind.replace('-', '_')}-v2.hdf5", low, high)
-        for task, low, high in [
-            ("halfcheetah", -280.178953, 12135.0),
-            ("hopper", -20.272305, 3234.3),
-            ("walker2d", 1.629008, 4592.3),
-            ("ant", -325.6, 3879.7),
-        ]
+        f"{task}-{kind}-v2": (f"{_D4RL_URL}/gym_mujoco_v2/{task}_{kind.replace('-', '_')}-v2.hdf5", low, high)
+        for task, low, high in [("halfcheetah", -280.178953, 12135.0), ("hopper", -20.272305, 3234.3),
+                                ("walker2d", 1.629008, 4592.3), ("ant", -325.6, 3879.7)]
         for kind in ["random", "medium", "medium-replay", "medium-expert", "expert", "full-replay"]
+    },
+    **{
+        f"antmaze-{kind}-v2": (f"{_D4RL_URL}/ant_maze_v2/Ant_maze_{stem}_sparse_fixed.hdf5", 0.0, 1.0)
+        for kind, stem in _ANTMAZE.items()
+    },
+    **{
+        f"maze2d-{maze}{dense}-v1": (f"{_D4RL_URL}/maze2d/maze2d-{maze}-{dense[1:] or 'sparse'}-v1.hdf5", low, high)
+        for maze, dense, low, high in [
+            ("umaze", "", 23.85, 161.86), ("medium", "", 13.13, 277.39), ("large", "", 6.7, 273.99),
+            ("umaze", "-dense", 68.537689, 193.66285642381482), ("medium", "-dense", 44.264742, 297.4552547777125),
+            ("large", "-dense", 30.569041, 303.4857382709002)]
+    },
+    **{
+        f"{task}-{kind}-v1": (f"{_D4RL_URL}/hand_dapg_v1/{task}-{kind}-v1.hdf5", low, high)
+        for task, low, high in [("pen", 96.262799, 3076.8331017826877), ("door", -56.512833, 2880.5693087298737),
+                                ("hammer", -274.856578, 12794.134825156867),
+                                ("relocate", -6.425911, 4233.877797728884)]
+        for kind in ["human", "cloned", "expert"]
     },
 }
 # D4RL tasks whose environments need old gym/mujoco-py: the Minari dataset to use instead.
-MINARI_EQUIVALENTS: Dict[str, str] = {}
+MINARI_EQUIVALENTS: Dict[str, str] = {
+    **{f"antmaze-{kind}-v2": f"D4RL/antmaze/{kind}-v1" for kind in _ANTMAZE},
+    **{f"maze2d-{maze}{dense}-v1": f"D4RL/pointmaze/{maze}{dense}-v2"
+       for maze in ["umaze", "medium", "large"] for dense in ["", "-dense"]},
+    **{f"{task}-{kind}-v1": f"D4RL/{task}/{kind}-v2"
+       for task in ["pen", "door", "hammer", "relocate"] for kind in ["human", "cloned", "expert"]},
+}
 
 # D4RL locomotion tasks evaluate on Gymnasium's MuJoCo v4 envs (same observation layout).
 LOCOMOTION_ENVS: Dict[str, Tuple[str, Dict[str, Any]]] = {
@@ -931,7 +958,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     scores: List[float] = []
     last_score: Optional[float] = None
     start = time.time()
-    bar = tqdm(range(trainer.total_it, config.max_timesteps), desc="CQL", unit="upd", dynamic_ncols=True)
+    bar = tqdm(range(trainer.total_it, config.max_timesteps), desc="CQL", unit="upd", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay short when not a terminal
     for _ in bar:
         metrics = trainer.train(buffer.sample(config.batch_size))
         if metric_sum is None:

@@ -1,0 +1,185 @@
+"""A short offline run end to end, checkpoints, and every bad input's one-line error."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import algorithms.offline.cql as cql
+from conftest import rollout_arrays, write_hdf5
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--batch_size=32", "--cql_n_actions=4", "--n_episodes=2", "--wandb_mode=disabled", "--log_freq=50"]
+
+
+def test_short_run_writes_metrics_checkpoint_and_score_and_the_checkpoint_loads(hopper_hdf5, tmp_path):
+    config = cql.parse_config(["--env", str(hopper_hdf5), "--max_timesteps=200", "--eval_freq=100",
+                               f"--checkpoints_path={tmp_path}", "--max_episode_steps=50", *SMALL])
+    summary = cql.train(config)
+    run_dir = Path(summary["run_dir"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "qf1_loss" in r]
+    eval_rows = [r for r in rows if "d4rl_normalized_score" in r]
+    assert [r["step"] for r in train_rows] == [50, 100, 150, 200]
+    assert [r["step"] for r in eval_rows] == [100, 200]
+    for name in ["policy_loss", "alpha_loss", "alpha", "log_pi", "qf2_loss", "average_qf1", "average_target_q",
+                 "cql_std_q1", "cql_q1_rand", "cql_q2_next_actions", "cql_min_qf1_loss", "cql_qf2_diff",
+                 "alpha_prime", "alpha_prime_loss"]:
+        assert all(np.isfinite(r[name]) for r in train_rows), name
+    assert summary["last_score"] == eval_rows[-1]["d4rl_normalized_score"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*.pt")) == ["checkpoint_100.pt", "checkpoint_200.pt"]
+    saved = cql.parse_config(["--config_path", str(run_dir / "config.yaml")])
+    assert saved == config  # the saved config reloads to the same config
+
+    # load_model restores every network, alpha and the update counter; training continues from there.
+    state = torch.load(run_dir / "checkpoint_200.pt", weights_only=False)
+    resumed = cql.CQL(config, 11, 3, 1.0, torch.device("cpu"))
+    cql.load_checkpoint(str(run_dir / "checkpoint_200.pt"), resumed)
+    assert resumed.total_it == 200
+    for name, value in state["actor"].items():
+        assert torch.equal(resumed.actor.state_dict()[name], value)
+    assert torch.equal(resumed.log_alpha.detach(), state["log_alpha"])
+    more = cql.parse_config(["--env", str(hopper_hdf5), "--max_timesteps=220", "--eval_freq=100",
+                             f"--load_model={run_dir / 'checkpoint_200.pt'}", f"--log_dir={tmp_path / 'more'}",
+                             "--max_episode_steps=50", *SMALL])
+    assert cql.train(more)["updates"] == 220
+
+
+def test_checkpoint_from_another_config_is_refused(hopper_hdf5, tmp_path):
+    config = cql.TrainConfig(q_n_hidden_layers=2)
+    trainer = cql.CQL(config, 11, 3, 1.0, torch.device("cpu"))
+    path = tmp_path / "ck.pt"
+    cql.save_checkpoint(path, trainer, np.zeros(11), np.ones(11))
+    other = cql.CQL(cql.TrainConfig(q_n_hidden_layers=3), 11, 3, 1.0, torch.device("cpu"))
+    with pytest.raises(cql.ConfigError, match="load_model.*does not fit"):
+        cql.load_checkpoint(str(path), other)
+
+
+def test_evaluation_is_seeded_and_deterministic(hopper_hdf5):
+    import gymnasium as gym
+
+    torch.manual_seed(0)
+    actor = cql.TanhGaussianActor(11, 3, 1.0)
+    envs = [gym.make("Hopper-v4", max_episode_steps=40) for _ in range(3)]
+    first = cql.evaluate(envs, actor, 5, np.zeros(11), np.ones(11), torch.device("cpu"))
+    second = cql.evaluate(envs, actor, 5, np.zeros(11), np.ones(11), torch.device("cpu"))
+    np.testing.assert_array_equal(first, second)
+    # Episode i is seeded seed + i: one env run alone with seed 6 repeats episode 1.
+    alone = cql.evaluate(envs[:1], actor, 6, np.zeros(11), np.ones(11), torch.device("cpu"))
+    assert alone[0] == pytest.approx(first[1], rel=1e-6)  # batch size changes float rounding only
+    assert len(set(first.tolist())) == 3  # different seeds, different episodes
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("argv, message", [
+    (["--no_such_key=1"], "unknown option '--no_such_key'"),
+    (["--normalize=notabool"], "field 'normalize' expects true or false, got 'notabool'"),
+    (["--load_model=None"], "field 'load_model' expects a str"),
+    (["--batch_size=1.5"], "field 'batch_size' expects an integer"),
+    (["--seed=abc"], "field 'seed' expects an integer"),
+    (["--qf_lr=fast"], "field 'qf_lr' expects a number"),
+    (["--qf_lr=nan"], "field 'qf_lr' expects a number, not NaN"),
+    (["--batch_size=0"], "field 'batch_size' must be > 0"),
+    (["--n_episodes=0"], "field 'n_episodes' must be > 0"),
+    (["--policy_lr=-1e-4"], "field 'policy_lr' must be > 0"),
+    (["--cql_n_actions=0"], "field 'cql_n_actions' must be > 0"),
+    (["--cql_clip_diff_min=1", "--cql_clip_diff_max=0"], "'cql_clip_diff_min' \\(1.0\\) > 'cql_clip_diff_max'"),
+    (["--wandb_mode=loud"], "field 'wandb_mode' must be online, offline or disabled"),
+    (["--discount=1.5"], "field 'discount' must be in"),
+    (["seed=3"], "expected --key=value"),
+    (["--seed"], "option '--seed' needs a value"),
+])
+def test_bad_command_line_gives_one_line_error(argv, message):
+    with pytest.raises(cql.ConfigError, match=message) as error:
+        cql.parse_config(argv)
+    assert "\n" not in str(error.value)
+
+
+def test_good_command_line_values_convert():
+    config = cql.parse_config(["--normalize=False", "--max_timesteps=1e6", "--checkpoints_path=None",
+                               "--cql_clip_diff_min=-inf", "--seed", "3", "--eval_env=Hopper-v4"])
+    assert config.normalize is False and config.max_timesteps == 1_000_000 and config.checkpoints_path is None
+    assert config.cql_clip_diff_min == -np.inf and config.seed == 3 and config.eval_env == "Hopper-v4"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("batch_size: 256\nbogus: 1\n", "unknown key 'bogus'"),
+    ("normalize: maybe\n", "field 'normalize' expects true or false"),
+    ("name: 5\n", "field 'name' expects a string"),
+    ("batch_size: [1]\n", "field 'batch_size' expects an integer"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("a: [\n", "not valid YAML"),
+])
+def test_bad_config_file_names_file_and_field(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(cql.ConfigError, match=message) as error:
+        cql.parse_config(["--config_path", str(path)])
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_config_file_values_and_cli_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("policy_lr: 1e-4\ncql_clip_diff_min: -.inf\nnormalize_reward: true\nseed: 1\n")
+    config = cql.parse_config(["--config_path", str(path), "--seed=7"])
+    assert config.policy_lr == 1e-4 and config.normalize_reward is True and config.seed == 7
+
+
+def _bad_files(tmp_path: Path, hopper_hdf5: Path):
+    arrays = rollout_arrays("Hopper-v4", 300, seed=1)
+    attrs = {"env_id": "Hopper-v4"}
+    missing = dict(arrays)
+    del missing["actions"]
+    nan = {k: v.copy() for k, v in arrays.items()}
+    nan["rewards"][17] = np.nan
+    short = dict(arrays, actions=arrays["actions"][:-5])
+    truncated = tmp_path / "truncated.hdf5"
+    truncated.write_bytes(hopper_hdf5.read_bytes()[:5000])
+    return [
+        (tmp_path / "absent.hdf5", "dataset file .*absent.hdf5: not found"),
+        (write_hdf5(tmp_path / "missing.hdf5", missing, attrs), "missing key\\(s\\) actions"),
+        (write_hdf5(tmp_path / "nan.hdf5", nan, attrs), "'rewards' has non-finite values \\(first at row 17\\)"),
+        (write_hdf5(tmp_path / "short.hdf5", short, attrs), "'actions' has 295 rows, rewards has 300"),
+        (truncated, "truncated.hdf5: not a readable HDF5 file"),
+        (write_hdf5(tmp_path / "noenv.hdf5", arrays), "set eval_env"),
+    ]
+
+
+def test_bad_dataset_files_give_one_line_errors(tmp_path, hopper_hdf5):
+    for path, message in _bad_files(tmp_path, hopper_hdf5):
+        with pytest.raises(cql.DatasetError, match=message) as error:
+            cql.load_dataset(cql.TrainConfig(env=str(path) if path.exists() else "x", dataset_path=None)
+                             if path.exists() else cql.TrainConfig(env="hopper-random-v2", dataset_path=str(path)))
+        assert "\n" not in str(error.value), path
+
+
+def test_dimension_mismatch_and_unknown_envs(hopper_hdf5, tmp_path):
+    with pytest.raises(cql.DatasetError, match="observations have 11 dims, the eval env HalfCheetah-v4 has 17"):
+        cql.train(cql.TrainConfig(env=str(hopper_hdf5), eval_env="HalfCheetah-v4", wandb_mode="disabled",
+                                  log_dir=str(tmp_path)))
+    with pytest.raises(cql.DatasetError, match="eval env 'NoSuchEnv-v0': not a registered Gymnasium env"):
+        cql.load_dataset(cql.TrainConfig(env=str(hopper_hdf5), eval_env="NoSuchEnv-v0"))
+    with pytest.raises(cql.DatasetError, match="env 'hopper-mediocre-v2': not a known D4RL dataset"):
+        cql.load_dataset(cql.TrainConfig(env="hopper-mediocre-v2"))
+
+
+def test_script_exits_2_with_one_line_on_bad_input(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "algorithms/offline/cql.py"), "--normalize=notabool"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: command line: field 'normalize' expects true or false, got 'notabool'"
+    result = subprocess.run([sys.executable, str(ROOT / "algorithms/offline/cql.py"),
+                             f"--env={tmp_path / 'absent.hdf5'}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "absent.hdf5" in result.stderr
+
+
+def test_help_lists_fields_with_their_comments():
+    result = subprocess.run([sys.executable, str(ROOT / "algorithms/offline/cql.py"), "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "--cql_max_target_backup" in result.stdout and "max over cql_n_actions" in result.stdout
