@@ -89,6 +89,8 @@ class TrainConfig:
     log_freq: int = 1_000  # average and log training metrics every this many updates
     log_dir: str = "runs"  # where run directories go when checkpoints_path is None
     wandb_mode: Optional[str] = None  # online, offline or disabled; None: online if an API key is set, else offline
+    compile: bool = False  # torch.compile the losses (same math; first updates slower while it compiles)
+    cudagraphs: bool = True  # on cuda, replay the whole update (sampling, losses, backward, Adam) as a CUDA graph
 
 
 class ConfigError(ValueError):
@@ -660,11 +662,19 @@ class EnsembleCritic(nn.Module):
 # ======================================================================================
 # Algorithm
 # ======================================================================================
+METRIC_NAMES = (  # CORL's names, in the order losses() returns them
+    "policy_loss", "alpha_loss", "alpha", "log_pi", "qf1_loss", "qf2_loss", "average_qf1", "average_qf2",
+    "average_target_q", "cql_std_q1", "cql_std_q2", "cql_q1_rand", "cql_q2_rand", "cql_q1_current_actions",
+    "cql_q2_current_actions", "cql_q1_next_actions", "cql_q2_next_actions", "cql_min_qf1_loss",
+    "cql_min_qf2_loss", "cql_qf1_diff", "cql_qf2_diff", "alpha_prime_loss", "alpha_prime",
+)
+
+
 class CQL:
     """SAC with the CQL(H) critic penalty. train(batch) makes one update and returns device metrics."""
 
     def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
-                 device: torch.device):
+                 device: torch.device, capturable: bool = False):
         self.config = config
         self.device = device
         self.action_dim = action_dim
@@ -683,7 +693,7 @@ class CQL:
             {"params": list(self.critic.parameters()), "lr": config.qf_lr},
             {"params": [self.log_alpha], "lr": config.policy_lr},
             {"params": [self.log_alpha_prime], "lr": config.qf_lr},
-        ])
+        ], capturable=capturable)  # capturable: Adam's step count lives on the device, for CUDA graphs
         self.total_it = 0
 
     def draw_noise(self, batch_size: int) -> Dict[str, torch.Tensor]:
@@ -778,12 +788,20 @@ class CQL:
     def train(self, batch: Tuple[torch.Tensor, ...]) -> Dict[str, torch.Tensor]:
         """One update of actor, critics, alpha and alpha'; metrics stay on the device."""
         self.total_it += 1
-        noise = self.draw_noise(batch[0].shape[0])
-        total, metrics = self.losses(batch, noise, bc=self.total_it <= self.config.bc_steps)
+        bc, update_target = self.phase(self.total_it)
+        return self.apply_update(batch, self.draw_noise(batch[0].shape[0]), bc, update_target)
+
+    def phase(self, update: int) -> Tuple[bool, bool]:
+        """(behaviour-cloning update?, target update after it?) for the update-th update."""
+        return update <= self.config.bc_steps, update % self.config.target_update_period == 0
+
+    def apply_update(self, batch: Tuple[torch.Tensor, ...], noise: Dict[str, torch.Tensor], bc: bool,
+                     update_target: bool) -> Dict[str, torch.Tensor]:
+        total, metrics = self.losses(batch, noise, bc)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
-        if self.total_it % self.config.target_update_period == 0:
+        if update_target:
             with torch.no_grad():
                 torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()),
                                      self.config.soft_target_update_rate)
@@ -806,6 +824,66 @@ class CQL:
             self.log_alpha_prime.copy_(state["log_alpha_prime"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.total_it = int(state["total_it"])
+
+
+class UpdateStep:
+    """Draws a batch, updates, and adds the metrics to a device-side running sum.
+
+    With every speed flag off this is `trainer.train(buffer.sample(batch_size))`, the plain eager
+    update. `compile` wraps the losses in torch.compile; `cudagraphs` (cuda only) records the whole
+    update, from sampling to the Adam step and the metric sum, once per phase (behaviour cloning
+    or not, target update or not) after a few eager warm-up updates, then replays it: one launch
+    per update instead of hundreds. All are the same math on the same random streams' kinds.
+    """
+
+    WARMUP = 3  # eager updates before capture: lazy init of Adam state, cuBLAS and compilation
+
+    def __init__(self, trainer: CQL, buffer: ReplayBuffer, batch_size: int, compile: bool = False,
+                 cudagraphs: bool = False):
+        self.trainer, self.buffer, self.batch_size = trainer, buffer, batch_size
+        self.cudagraphs = cudagraphs and trainer.device.type == "cuda"
+        if compile:
+            trainer.losses = torch.compile(trainer.losses)  # shadows the method on this instance
+        self.metric_names: List[str] = list(METRIC_NAMES)
+        self.metric_sum = torch.zeros(len(self.metric_names), device=trainer.device)
+        self.graphs: Dict[Tuple[bool, bool], Any] = {}
+        self.eager_updates: Dict[Tuple[bool, bool], int] = {}
+
+    def _update(self, phase: Tuple[bool, bool]) -> None:
+        batch = self.buffer.sample(self.batch_size)
+        metrics = self.trainer.apply_update(batch, self.trainer.draw_noise(self.batch_size), *phase)
+        self.metric_sum += torch.stack([metrics[name] for name in self.metric_names])
+
+    def __call__(self) -> None:
+        trainer = self.trainer
+        trainer.total_it += 1
+        phase = trainer.phase(trainer.total_it)
+        if not self.cudagraphs:
+            return self._update(phase)
+        graph = self.graphs.get(phase)
+        if graph is not None:
+            return graph.replay()
+        if self.eager_updates.get(phase, 0) < self.WARMUP:  # on a side stream, as CUDA graphs want
+            self.eager_updates[phase] = self.eager_updates.get(phase, 0) + 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._update(phase)
+            torch.cuda.current_stream().wait_stream(stream)
+            return None
+        trainer.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._update(phase)
+        self.graphs[phase] = graph
+        graph.replay()  # capture records without running: this replay is the update itself
+        return None
+
+    def take_means(self, updates: int) -> Dict[str, float]:
+        """Mean of each metric over the last `updates` updates; the one host sync per log interval."""
+        means = (self.metric_sum / updates).tolist()
+        self.metric_sum.zero_()
+        return dict(zip(self.metric_names, means))
 
 
 # ======================================================================================
@@ -939,7 +1017,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     buffer = ReplayBuffer(data, device)
     state_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
 
-    trainer = CQL(config, state_dim, action_dim, max_action, device)
+    trainer = CQL(config, state_dim, action_dim, max_action, device,
+                  capturable=config.cudagraphs and device.type == "cuda")
     if config.load_model:
         state = load_checkpoint(config.load_model, trainer)
         state_mean, state_std = state["state_mean"], state["state_std"]
@@ -952,8 +1031,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     print(f"CQL on {data.source}: {buffer.size} transitions, state {state_dim}, action {action_dim}, "
           f"device {device}, run dir {run_dir}")
 
-    metric_names: List[str] = []
-    metric_sum: Optional[torch.Tensor] = None
+    update = UpdateStep(trainer, buffer, config.batch_size, config.compile, config.cudagraphs)
     window = 0
     scores: List[float] = []
     last_score: Optional[float] = None
@@ -961,21 +1039,16 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     bar = tqdm(range(trainer.total_it, config.max_timesteps), desc="CQL", unit="upd", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay short when not a terminal
     for _ in bar:
-        metrics = trainer.train(buffer.sample(config.batch_size))
-        if metric_sum is None:
-            metric_names = list(metrics)
-            metric_sum = torch.zeros(len(metrics), device=device)
-        metric_sum += torch.stack(list(metrics.values()))
+        update()
         window += 1
         step = trainer.total_it
         row: Dict[str, float] = {}
         if step % config.log_freq == 0 or step == config.max_timesteps:
-            means = (metric_sum / window).tolist()  # the one host sync per log interval
-            for name, value in zip(metric_names, means):
+            means = update.take_means(window)
+            for name, value in means.items():
                 if not math.isfinite(value):
                     raise FloatingPointError(f"non-finite {name} ({value}) in updates {step - window + 1}..{step}")
-            row.update(zip(metric_names, means))
-            metric_sum.zero_()
+            row.update(means)
             window = 0
         if step % config.eval_freq == 0 or step == config.max_timesteps:
             returns = evaluate(eval_envs, trainer.actor, config.seed, state_mean, state_std, device)

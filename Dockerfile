@@ -1,0 +1,17 @@
+# CUDA runtime image with PyTorch; MuJoCo comes from its pip wheel (no mujoco-py, no system GL needed).
+FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    MUJOCO_GL=egl
+
+WORKDIR /workspace
+COPY requirements/ requirements/
+# torch is already in the image and satisfies the range in runtime.txt, so pip keeps it.
+RUN pip install --no-cache-dir -r requirements/runtime.txt
+COPY algorithms/ algorithms/
+COPY configs/ configs/
+COPY tools/ tools/
+
+ENTRYPOINT ["python"]
+CMD ["algorithms/offline/cql.py", "--help"]

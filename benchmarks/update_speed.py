@@ -1,0 +1,184 @@
+"""Updates per second of the offline CQL update: the plain eager path against each fast variant.
+
+    python benchmarks/update_speed.py --device cuda
+    python benchmarks/update_speed.py --device cpu --updates 30
+
+All variants run in one process on the same device, CORL's default shapes (halfcheetah: state 17,
+action 6; batch 256; 3x256 critics; 10 CQL actions), on a synthetic buffer of --buffer_size
+transitions. Ratios are against the plain eager update, the readable reference. A "CORL-style"
+row adds what CORL does per update on top of the same math: one host sync (.item()) per metric.
+Before timing, each fast variant is checked against the plain one: fed the same batches and
+noise from the same weights, the parameters after --check_updates updates must agree.
+"""
+import argparse
+import copy
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import algorithms.offline.cql as cql  # noqa: E402
+
+
+def synthetic_data(n: int, state_dim: int, action_dim: int, seed: int = 0) -> cql.OfflineData:
+    rng = np.random.default_rng(seed)
+    return cql.OfflineData(
+        observations=rng.standard_normal((n, state_dim), dtype=np.float32),
+        actions=rng.uniform(-1, 1, (n, action_dim)).astype(np.float32),
+        rewards=rng.standard_normal(n, dtype=np.float32),
+        next_observations=rng.standard_normal((n, state_dim), dtype=np.float32),
+        terminals=(rng.random(n) < 0.01).astype(np.float32),
+        make_env=None, ref_min_score=None, ref_max_score=None, is_locomotion=False, source="synthetic",
+    )
+
+
+def make(config: cql.TrainConfig, device: torch.device, cudagraphs: bool) -> cql.CQL:
+    torch.manual_seed(0)
+    return cql.CQL(config, 17, 6, 1.0, device, capturable=cudagraphs and device.type == "cuda")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def check_against_plain(config: cql.TrainConfig, device: torch.device, compile: bool, cudagraphs: bool,
+                        updates: int) -> float:
+    """Largest relative parameter difference after `updates` updates fed identical batches and noise."""
+    plain = make(config, device, False)
+    fast = make(config, device, cudagraphs)
+    losses = torch.compile(fast.losses) if compile else fast.losses
+    gen = torch.Generator(device=device).manual_seed(1)
+    b, n, a = config.batch_size, config.cql_n_actions, 6
+
+    def draw() -> Tuple[Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]:
+        batch = (torch.randn(b, 17, device=device, generator=gen), torch.rand(b, a, device=device, generator=gen) * 2 - 1,
+                 torch.randn(b, device=device, generator=gen), torch.randn(b, 17, device=device, generator=gen),
+                 (torch.rand(b, device=device, generator=gen) < 0.05).float())
+        noise = {"policy": torch.randn(b, a, device=device, generator=gen),
+                 "next": torch.randn(*((b, n, a) if config.cql_max_target_backup else (b, a)), device=device, generator=gen),
+                 "cql_current": torch.randn(b, n, a, device=device, generator=gen),
+                 "cql_next": torch.randn(b, n, a, device=device, generator=gen),
+                 "cql_random": torch.rand(b, n, a, device=device, generator=gen) * 2 - 1}
+        return batch, noise
+
+    def fast_step(batch, noise):
+        total, _ = losses(batch, noise, False)
+        fast.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        fast.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(fast.target_critic.parameters()), list(fast.critic.parameters()),
+                                 config.soft_target_update_rate)
+
+    static = None
+    graph = None
+    for i in range(updates):
+        batch, noise = draw()
+        plain.apply_update(batch, noise, False, True)
+        if cudagraphs and device.type == "cuda" and i >= 3:
+            if graph is None:
+                static = (tuple(t.clone() for t in batch), {k: v.clone() for k, v in noise.items()})
+                fast.optimizer.zero_grad(set_to_none=True)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fast_step(*static)
+            for dst, src in zip(static[0], batch):
+                dst.copy_(src)
+            for k in noise:
+                static[1][k].copy_(noise[k])
+            graph.replay()
+        else:
+            fast_step(batch, noise)
+    sync(device)
+    worst = 0.0
+    for p, q in zip(list(plain.actor.parameters()) + list(plain.critic.parameters()),
+                    list(fast.actor.parameters()) + list(fast.critic.parameters())):
+        worst = max(worst, float((p - q).detach().norm() / p.detach().norm().clamp_min(1e-12)))
+    return worst
+
+
+def time_variant(config: cql.TrainConfig, buffer: cql.ReplayBuffer, device: torch.device, compile: bool,
+                 cudagraphs: bool, corl_sync: bool, warmup: int, updates: int) -> Tuple[float, float]:
+    trainer = make(config, device, cudagraphs)
+    step = cql.UpdateStep(trainer, buffer, config.batch_size, compile=compile, cudagraphs=cudagraphs)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    warm_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(updates):
+        if corl_sync:  # CORL: every metric fetched to the host after every update
+            metrics = trainer.train(buffer.sample(config.batch_size))
+            {k: v.item() for k, v in metrics.items()}
+        else:
+            step()
+    sync(device)
+    return updates / (time.perf_counter() - start), warm_seconds
+
+
+def main(argv: List[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--updates", type=int, default=2000, help="timed updates per variant")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed updates first (compilation, capture)")
+    parser.add_argument("--buffer_size", type=int, default=2_000_000, help="synthetic transitions on the device")
+    parser.add_argument("--check_updates", type=int, default=20, help="updates compared against the plain path")
+    parser.add_argument("--variants", default="plain,corl_style,compile,cudagraphs,compile+cudagraphs")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (reported separately; off by default)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    config = cql.TrainConfig()  # CORL defaults
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    data = synthetic_data(args.buffer_size, 17, 6)
+    host_mb = sum(a.nbytes for a in (data.observations, data.actions, data.rewards, data.next_observations,
+                                     data.terminals)) / 2**20
+    buffer = cql.ReplayBuffer(data, device)
+    del data
+    buffer_mb = sum(t.numel() * t.element_size() for t in (buffer.observations, buffer.actions, buffer.rewards,
+                                                              buffer.next_observations, buffer.terminals)) / 2**20
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, TF32 {'on' if args.tf32 else 'off'}, batch {config.batch_size}, "
+          f"{config.q_n_hidden_layers}x256 critics, {config.cql_n_actions} CQL actions")
+    print(f"buffer: {args.buffer_size} transitions, {buffer_mb:.0f} MiB on {device.type} ({host_mb:.0f} MiB as host "
+          f"arrays while loading); peak host RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} "
+          f"MiB (from {rss_before:.0f})")
+
+    variants = {
+        "plain": (False, False, False), "corl_style": (False, False, True), "compile": (True, False, False),
+        "cudagraphs": (False, True, False), "compile+cudagraphs": (True, True, False),
+    }
+    rows = []
+    for label in args.variants.split(","):
+        compile, cudagraphs, corl_sync = variants[label]
+        if cudagraphs and device.type != "cuda":
+            continue
+        error = None
+        if compile or cudagraphs:
+            error = check_against_plain(config, device, compile, cudagraphs, args.check_updates)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        ups, warm = time_variant(config, buffer, device, compile, cudagraphs, corl_sync, args.warmup, args.updates)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+        rows.append((label, ups, warm, error, peak))
+        print(f"  {label:<20} {ups:9.1f} updates/s  (warm-up {warm:5.1f} s)", flush=True)
+
+    plain = next(r[1] for r in rows if r[0] == "plain")
+    print("\n| variant | updates/s | vs plain | 1M updates | warm-up s | max rel. param diff vs plain | peak GPU MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for label, ups, warm, error, peak in rows:
+        err = "-" if error is None else f"{error:.1e}"
+        print(f"| {label} | {ups:.1f} | {ups / plain:.2f}x | {1e6 / ups / 60:.1f} min | {warm:.1f} | {err} | {peak:.0f} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
