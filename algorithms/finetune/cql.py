@@ -1,0 +1,1319 @@
+"""Conservative Q-Learning (CQL), offline-to-online: pre-train on a dataset, then keep training while acting.
+
+Kumar et al., 2020 (https://arxiv.org/abs/2006.04779), with the options and defaults of CORL's
+finetune CQL, on Gymnasium + MuJoCo, h5py and Minari instead of gym, d4rl and mujoco-py.
+
+    python algorithms/finetune/cql.py --config_path configs/finetune/cql/antmaze/umaze_v2_minari.yaml
+    python algorithms/finetune/cql.py --env Pendulum-v1 --offline_iterations 0 --cql_alpha_online 0  # plain SAC
+
+Each of the offline_iterations + online_iterations iterations makes one update; an online iteration
+first takes one step in the training env with the stochastic policy and stores the transition in
+the same replay buffer as the data (a ring that overwrites the oldest rows when full). At the
+switch the penalty weight cql_alpha becomes cql_alpha_online.
+
+Pure online mode: with offline_iterations 0, no dataset_path and an `env` that is a registered
+Gymnasium id, there is no dataset; the buffer starts empty, the first warmup_steps iterations act
+uniformly at random without updating, states are not normalized and rewards only get
+reward_scale/reward_bias (when normalize_reward). With cql_alpha_online 0 this is SAC, and the CQL
+penalty is then not computed at all (its metrics read 0).
+
+Layout: config -> data -> replay buffer -> networks -> algorithm -> evaluation, logging and
+checkpoints -> train() -> main. The offline phase's data, networks and losses are those of
+algorithms/offline/cql.py, copied on purpose: one file per algorithm variant.
+"""
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union, get_args, get_origin
+
+import gymnasium as gym
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+# D4RL's locomotion data was recorded on the v2/v3 MuJoCo tasks; Gymnasium's v4 tasks keep their
+# observation layout, so we evaluate on v4 on purpose and silence its "out of date" notice.
+warnings.filterwarnings("ignore", message=r".*is out of date\. You should consider upgrading")
+
+
+# ======================================================================================
+# Config
+# ======================================================================================
+@dataclass
+class TrainConfig:
+    """CORL's finetune CQL options with their defaults, then this project's additions (dataset_path on)."""
+
+    device: str = "auto"  # torch device; "auto": cuda when available, else cpu
+    env: str = "halfcheetah-medium-expert-v2"  # D4RL name, Minari id, HDF5 path, or (pure online) a Gymnasium id
+    seed: int = 0  # seeds python, numpy, torch and the training env
+    eval_seed: int = 0  # evaluation episode i is seeded eval_seed + i
+    eval_freq: int = 5_000  # evaluate (and checkpoint) every this many iterations
+    n_episodes: int = 10  # evaluation episodes, run side by side
+    offline_iterations: int = 1_000_000  # updates on the dataset alone
+    online_iterations: int = 1_000_000  # iterations of one env step and one update each
+    checkpoints_path: Optional[str] = None  # where run directories with checkpoints go; None: no checkpoints
+    load_model: str = ""  # checkpoint file to continue from; "" starts fresh
+    buffer_size: int = 2_000_000  # replay ring capacity (transitions): the dataset, then online ones over the oldest
+    batch_size: int = 256  # transitions per update
+    discount: float = 0.99  # discount factor gamma
+    alpha_multiplier: float = 1.0  # multiplies the SAC entropy temperature alpha
+    use_automatic_entropy_tuning: bool = True  # learn alpha towards entropy -action_dim
+    backup_entropy: bool = False  # subtract alpha * log_pi(a'|s') in the TD target
+    policy_lr: float = 3e-5  # actor (and alpha) learning rate
+    qf_lr: float = 3e-4  # critic (and Lagrange alpha') learning rate
+    soft_target_update_rate: float = 5e-3  # tau of the Polyak target update
+    bc_steps: int = 0  # first updates train the actor by behaviour cloning (log-likelihood)
+    target_update_period: int = 1  # update the target critics every this many updates
+    cql_alpha: float = 10.0  # weight of the CQL penalty during the offline iterations
+    cql_alpha_online: float = 10.0  # weight of the CQL penalty during the online iterations
+    cql_n_actions: int = 10  # sampled actions per state for the CQL penalty
+    cql_importance_sample: bool = True  # importance-weight sampled actions by their density
+    cql_lagrange: bool = False  # tune the penalty weight alpha' towards cql_target_action_gap
+    cql_target_action_gap: float = -1.0  # Lagrange target for the penalty (logsumexp Q - data Q)
+    cql_temp: float = 1.0  # temperature of the logsumexp over sampled actions
+    cql_max_target_backup: bool = False  # TD target from the max over cql_n_actions next actions
+    cql_clip_diff_min: float = -math.inf  # lower clip of the penalty (logsumexp Q - data Q)
+    cql_clip_diff_max: float = math.inf  # upper clip of the penalty
+    orthogonal_init: bool = True  # orthogonal initialisation of the critics
+    normalize: bool = True  # normalise states by the dataset mean and std (online states too)
+    normalize_reward: bool = False  # rescale rewards (locomotion: returns to a 1000 range), then scale/bias
+    q_n_hidden_layers: int = 2  # hidden layers of 256 units in each critic
+    reward_scale: float = 1.0  # reward multiplier applied when normalize_reward
+    reward_bias: float = 0.0  # reward offset applied when normalize_reward
+    policy_log_std_multiplier: float = 1.0  # initial value of the actor's learnable log-std multiplier
+    project: str = "CORL"  # wandb project
+    group: str = "CQL-D4RL"  # wandb group
+    name: str = "CQL"  # run name prefix; the run directory is <name>-<env>-<seed>-<id>
+    dataset_path: Optional[str] = None  # read env's data from this HDF5 file instead of the D4RL cache
+    eval_env: Optional[str] = None  # Gymnasium id to train and evaluate on; default: the dataset's own env
+    max_episode_steps: Optional[int] = None  # episode length of the training and eval envs; default: the env's
+    ref_min_score: Optional[float] = None  # return that scores 0; default: D4RL's / the dataset's
+    ref_max_score: Optional[float] = None  # return that scores 100; default: D4RL's / the dataset's
+    minari_download: bool = False  # let Minari download a dataset that is not stored locally
+    log_freq: int = 1_000  # average and log training metrics every this many iterations
+    log_dir: str = "runs"  # where run directories go when checkpoints_path is None
+    wandb_mode: Optional[str] = None  # online, offline or disabled; None: online if an API key is set, else offline
+    warmup_steps: int = 5_000  # pure online mode only: first iterations act uniformly at random, no updates
+
+
+class ConfigError(ValueError):
+    """A config value or key is not acceptable; the message is one line naming the field."""
+
+
+class DatasetError(ValueError):
+    """A dataset is missing or malformed; the message is one line naming the file."""
+
+
+_NONE_WORDS = {"none", "null", "~"}
+_TRUE_WORDS = {"true", "yes", "on", "1"}
+_FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+def _coerce(name: str, annotation: Any, value: Any, where: str) -> Any:
+    """Converts one raw value (a CLI string or a YAML scalar) to the field's type, or fails."""
+    optional = get_origin(annotation) is Union and type(None) in get_args(annotation)
+    base = next(a for a in get_args(annotation) if a is not type(None)) if optional else annotation
+    text = value.strip() if isinstance(value, str) else None
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: field '{name}' expects {expected}, got {value!r}")
+
+    if value is None or (text is not None and text.lower() in _NONE_WORDS):
+        if optional:
+            return None
+        raise fail(f"a {base.__name__}" + (" (use '' for none)" if base is str else ""))
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in _TRUE_WORDS | _FALSE_WORDS:
+            return text.lower() in _TRUE_WORDS
+        raise fail("true or false")
+    if base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        number = value if isinstance(value, float) else None
+        if text is not None:
+            try:
+                return int(text.replace("_", ""))
+            except ValueError:
+                try:
+                    number = float(text)
+                except ValueError:
+                    raise fail("an integer") from None
+        if number is not None and math.isfinite(number) and number == int(number):
+            return int(number)  # 1e6 written for an integer
+        raise fail("an integer")
+    if base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif text is not None:
+            try:
+                number = float(text)
+            except ValueError:
+                raise fail("a number") from None
+        else:
+            raise fail("a number")
+        if math.isnan(number):
+            raise fail("a number, not NaN")
+        return number
+    if base is str:
+        if isinstance(value, str):
+            return value
+        raise fail("a string")
+    raise ConfigError(f"{where}: field '{name}' has an unsupported type {annotation}")
+
+
+def check_config(config: TrainConfig) -> None:
+    """Rejects impossible values with a one-line ConfigError naming the field."""
+    positive = ["eval_freq", "n_episodes", "buffer_size", "batch_size", "target_update_period",
+                "cql_n_actions", "q_n_hidden_layers", "log_freq", "policy_lr", "qf_lr", "cql_temp"]
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"field '{name}' must be > 0, got {getattr(config, name)!r}")
+    for name in ["offline_iterations", "online_iterations", "warmup_steps", "bc_steps", "cql_alpha",
+                 "cql_alpha_online", "alpha_multiplier"]:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"field '{name}' must be >= 0, got {getattr(config, name)!r}")
+    if not 0.0 <= config.discount <= 1.0:
+        raise ConfigError(f"field 'discount' must be in [0, 1], got {config.discount!r}")
+    if not 0.0 < config.soft_target_update_rate <= 1.0:
+        raise ConfigError(
+            f"field 'soft_target_update_rate' must be in (0, 1], got {config.soft_target_update_rate!r}")
+    if config.cql_clip_diff_min > config.cql_clip_diff_max:
+        raise ConfigError(f"fields 'cql_clip_diff_min' ({config.cql_clip_diff_min}) > "
+                          f"'cql_clip_diff_max' ({config.cql_clip_diff_max})")
+    if config.wandb_mode not in (None, "online", "offline", "disabled"):
+        raise ConfigError(f"field 'wandb_mode' must be online, offline or disabled, got {config.wandb_mode!r}")
+    if config.max_episode_steps is not None and config.max_episode_steps <= 0:
+        raise ConfigError(f"field 'max_episode_steps' must be > 0, got {config.max_episode_steps!r}")
+    if config.device != "auto":
+        try:
+            torch.device(config.device)
+        except RuntimeError:
+            raise ConfigError(f"field 'device' must be auto, cpu, cuda or cuda:N, got {config.device!r}") from None
+    if is_pure_online(config) and config.online_iterations == 0:
+        raise ConfigError(f"field 'online_iterations': pure online mode on {config.env} (no dataset, "
+                          f"offline_iterations 0) needs online_iterations > 0")
+
+
+def parse_config(argv: List[str], config_class: type = TrainConfig) -> Any:
+    """Strict parsing of `--config_path file.yaml` plus `--key=value` / `--key value` overrides.
+
+    pyrallis draws the `--help` page from the field comments; values are converted here, since
+    pyrallis accepts `--normalize=notabool` as True and `--load_model=None` as the text 'None'.
+    """
+    if "-h" in argv or "--help" in argv:
+        import pyrallis
+
+        pyrallis.parse(config_class=config_class, args=["--help"])  # prints the help and exits
+    types = {f.name: f.type for f in fields(config_class)}
+    overrides: Dict[str, str] = {}
+    config_path = None
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"command line: expected --key=value, got {token!r}")
+        key, has_value, value = token[2:].partition("=")
+        if not has_value:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"command line: option '--{key}' needs a value")
+            value, i = argv[i + 1], i + 1
+        key = key.replace("-", "_")
+        if key == "config_path":
+            config_path = value
+        elif key not in types:
+            raise ConfigError(f"command line: unknown option '--{key}'")
+        else:
+            overrides[key] = value
+        i += 1
+    values: Dict[str, Any] = {}
+    if config_path is not None:
+        try:
+            with open(config_path) as f:
+                loaded = yaml.safe_load(f)
+        except OSError as e:
+            raise ConfigError(f"config file {config_path}: cannot read ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {config_path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_path}: expected a mapping of field: value")
+        for key, value in loaded.items():
+            if key not in types:
+                raise ConfigError(f"config file {config_path}: unknown key '{key}'")
+            values[key] = _coerce(key, types[key], value, f"config file {config_path}")
+    for key, value in overrides.items():
+        values[key] = _coerce(key, types[key], value, "command line")
+    config = config_class(**values)
+    check_config(config)
+    return config
+
+
+# ======================================================================================
+# Data
+# ======================================================================================
+# D4RL's dataset files and reference returns (d4rl/infos.py): name -> (url, ref min, ref max).
+_D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
+_ANTMAZE = {  # name -> D4RL file stem (multistart, multigoal)
+    "umaze": "u-maze_noisy_multistart_False_multigoal_False", "umaze-diverse": "u-maze_noisy_multistart_True_multigoal_True",
+    "medium-play": "big-maze_noisy_multistart_True_multigoal_False",
+    "medium-diverse": "big-maze_noisy_multistart_True_multigoal_True",
+    "large-play": "hardest-maze_noisy_multistart_True_multigoal_False",
+    "large-diverse": "hardest-maze_noisy_multistart_True_multigoal_True",
+}
+D4RL_DATASETS: Dict[str, Tuple[str, float, float]] = {
+    **{
+        f"{task}-{kind}-v2": (f"{_D4RL_URL}/gym_mujoco_v2/{task}_{kind.replace('-', '_')}-v2.hdf5", low, high)
+        for task, low, high in [("halfcheetah", -280.178953, 12135.0), ("hopper", -20.272305, 3234.3),
+                                ("walker2d", 1.629008, 4592.3), ("ant", -325.6, 3879.7)]
+        for kind in ["random", "medium", "medium-replay", "medium-expert", "expert", "full-replay"]
+    },
+    **{
+        f"antmaze-{kind}-v2": (f"{_D4RL_URL}/ant_maze_v2/Ant_maze_{stem}_sparse_fixed.hdf5", 0.0, 1.0)
+        for kind, stem in _ANTMAZE.items()
+    },
+    **{
+        f"maze2d-{maze}{dense}-v1": (f"{_D4RL_URL}/maze2d/maze2d-{maze}-{dense[1:] or 'sparse'}-v1.hdf5", low, high)
+        for maze, dense, low, high in [
+            ("umaze", "", 23.85, 161.86), ("medium", "", 13.13, 277.39), ("large", "", 6.7, 273.99),
+            ("umaze", "-dense", 68.537689, 193.66285642381482), ("medium", "-dense", 44.264742, 297.4552547777125),
+            ("large", "-dense", 30.569041, 303.4857382709002)]
+    },
+    **{
+        f"{task}-{kind}-v1": (f"{_D4RL_URL}/hand_dapg_v1/{task}-{kind}-v1.hdf5", low, high)
+        for task, low, high in [("pen", 96.262799, 3076.8331017826877), ("door", -56.512833, 2880.5693087298737),
+                                ("hammer", -274.856578, 12794.134825156867),
+                                ("relocate", -6.425911, 4233.877797728884)]
+        for kind in ["human", "cloned", "expert"]
+    },
+}
+# D4RL tasks whose environments need old gym/mujoco-py: the Minari dataset to use instead.
+MINARI_EQUIVALENTS: Dict[str, str] = {
+    **{f"antmaze-{kind}-v2": f"D4RL/antmaze/{kind}-v1" for kind in _ANTMAZE},
+    **{f"maze2d-{maze}{dense}-v1": f"D4RL/pointmaze/{maze}{dense}-v2"
+       for maze in ["umaze", "medium", "large"] for dense in ["", "-dense"]},
+    **{f"{task}-{kind}-v1": f"D4RL/{task}/{kind}-v2"
+       for task in ["pen", "door", "hammer", "relocate"] for kind in ["human", "cloned", "expert"]},
+}
+
+# D4RL locomotion tasks evaluate on Gymnasium's MuJoCo v4 envs (same observation layout).
+LOCOMOTION_ENVS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "halfcheetah": ("HalfCheetah-v4", {}),
+    "hopper": ("Hopper-v4", {}),
+    "walker2d": ("Walker2d-v4", {}),
+    "ant": ("Ant-v4", {"use_contact_forces": True}),  # D4RL's ant observations include contacts
+}
+
+
+@dataclass
+class OfflineData:
+    """Transitions (s, a, r, s', done) as float32 arrays, and how to evaluate on their task."""
+
+    observations: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    next_observations: np.ndarray
+    terminals: np.ndarray
+    make_env: Callable[[], gym.Env]
+    ref_min_score: Optional[float]
+    ref_max_score: Optional[float]
+    is_locomotion: bool  # rewards are rescaled by the dataset's return range (CORL's modify_reward)
+    source: str  # the file or dataset id, for messages
+
+
+def d4rl_cache_dir() -> Path:
+    return Path(os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets"))
+
+
+def download_file(url: str, dest: Path, timeout: float = 60.0) -> Path:
+    """Downloads url to dest through a temporary file in dest's folder, renamed only when complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            received = 0
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            if total is not None and received != total:
+                raise DatasetError(f"download {url}: got {received} of {total} bytes")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_name, dest)
+    except BaseException as e:
+        os.unlink(tmp_name)
+        if isinstance(e, OSError):
+            raise DatasetError(f"download {url}: {e}") from None
+        raise
+    return dest
+
+
+def read_d4rl_hdf5(path: Union[str, Path]) -> Dict[str, np.ndarray]:
+    """Reads the arrays of a D4RL-format HDF5 file and checks their shapes and values."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset file {path}: not found")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
+            if missing:
+                raise DatasetError(f"dataset file {path}: missing key(s) {', '.join(missing)}")
+            data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k in f}
+            data["attrs"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    except (OSError, KeyError) as e:
+        raise DatasetError(f"dataset file {path}: not a readable HDF5 file ({e})") from None
+    n = len(data["rewards"])
+    for key in ("observations", "actions", "rewards", "terminals", "timeouts"):
+        if key in data and len(data[key]) != n:
+            raise DatasetError(f"dataset file {path}: '{key}' has {len(data[key])} rows, rewards has {n}")
+    for key in ("observations", "actions"):
+        if data[key].ndim != 2:
+            raise DatasetError(f"dataset file {path}: '{key}' must be 2-D (rows, dim), got shape {data[key].shape}")
+    for key in ("observations", "actions", "rewards"):
+        bad = ~np.isfinite(data[key])
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise DatasetError(f"dataset file {path}: '{key}' has non-finite values (first at row {row})")
+    if n < 2:
+        raise DatasetError(f"dataset file {path}: needs at least 2 rows, has {n}")
+    return data
+
+
+def qlearning_transitions(data: Dict[str, np.ndarray], max_episode_steps: int = 1000) -> Dict[str, np.ndarray]:
+    """(s, a, r, s', done) rows exactly as d4rl.qlearning_dataset builds them.
+
+    s' is the next row's observation; a row that ends by time limit (a timeout, or without a
+    timeouts key the max_episode_steps-th step of an episode) has no valid s' and is dropped, and
+    so is the last row.
+    """
+    n = len(data["rewards"])
+    terminals = data["terminals"].astype(bool).reshape(-1)
+    if "timeouts" in data:
+        final = data["timeouts"].astype(bool).reshape(-1)[: n - 1]
+    else:
+        final = np.zeros(n - 1, dtype=bool)
+        episode_step = 0
+        for i in range(n - 1):
+            final[i] = episode_step == max_episode_steps - 1
+            episode_step = 0 if (terminals[i] or final[i]) else episode_step + 1
+    keep = np.flatnonzero(~final)
+    return {
+        "observations": data["observations"][keep].astype(np.float32),
+        "actions": data["actions"][keep].astype(np.float32),
+        "rewards": data["rewards"].reshape(-1)[keep].astype(np.float32),
+        "next_observations": data["observations"][keep + 1].astype(np.float32),
+        "terminals": terminals[keep].astype(np.float32),
+    }
+
+
+def flatten_observation(obs: Any) -> np.ndarray:
+    """Goal-conditioned Dict observations become observation ++ desired_goal."""
+    if isinstance(obs, dict):
+        return np.concatenate([np.asarray(obs["observation"]), np.asarray(obs["desired_goal"])], axis=-1)
+    return np.asarray(obs)
+
+
+def _make_gym_env(env_id: str, kwargs: Dict[str, Any], max_episode_steps: Optional[int]) -> Callable[[], gym.Env]:
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as e:
+        raise DatasetError(f"eval env {env_id!r}: not a registered Gymnasium env ({e})") from None
+    extra = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
+    return lambda: gym.make(env_id, **kwargs, **extra)
+
+
+def _load_minari(config: TrainConfig) -> OfflineData:
+    import minari
+
+    try:
+        dataset = minari.load_dataset(config.env, download=config.minari_download)
+    except Exception as e:  # minari raises several types for a missing dataset
+        hint = "" if config.minari_download else " (set --minari_download=true to fetch it, needs internet)"
+        raise DatasetError(f"Minari dataset {config.env}: cannot load ({str(e).splitlines()[0]}){hint}") from None
+    columns: Dict[str, List[np.ndarray]] = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
+    for episode in dataset.iterate_episodes():
+        obs = flatten_observation(episode.observations).astype(np.float32)
+        columns["observations"].append(obs[:-1])
+        columns["next_observations"].append(obs[1:])
+        columns["actions"].append(np.asarray(episode.actions, dtype=np.float32))
+        columns["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
+        columns["terminals"].append(np.asarray(episode.terminations, dtype=np.float32))
+    if not columns["rewards"]:
+        raise DatasetError(f"Minari dataset {config.env}: has no episodes")
+    arrays = {k: np.concatenate(v) for k, v in columns.items()}
+    metadata = dataset.storage.metadata
+
+    def make_env() -> gym.Env:
+        env = dataset.recover_environment(eval_env=True)
+        if config.eval_env is not None:
+            env = gym.make(config.eval_env)
+        if config.max_episode_steps:
+            env = gym.wrappers.TimeLimit(env, config.max_episode_steps)
+        return env
+
+    return OfflineData(
+        **arrays, make_env=make_env,
+        ref_min_score=metadata.get("ref_min_score"), ref_max_score=metadata.get("ref_max_score"),
+        is_locomotion=False, source=f"Minari dataset {config.env}",
+    )
+
+
+def load_dataset(config: TrainConfig) -> OfflineData:
+    """Resolves config.env to transitions and an eval env: D4RL name, HDF5 path or Minari id."""
+    name = config.env
+    ref_min, ref_max = None, None
+    if name in D4RL_DATASETS or name in MINARI_EQUIVALENTS:
+        task = name.split("-")[0]
+        if config.eval_env is not None:
+            make_env = _make_gym_env(config.eval_env, {}, config.max_episode_steps)
+        elif task in LOCOMOTION_ENVS:
+            make_env = _make_gym_env(*LOCOMOTION_ENVS[task], config.max_episode_steps)
+        else:
+            raise DatasetError(
+                f"env {name}: its D4RL environment needs gym and mujoco-py; use the Minari dataset "
+                f"{MINARI_EQUIVALENTS.get(name, '(none known)')} instead, or set eval_env")
+        if config.dataset_path is not None:
+            path = Path(config.dataset_path)
+        else:
+            url = D4RL_DATASETS[name][0]
+            path = d4rl_cache_dir() / url.rsplit("/", 1)[1]
+            if not path.is_file():
+                download_file(url, path)
+        if name in D4RL_DATASETS:
+            ref_min, ref_max = D4RL_DATASETS[name][1:]
+        is_locomotion = task in ("halfcheetah", "hopper", "walker2d")
+    elif name.endswith((".hdf5", ".h5")) or Path(name).is_file():
+        path = Path(config.dataset_path or name)
+        is_locomotion = None  # decided from the eval env's id below
+    elif "/" in name:
+        data = _load_minari(config)
+        data.ref_min_score = config.ref_min_score if config.ref_min_score is not None else data.ref_min_score
+        data.ref_max_score = config.ref_max_score if config.ref_max_score is not None else data.ref_max_score
+        return data
+    else:
+        raise DatasetError(
+            f"env {name!r}: not a known D4RL dataset, an existing HDF5 file or a Minari id (namespace/name-vN)"
+            + (" (a Gymnasium env: set offline_iterations=0 to train online from scratch)" if _is_gym_id(name) else ""))
+    raw = read_d4rl_hdf5(path)
+    attrs = raw.pop("attrs")
+    if is_locomotion is None:
+        env_id = config.eval_env or attrs.get("env_id")
+        if env_id is None:
+            raise DatasetError(f"dataset file {path}: set eval_env (the file's metadata names no env_id)")
+        make_env = _make_gym_env(env_id, {}, config.max_episode_steps or attrs.get("max_episode_steps"))
+        is_locomotion = any(t in env_id.lower() for t in ("halfcheetah", "hopper", "walker2d"))
+        ref_min, ref_max = attrs.get("ref_min_score"), attrs.get("ref_max_score")
+    ref_min = config.ref_min_score if config.ref_min_score is not None else ref_min
+    ref_max = config.ref_max_score if config.ref_max_score is not None else ref_max
+    transitions = qlearning_transitions(raw)
+    return OfflineData(**transitions, make_env=make_env, ref_min_score=None if ref_min is None else float(ref_min),
+                       ref_max_score=None if ref_max is None else float(ref_max),
+                       is_locomotion=is_locomotion, source=f"dataset file {path}")
+
+
+def check_dataset_matches_env(data: OfflineData, env: gym.Env) -> None:
+    obs_dim = flatten_observation(env.observation_space.sample()).shape[-1]
+    if data.observations.shape[1] != obs_dim:
+        raise DatasetError(f"{data.source}: observations have {data.observations.shape[1]} dims, "
+                           f"the eval env {env.spec.id if env.spec else env} has {obs_dim}")
+    if data.actions.shape[1] != env.action_space.shape[0]:
+        raise DatasetError(f"{data.source}: actions have {data.actions.shape[1]} dims, "
+                           f"the eval env {env.spec.id if env.spec else env} has {env.action_space.shape[0]}")
+
+
+def return_range(rewards: np.ndarray, terminals: np.ndarray, max_episode_steps: int) -> Tuple[float, float]:
+    """Min and max episode return, episodes split as CORL splits the transitions (terminal or length)."""
+    returns, episode_return, episode_length = [], 0.0, 0
+    for reward, done in zip(rewards, terminals):
+        episode_return += float(reward)
+        episode_length += 1
+        if done or episode_length == max_episode_steps:
+            returns.append(episode_return)
+            episode_return, episode_length = 0.0, 0
+    if not returns:
+        returns.append(episode_return)
+    return min(returns), max(returns)
+
+
+def _is_gym_id(name: str) -> bool:
+    try:
+        gym.spec(name)
+    except Exception:  # gymnasium raises several error types for unknown or malformed ids
+        return False
+    return True
+
+
+def is_pure_online(config: TrainConfig) -> bool:
+    """No dataset: offline_iterations 0, no dataset_path, and env a registered Gymnasium id."""
+    return config.offline_iterations == 0 and config.dataset_path is None and _is_gym_id(config.env)
+
+
+def make_reward_transform(config: TrainConfig, data: Optional[OfflineData],
+                          max_episode_steps: int = 1000) -> Callable[[Any], np.ndarray]:
+    """CORL's modify_reward and modify_reward_online as one function of raw rewards.
+
+    It is made once from the dataset and applied both to the dataset's rewards and to every reward
+    the training env returns, so online rows are on the dataset's scale: locomotion rewards are
+    multiplied by max_episode_steps / (max - min dataset episode return), then every reward by
+    reward_scale and plus reward_bias; all only when normalize_reward. Without a dataset there is
+    no return range: only scale and bias.
+    """
+    factor = 1.0
+    if config.normalize_reward and data is not None and data.is_locomotion:
+        low, high = return_range(data.rewards, data.terminals, max_episode_steps)
+        if not high > low:
+            raise DatasetError(f"{data.source}: every episode has return {high}; cannot rescale rewards "
+                               f"by the return range (set normalize_reward false)")
+        factor = max_episode_steps / (high - low)
+    scale, bias = (config.reward_scale, config.reward_bias) if config.normalize_reward else (1.0, 0.0)
+
+    def transform(reward: Any) -> np.ndarray:
+        return (np.asarray(reward, dtype=np.float64) * factor * scale + bias).astype(np.float32)
+
+    return transform
+
+
+# Tasks that end in success or failure: D4RL / Minari names and their Gymnasium-Robotics env ids.
+GOAL_TASKS = ("antmaze", "maze2d", "pointmaze", "pen", "door", "hammer", "relocate", "adroithand")
+SUCCESS_KEYS = ("success", "is_success", "goal_achieved")
+
+
+def is_goal_task(*names: Optional[str]) -> bool:
+    """Whether any of the names (dataset, env id) is a goal task, by its leading word."""
+    for name in names:
+        if name:
+            words = name.lower().replace("\\", "/").split("/")  # Minari ids: D4RL/antmaze/..., paths
+            if any(word.startswith(GOAL_TASKS) for word in words):
+                return True
+    return False
+
+
+def step_success(reward: float, info: Dict[str, Any], sparse_reward: bool) -> Optional[bool]:
+    """Whether a step reached the goal: the env's info['success'] (or is_success, goal_achieved);
+    for antmaze-like sparse tasks without it, a positive raw reward; None if the step cannot tell."""
+    for key in SUCCESS_KEYS:
+        if key in info:
+            return bool(np.any(info[key]))
+    return reward > 0 if sparse_reward else None
+
+
+# ======================================================================================
+# Replay buffer
+# ======================================================================================
+BUFFER_FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals")
+
+
+class ReplayBuffer:
+    """A ring of device tensors: the dataset in rows [0, n_data), then online transitions.
+
+    Online rows go to `pointer`, which wraps at capacity, so once the ring is full each new
+    transition replaces the oldest one (dataset rows first). Batches are drawn on the device with
+    torch.randint over the current size (no host sync). `online_state()` is what a checkpoint
+    keeps: the rows written online, oldest first, plus pointer, size and counts; the dataset rows
+    are re-read from the dataset on resume.
+    """
+
+    def __init__(self, capacity: int, state_dim: int, action_dim: int, device: torch.device):
+        self.capacity = capacity
+        self.device = device
+        shapes = {"observations": (state_dim,), "actions": (action_dim,), "rewards": (),
+                  "next_observations": (state_dim,), "terminals": ()}
+        self.storage = {k: torch.zeros((capacity, *shape), dtype=torch.float32, device=device)
+                        for k, shape in shapes.items()}
+        self.n_data = 0  # dataset rows loaded at the start
+        self.n_added = 0  # transitions added online so far (some may be overwritten)
+        self.pointer = 0  # the row the next transition goes to
+        self.size = 0  # rows holding a transition
+
+    def load_dataset(self, arrays: Dict[str, np.ndarray]) -> None:
+        n = len(arrays["rewards"])
+        if self.size:
+            raise ValueError("the dataset goes into an empty buffer")
+        if n > self.capacity:
+            raise ConfigError(f"field 'buffer_size' ({self.capacity}) is smaller than the dataset ({n} transitions)")
+        for key in BUFFER_FIELDS:
+            self.storage[key][:n] = torch.as_tensor(arrays[key], dtype=torch.float32, device=self.device)
+        self.n_data = self.size = n
+        self.pointer = n % self.capacity
+
+    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, terminal: float) -> None:
+        i = self.pointer
+        for key, value in zip(BUFFER_FIELDS, (obs, action, reward, next_obs, terminal)):
+            self.storage[key][i] = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+        self.pointer = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+        self.n_added += 1
+
+    def sample(self, batch_size: int) -> Tuple[torch.Tensor, ...]:
+        index = torch.randint(0, self.size, (batch_size,), device=self.device)
+        return tuple(self.storage[key][index] for key in BUFFER_FIELDS)
+
+    def online_rows(self) -> np.ndarray:
+        """Row indices holding online transitions, oldest first."""
+        m = min(self.n_added, self.capacity)
+        return (self.pointer - m + np.arange(m)) % self.capacity
+
+    def online_state(self) -> Dict[str, Any]:
+        rows = self.online_rows()
+        index = torch.as_tensor(rows, device=self.device)
+        return {"capacity": self.capacity, "n_data": self.n_data, "n_added": self.n_added, "pointer": self.pointer,
+                "size": self.size, "rows": rows, **{k: self.storage[k][index].cpu() for k in BUFFER_FIELDS}}
+
+    def load_online_state(self, state: Dict[str, Any], where: str) -> None:
+        """Puts a checkpoint's online rows back; the ring must be the same, unless it never wrapped."""
+        if state["n_data"] != self.n_data:
+            raise ConfigError(f"field 'load_model': {where} was made with a dataset of {state['n_data']} "
+                              f"transitions, this one has {self.n_data}")
+        end = state["n_data"] + state["n_added"]
+        if state["capacity"] != self.capacity and not end <= min(state["capacity"], self.capacity):
+            raise ConfigError(f"field 'load_model': {where} holds a full replay ring of {state['capacity']} "
+                              f"rows, this run's has {self.capacity} (keep buffer_size and online_iterations)")
+        index = torch.as_tensor(state["rows"], device=self.device)
+        for key in BUFFER_FIELDS:
+            self.storage[key][index] = state[key].to(self.device)
+        self.n_added = state["n_added"]
+        if state["capacity"] == self.capacity:
+            self.pointer, self.size = state["pointer"], state["size"]
+        else:  # it never wrapped: rows [0, end) are filled
+            self.pointer, self.size = end % self.capacity, end
+
+
+# ======================================================================================
+# Networks
+# ======================================================================================
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+class TanhGaussianActor(nn.Module):
+    """a = max_action * tanh(u), u ~ N(mean(s), std(s)); 3x256 MLP, learnable log-std scale/offset."""
+
+    def __init__(self, state_dim: int, action_dim: int, max_action: float, log_std_multiplier: float = 1.0,
+                 log_std_offset: float = -1.0):
+        super().__init__()
+        self.action_dim = action_dim
+        self.max_action = max_action
+        self.net = nn.Sequential(
+            nn.Linear(state_dim, 256), nn.ReLU(),
+            nn.Linear(256, 256), nn.ReLU(),
+            nn.Linear(256, 256), nn.ReLU(),
+            nn.Linear(256, 2 * action_dim),
+        )
+        # As CORL's actor in effect: PyTorch's default init, a near-zero output layer.
+        nn.init.xavier_uniform_(self.net[-1].weight, gain=1e-2)
+        nn.init.zeros_(self.net[-1].bias)
+        self.log_std_multiplier = nn.Parameter(torch.tensor(float(log_std_multiplier)))
+        self.log_std_offset = nn.Parameter(torch.tensor(float(log_std_offset)))
+
+    def mean_log_std(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        mean, raw_log_std = self.net(obs).split(self.action_dim, dim=-1)
+        log_std = (self.log_std_multiplier * raw_log_std + self.log_std_offset).clamp(LOG_STD_MIN, LOG_STD_MAX)
+        return mean, log_std
+
+    @staticmethod
+    def tanh_log_prob(mean: torch.Tensor, log_std: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """log density of tanh(u) for u ~ N(mean, exp(log_std)), summed over action dims."""
+        gaussian = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+        # log |d tanh(u)/du| = log(1 - tanh(u)^2), written stably for large |u|
+        log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+        return (gaussian - log_det).sum(-1)
+
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised sample from standard-normal noise of shape obs.shape[:-1] (+ extra) + (A,)."""
+        mean, log_std = self.mean_log_std(obs)
+        extra = noise.dim() - mean.dim()  # several samples per state: noise has extra middle dims
+        for _ in range(extra):
+            mean, log_std = mean.unsqueeze(-2), log_std.unsqueeze(-2)
+        u = mean + log_std.exp() * noise
+        return self.max_action * torch.tanh(u), self.tanh_log_prob(mean, log_std, u)
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi(a|s) of given (dataset) actions, used by the behaviour-cloning warm-up."""
+        mean, log_std = self.mean_log_std(obs)
+        squashed = (actions / self.max_action).clamp(-1.0 + 1e-6, 1.0 - 1e-6)  # data may sit on the bound
+        return self.tanh_log_prob(mean, log_std, torch.atanh(squashed))
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """The deterministic action max_action * tanh(mean), for evaluation."""
+        return self.max_action * torch.tanh(self.mean_log_std(obs)[0])
+
+
+class EnsembleCritic(nn.Module):
+    """n_critics Q-networks of equal depth as stacked weights: one batched matmul per layer."""
+
+    def __init__(self, state_dim: int, action_dim: int, n_hidden_layers: int, orthogonal_init: bool,
+                 n_critics: int = 2, hidden: int = 256):
+        super().__init__()
+        sizes = [state_dim + action_dim] + [hidden] * n_hidden_layers + [1]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            last = layer == len(sizes) - 2
+            members = []
+            for _ in range(n_critics):  # each member initialised as its own nn.Linear would be
+                linear = nn.Linear(fan_in, fan_out)
+                if orthogonal_init:
+                    nn.init.orthogonal_(linear.weight, gain=1e-2 if last else math.sqrt(2))
+                    nn.init.zeros_(linear.bias)
+                elif last:
+                    nn.init.xavier_uniform_(linear.weight, gain=1e-2)
+                    nn.init.zeros_(linear.bias)
+                members.append(linear)
+            self.weights.append(nn.Parameter(torch.stack([m.weight.detach().T for m in members])))
+            self.biases.append(nn.Parameter(torch.stack([m.bias.detach()[None] for m in members])))
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
+        """Q-values of shape (n_critics, *batch) for obs (*batch, S) and actions (*batch, A)."""
+        batch_shape = actions.shape[:-1]
+        obs = obs.expand(*batch_shape, obs.shape[-1])
+        x = torch.cat([obs, actions], dim=-1).reshape(1, -1, obs.shape[-1] + actions.shape[-1])
+        n_layers = len(self.weights)
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            if detach_params:  # gradient flows to the inputs only (the actor's objective)
+                weight, bias = weight.detach(), bias.detach()
+            x = torch.baddbmm(bias, x.expand(weight.shape[0], -1, -1) if layer == 0 else x, weight)
+            if layer < n_layers - 1:
+                x = torch.relu(x)
+        return x.reshape(-1, *batch_shape)
+
+
+# ======================================================================================
+# Algorithm
+# ======================================================================================
+class CQL:
+    """SAC with the CQL(H) critic penalty. train(batch) makes one update and returns device metrics.
+
+    `cql_alpha` is the penalty weight in use: config.cql_alpha offline, config.cql_alpha_online
+    after the switch (train() sets it). When it is 0 and cql_lagrange is off the penalty adds
+    nothing to any gradient, so it is not computed (SAC speed); its metrics are then 0.
+    """
+
+    def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
+                 device: torch.device):
+        self.config = config
+        self.device = device
+        self.action_dim = action_dim
+        self.target_entropy = -float(action_dim)
+        self.actor = TanhGaussianActor(state_dim, action_dim, max_action, config.policy_log_std_multiplier).to(device)
+        self.critic = EnsembleCritic(state_dim, action_dim, config.q_n_hidden_layers, config.orthogonal_init).to(device)
+        self.target_critic = EnsembleCritic(state_dim, action_dim, config.q_n_hidden_layers, False).to(device)
+        self.target_critic.load_state_dict(self.critic.state_dict())
+        self.target_critic.requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.zeros((), device=device))
+        self.log_alpha_prime = nn.Parameter(torch.ones((), device=device))
+        # One Adam over four groups: each parameter only gets the gradient of its own loss (see losses),
+        # so a single step equals CORL's four optimizers stepping one after another.
+        self.optimizer = torch.optim.Adam([
+            {"params": list(self.actor.parameters()), "lr": config.policy_lr},
+            {"params": list(self.critic.parameters()), "lr": config.qf_lr},
+            {"params": [self.log_alpha], "lr": config.policy_lr},
+            {"params": [self.log_alpha_prime], "lr": config.qf_lr},
+        ])
+        self.total_it = 0
+        self.cql_alpha = config.cql_alpha
+
+    def draw_noise(self, batch_size: int) -> Dict[str, torch.Tensor]:
+        """Every random draw of one update, so that a test can replay the same update by hand."""
+        n, a = self.config.cql_n_actions, self.action_dim
+        next_shape = (batch_size, n, a) if self.config.cql_max_target_backup else (batch_size, a)
+        kwargs = {"device": self.device}
+        return {
+            "policy": torch.randn(batch_size, a, **kwargs),
+            "next": torch.randn(*next_shape, **kwargs),
+            "cql_current": torch.randn(batch_size, n, a, **kwargs),
+            "cql_next": torch.randn(batch_size, n, a, **kwargs),
+            "cql_random": torch.rand(batch_size, n, a, **kwargs) * 2.0 - 1.0,
+        }
+
+    def losses(self, batch: Tuple[torch.Tensor, ...], noise: Dict[str, torch.Tensor], bc: bool
+               ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Sum of the four losses, each reaching only its own parameters, and the metrics."""
+        c = self.config
+        obs, actions, rewards, next_obs, dones = batch
+
+        # Actor and entropy temperature
+        new_actions, log_pi = self.actor(obs, noise["policy"])
+        if c.use_automatic_entropy_tuning:
+            alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
+            alpha = self.log_alpha.exp().detach() * c.alpha_multiplier
+        else:
+            alpha_loss = obs.new_zeros(())
+            alpha = obs.new_tensor(c.alpha_multiplier)
+        if bc:
+            policy_loss = (alpha * log_pi - self.actor.log_prob(obs, actions)).mean()
+        else:
+            q_new = self.critic(obs, new_actions, detach_params=True).min(0).values
+            policy_loss = (alpha * log_pi - q_new).mean()
+
+        # TD target
+        with torch.no_grad():
+            next_actions, next_log_pi = self.actor(next_obs, noise["next"])
+            target_q = self.target_critic(next_obs[:, None] if c.cql_max_target_backup else next_obs,
+                                          next_actions).min(0).values
+            if c.cql_max_target_backup:  # best of n sampled next actions, and its log-prob
+                target_q, best = target_q.max(-1)
+                next_log_pi = next_log_pi.gather(-1, best[:, None]).squeeze(-1)
+            if c.backup_entropy:
+                target_q = target_q - alpha * next_log_pi
+            td_target = rewards + (1.0 - dones) * c.discount * target_q
+
+        if self.cql_alpha == 0.0 and not c.cql_lagrange:  # plain SAC critic loss
+            q_data = self.critic(obs, actions)  # (2, B)
+            qf_losses = ((q_data - td_target) ** 2).mean(-1)
+            zero = obs.new_zeros(())
+            zeros2 = obs.new_zeros(2)
+            critic_loss = qf_losses.sum()
+            total = policy_loss + alpha_loss + critic_loss
+            return total, self._metrics(policy_loss, alpha_loss, alpha, log_pi, qf_losses, q_data, target_q,
+                                        zeros2, zeros2, zeros2, zeros2, zeros2, zeros2, zero, zero)
+
+        with torch.no_grad():  # sampled actions for the penalty: policy at s and at s' (both scored at s), uniform
+            current_actions, current_log_pi = self.actor(obs, noise["cql_current"])
+            next_state_actions, next_state_log_pi = self.actor(next_obs, noise["cql_next"])
+
+        # All critic evaluations of the critic loss in one batched pass: data, random, current, next.
+        n = c.cql_n_actions
+        sampled = torch.cat([noise["cql_random"], current_actions, next_state_actions], dim=1)  # (B, 3n, A)
+        q_all = self.critic(obs[:, None], torch.cat([actions[:, None], sampled], dim=1))  # (2, B, 1 + 3n)
+        q_data = q_all[..., 0]
+        q_rand, q_current, q_next = q_all[..., 1:].split(n, dim=-1)
+        qf_losses = ((q_data - td_target) ** 2).mean(-1)  # (2,)
+
+        cql_std = torch.cat([q_rand, q_data[..., None], q_next, q_current], dim=-1).std(-1).mean(-1)
+        if c.cql_importance_sample:
+            random_density = math.log(0.5 ** self.action_dim)
+            cat_q = torch.cat([q_rand - random_density, q_next - next_state_log_pi, q_current - current_log_pi], -1)
+        else:
+            cat_q = torch.cat([q_rand, q_data[..., None], q_next, q_current], dim=-1)
+        ood = torch.logsumexp(cat_q / c.cql_temp, dim=-1) * c.cql_temp
+        cql_diff = (ood - q_data).clamp(c.cql_clip_diff_min, c.cql_clip_diff_max).mean(-1)  # (2,)
+        if c.cql_lagrange:
+            alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
+            cql_min_losses = alpha_prime.detach() * self.cql_alpha * (cql_diff - c.cql_target_action_gap)
+            alpha_prime_loss = -0.5 * (alpha_prime * self.cql_alpha
+                                       * (cql_diff.detach() - c.cql_target_action_gap)).sum()
+        else:
+            alpha_prime = obs.new_zeros(())
+            cql_min_losses = self.cql_alpha * cql_diff
+            alpha_prime_loss = obs.new_zeros(())
+        critic_loss = qf_losses.sum() + cql_min_losses.sum()
+
+        total = policy_loss + alpha_loss + critic_loss + alpha_prime_loss
+        return total, self._metrics(policy_loss, alpha_loss, alpha, log_pi, qf_losses, q_data, target_q,
+                                    cql_std, q_rand.mean(-1), q_current.mean(-1), q_next.mean(-1), cql_min_losses,
+                                    cql_diff, alpha_prime_loss, alpha_prime)
+
+    @staticmethod
+    def _metrics(policy_loss, alpha_loss, alpha, log_pi, qf_losses, q_data, target_q, cql_std, q_rand, q_current,
+                 q_next, cql_min_losses, cql_diff, alpha_prime_loss, alpha_prime) -> Dict[str, torch.Tensor]:
+        """CORL's metric names; the per-critic arguments have shape (2,)."""
+        metrics = {
+            "policy_loss": policy_loss, "alpha_loss": alpha_loss, "alpha": alpha, "log_pi": log_pi.mean(),
+            "qf1_loss": qf_losses[0], "qf2_loss": qf_losses[1],
+            "average_qf1": q_data[0].mean(), "average_qf2": q_data[1].mean(), "average_target_q": target_q.mean(),
+            "cql_std_q1": cql_std[0], "cql_std_q2": cql_std[1],
+            "cql_q1_rand": q_rand[0], "cql_q2_rand": q_rand[1],
+            "cql_q1_current_actions": q_current[0], "cql_q2_current_actions": q_current[1],
+            "cql_q1_next_actions": q_next[0], "cql_q2_next_actions": q_next[1],
+            "cql_min_qf1_loss": cql_min_losses[0], "cql_min_qf2_loss": cql_min_losses[1],
+            "cql_qf1_diff": cql_diff[0], "cql_qf2_diff": cql_diff[1],
+            "alpha_prime_loss": alpha_prime_loss, "alpha_prime": alpha_prime,
+        }
+        return {k: v.detach() for k, v in metrics.items()}
+
+    def train(self, batch: Tuple[torch.Tensor, ...]) -> Dict[str, torch.Tensor]:
+        """One update of actor, critics, alpha and alpha'; metrics stay on the device."""
+        self.total_it += 1
+        noise = self.draw_noise(batch[0].shape[0])
+        total, metrics = self.losses(batch, noise, bc=self.total_it <= self.config.bc_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        if self.total_it % self.config.target_update_period == 0:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()),
+                                     self.config.soft_target_update_rate)
+        return metrics
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+            "target_critic": self.target_critic.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(), "log_alpha_prime": self.log_alpha_prime.detach().clone(),
+            "optimizer": self.optimizer.state_dict(), "total_it": self.total_it, "cql_alpha": self.cql_alpha,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.target_critic.load_state_dict(state["target_critic"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+            self.log_alpha_prime.copy_(state["log_alpha_prime"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.total_it = int(state["total_it"])
+
+
+# ======================================================================================
+# Evaluation, logging, checkpoints
+# ======================================================================================
+@torch.no_grad()
+def evaluate(envs: List[gym.Env], actor: TanhGaussianActor, seed: int, state_mean: np.ndarray,
+             state_std: np.ndarray, device: torch.device, sparse_reward: bool = False
+             ) -> Tuple[np.ndarray, np.ndarray, bool]:
+    """len(envs) deterministic episodes run side by side, episode i seeded seed + i.
+
+    Returns the episode returns, whether each episode reached the goal at some step (see
+    step_success), and whether the env told success at all.
+    """
+    obs = np.stack([flatten_observation(env.reset(seed=seed + i)[0]) for i, env in enumerate(envs)])
+    returns = np.zeros(len(envs))
+    successes = np.zeros(len(envs), dtype=bool)
+    reported = False
+    running = np.ones(len(envs), dtype=bool)
+    while running.any():
+        active = np.flatnonzero(running)
+        state = torch.as_tensor((obs[active] - state_mean) / state_std, dtype=torch.float32, device=device)
+        actions = actor.act(state).cpu().numpy()
+        for i, action in zip(active, actions):
+            next_obs, reward, terminated, truncated, info = envs[i].step(action)
+            obs[i] = flatten_observation(next_obs)
+            returns[i] += reward
+            success = step_success(float(reward), info, sparse_reward)
+            if success is not None:
+                reported = True
+                successes[i] |= success
+            running[i] = not (terminated or truncated)
+    return returns, successes, reported
+
+
+def normalized_score(returns: Union[np.ndarray, float], ref_min: Optional[float],
+                     ref_max: Optional[float]) -> Optional[float]:
+    """D4RL's score: 0 at the reference min return, 100 at the reference max return."""
+    if ref_min is None or ref_max is None:
+        return None
+    return float(100.0 * (np.mean(returns) - ref_min) / (ref_max - ref_min))
+
+
+def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Writes through a temporary file in the same folder and renames: a reader sees old or new."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class RunLogger:
+    """Every logged row goes to <run_dir>/metrics.jsonl and, unless disabled, to wandb."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, run_name: str):
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "a")
+        mode = config.wandb_mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        self.wandb = None
+        if mode != "disabled":
+            import wandb  # imported only when used
+
+            self.wandb = wandb.init(project=config.project, group=config.group, name=run_name, mode=mode,
+                                    config=asdict(config), dir=str(run_dir), id=run_name.rsplit("-", 1)[-1])
+
+    def log(self, row: Dict[str, float], step: int) -> None:
+        self.file.write(json.dumps({"step": step, **row}) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer, state_mean: np.ndarray,
+                    state_std: np.ndarray, progress: Dict[str, Any]) -> Path:
+    """checkpoint_<step>.pt (networks, optimizer, alphas, counters) and replay_<step>.pt beside it.
+
+    The replay file holds the buffer's online rows (up to buffer_size transitions), so only the
+    newest one is kept: older checkpoints still load for their networks, but a run continues
+    with its replay buffer only from its newest checkpoint. Both files are written atomically,
+    the replay file first, and the older replay file is removed only after both are in place.
+    """
+    replay = run_dir / f"replay_{step}.pt"
+    write_atomic(replay, lambda f: torch.save(buffer.online_state(), f))
+    path = run_dir / f"checkpoint_{step}.pt"
+    state = {**trainer.state_dict(), "state_mean": state_mean, "state_std": state_std,
+             "config": asdict(trainer.config), "progress": dict(progress, online_transitions=buffer.n_added),
+             "replay_file": replay.name}
+    write_atomic(path, lambda f: torch.save(state, f))
+    for old in run_dir.glob("replay_*.pt"):
+        if old != replay:
+            old.unlink()
+    return path
+
+
+def load_checkpoint(path: str, trainer: CQL, buffer: Optional[ReplayBuffer] = None) -> Dict[str, Any]:
+    """Restores trainer (and buffer's online rows) from a checkpoint, refusing one made for other shapes."""
+    if not Path(path).is_file():
+        raise ConfigError(f"field 'load_model': checkpoint file {path} not found")
+    try:
+        state = torch.load(path, map_location=trainer.device, weights_only=False)
+        trainer.load_state_dict(state)
+        progress = state["progress"]
+    except (RuntimeError, KeyError, EOFError, ValueError) as e:
+        raise ConfigError(f"field 'load_model': {path} does not fit this config ({str(e).splitlines()[0]})") from None
+    if buffer is not None and progress["online_transitions"] > 0:
+        replay = Path(path).parent / state["replay_file"]
+        if not replay.is_file():
+            raise ConfigError(f"field 'load_model': {path} needs its replay file {replay}, which is gone "
+                              f"(a run keeps only its newest checkpoint's replay buffer)")
+        buffer.load_online_state(torch.load(replay, map_location="cpu", weights_only=False), str(replay))
+    return state
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"field 'device': {name} requested but CUDA is not available")
+    return device
+
+
+# ======================================================================================
+# Training
+# ======================================================================================
+def _action_bound(env: gym.Env, what: str) -> float:
+    space = env.action_space
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        raise DatasetError(f"{what}: needs a 1-D Box action space, got {space}")
+    if not np.allclose(space.high, space.high[0]) or not np.allclose(space.low, -space.high):
+        raise DatasetError(f"{what}: actions must lie in a symmetric box [-m, m], got [{space.low}, {space.high}]")
+    return float(space.high[0])
+
+
+def train(config: TrainConfig) -> Dict[str, Any]:
+    """Pre-trains offline, then trains online; returns a summary (scores, returns, counts, paths)."""
+    device = resolve_device(config.device)
+    set_seed(config.seed)
+    pure_online = is_pure_online(config)
+    if pure_online:
+        data = None
+        make_train_env = _make_gym_env(config.env, {}, config.max_episode_steps)
+        make_eval_env = _make_gym_env(config.eval_env or config.env, {}, config.max_episode_steps)
+        ref_min, ref_max = config.ref_min_score, config.ref_max_score
+        source = f"Gymnasium env {config.env} (no dataset)"
+    else:
+        data = load_dataset(config)
+        make_train_env = make_eval_env = data.make_env
+        ref_min, ref_max, source = data.ref_min_score, data.ref_max_score, data.source
+    env = make_train_env()
+    eval_envs = [make_eval_env() for _ in range(config.n_episodes)]
+    if data is not None:
+        check_dataset_matches_env(data, eval_envs[0])
+    max_action = _action_bound(env, "training env")
+    if _action_bound(eval_envs[0], "eval env") != max_action:
+        raise DatasetError(f"eval env: action bound {_action_bound(eval_envs[0], 'eval env')} differs from the "
+                           f"training env's {max_action}")
+    state_dim = flatten_observation(env.observation_space.sample()).shape[-1]
+    action_dim = env.action_space.shape[0]
+    env_names = (config.env, config.eval_env, env.spec.id if env.spec else None)
+    goal_task = is_goal_task(*env_names)
+    sparse_reward = any(name and "antmaze" in name.lower() for name in env_names)
+
+    reward_transform = make_reward_transform(config, data)
+    n_data = 0
+    state_mean, state_std = np.zeros(state_dim), np.ones(state_dim)
+    if data is not None:
+        n_data = len(data.rewards)
+        if n_data > config.buffer_size:
+            raise ConfigError(f"field 'buffer_size' ({config.buffer_size}) is smaller than the dataset "
+                              f"({n_data} transitions)")
+        data.rewards = reward_transform(data.rewards)
+        if config.normalize:
+            state_mean = data.observations.mean(0)
+            state_std = data.observations.std(0) + 1e-3
+        data.observations = ((data.observations - state_mean) / state_std).astype(np.float32)
+        data.next_observations = ((data.next_observations - state_mean) / state_std).astype(np.float32)
+    # The ring never holds more than the dataset plus every online transition: no larger allocation.
+    capacity = max(1, min(config.buffer_size, n_data + config.online_iterations))
+    buffer = ReplayBuffer(capacity, state_dim, action_dim, device)
+    if data is not None:
+        buffer.load_dataset({key: getattr(data, key) for key in BUFFER_FIELDS})
+
+    trainer = CQL(config, state_dim, action_dim, max_action, device)
+    progress: Dict[str, Any] = {"iteration": 0, "train_episodes": 0, "train_successes": 0,
+                                "eval_success_rates": [], "scores": []}
+    if config.load_model:
+        state = load_checkpoint(config.load_model, trainer, buffer)
+        state_mean, state_std = state["state_mean"], state["state_std"]
+        progress.update({k: v for k, v in state["progress"].items() if k in progress})
+
+    run_name = f"{config.name}-{Path(config.env).stem.replace('/', '-')}-{config.seed}-{uuid.uuid4().hex[:8]}"
+    run_dir = Path(config.checkpoints_path or config.log_dir) / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(asdict(config), f, sort_keys=False), mode="w")
+    logger = RunLogger(config, run_dir, run_name)
+    print(f"CQL on {source}: {buffer.size} transitions in a ring of {capacity}, state {state_dim}, "
+          f"action {action_dim}, device {device}, run dir {run_dir}")
+
+    def normalize_state(obs: np.ndarray) -> np.ndarray:
+        return ((obs - state_mean) / state_std).astype(np.float32)
+
+    total = config.offline_iterations + config.online_iterations
+    start_it = progress["iteration"]
+    trainer.cql_alpha = config.cql_alpha if start_it < config.offline_iterations else config.cql_alpha_online
+    metric_names: List[str] = []
+    metric_sum: Optional[torch.Tensor] = None
+    window = 0
+    obs: Optional[np.ndarray] = None  # the training env's current raw observation; None: reset first
+    episode_return, episode_length, episode_success = 0.0, 0, False
+    last_score: Optional[float] = None
+    eval_returns: List[float] = []
+    start = time.time()
+    bar = tqdm(range(start_it, total), desc="CQL", unit="it", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay short when not a terminal
+    for it in bar:  # `it` iterations are done before this one
+        online = it >= config.offline_iterations
+        if it == config.offline_iterations:
+            trainer.cql_alpha = config.cql_alpha_online
+            bar.write(f"online tuning from iteration {it}: cql_alpha {config.cql_alpha_online}")
+        row: Dict[str, float] = {}
+        update = True
+        if online:
+            online_it = it - config.offline_iterations
+            if obs is None:  # the first online iteration, or the first after a resume
+                obs = flatten_observation(env.reset(seed=config.seed + online_it)[0])
+                env.action_space.seed(config.seed + online_it)
+            if pure_online and online_it < config.warmup_steps:
+                action = env.action_space.sample()
+                update = False
+            else:
+                with torch.no_grad():
+                    state = torch.as_tensor(normalize_state(obs)[None], device=device)
+                    action = trainer.actor(state, torch.randn(1, action_dim, device=device))[0][0].cpu().numpy()
+            next_obs_raw, reward, terminated, truncated, info = env.step(action)
+            next_obs = flatten_observation(next_obs_raw)
+            success = step_success(float(reward), info, sparse_reward)
+            if success is not None:
+                goal_task = True
+                episode_success = episode_success or success
+            episode_return += float(reward)
+            episode_length += 1
+            # A time-limit truncation is not a terminal: the target bootstraps through it.
+            buffer.add(normalize_state(obs), action, reward_transform(reward), normalize_state(next_obs),
+                       float(terminated))
+            obs = next_obs
+            if terminated or truncated:
+                progress["train_episodes"] += 1
+                row["train/episode_return"] = episode_return
+                row["train/episode_length"] = episode_length
+                score = normalized_score(episode_return, ref_min, ref_max)
+                if score is not None:
+                    row["train/d4rl_normalized_episode_return"] = score
+                if goal_task:
+                    progress["train_successes"] += int(episode_success)
+                    row["train/is_success"] = float(episode_success)
+                    row["train/regret"] = 1.0 - progress["train_successes"] / progress["train_episodes"]
+                obs = flatten_observation(env.reset()[0])
+                episode_return, episode_length, episode_success = 0.0, 0, False
+        if update:
+            metrics = trainer.train(buffer.sample(config.batch_size))
+            if metric_sum is None:
+                metric_names = list(metrics)
+                metric_sum = torch.zeros(len(metrics), device=device)
+            metric_sum += torch.stack(list(metrics.values()))
+            window += 1
+        step = it + 1
+        if (step % config.log_freq == 0 or step == total) and window:
+            means = (metric_sum / window).tolist()  # the one host sync per log interval
+            for name, value in zip(metric_names, means):
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"non-finite {name} ({value}) in iterations {step - window + 1}..{step}")
+            row.update(zip(metric_names, means))
+            row["cql_alpha"] = trainer.cql_alpha
+            metric_sum.zero_()
+            window = 0
+        if step % config.eval_freq == 0 or step == total:
+            returns, successes, reported = evaluate(eval_envs, trainer.actor, config.eval_seed, state_mean,
+                                                    state_std, device, sparse_reward)
+            goal_task = goal_task or reported
+            last_score = normalized_score(returns, ref_min, ref_max)
+            eval_returns.append(float(returns.mean()))
+            row.update(eval_return_mean=float(returns.mean()), eval_return_std=float(returns.std()))
+            if last_score is not None:
+                row["eval/d4rl_normalized_score"] = row["d4rl_normalized_score"] = last_score
+                progress["scores"].append(last_score)
+            if goal_task:
+                row["eval/success_rate"] = float(successes.mean())
+                if online:  # regret counts the online evaluations only
+                    progress["eval_success_rates"].append(float(successes.mean()))
+                    row["eval/regret"] = float(np.mean([1.0 - r for r in progress["eval_success_rates"]]))
+            bar.set_postfix(score=f"{last_score:.1f}" if last_score is not None else f"{returns.mean():.1f}")
+            progress["iteration"] = step
+            if config.checkpoints_path:
+                save_checkpoint(run_dir, step, trainer, buffer, state_mean, state_std, progress)
+        if row:
+            if online:
+                row["online_iter"] = step - config.offline_iterations
+            else:
+                row["offline_iter"] = step
+            logger.log(row, step)
+    bar.close()
+    logger.close()
+    elapsed = time.time() - start
+    scores = progress["scores"]
+    summary = {"run_dir": str(run_dir), "iterations": total, "updates": trainer.total_it, "seconds": elapsed,
+               "last_score": last_score, "best_score": max(scores) if scores else None,
+               "eval_returns": eval_returns, "cql_alpha": trainer.cql_alpha,
+               "train_episodes": progress["train_episodes"], "online_transitions": buffer.n_added}
+    score_text = (f"normalized score last {last_score:.1f}, best {max(scores):.1f}" if last_score is not None
+                  else f"eval return last {eval_returns[-1]:.1f}" if eval_returns else "no evaluation")
+    print(f"done: {total} iterations ({trainer.total_it} updates) in {elapsed:.0f} s, {score_text}; "
+          f"metrics in {logger.path}")
+    return summary
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    try:
+        config = parse_config(sys.argv[1:] if argv is None else argv)
+        train(config)
+    except (ConfigError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()
