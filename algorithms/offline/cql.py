@@ -89,7 +89,7 @@ class TrainConfig:
     log_freq: int = 1_000  # average and log training metrics every this many updates
     log_dir: str = "runs"  # where run directories go when checkpoints_path is None
     wandb_mode: Optional[str] = None  # online, offline or disabled; None: online if an API key is set, else offline
-    compile: bool = False  # torch.compile the losses (same math; first updates slower while it compiles)
+    compile: Optional[bool] = None  # torch.compile the losses (same math); None: on for cuda, off for cpu
     cudagraphs: bool = True  # on cuda, replay the whole update (sampling, losses, backward, Adam) as a CUDA graph
 
 
@@ -599,25 +599,58 @@ class TanhGaussianActor(nn.Module):
         log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
         return (gaussian - log_det).sum(-1)
 
-    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Reparameterised sample from standard-normal noise of shape obs.shape[:-1] (+ extra) + (A,)."""
-        mean, log_std = self.mean_log_std(obs)
-        extra = noise.dim() - mean.dim()  # several samples per state: noise has extra middle dims
-        for _ in range(extra):
+    def sample(self, mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised action and its log-prob from standard-normal noise of shape mean.shape,
+        or (batch, n, A) for n samples per state."""
+        if noise.dim() > mean.dim():
             mean, log_std = mean.unsqueeze(-2), log_std.unsqueeze(-2)
         u = mean + log_std.exp() * noise
         return self.max_action * torch.tanh(u), self.tanh_log_prob(mean, log_std, u)
 
-    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.sample(*self.mean_log_std(obs), noise)
+
+    def action_log_prob(self, mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """log pi(a|s) of given (dataset) actions, used by the behaviour-cloning warm-up."""
-        mean, log_std = self.mean_log_std(obs)
         squashed = (actions / self.max_action).clamp(-1.0 + 1e-6, 1.0 - 1e-6)  # data may sit on the bound
         return self.tanh_log_prob(mean, log_std, torch.atanh(squashed))
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.action_log_prob(*self.mean_log_std(obs), actions)
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """The deterministic action max_action * tanh(mean), for evaluation."""
         return self.max_action * torch.tanh(self.mean_log_std(obs)[0])
+
+
+class EnsembleLinear(torch.autograd.Function):
+    """y[e] = x[e] @ weight[e] + bias[e] for every critic e, x shared when its first dim is 1.
+
+    The same as torch.baddbmm, but the weight gradient is one plain matmul per critic: cuBLAS
+    runs the batched x^T @ grad_y, a reduction over all batch rows, with a small-tile kernel
+    4-6x slower on an H100 (benchmarks/critic_matmul.py).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.baddbmm(bias, x.expand(weight.shape[0], -1, -1), weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(grad_y, weight.transpose(1, 2))
+            if x.shape[0] == 1:
+                grad_x = grad_x.sum(0, keepdim=True)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.stack([x[min(e, x.shape[0] - 1)].T @ grad_y[e] for e in range(weight.shape[0])])
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_y.sum(1, keepdim=True)
+        return grad_x, grad_weight, grad_bias
 
 
 class EnsembleCritic(nn.Module):
@@ -653,7 +686,7 @@ class EnsembleCritic(nn.Module):
         for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             if detach_params:  # gradient flows to the inputs only (the actor's objective)
                 weight, bias = weight.detach(), bias.detach()
-            x = torch.baddbmm(bias, x.expand(weight.shape[0], -1, -1) if layer == 0 else x, weight)
+            x = EnsembleLinear.apply(x, weight, bias)
             if layer < n_layers - 1:
                 x = torch.relu(x)
         return x.reshape(-1, *batch_shape)
@@ -693,7 +726,7 @@ class CQL:
             {"params": list(self.critic.parameters()), "lr": config.qf_lr},
             {"params": [self.log_alpha], "lr": config.policy_lr},
             {"params": [self.log_alpha_prime], "lr": config.qf_lr},
-        ], capturable=capturable)  # capturable: Adam's step count lives on the device, for CUDA graphs
+        ], **({"capturable": True, "fused": True} if capturable else {}))  # fused, step count on the device
         self.total_it = 0
 
     def draw_noise(self, batch_size: int) -> Dict[str, torch.Tensor]:
@@ -715,8 +748,11 @@ class CQL:
         c = self.config
         obs, actions, rewards, next_obs, dones = batch
 
-        # Actor and entropy temperature
-        new_actions, log_pi = self.actor(obs, noise["policy"])
+        # One actor pass over s and s' serves every sample of the update; the gradient reaches the
+        # actor only through the policy sample at s.
+        mean, log_std = self.actor.mean_log_std(torch.cat([obs, next_obs]))
+        (mean_s, mean_next), (log_std_s, log_std_next) = mean.chunk(2), log_std.chunk(2)
+        new_actions, log_pi = self.actor.sample(mean_s, log_std_s, noise["policy"])
         if c.use_automatic_entropy_tuning:
             alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
             alpha = self.log_alpha.exp().detach() * c.alpha_multiplier
@@ -724,14 +760,15 @@ class CQL:
             alpha_loss = obs.new_zeros(())
             alpha = obs.new_tensor(c.alpha_multiplier)
         if bc:
-            policy_loss = (alpha * log_pi - self.actor.log_prob(obs, actions)).mean()
+            policy_loss = (alpha * log_pi - self.actor.action_log_prob(mean_s, log_std_s, actions)).mean()
         else:
             q_new = self.critic(obs, new_actions, detach_params=True).min(0).values
             policy_loss = (alpha * log_pi - q_new).mean()
 
         # TD target
         with torch.no_grad():
-            next_actions, next_log_pi = self.actor(next_obs, noise["next"])
+            mean_s, log_std_s, mean_next, log_std_next = (t.detach() for t in (mean_s, log_std_s, mean_next, log_std_next))
+            next_actions, next_log_pi = self.actor.sample(mean_next, log_std_next, noise["next"])
             target_q = self.target_critic(next_obs[:, None] if c.cql_max_target_backup else next_obs,
                                           next_actions).min(0).values
             if c.cql_max_target_backup:  # best of n sampled next actions, and its log-prob
@@ -741,8 +778,8 @@ class CQL:
                 target_q = target_q - alpha * next_log_pi
             td_target = rewards + (1.0 - dones) * c.discount * target_q
             # Sampled actions for the penalty: policy at s and at s' (both scored at s), uniform.
-            current_actions, current_log_pi = self.actor(obs, noise["cql_current"])
-            next_state_actions, next_state_log_pi = self.actor(next_obs, noise["cql_next"])
+            current_actions, current_log_pi = self.actor.sample(mean_s, log_std_s, noise["cql_current"])
+            next_state_actions, next_state_log_pi = self.actor.sample(mean_next, log_std_next, noise["cql_next"])
 
         # All critic evaluations of the critic loss in one batched pass: data, random, current, next.
         n = c.cql_n_actions
@@ -1031,7 +1068,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     print(f"CQL on {data.source}: {buffer.size} transitions, state {state_dim}, action {action_dim}, "
           f"device {device}, run dir {run_dir}")
 
-    update = UpdateStep(trainer, buffer, config.batch_size, config.compile, config.cudagraphs)
+    use_compile = device.type == "cuda" if config.compile is None else config.compile
+    update = UpdateStep(trainer, buffer, config.batch_size, use_compile, config.cudagraphs)
     window = 0
     scores: List[float] = []
     last_score: Optional[float] = None
