@@ -918,7 +918,7 @@ class CQL:
 
         total = policy_loss + alpha_loss + critic_loss + alpha_prime_loss
         return total, self._metrics(policy_loss, alpha_loss, alpha, log_pi, qf_losses, q_data, target_q,
-                                    cql_std, q_rand.mean(-1), q_current.mean(-1), q_next.mean(-1), cql_min_losses,
+                                    cql_std, q_rand.mean((1, 2)), q_current.mean((1, 2)), q_next.mean((1, 2)), cql_min_losses,
                                     cql_diff, alpha_prime_loss, alpha_prime)
 
     @staticmethod
