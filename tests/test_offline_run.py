@@ -59,19 +59,32 @@ def test_checkpoint_from_another_config_is_refused(hopper_hdf5, tmp_path):
         cql.load_checkpoint(str(path), other)
 
 
-def test_evaluation_is_seeded_and_deterministic(hopper_hdf5):
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_evaluation_is_seeded_and_deterministic(asynchronous):
     import gymnasium as gym
 
     torch.manual_seed(0)
     actor = cql.TanhGaussianActor(11, 3, 1.0)
-    envs = [gym.make("Hopper-v4", max_episode_steps=40) for _ in range(3)]
-    first = cql.evaluate(envs, actor, 5, np.zeros(11), np.ones(11), torch.device("cpu"))
-    second = cql.evaluate(envs, actor, 5, np.zeros(11), np.ones(11), torch.device("cpu"))
+    with torch.no_grad():
+        actor.net[-1].weight.mul_(100)  # actions that matter, so that episodes differ in length
+    make_env = lambda: gym.make("Hopper-v4", max_episode_steps=40)  # noqa: E731
+    envs = cql.make_eval_envs(make_env, 3, asynchronous)
+    first = cql.evaluate(envs, actor, 5, np.zeros(11), np.ones(11))
+    second = cql.evaluate(envs, actor, 5, np.zeros(11), np.ones(11))
     np.testing.assert_array_equal(first, second)
-    # Episode i is seeded seed + i: one env run alone with seed 6 repeats episode 1.
-    alone = cql.evaluate(envs[:1], actor, 6, np.zeros(11), np.ones(11), torch.device("cpu"))
-    assert alone[0] == pytest.approx(first[1], rel=1e-6)  # batch size changes float rounding only
+    # Episode i is seeded seed + i: one env run alone with seed 6 repeats episode 1, and the return
+    # equals a plain episode loop (rewards after an episode's end are not counted).
+    alone = cql.evaluate(cql.make_eval_envs(make_env, 1, False), actor, 6, np.zeros(11), np.ones(11))
+    env = make_env()
+    obs, _ = env.reset(seed=6)
+    plain_return, done = 0.0, False
+    while not done:
+        action = actor.act(torch.as_tensor(obs[None], dtype=torch.float32))[0].numpy()
+        obs, reward, terminated, truncated, _ = env.step(action)
+        plain_return, done = plain_return + reward, terminated or truncated
+    assert alone[0] == pytest.approx(first[1], rel=1e-6) == pytest.approx(plain_return, rel=1e-6)
     assert len(set(first.tolist())) == 3  # different seeds, different episodes
+    envs.close()
 
 
 # --------------------------------------------------------------------------- bad input
