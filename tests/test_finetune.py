@@ -21,7 +21,7 @@ def _rows(summary):
     return [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
     """One intra-op thread: on a small, busy CPU two threads contend and updates get many times slower."""
     threads = torch.get_num_threads()
@@ -246,7 +246,7 @@ def test_step_success_reads_info_or_sparse_reward():
 
 
 # ------------------------------------------------------------------ pure online: SAC learns Pendulum
-def test_pure_online_sac_improves_pendulum(tmp_path, one_thread):
+def test_pure_online_sac_improves_pendulum(tmp_path):
     config = cql.parse_config(["--env=Pendulum-v1", "--offline_iterations=0", "--online_iterations=4000",
                                "--warmup_steps=1000", "--eval_freq=1000", "--log_freq=500", "--batch_size=128",
                                "--policy_lr=1e-3", "--qf_lr=1e-3", "--cql_alpha_online=0", "--n_episodes=5",

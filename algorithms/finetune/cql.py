@@ -17,6 +17,21 @@ uniformly at random without updating, states are not normalized and rewards only
 reward_scale/reward_bias (when normalize_reward). With cql_alpha_online 0 this is SAC, and the CQL
 penalty is then not computed at all (its metrics read 0).
 
+Metrics (metrics.jsonl, and wandb unless disabled), at step = iterations done: the offline script's
+loss and Q metrics averaged over log_freq updates plus cql_alpha; offline_iter / online_iter (the
+iterations done in the current phase); per finished training episode train/episode_return,
+train/episode_length, train/d4rl_normalized_episode_return (raw env rewards); per evaluation
+eval_return_mean/std and eval/d4rl_normalized_score (also as d4rl_normalized_score, the offline
+name). On goal tasks (antmaze, maze2d/pointmaze, adroit, or any env whose info reports success):
+train/is_success, train/regret (1 - the success rate of all training episodes so far),
+eval/success_rate and eval/regret (1 - the mean success rate of the online evaluations so far;
+CORL logs the training regret under that name).
+
+Checkpoints: checkpoint_<step>.pt holds networks, optimizer, alphas and counters; replay_<step>.pt
+beside it holds the online rows of the replay ring, and only the newest is kept (disk). A run
+continues from its newest checkpoint with --load_model; it starts a fresh training episode
+(seeded seed + online iterations done) and does not restore the random streams.
+
 Layout: config -> data -> replay buffer -> networks -> algorithm -> evaluation, logging and
 checkpoints -> train() -> main. The offline phase's data, networks and losses are those of
 algorithms/offline/cql.py, copied on purpose: one file per algorithm variant.
