@@ -159,7 +159,8 @@ def test_local_minari_dataset_trains_end_to_end(tmp_path, monkeypatch):
     episodes = list(dataset.iterate_episodes())
     config = cql.parse_config(["--env", "cqltest/hopper-random-v0", "--max_timesteps=20", "--eval_freq=20",
                                "--batch_size=16", "--cql_n_actions=2", "--n_episodes=2", "--log_freq=10",
-                               "--wandb_mode=disabled", f"--log_dir={tmp_path / 'runs'}", "--max_episode_steps=30"])
+                               "--wandb_mode=disabled", f"--log_dir={tmp_path / 'runs'}", "--max_episode_steps=30",
+                               "--background_eval=true"])  # the worker rebuilds the env from its spec
     data = cql.load_dataset(config)
     assert len(data.rewards) == sum(len(e.rewards) for e in episodes)
     first = episodes[0]

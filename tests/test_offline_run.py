@@ -21,6 +21,7 @@ def test_short_run_writes_metrics_checkpoint_and_score_and_the_checkpoint_loads(
                                f"--checkpoints_path={tmp_path}", "--max_episode_steps=50", *SMALL])
     summary = cql.train(config)
     run_dir = Path(summary["run_dir"])
+    assert summary["eval_seconds"] > 0 and summary["load_seconds"] > 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "qf1_loss" in r]
     eval_rows = [r for r in rows if "d4rl_normalized_score" in r]
@@ -59,23 +60,32 @@ def test_checkpoint_from_another_config_is_refused(hopper_hdf5, tmp_path):
         cql.load_checkpoint(str(path), other)
 
 
-@pytest.mark.parametrize("asynchronous", [False, True])
-def test_evaluation_is_seeded_and_deterministic(asynchronous):
+def _hopper(max_episode_steps: int = 40):
     import gymnasium as gym
 
+    return gym.make("Hopper-v4", max_episode_steps=max_episode_steps)
+
+
+def _decisive_actor():
     torch.manual_seed(0)
     actor = cql.TanhGaussianActor(11, 3, 1.0)
     with torch.no_grad():
         actor.net[-1].weight.mul_(100)  # actions that matter, so that episodes differ in length
-    make_env = lambda: gym.make("Hopper-v4", max_episode_steps=40)  # noqa: E731
-    envs = cql.make_eval_envs(make_env, 3, asynchronous)
+    return actor
+
+
+def test_evaluation_is_seeded_and_matches_a_plain_episode_loop():
+    import gymnasium as gym
+
+    actor = _decisive_actor()
+    envs = gym.vector.SyncVectorEnv([_hopper] * 3)
     first = cql.evaluate(envs, actor, 5, np.zeros(11), np.ones(11))
     second = cql.evaluate(envs, actor, 5, np.zeros(11), np.ones(11))
     np.testing.assert_array_equal(first, second)
     # Episode i is seeded seed + i: one env run alone with seed 6 repeats episode 1, and the return
     # equals a plain episode loop (rewards after an episode's end are not counted).
-    alone = cql.evaluate(cql.make_eval_envs(make_env, 1, False), actor, 6, np.zeros(11), np.ones(11))
-    env = make_env()
+    alone = cql.evaluate(gym.vector.SyncVectorEnv([_hopper]), actor, 6, np.zeros(11), np.ones(11))
+    env = _hopper()
     obs, _ = env.reset(seed=6)
     plain_return, done = 0.0, False
     while not done:
@@ -84,7 +94,27 @@ def test_evaluation_is_seeded_and_deterministic(asynchronous):
         plain_return, done = plain_return + reward, terminated or truncated
     assert alone[0] == pytest.approx(first[1], rel=1e-6) == pytest.approx(plain_return, rel=1e-6)
     assert len(set(first.tolist())) == 3  # different seeds, different episodes
-    envs.close()
+
+
+def test_background_evaluation_returns_what_foreground_evaluation_returns():
+    actor = _decisive_actor()
+    mean, std = np.full(11, 0.1), np.full(11, 2.0)
+    results = {}
+    for background in (False, True):
+        evaluator = cql.Evaluator(_hopper(), _hopper, 3, 7, mean, std, actor, background)
+        evaluator.submit(10, actor)
+        snapshot = {k: v.clone() for k, v in actor.state_dict().items()}
+        with torch.no_grad():  # a later change of the weights must not reach a submitted evaluation
+            actor.net[0].weight.add_(1.0)
+        evaluator.submit(20, actor)
+        results[background] = evaluator.collect(wait=True)
+        evaluator.close()
+        actor.load_state_dict(snapshot)
+    (step_a, fg_a), (step_b, fg_b) = results[False]
+    assert [s for s, _ in results[True]] == [step_a, step_b] == [10, 20]
+    np.testing.assert_array_equal(results[True][0][1], fg_a)
+    np.testing.assert_array_equal(results[True][1][1], fg_b)
+    assert not np.array_equal(fg_a, fg_b)
 
 
 # --------------------------------------------------------------------------- bad input

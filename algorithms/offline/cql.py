@@ -87,7 +87,7 @@ class TrainConfig:
     ref_min_score: Optional[float] = None  # return that scores 0; default: D4RL's / the dataset's
     ref_max_score: Optional[float] = None  # return that scores 100; default: D4RL's / the dataset's
     minari_download: bool = False  # let Minari download a dataset that is not stored locally
-    eval_async: Optional[bool] = None  # step evaluation envs in subprocesses; None: when the machine has > 4 cores
+    background_eval: Optional[bool] = None  # evaluate in a worker process while training goes on; None: on for cuda
     log_freq: int = 1_000  # average and log training metrics every this many updates
     log_dir: str = "runs"  # where run directories go when checkpoints_path is None
     wandb_mode: Optional[str] = None  # online, offline or disabled; None: online if an API key is set, else offline
@@ -928,15 +928,6 @@ class UpdateStep:
 # ======================================================================================
 # Evaluation, logging, checkpoints
 # ======================================================================================
-def make_eval_envs(make_env: Callable[[], gym.Env], n: int, asynchronous: Optional[bool]) -> gym.vector.VectorEnv:
-    """n copies of the eval env as one vector env; in subprocesses when the machine has cores to spare."""
-    if asynchronous is None:
-        asynchronous = (os.cpu_count() or 1) > 4 and n > 1
-    if asynchronous:  # spawned: forking a process that holds a CUDA context is unsafe
-        return gym.vector.AsyncVectorEnv([make_env] * n, context="spawn")
-    return gym.vector.SyncVectorEnv([make_env] * n)
-
-
 @torch.no_grad()
 def evaluate(envs: gym.vector.VectorEnv, actor: TanhGaussianActor, seed: int, state_mean: np.ndarray,
              state_std: np.ndarray) -> np.ndarray:
@@ -947,15 +938,98 @@ def evaluate(envs: gym.vector.VectorEnv, actor: TanhGaussianActor, seed: int, st
     all have ended; its extra rewards are not counted.
     """
     policy = copy.deepcopy(actor).cpu()
-    obs, _ = envs.reset(seed=[seed + i for i in range(envs.num_envs)])
-    returns = np.zeros(envs.num_envs)
-    running = np.ones(envs.num_envs, dtype=bool)
-    while running.any():
-        state = torch.as_tensor((flatten_observation(obs) - state_mean) / state_std, dtype=torch.float32)
-        obs, reward, terminated, truncated, _ = envs.step(policy.act(state).numpy())
-        returns += np.where(running, reward, 0.0)
-        running &= ~(terminated | truncated)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few rows: worker threads would only spin and steal the envs' cores
+    try:
+        obs, _ = envs.reset(seed=[seed + i for i in range(envs.num_envs)])
+        returns = np.zeros(envs.num_envs)
+        running = np.ones(envs.num_envs, dtype=bool)
+        while running.any():
+            state = torch.as_tensor((flatten_observation(obs) - state_mean) / state_std, dtype=torch.float32)
+            obs, reward, terminated, truncated, _ = envs.step(policy.act(state).numpy())
+            returns += np.where(running, reward, 0.0)
+            running &= ~(terminated | truncated)
+    finally:
+        torch.set_num_threads(threads)
     return returns
+
+
+def _evaluation_worker(env_spec: Any, n_episodes: int, actor_shape: Tuple[int, int, float], jobs: Any,
+                       results: Any) -> None:
+    """Background evaluator process: evaluates each (step, weights) job, answers (step, returns)."""
+    warnings.filterwarnings("ignore", message=r".*is out of date\. You should consider upgrading")
+    try:
+        envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_spec)] * n_episodes)
+        actor = TanhGaussianActor(*actor_shape)
+        while (job := jobs.get()) is not None:
+            step, weights, seed, state_mean, state_std = job
+            actor.load_state_dict(weights)
+            results.put((step, evaluate(envs, actor, seed, state_mean, state_std)))
+        envs.close()
+    except Exception as e:  # reported to the trainer, which stops with it
+        results.put((None, f"{type(e).__name__}: {e}"))
+
+
+class Evaluator:
+    """Evaluates actor snapshots: here and now, or in a worker process while training goes on.
+
+    In the background the update loop only copies the actor's weights (~0.3 MB) at each
+    evaluation; results come back a few seconds later and are logged at their own step.
+    """
+
+    def __init__(self, env: gym.Env, make_env: Callable[[], gym.Env], n_episodes: int, seed: int,
+                 state_mean: np.ndarray, state_std: np.ndarray, actor: TanhGaussianActor, background: bool):
+        self.seed, self.state_mean, self.state_std = seed, state_mean, state_std
+        self.pending = 0
+        self.finished: List[Tuple[int, np.ndarray]] = []
+        self.worker = None
+        if background:
+            import multiprocessing
+
+            context = multiprocessing.get_context("spawn")  # never fork a process holding a CUDA context
+            self.jobs, self.results = context.Queue(), context.Queue()
+            shape = (actor.net[0].in_features, actor.action_dim, actor.max_action)
+            self.worker = context.Process(target=_evaluation_worker, daemon=True,
+                                          args=(env.spec, n_episodes, shape, self.jobs, self.results))
+            self.worker.start()
+        else:
+            self.envs = gym.vector.SyncVectorEnv([make_env] * n_episodes)
+
+    def submit(self, step: int, actor: TanhGaussianActor) -> None:
+        if self.worker is None:
+            returns = evaluate(self.envs, actor, self.seed, self.state_mean, self.state_std)
+            self.finished.append((step, returns))
+            return
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in actor.state_dict().items()}
+        self.jobs.put((step, weights, self.seed, self.state_mean, self.state_std))
+        self.pending += 1
+
+    def collect(self, wait: bool = False) -> List[Tuple[int, np.ndarray]]:
+        """Evaluations finished since the last call, oldest first; with wait, all submitted ones."""
+        import queue
+
+        while self.pending:
+            try:
+                step, returns = self.results.get(timeout=1.0) if wait else self.results.get_nowait()
+            except queue.Empty:
+                if self.worker.is_alive() and not wait:
+                    break
+                if not self.worker.is_alive():
+                    raise RuntimeError(f"evaluation worker exited (code {self.worker.exitcode})") from None
+                continue
+            if step is None:
+                raise RuntimeError(f"evaluation failed in the worker: {returns}")
+            self.finished.append((step, returns))
+            self.pending -= 1
+        finished, self.finished = self.finished, []
+        return finished
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.jobs.put(None)
+            self.worker.join(timeout=30)
+        else:
+            self.envs.close()
 
 
 def normalized_score(returns: np.ndarray, ref_min: Optional[float], ref_max: Optional[float]) -> Optional[float]:
@@ -992,12 +1066,15 @@ class RunLogger:
 
             self.wandb = wandb.init(project=config.project, group=config.group, name=run_name, mode=mode,
                                     config=asdict(config), dir=str(run_dir), id=run_name.rsplit("-", 1)[-1])
+            # x-axis "update" instead of wandb's own step: evaluations may arrive after later rows
+            self.wandb.define_metric("update")
+            self.wandb.define_metric("*", step_metric="update")
 
     def log(self, row: Dict[str, float], step: int) -> None:
         self.file.write(json.dumps({"step": step, **row}) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log(row, step=step)
+            self.wandb.log({"update": step, **row})
 
     def close(self) -> None:
         self.file.close()
@@ -1053,7 +1130,6 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     if not np.allclose(space.high, space.high[0]) or not np.allclose(space.low, -space.high):
         raise DatasetError(f"eval env: actions must lie in a symmetric box [-m, m], got [{space.low}, {space.high}]")
     max_action = float(space.high[0])
-    probe_env.close()
     if len(data.rewards) > config.buffer_size:
         raise ConfigError(f"field 'buffer_size' ({config.buffer_size}) is smaller than the dataset "
                           f"({len(data.rewards)} transitions)")
@@ -1066,7 +1142,6 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         state_mean, state_std = np.zeros(data.observations.shape[1]), np.ones(data.observations.shape[1])
     data.observations = ((data.observations - state_mean) / state_std).astype(np.float32)
     data.next_observations = ((data.next_observations - state_mean) / state_std).astype(np.float32)
-    eval_envs = make_eval_envs(data.make_env, config.n_episodes, config.eval_async)
     buffer = ReplayBuffer(data, device)
     state_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
 
@@ -1086,51 +1161,64 @@ def train(config: TrainConfig) -> Dict[str, Any]:
 
     use_compile = device.type == "cuda" if config.compile is None else config.compile
     update = UpdateStep(trainer, buffer, config.batch_size, use_compile, config.cudagraphs)
+    background = device.type == "cuda" if config.background_eval is None else config.background_eval
+    evaluator = Evaluator(probe_env, data.make_env, config.n_episodes, config.seed, state_mean, state_std,
+                          trainer.actor, background)
+    probe_env.close()
+    scores: Dict[int, float] = {}
+    last_return: Optional[float] = None
     window = 0
-    scores: List[float] = []
-    last_score: Optional[float] = None
     start = time.time()
     load_seconds, eval_seconds = start - begin, 0.0
     bar = tqdm(range(trainer.total_it, config.max_timesteps), desc="CQL", unit="upd", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay short when not a terminal
+
+    def log_evaluations(finished: List[Tuple[int, np.ndarray]]) -> None:
+        nonlocal last_return
+        for eval_step, returns in finished:  # in the background these may come after later rows
+            row = {"eval_return_mean": float(returns.mean()), "eval_return_std": float(returns.std())}
+            score = normalized_score(returns, data.ref_min_score, data.ref_max_score)
+            if score is not None:
+                row["d4rl_normalized_score"] = scores[eval_step] = score
+            last_return = row["eval_return_mean"]
+            logger.log(row, eval_step)
+            bar.set_postfix(score=f"{score:.1f}" if score is not None else f"{last_return:.1f}")
+
     for _ in bar:
         update()
         window += 1
         step = trainer.total_it
-        row: Dict[str, float] = {}
         if step % config.log_freq == 0 or step == config.max_timesteps:
             means = update.take_means(window)
             for name, value in means.items():
                 if not math.isfinite(value):
                     raise FloatingPointError(f"non-finite {name} ({value}) in updates {step - window + 1}..{step}")
-            row.update(means)
+            logger.log(means, step)
             window = 0
         if step % config.eval_freq == 0 or step == config.max_timesteps:
             eval_start = time.time()
-            returns = evaluate(eval_envs, trainer.actor, config.seed, state_mean, state_std)
+            evaluator.submit(step, trainer.actor)
             eval_seconds += time.time() - eval_start
-            last_score = normalized_score(returns, data.ref_min_score, data.ref_max_score)
-            row.update(eval_return_mean=float(returns.mean()), eval_return_std=float(returns.std()))
-            if last_score is not None:
-                row["d4rl_normalized_score"] = last_score
-                scores.append(last_score)
-            bar.set_postfix(score=f"{last_score:.1f}" if last_score is not None else f"{returns.mean():.1f}")
             if config.checkpoints_path:
                 save_checkpoint(run_dir / f"checkpoint_{step}.pt", trainer, state_mean, state_std)
-        if row:
-            logger.log(row, step)
+        if step % config.log_freq == 0 or step % config.eval_freq == 0:
+            log_evaluations(evaluator.collect())
+    eval_start = time.time()
+    log_evaluations(evaluator.collect(wait=True))
+    eval_seconds += time.time() - eval_start
+    evaluator.close()
     bar.close()
     logger.close()
-    eval_envs.close()
     elapsed = time.time() - start
+    last_score = scores[max(scores)] if scores else None
     summary = {"run_dir": str(run_dir), "updates": trainer.total_it, "seconds": elapsed,
-               "load_seconds": load_seconds, "eval_seconds": eval_seconds,
-               "last_score": last_score, "best_score": max(scores) if scores else None}
-    score_text = (f"normalized score last {last_score:.1f}, best {max(scores):.1f}" if scores
+               "load_seconds": load_seconds, "eval_seconds": eval_seconds, "last_return": last_return,
+               "last_score": last_score, "best_score": max(scores.values()) if scores else None}
+    score_text = (f"normalized score last {last_score:.1f}, best {summary['best_score']:.1f}" if scores
                   else "no normalized score (no reference returns)")
-    print(f"done: {trainer.total_it} updates in {elapsed:.0f} s (evaluation {eval_seconds:.0f} s, "
-          f"{100 * eval_seconds / max(elapsed + load_seconds, 1e-9):.1f}% of the run; data loading {load_seconds:.0f} s), "
-          f"{score_text}; metrics in {logger.path}")
+    print(f"done: {trainer.total_it} updates in {elapsed:.0f} s (evaluation held training up {eval_seconds:.1f} s, "
+          f"{100 * eval_seconds / max(elapsed + load_seconds, 1e-9):.1f}% of the run; data loading {load_seconds:.0f} s),"
+          f" {score_text}; metrics in {logger.path}")
     return summary
 
 
