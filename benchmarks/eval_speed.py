@@ -41,12 +41,12 @@ def main() -> None:
     envs.close()
 
     evaluator = cql.Evaluator(env, lambda: gym.make(args.env), args.episodes, 0, mean, std, actor, background=True)
-    evaluator.submit(0, actor)
+    evaluator.submit(0, cql.actor_weights(actor))
     evaluator.collect(wait=True)  # warm-up: worker start
     held, start = 0.0, time.perf_counter()
     for i in range(args.repeats):
         submit_start = time.perf_counter()
-        evaluator.submit(i, actor)
+        evaluator.submit(i, cql.actor_weights(actor))
         held += time.perf_counter() - submit_start
     evaluator.collect(wait=True)
     background = (time.perf_counter() - start) / args.repeats

@@ -102,11 +102,11 @@ def test_background_evaluation_returns_what_foreground_evaluation_returns():
     results = {}
     for background in (False, True):
         evaluator = cql.Evaluator(_hopper(), _hopper, 3, 7, mean, std, actor, background)
-        evaluator.submit(10, actor)
+        evaluator.submit(10, cql.actor_weights(actor))
         snapshot = {k: v.clone() for k, v in actor.state_dict().items()}
         with torch.no_grad():  # a later change of the weights must not reach a submitted evaluation
             actor.net[0].weight.add_(1.0)
-        evaluator.submit(20, actor)
+        evaluator.submit(20, cql.actor_weights(actor))
         results[background] = evaluator.collect(wait=True)
         evaluator.close()
         actor.load_state_dict(snapshot)

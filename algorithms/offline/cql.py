@@ -9,6 +9,7 @@ Layout: config -> data -> networks -> algorithm -> evaluation and logging -> tra
 """
 import copy
 import json
+import pickle
 import math
 import os
 import random
@@ -88,6 +89,9 @@ class TrainConfig:
     ref_max_score: Optional[float] = None  # return that scores 100; default: D4RL's / the dataset's
     minari_download: bool = False  # let Minari download a dataset that is not stored locally
     background_eval: Optional[bool] = None  # evaluate in a worker process while training goes on; None: on for cuda
+    checkpoint_freq: Optional[int] = None  # checkpoint every this many updates; None: at each evaluation
+    keep_checkpoints: int = 0  # keep only the newest this many checkpoint files; 0 keeps all
+    resume: Optional[str] = None  # run directory of a stopped run: continue from its newest checkpoint
     log_freq: int = 1_000  # average and log training metrics every this many updates
     log_dir: str = "runs"  # where run directories go when checkpoints_path is None
     wandb_mode: Optional[str] = None  # online, offline or disabled; None: online if an API key is set, else offline
@@ -182,6 +186,10 @@ def check_config(config: TrainConfig) -> None:
                           f"'cql_clip_diff_max' ({config.cql_clip_diff_max})")
     if config.wandb_mode not in (None, "online", "offline", "disabled"):
         raise ConfigError(f"field 'wandb_mode' must be online, offline or disabled, got {config.wandb_mode!r}")
+    if config.checkpoint_freq is not None and config.checkpoint_freq <= 0:
+        raise ConfigError(f"field 'checkpoint_freq' must be > 0, got {config.checkpoint_freq!r}")
+    if config.keep_checkpoints < 0:
+        raise ConfigError(f"field 'keep_checkpoints' must be >= 0, got {config.keep_checkpoints!r}")
     if config.max_episode_steps is not None and config.max_episode_steps <= 0:
         raise ConfigError(f"field 'max_episode_steps' must be > 0, got {config.max_episode_steps!r}")
     if config.device != "auto":
@@ -223,6 +231,10 @@ def parse_config(argv: List[str], config_class: type = TrainConfig) -> Any:
             overrides[key] = value
         i += 1
     values: Dict[str, Any] = {}
+    if config_path is None and "resume" in overrides:  # a resumed run keeps its own config
+        config_path = str(Path(overrides["resume"]) / "config.yaml")
+        if not Path(config_path).is_file():
+            raise ConfigError(f"field 'resume': {overrides['resume']} is not a run directory (no config.yaml)")
     if config_path is not None:
         try:
             with open(config_path) as f:
@@ -846,6 +858,11 @@ class CQL:
                                      self.config.soft_target_update_rate)
         return metrics
 
+    def parameters_finite(self) -> bool:
+        """Whether every weight is finite (one host sync)."""
+        params = [*self.actor.parameters(), *self.critic.parameters(), self.log_alpha, self.log_alpha_prime]
+        return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+
     def state_dict(self) -> Dict[str, Any]:
         return {
             "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
@@ -970,39 +987,45 @@ def _evaluation_worker(env_spec: Any, n_episodes: int, actor_shape: Tuple[int, i
         results.put((None, f"{type(e).__name__}: {e}"))
 
 
+def actor_weights(actor: TanhGaussianActor) -> Dict[str, torch.Tensor]:
+    """A CPU copy of the actor's weights: what an evaluation needs, frozen at the time of the call."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in actor.state_dict().items()}
+
+
 class Evaluator:
     """Evaluates actor snapshots: here and now, or in a worker process while training goes on.
 
     In the background the update loop only copies the actor's weights (~0.3 MB) at each
-    evaluation; results come back a few seconds later and are logged at their own step.
+    evaluation; results come back a few seconds later and are logged at their own step. Weights
+    of evaluations still running are kept (`pending`), so that a checkpoint can carry them.
     """
 
     def __init__(self, env: gym.Env, make_env: Callable[[], gym.Env], n_episodes: int, seed: int,
                  state_mean: np.ndarray, state_std: np.ndarray, actor: TanhGaussianActor, background: bool):
         self.seed, self.state_mean, self.state_std = seed, state_mean, state_std
-        self.pending = 0
+        self.pending: Dict[int, Dict[str, torch.Tensor]] = {}
         self.finished: List[Tuple[int, np.ndarray]] = []
         self.worker = None
+        shape = (actor.net[0].in_features, actor.action_dim, actor.max_action)
         if background:
             import multiprocessing
 
             context = multiprocessing.get_context("spawn")  # never fork a process holding a CUDA context
             self.jobs, self.results = context.Queue(), context.Queue()
-            shape = (actor.net[0].in_features, actor.action_dim, actor.max_action)
             self.worker = context.Process(target=_evaluation_worker, daemon=True,
                                           args=(env.spec, n_episodes, shape, self.jobs, self.results))
             self.worker.start()
         else:
             self.envs = gym.vector.SyncVectorEnv([make_env] * n_episodes)
+            self.actor = TanhGaussianActor(*shape)
 
-    def submit(self, step: int, actor: TanhGaussianActor) -> None:
+    def submit(self, step: int, weights: Dict[str, torch.Tensor]) -> None:
         if self.worker is None:
-            returns = evaluate(self.envs, actor, self.seed, self.state_mean, self.state_std)
-            self.finished.append((step, returns))
+            self.actor.load_state_dict(weights)
+            self.finished.append((step, evaluate(self.envs, self.actor, self.seed, self.state_mean, self.state_std)))
             return
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in actor.state_dict().items()}
         self.jobs.put((step, weights, self.seed, self.state_mean, self.state_std))
-        self.pending += 1
+        self.pending[step] = weights
 
     def collect(self, wait: bool = False) -> List[Tuple[int, np.ndarray]]:
         """Evaluations finished since the last call, oldest first; with wait, all submitted ones."""
@@ -1020,7 +1043,7 @@ class Evaluator:
             if step is None:
                 raise RuntimeError(f"evaluation failed in the worker: {returns}")
             self.finished.append((step, returns))
-            self.pending -= 1
+            del self.pending[step]
         finished, self.finished = self.finished, []
         return finished
 
@@ -1056,8 +1079,9 @@ def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
 class RunLogger:
     """Every logged row goes to <run_dir>/metrics.jsonl and, unless disabled, to wandb."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, run_name: str):
+    def __init__(self, config: TrainConfig, run_dir: Path, run_name: str, resume: bool = False):
         self.path = run_dir / "metrics.jsonl"
+        self.rows = sum(1 for _ in open(self.path)) if self.path.exists() else 0
         self.file = open(self.path, "a")
         mode = config.wandb_mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         self.wandb = None
@@ -1065,7 +1089,8 @@ class RunLogger:
             import wandb  # imported only when used
 
             self.wandb = wandb.init(project=config.project, group=config.group, name=run_name, mode=mode,
-                                    config=asdict(config), dir=str(run_dir), id=run_name.rsplit("-", 1)[-1])
+                                    config=asdict(config), dir=str(run_dir), id=run_name.rsplit("-", 1)[-1],
+                                    resume="allow" if resume else None)
             # x-axis "update" instead of wandb's own step: evaluations may arrive after later rows
             self.wandb.define_metric("update")
             self.wandb.define_metric("*", step_metric="update")
@@ -1073,6 +1098,7 @@ class RunLogger:
     def log(self, row: Dict[str, float], step: int) -> None:
         self.file.write(json.dumps({"step": step, **row}) + "\n")
         self.file.flush()
+        self.rows += 1
         if self.wandb is not None:
             self.wandb.log({"update": step, **row})
 
@@ -1082,22 +1108,50 @@ class RunLogger:
             self.wandb.finish()
 
 
-def save_checkpoint(path: Path, trainer: CQL, state_mean: np.ndarray, state_std: np.ndarray) -> None:
+def save_checkpoint(path: Path, trainer: CQL, state_mean: np.ndarray, state_std: np.ndarray,
+                    run_state: Optional[Dict[str, Any]] = None) -> None:
+    """Everything needed to continue: trainer, normalisation, config and (for resume) run_state."""
     state = {**trainer.state_dict(), "state_mean": state_mean, "state_std": state_std,
-             "config": asdict(trainer.config)}
+             "config": asdict(trainer.config), "run": run_state}
     write_atomic(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str, trainer: CQL) -> Dict[str, Any]:
+def rng_states() -> Dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def checkpoint_files(run_dir: Path) -> List[Path]:
+    """The run's checkpoint files, oldest first."""
+    return sorted(run_dir.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+
+
+def load_checkpoint(path: str, trainer: CQL, field: str = "load_model") -> Dict[str, Any]:
     """Restores trainer from a checkpoint file, refusing one made for other network shapes."""
     if not Path(path).is_file():
-        raise ConfigError(f"field 'load_model': checkpoint file {path} not found")
+        raise ConfigError(f"field '{field}': checkpoint file {path} not found")
     try:
         state = torch.load(path, map_location=trainer.device, weights_only=False)
         trainer.load_state_dict(state)
-    except (RuntimeError, KeyError, EOFError, ValueError) as e:
-        raise ConfigError(f"field 'load_model': {path} does not fit this config ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise ConfigError(f"field '{field}': {path} does not fit this config ({str(e).splitlines()[0]})") from None
     return state
+
+
+def keep_lines(path: Path, n: int) -> None:
+    """Keeps the first n lines of a text file (atomically); a torn last line goes too."""
+    lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
+    write_atomic(path, lambda f: f.writelines(lines), mode="w")
 
 
 def set_seed(seed: int) -> None:
@@ -1147,17 +1201,31 @@ def train(config: TrainConfig) -> Dict[str, Any]:
 
     trainer = CQL(config, state_dim, action_dim, max_action, device,
                   capturable=config.cudagraphs and device.type == "cuda")
-    if config.load_model:
-        state = load_checkpoint(config.load_model, trainer)
+    resumed: Optional[Dict[str, Any]] = None
+    if config.resume:
+        run_dir = Path(config.resume)
+        for stale in run_dir.glob(".*.tmp"):  # temporary files of writes that a kill interrupted
+            stale.unlink()
+        files = checkpoint_files(run_dir)
+        if not files:
+            raise ConfigError(f"field 'resume': {run_dir} has no checkpoint to continue from")
+        state = load_checkpoint(str(files[-1]), trainer, field="resume")
+        resumed = state["run"]
+        if resumed is None:
+            raise ConfigError(f"field 'resume': {files[-1]} holds no run state (made by load_model?)")
         state_mean, state_std = state["state_mean"], state["state_std"]
-
-    run_name = f"{config.name}-{Path(config.env).stem.replace('/', '-')}-{config.seed}-{uuid.uuid4().hex[:8]}"
-    run_dir = Path(config.checkpoints_path or config.log_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
+        keep_lines(run_dir / "metrics.jsonl", resumed["metrics_rows"])  # rows after the checkpoint come again
+    else:
+        if config.load_model:
+            state = load_checkpoint(config.load_model, trainer)
+            state_mean, state_std = state["state_mean"], state["state_std"]
+        run_name = f"{config.name}-{Path(config.env).stem.replace('/', '-')}-{config.seed}-{uuid.uuid4().hex[:8]}"
+        run_dir = Path(config.checkpoints_path or config.log_dir) / run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(asdict(config), f, sort_keys=False), mode="w")
-    logger = RunLogger(config, run_dir, run_name)
+    logger = RunLogger(config, run_dir, run_dir.name, resume=resumed is not None)
     print(f"CQL on {data.source}: {buffer.size} transitions, state {state_dim}, action {action_dim}, "
-          f"device {device}, run dir {run_dir}")
+          f"device {device}, run dir {run_dir}" + (f", resumed at update {trainer.total_it}" if resumed else ""))
 
     use_compile = device.type == "cuda" if config.compile is None else config.compile
     update = UpdateStep(trainer, buffer, config.batch_size, use_compile, config.cudagraphs)
@@ -1168,9 +1236,17 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     scores: Dict[int, float] = {}
     last_return: Optional[float] = None
     window = 0
+    if resumed is not None:
+        update.metric_sum.copy_(resumed["metric_sum"])
+        window, scores, last_return = resumed["window"], resumed["scores"], resumed["last_return"]
+        for eval_step, weights in sorted(resumed["pending_evaluations"].items()):
+            evaluator.submit(eval_step, weights)
+        set_rng_states(resumed["rng"])  # last: from here on the run draws what the stopped one would have
+    checkpoint_freq = config.checkpoint_freq or config.eval_freq
     start = time.time()
     load_seconds, eval_seconds = start - begin, 0.0
     bar = tqdm(range(trainer.total_it, config.max_timesteps), desc="CQL", unit="upd", dynamic_ncols=True,
+               initial=trainer.total_it, total=config.max_timesteps,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay short when not a terminal
 
     def log_evaluations(finished: List[Tuple[int, np.ndarray]]) -> None:
@@ -1184,6 +1260,10 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             logger.log(row, eval_step)
             bar.set_postfix(score=f"{score:.1f}" if score is not None else f"{last_return:.1f}")
 
+    def last_good_checkpoint() -> str:
+        files = checkpoint_files(run_dir)
+        return f"; last good checkpoint: {files[-1]}" if files else ""
+
     for _ in bar:
         update()
         window += 1
@@ -1192,17 +1272,25 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             means = update.take_means(window)
             for name, value in means.items():
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"non-finite {name} ({value}) in updates {step - window + 1}..{step}")
+                    raise FloatingPointError(f"non-finite {name} ({value}) in updates {step - window + 1}..{step}"
+                                             + last_good_checkpoint())
             logger.log(means, step)
             window = 0
         if step % config.eval_freq == 0 or step == config.max_timesteps:
             eval_start = time.time()
-            evaluator.submit(step, trainer.actor)
+            evaluator.submit(step, actor_weights(trainer.actor))
             eval_seconds += time.time() - eval_start
-            if config.checkpoints_path:
-                save_checkpoint(run_dir / f"checkpoint_{step}.pt", trainer, state_mean, state_std)
-        if step % config.log_freq == 0 or step % config.eval_freq == 0:
+        if step % config.log_freq == 0 or step % config.eval_freq == 0 or step == config.max_timesteps:
             log_evaluations(evaluator.collect())
+        if config.checkpoints_path and (step % checkpoint_freq == 0 or step == config.max_timesteps):
+            if not trainer.parameters_finite():  # never overwrite good weights with broken ones
+                raise FloatingPointError(f"non-finite network weights after update {step}" + last_good_checkpoint())
+            run_state = {"rng": rng_states(), "metric_sum": update.metric_sum.clone(), "window": window,
+                         "scores": scores, "last_return": last_return, "metrics_rows": logger.rows,
+                         "pending_evaluations": dict(evaluator.pending)}
+            save_checkpoint(run_dir / f"checkpoint_{step}.pt", trainer, state_mean, state_std, run_state)
+            for old in checkpoint_files(run_dir)[:-config.keep_checkpoints or None] if config.keep_checkpoints else []:
+                old.unlink()
     eval_start = time.time()
     log_evaluations(evaluator.collect(wait=True))
     eval_seconds += time.time() - eval_start

@@ -1,0 +1,128 @@
+"""Runs survive kills and lose nothing: exact resume, atomic writes, non-finite values stop the run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import algorithms.offline.cql as cql
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "algorithms/offline/cql.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_args(hopper_hdf5: Path, checkpoints: Path, updates: int = 120) -> list:
+    return [f"--env={hopper_hdf5}", f"--max_timesteps={updates}", "--eval_freq=60", "--log_freq=20",
+            "--checkpoint_freq=30", "--batch_size=32", "--cql_n_actions=4", "--n_episodes=2",
+            "--max_episode_steps=30", "--wandb_mode=disabled", "--device=cpu", f"--checkpoints_path={checkpoints}"]
+
+
+def rows(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir: Path, step: int) -> dict:
+    state = torch.load(run_dir / f"checkpoint_{step}.pt", weights_only=False)
+    return {"actor": state["actor"], "critic": state["critic"], "target": state["target_critic"],
+            "optimizer": state["optimizer"]["state"], "log_alpha": state["log_alpha"]}
+
+
+def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(hopper_hdf5, tmp_path):
+    # The reference: one uninterrupted run.
+    subprocess.run([sys.executable, SCRIPT, *run_args(hopper_hdf5, tmp_path / "a")], env=ENV, check=True,
+                   capture_output=True, timeout=600)
+    (reference,) = (tmp_path / "a").iterdir()
+
+    # The same run, killed (SIGKILL) once its second checkpoint exists, somewhere in the next interval.
+    process = subprocess.Popen([sys.executable, SCRIPT, *run_args(hopper_hdf5, tmp_path / "b")], env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "b").glob("*/checkpoint_60.pt")) and time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (killed,) = (tmp_path / "b").iterdir()
+    assert not (killed / "checkpoint_120.pt").exists(), "killed too late to test anything"
+
+    result = subprocess.run([sys.executable, SCRIPT, f"--resume={killed}"], env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed at update" in result.stdout
+    want, got = final_weights(reference, 120), final_weights(killed, 120)
+    for part in ("actor", "critic", "target"):
+        for name in want[part]:
+            assert torch.equal(want[part][name], got[part][name]), (part, name)
+    assert torch.equal(want["log_alpha"], got["log_alpha"])
+    for index, state in want["optimizer"].items():
+        for key in state:
+            assert torch.equal(state[key], got["optimizer"][index][key]), (index, key)
+    assert rows(killed) == rows(reference)  # every row once, the same values, in the same order
+
+
+def test_kill_inside_an_atomic_write_leaves_the_old_file(tmp_path):
+    target = tmp_path / "checkpoint_10.pt"
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+import algorithms.offline.cql as cql
+target = Path({str(target)!r})
+cql.write_atomic(target, lambda f: f.write(b"old, complete"))
+def half_then_die(f):
+    f.write(b"new, half writ")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+cql.write_atomic(target, half_then_die)
+"""
+    result = subprocess.run([sys.executable, "-c", code], env=ENV, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    assert target.read_bytes() == b"old, complete"
+    leftovers = [p.name for p in tmp_path.iterdir() if p != target]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".checkpoint_10.pt.") and leftovers[0].endswith(".tmp")
+
+
+def test_non_finite_loss_stops_with_quantity_and_updates_and_keeps_last_good_checkpoint(
+        hopper_hdf5, tmp_path, monkeypatch):
+    original = cql.CQL.apply_update
+
+    def poisoned(self, *args):
+        if self.total_it == 25:  # a weight goes bad in update 25
+            with torch.no_grad():
+                self.critic.weights[1].fill_(float("nan"))
+        return original(self, *args)
+
+    monkeypatch.setattr(cql.CQL, "apply_update", poisoned)
+    config = cql.parse_config(run_args(hopper_hdf5, tmp_path, updates=60)[:-1] + [
+        "--checkpoint_freq=20", f"--checkpoints_path={tmp_path}"])
+    with pytest.raises(FloatingPointError, match=r"non-finite \w+ \(nan\) in updates 21\.\.40; "
+                                                 r"last good checkpoint: .*checkpoint_20\.pt"):
+        cql.train(config)
+    (run_dir,) = tmp_path.iterdir()
+    assert [p.name for p in cql.checkpoint_files(run_dir)] == ["checkpoint_20.pt"]
+    state = torch.load(run_dir / "checkpoint_20.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["critic"].values())
+
+
+def test_keep_checkpoints_keeps_the_newest(hopper_hdf5, tmp_path):
+    config = cql.parse_config(run_args(hopper_hdf5, tmp_path, updates=50) + ["--checkpoint_freq=10",
+                                                                              "--keep_checkpoints=2"])
+    run_dir = Path(cql.train(config)["run_dir"])
+    assert [p.name for p in cql.checkpoint_files(run_dir)] == ["checkpoint_40.pt", "checkpoint_50.pt"]
+
+
+def test_resume_errors_name_the_field(tmp_path):
+    with pytest.raises(cql.ConfigError, match="field 'resume': .* is not a run directory"):
+        cql.parse_config([f"--resume={tmp_path}"])
+    (tmp_path / "config.yaml").write_text("max_timesteps: 10\n")
+    config = cql.parse_config([f"--resume={tmp_path}", "--env=/nonexistent.hdf5"])
+    assert config.max_timesteps == 10 and config.resume == str(tmp_path)
+    with pytest.raises(cql.ConfigError, match="field 'checkpoint_freq' must be > 0"):
+        cql.parse_config(["--checkpoint_freq=0"])
