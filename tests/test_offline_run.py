@@ -1,5 +1,6 @@
 """A short offline run end to end, checkpoints, and every bad input's one-line error."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +227,52 @@ def test_help_lists_fields_with_their_comments():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "--cql_max_target_backup" in result.stdout and "max over cql_n_actions" in result.stdout
+
+
+BAD_INPUTS = [  # (what, argv after the dataset argument, expected message); the README's table lists these
+    ("unknown config key", ["--bogus=1"], "unknown option '--bogus'"),
+    ("wrong type", ["--batch_size=many"], "field 'batch_size' expects an integer"),
+    ("not a boolean", ["--normalize=notabool"], "field 'normalize' expects true or false"),
+    ("None for a path", ["--load_model=None"], "field 'load_model' expects a str"),
+    ("batch_size 0", ["--batch_size=0"], "field 'batch_size' must be > 0"),
+    ("n_episodes 0", ["--n_episodes=0"], "field 'n_episodes' must be > 0"),
+    ("negative learning rate", ["--qf_lr=-3e-4"], "field 'qf_lr' must be > 0"),
+    ("cql_n_actions 0", ["--cql_n_actions=0"], "field 'cql_n_actions' must be > 0"),
+    ("clip min > max", ["--cql_clip_diff_min=2", "--cql_clip_diff_max=1"], "'cql_clip_diff_min' \\(2.0\\) >"),
+    ("dataset larger than buffer_size", ["--buffer_size=10"], "field 'buffer_size' \\(10\\) is smaller than the dataset"),
+    ("dimension mismatch with the env", ["--eval_env=HalfCheetah-v4"], "observations have 11 dims, the eval env"),
+    ("unknown eval env id", ["--eval_env=NoSuchEnv-v9"], "'NoSuchEnv-v9': not a registered Gymnasium env"),
+    ("checkpoint missing", ["--load_model=/nonexistent/ck.pt"], "field 'load_model': checkpoint file .* not found"),
+]
+
+
+@pytest.mark.parametrize("what, argv, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line(what, argv, message, hopper_hdf5, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cql.main([f"--env={hopper_hdf5}", "--wandb_mode=disabled", f"--log_dir={tmp_path}", "--max_timesteps=1",
+                  *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert re.search(message, err[0]), err[0]
+
+
+@pytest.mark.parametrize("kind", ["absent", "missing", "nan", "short", "truncated", "noenv"])
+def test_bad_dataset_file_exits_2_with_one_line(kind, hopper_hdf5, tmp_path, capsys):
+    path, message = {p.stem: (p, m) for p, m in _bad_files(tmp_path, hopper_hdf5)}[kind]
+    with pytest.raises(SystemExit) as exit_info:
+        cql.main([f"--env={path}" if path.exists() else "--env=hopper-random-v2", f"--dataset_path={path}",
+                  "--wandb_mode=disabled", f"--log_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert re.search(message, err[0]), err[0]
+
+
+def test_checkpoint_of_another_config_exits_2(hopper_hdf5, tmp_path, capsys):
+    trainer = cql.CQL(cql.TrainConfig(q_n_hidden_layers=2), 11, 3, 1.0, torch.device("cpu"))
+    cql.save_checkpoint(tmp_path / "ck.pt", trainer, np.zeros(11), np.ones(11))
+    with pytest.raises(SystemExit) as exit_info:
+        cql.main([f"--env={hopper_hdf5}", "--wandb_mode=disabled", f"--log_dir={tmp_path}",
+                  f"--load_model={tmp_path / 'ck.pt'}", "--q_n_hidden_layers=3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "does not fit this config" in err[0]
