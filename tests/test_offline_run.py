@@ -276,3 +276,15 @@ def test_checkpoint_of_another_config_exits_2(hopper_hdf5, tmp_path, capsys):
                   f"--load_model={tmp_path / 'ck.pt'}", "--q_n_hidden_layers=3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "does not fit this config" in err[0]
+
+
+def test_background_evaluation_failure_is_reported_not_hung():
+    actor = _decisive_actor()
+    evaluator = cql.Evaluator(_hopper(), _hopper, 2, 0, np.zeros(11), np.ones(11), actor, background=True)
+    weights = cql.actor_weights(actor)
+    weights["net.0.weight"] = weights["net.0.weight"][:, :5]  # weights of another network
+    evaluator.submit(10, weights)
+    with pytest.raises(RuntimeError, match="evaluation failed in the worker: RuntimeError: .*size mismatch"):
+        evaluator.collect(wait=True)
+    evaluator.worker.join(timeout=30)
+    assert not evaluator.worker.is_alive()

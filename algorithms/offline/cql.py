@@ -984,7 +984,7 @@ def _evaluation_worker(env_spec: Any, n_episodes: int, actor_shape: Tuple[int, i
             results.put((step, evaluate(envs, actor, seed, state_mean, state_std)))
         envs.close()
     except Exception as e:  # reported to the trainer, which stops with it
-        results.put((None, f"{type(e).__name__}: {e}"))
+        results.put((None, f"{type(e).__name__}: {' '.join(str(e).split())}"))  # one line
 
 
 def actor_weights(actor: TanhGaussianActor) -> Dict[str, torch.Tensor]:
