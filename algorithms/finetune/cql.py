@@ -27,15 +27,24 @@ train/is_success, train/regret (1 - the success rate of all training episodes so
 eval/success_rate and eval/regret (1 - the mean success rate of the online evaluations so far;
 CORL logs the training regret under that name).
 
-Checkpoints: checkpoint_<step>.pt holds networks, optimizer, alphas and counters; replay_<step>.pt
-beside it holds the online rows of the replay ring, and only the newest is kept (disk). A run
-continues from its newest checkpoint with --load_model; it starts a fresh training episode
-(seeded seed + online iterations done) and does not restore the random streams.
+Checkpoints: checkpoint_<step>.pt holds networks, optimizer, alphas, counters and the weights of
+evaluations still running in the background; replay_<step>.pt beside it holds the online rows of
+the replay ring, and only the newest is kept (disk). A run continues from its newest checkpoint
+with --load_model; it starts a fresh training episode (seeded seed + online iterations done),
+runs the unfinished evaluations again and does not restore the random streams.
+
+Speed (as in the offline script; each part can be switched off): one actor pass per update, the
+critics' weight gradients as one matmul per critic, fused capturable Adam, torch.compile of the
+losses (--compile) and the whole update replayed as a CUDA graph (--cudagraphs); evaluation in a
+vector env with a CPU copy of the actor, in a background process on cuda (--background_eval).
+The replay ring's size and the penalty weight cql_alpha live in device tensors, so that a graph
+captured offline keeps sampling the growing ring and sees the switch to cql_alpha_online.
 
 Layout: config -> data -> replay buffer -> networks -> algorithm -> evaluation, logging and
-checkpoints -> train() -> main. The offline phase's data, networks and losses are those of
-algorithms/offline/cql.py, copied on purpose: one file per algorithm variant.
+checkpoints -> train() -> main. The offline phase's data, networks, losses and speed layer are
+those of algorithms/offline/cql.py, copied on purpose: one file per algorithm variant.
 """
+import copy
 import json
 import math
 import os
@@ -118,10 +127,13 @@ class TrainConfig:
     ref_min_score: Optional[float] = None  # return that scores 0; default: D4RL's / the dataset's
     ref_max_score: Optional[float] = None  # return that scores 100; default: D4RL's / the dataset's
     minari_download: bool = False  # let Minari download a dataset that is not stored locally
+    background_eval: Optional[bool] = None  # evaluate in a worker process while training goes on; None: on for cuda
     log_freq: int = 1_000  # average and log training metrics every this many iterations
     log_dir: str = "runs"  # where run directories go when checkpoints_path is None
     wandb_mode: Optional[str] = None  # online, offline or disabled; None: online if an API key is set, else offline
     warmup_steps: int = 5_000  # pure online mode only: first iterations act uniformly at random, no updates
+    compile: Optional[bool] = None  # torch.compile the losses (same math); None: on for cuda, off for cpu
+    cudagraphs: bool = True  # on cuda, replay the whole update (sampling, losses, backward, Adam) as a CUDA graph
 
 
 class ConfigError(ValueError):
@@ -641,22 +653,35 @@ class ReplayBuffer:
 
     Online rows go to `pointer`, which wraps at capacity, so once the ring is full each new
     transition replaces the oldest one (dataset rows first). Batches are drawn on the device with
-    torch.randint over the current size (no host sync). `online_state()` is what a checkpoint
-    keeps: the rows written online, oldest first, plus pointer, size and counts; the dataset rows
-    are re-read from the dataset on resume.
+    no host sync and no Python number that changes: the count of filled rows is also kept in a
+    device tensor (`size_tensor`, written in place whenever `size` changes), so that an update
+    captured once as a CUDA graph keeps sampling the whole, growing ring. `online_state()` is what
+    a checkpoint keeps: the rows written online, oldest first, plus pointer, size and counts; the
+    dataset rows are re-read from the dataset on resume.
     """
 
     def __init__(self, capacity: int, state_dim: int, action_dim: int, device: torch.device):
         self.capacity = capacity
         self.device = device
-        shapes = {"observations": (state_dim,), "actions": (action_dim,), "rewards": (),
-                  "next_observations": (state_dim,), "terminals": ()}
+        self.shapes = {"observations": (state_dim,), "actions": (action_dim,), "rewards": (),
+                       "next_observations": (state_dim,), "terminals": ()}
         self.storage = {k: torch.zeros((capacity, *shape), dtype=torch.float32, device=device)
-                        for k, shape in shapes.items()}
+                        for k, shape in self.shapes.items()}
+        self.size_tensor = torch.zeros((), dtype=torch.int64, device=device)
+        self._size = 0
         self.n_data = 0  # dataset rows loaded at the start
         self.n_added = 0  # transitions added online so far (some may be overwritten)
         self.pointer = 0  # the row the next transition goes to
-        self.size = 0  # rows holding a transition
+
+    @property
+    def size(self) -> int:
+        """Rows holding a transition."""
+        return self._size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self._size = value
+        self.size_tensor.fill_(value)  # in place: a captured graph reads the new size
 
     def load_dataset(self, arrays: Dict[str, np.ndarray]) -> None:
         n = len(arrays["rewards"])
@@ -670,15 +695,20 @@ class ReplayBuffer:
         self.pointer = n % self.capacity
 
     def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, terminal: float) -> None:
+        values = (obs, action, reward, next_obs, terminal)
+        row = torch.as_tensor(np.concatenate([np.ravel(v) for v in values]).astype(np.float32), device=self.device)
+        parts = row.split([math.prod(self.shapes[key]) for key in BUFFER_FIELDS])  # one copy to the device
         i = self.pointer
-        for key, value in zip(BUFFER_FIELDS, (obs, action, reward, next_obs, terminal)):
-            self.storage[key][i] = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+        for key, part in zip(BUFFER_FIELDS, parts):
+            self.storage[key][i] = part.view(self.shapes[key])
         self.pointer = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
         self.n_added += 1
 
     def sample(self, batch_size: int) -> Tuple[torch.Tensor, ...]:
-        index = torch.randint(0, self.size, (batch_size,), device=self.device)
+        # Uniform over [0, 2^62), modulo the filled size read on the device: the first (2^62 mod
+        # size) rows are drawn more often by a relative 1 / floor(2^62 / size), under 1e-12 here.
+        index = torch.randint(0, 2**62, (batch_size,), device=self.device) % self.size_tensor
         return tuple(self.storage[key][index] for key in BUFFER_FIELDS)
 
     def online_rows(self) -> np.ndarray:
@@ -750,25 +780,58 @@ class TanhGaussianActor(nn.Module):
         log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
         return (gaussian - log_det).sum(-1)
 
-    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Reparameterised sample from standard-normal noise of shape obs.shape[:-1] (+ extra) + (A,)."""
-        mean, log_std = self.mean_log_std(obs)
-        extra = noise.dim() - mean.dim()  # several samples per state: noise has extra middle dims
-        for _ in range(extra):
+    def sample(self, mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised action and its log-prob from standard-normal noise of shape mean.shape,
+        or (batch, n, A) for n samples per state."""
+        if noise.dim() > mean.dim():
             mean, log_std = mean.unsqueeze(-2), log_std.unsqueeze(-2)
         u = mean + log_std.exp() * noise
         return self.max_action * torch.tanh(u), self.tanh_log_prob(mean, log_std, u)
 
-    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.sample(*self.mean_log_std(obs), noise)
+
+    def action_log_prob(self, mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """log pi(a|s) of given (dataset) actions, used by the behaviour-cloning warm-up."""
-        mean, log_std = self.mean_log_std(obs)
         squashed = (actions / self.max_action).clamp(-1.0 + 1e-6, 1.0 - 1e-6)  # data may sit on the bound
         return self.tanh_log_prob(mean, log_std, torch.atanh(squashed))
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.action_log_prob(*self.mean_log_std(obs), actions)
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """The deterministic action max_action * tanh(mean), for evaluation."""
         return self.max_action * torch.tanh(self.mean_log_std(obs)[0])
+
+
+class EnsembleLinear(torch.autograd.Function):
+    """y[e] = x[e] @ weight[e] + bias[e] for every critic e, x shared when its first dim is 1.
+
+    The same as torch.baddbmm, but the weight gradient is one plain matmul per critic: cuBLAS
+    runs the batched x^T @ grad_y, a reduction over all batch rows, with a small-tile kernel
+    4-6x slower on an H100 (benchmarks/critic_matmul.py).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.baddbmm(bias, x.expand(weight.shape[0], -1, -1), weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(grad_y, weight.transpose(1, 2))
+            if x.shape[0] == 1:
+                grad_x = grad_x.sum(0, keepdim=True)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.stack([x[min(e, x.shape[0] - 1)].T @ grad_y[e] for e in range(weight.shape[0])])
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_y.sum(1, keepdim=True)
+        return grad_x, grad_weight, grad_bias
 
 
 class EnsembleCritic(nn.Module):
@@ -804,7 +867,7 @@ class EnsembleCritic(nn.Module):
         for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             if detach_params:  # gradient flows to the inputs only (the actor's objective)
                 weight, bias = weight.detach(), bias.detach()
-            x = torch.baddbmm(bias, x.expand(weight.shape[0], -1, -1) if layer == 0 else x, weight)
+            x = EnsembleLinear.apply(x, weight, bias)
             if layer < n_layers - 1:
                 x = torch.relu(x)
         return x.reshape(-1, *batch_shape)
@@ -813,16 +876,26 @@ class EnsembleCritic(nn.Module):
 # ======================================================================================
 # Algorithm
 # ======================================================================================
+METRIC_NAMES = (  # CORL's names, in the order losses() returns them
+    "policy_loss", "alpha_loss", "alpha", "log_pi", "qf1_loss", "qf2_loss", "average_qf1", "average_qf2",
+    "average_target_q", "cql_std_q1", "cql_std_q2", "cql_q1_rand", "cql_q2_rand", "cql_q1_current_actions",
+    "cql_q2_current_actions", "cql_q1_next_actions", "cql_q2_next_actions", "cql_min_qf1_loss",
+    "cql_min_qf2_loss", "cql_qf1_diff", "cql_qf2_diff", "alpha_prime_loss", "alpha_prime",
+)
+
+
 class CQL:
     """SAC with the CQL(H) critic penalty. train(batch) makes one update and returns device metrics.
 
     `cql_alpha` is the penalty weight in use: config.cql_alpha offline, config.cql_alpha_online
-    after the switch (train() sets it). When it is 0 and cql_lagrange is off the penalty adds
-    nothing to any gradient, so it is not computed (SAC speed); its metrics are then 0.
+    after the switch (train() sets it). The losses read it from `cql_alpha_tensor`, a device
+    tensor that setting cql_alpha writes in place, so a captured CUDA graph sees the switch. When
+    it is 0 and cql_lagrange is off the penalty adds nothing to any gradient, so it is not
+    computed (SAC speed; a phase of its own, see phase()); its metrics are then 0.
     """
 
     def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
-                 device: torch.device):
+                 device: torch.device, capturable: bool = False):
         self.config = config
         self.device = device
         self.action_dim = action_dim
@@ -841,9 +914,19 @@ class CQL:
             {"params": list(self.critic.parameters()), "lr": config.qf_lr},
             {"params": [self.log_alpha], "lr": config.policy_lr},
             {"params": [self.log_alpha_prime], "lr": config.qf_lr},
-        ])
+        ], **({"capturable": True, "fused": True} if capturable else {}))  # fused, step count on the device
         self.total_it = 0
+        self.cql_alpha_tensor = torch.zeros((), device=device)
         self.cql_alpha = config.cql_alpha
+
+    @property
+    def cql_alpha(self) -> float:
+        return self._cql_alpha
+
+    @cql_alpha.setter
+    def cql_alpha(self, value: float) -> None:
+        self._cql_alpha = value
+        self.cql_alpha_tensor.fill_(float(value))
 
     def draw_noise(self, batch_size: int) -> Dict[str, torch.Tensor]:
         """Every random draw of one update, so that a test can replay the same update by hand."""
@@ -858,14 +941,18 @@ class CQL:
             "cql_random": torch.rand(batch_size, n, a, **kwargs) * 2.0 - 1.0,
         }
 
-    def losses(self, batch: Tuple[torch.Tensor, ...], noise: Dict[str, torch.Tensor], bc: bool
+    def losses(self, batch: Tuple[torch.Tensor, ...], noise: Dict[str, torch.Tensor], bc: bool, penalty: bool
                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Sum of the four losses, each reaching only its own parameters, and the metrics."""
+        """Sum of the four losses, each reaching only its own parameters, and the metrics; the CQL
+        penalty only when `penalty` (else its metrics are 0)."""
         c = self.config
         obs, actions, rewards, next_obs, dones = batch
 
-        # Actor and entropy temperature
-        new_actions, log_pi = self.actor(obs, noise["policy"])
+        # One actor pass over s and s' serves every sample of the update; the gradient reaches the
+        # actor only through the policy sample at s.
+        mean, log_std = self.actor.mean_log_std(torch.cat([obs, next_obs]))
+        (mean_s, mean_next), (log_std_s, log_std_next) = mean.chunk(2), log_std.chunk(2)
+        new_actions, log_pi = self.actor.sample(mean_s, log_std_s, noise["policy"])
         if c.use_automatic_entropy_tuning:
             alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
             alpha = self.log_alpha.exp().detach() * c.alpha_multiplier
@@ -873,14 +960,15 @@ class CQL:
             alpha_loss = obs.new_zeros(())
             alpha = obs.new_tensor(c.alpha_multiplier)
         if bc:
-            policy_loss = (alpha * log_pi - self.actor.log_prob(obs, actions)).mean()
+            policy_loss = (alpha * log_pi - self.actor.action_log_prob(mean_s, log_std_s, actions)).mean()
         else:
             q_new = self.critic(obs, new_actions, detach_params=True).min(0).values
             policy_loss = (alpha * log_pi - q_new).mean()
 
         # TD target
         with torch.no_grad():
-            next_actions, next_log_pi = self.actor(next_obs, noise["next"])
+            mean_s, log_std_s, mean_next, log_std_next = (t.detach() for t in (mean_s, log_std_s, mean_next, log_std_next))
+            next_actions, next_log_pi = self.actor.sample(mean_next, log_std_next, noise["next"])
             target_q = self.target_critic(next_obs[:, None] if c.cql_max_target_backup else next_obs,
                                           next_actions).min(0).values
             if c.cql_max_target_backup:  # best of n sampled next actions, and its log-prob
@@ -890,7 +978,7 @@ class CQL:
                 target_q = target_q - alpha * next_log_pi
             td_target = rewards + (1.0 - dones) * c.discount * target_q
 
-        if self.cql_alpha == 0.0 and not c.cql_lagrange:  # plain SAC critic loss
+        if not penalty:  # plain SAC critic loss
             q_data = self.critic(obs, actions)  # (2, B)
             qf_losses = ((q_data - td_target) ** 2).mean(-1)
             zero = obs.new_zeros(())
@@ -901,8 +989,8 @@ class CQL:
                                         zeros2, zeros2, zeros2, zeros2, zeros2, zeros2, zero, zero)
 
         with torch.no_grad():  # sampled actions for the penalty: policy at s and at s' (both scored at s), uniform
-            current_actions, current_log_pi = self.actor(obs, noise["cql_current"])
-            next_state_actions, next_state_log_pi = self.actor(next_obs, noise["cql_next"])
+            current_actions, current_log_pi = self.actor.sample(mean_s, log_std_s, noise["cql_current"])
+            next_state_actions, next_state_log_pi = self.actor.sample(mean_next, log_std_next, noise["cql_next"])
 
         # All critic evaluations of the critic loss in one batched pass: data, random, current, next.
         n = c.cql_n_actions
@@ -920,14 +1008,14 @@ class CQL:
             cat_q = torch.cat([q_rand, q_data[..., None], q_next, q_current], dim=-1)
         ood = torch.logsumexp(cat_q / c.cql_temp, dim=-1) * c.cql_temp
         cql_diff = (ood - q_data).clamp(c.cql_clip_diff_min, c.cql_clip_diff_max).mean(-1)  # (2,)
+        cql_alpha = self.cql_alpha_tensor
         if c.cql_lagrange:
             alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
-            cql_min_losses = alpha_prime.detach() * self.cql_alpha * (cql_diff - c.cql_target_action_gap)
-            alpha_prime_loss = -0.5 * (alpha_prime * self.cql_alpha
-                                       * (cql_diff.detach() - c.cql_target_action_gap)).sum()
+            cql_min_losses = alpha_prime.detach() * cql_alpha * (cql_diff - c.cql_target_action_gap)
+            alpha_prime_loss = -0.5 * (alpha_prime * cql_alpha * (cql_diff.detach() - c.cql_target_action_gap)).sum()
         else:
             alpha_prime = obs.new_zeros(())
-            cql_min_losses = self.cql_alpha * cql_diff
+            cql_min_losses = cql_alpha * cql_diff
             alpha_prime_loss = obs.new_zeros(())
         critic_loss = qf_losses.sum() + cql_min_losses.sum()
 
@@ -957,12 +1045,21 @@ class CQL:
     def train(self, batch: Tuple[torch.Tensor, ...]) -> Dict[str, torch.Tensor]:
         """One update of actor, critics, alpha and alpha'; metrics stay on the device."""
         self.total_it += 1
-        noise = self.draw_noise(batch[0].shape[0])
-        total, metrics = self.losses(batch, noise, bc=self.total_it <= self.config.bc_steps)
+        phase = self.phase(self.total_it)
+        return self.apply_update(batch, self.draw_noise(batch[0].shape[0]), *phase)
+
+    def phase(self, update: int) -> Tuple[bool, bool, bool]:
+        """(behaviour-cloning update?, target update after it?, penalty computed?) for the update-th update."""
+        penalty = not (self.cql_alpha == 0.0 and not self.config.cql_lagrange)
+        return update <= self.config.bc_steps, update % self.config.target_update_period == 0, penalty
+
+    def apply_update(self, batch: Tuple[torch.Tensor, ...], noise: Dict[str, torch.Tensor], bc: bool,
+                     update_target: bool, penalty: bool) -> Dict[str, torch.Tensor]:
+        total, metrics = self.losses(batch, noise, bc, penalty)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
-        if self.total_it % self.config.target_update_period == 0:
+        if update_target:
             with torch.no_grad():
                 torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()),
                                      self.config.soft_target_update_rate)
@@ -973,7 +1070,7 @@ class CQL:
             "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
             "target_critic": self.target_critic.state_dict(),
             "log_alpha": self.log_alpha.detach().clone(), "log_alpha_prime": self.log_alpha_prime.detach().clone(),
-            "optimizer": self.optimizer.state_dict(), "total_it": self.total_it, "cql_alpha": self.cql_alpha,
+            "optimizer": self.optimizer.state_dict(), "total_it": self.total_it, "cql_alpha": float(self.cql_alpha),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -983,41 +1080,216 @@ class CQL:
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
             self.log_alpha_prime.copy_(state["log_alpha_prime"])
+        flavour = [(group["capturable"], group["fused"]) for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        # Adam takes the saved run's capturable/fused flags with its state; keep this run's (a CPU
+        # checkpoint may go on under CUDA graphs and back), step counts where this flavour keeps them.
+        for group, (capturable, fused) in zip(self.optimizer.param_groups, flavour):
+            group["capturable"], group["fused"] = capturable, fused
+            for param in group["params"]:
+                param_state = self.optimizer.state.get(param, {})
+                if "step" in param_state:
+                    param_state["step"] = param_state["step"].to(param.device if capturable or fused else "cpu")
         self.total_it = int(state["total_it"])
+
+
+class UpdateStep:
+    """Draws a batch, updates, and adds the metrics to a device-side running sum.
+
+    With every speed flag off this is `trainer.train(buffer.sample(batch_size))`, the plain eager
+    update. `compile` wraps the losses in torch.compile; `cudagraphs` (cuda only) records the whole
+    update, from sampling to the Adam step and the metric sum, once per phase (behaviour cloning
+    or not, target update or not, penalty or not) after a few eager warm-up updates, then replays
+    it: one launch per update instead of hundreds. A replay reads the ring's size and cql_alpha
+    from the device tensors that add() and the offline -> online switch write in place. All are
+    the same math on the same random streams' kinds.
+    """
+
+    WARMUP = 3  # eager updates before capture: lazy init of Adam state, cuBLAS and compilation
+
+    def __init__(self, trainer: CQL, buffer: ReplayBuffer, batch_size: int, compile: bool = False,
+                 cudagraphs: bool = False):
+        self.trainer, self.buffer, self.batch_size = trainer, buffer, batch_size
+        self.cudagraphs = cudagraphs and trainer.device.type == "cuda"
+        if compile:
+            trainer.losses = torch.compile(trainer.losses)  # shadows the method on this instance
+        self.metric_names: List[str] = list(METRIC_NAMES)
+        self.metric_sum = torch.zeros(len(self.metric_names), device=trainer.device)
+        self.graphs: Dict[Tuple[bool, bool, bool], Any] = {}
+        self.eager_updates: Dict[Tuple[bool, bool, bool], int] = {}
+
+    def _update(self, phase: Tuple[bool, bool, bool]) -> None:
+        batch = self.buffer.sample(self.batch_size)
+        metrics = self.trainer.apply_update(batch, self.trainer.draw_noise(self.batch_size), *phase)
+        self.metric_sum += torch.stack([metrics[name] for name in self.metric_names])
+
+    def __call__(self) -> None:
+        trainer = self.trainer
+        trainer.total_it += 1
+        phase = trainer.phase(trainer.total_it)
+        if not self.cudagraphs:
+            return self._update(phase)
+        graph = self.graphs.get(phase)
+        if graph is not None:
+            return graph.replay()
+        if self.eager_updates.get(phase, 0) < self.WARMUP:  # on a side stream, as CUDA graphs want
+            self.eager_updates[phase] = self.eager_updates.get(phase, 0) + 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._update(phase)
+            torch.cuda.current_stream().wait_stream(stream)
+            return None
+        trainer.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._update(phase)
+        self.graphs[phase] = graph
+        graph.replay()  # capture records without running: this replay is the update itself
+        return None
+
+    def take_means(self, updates: int) -> Dict[str, float]:
+        """Mean of each metric over the last `updates` updates; the one host sync per log interval."""
+        means = (self.metric_sum / updates).tolist()
+        self.metric_sum.zero_()
+        return dict(zip(self.metric_names, means))
 
 
 # ======================================================================================
 # Evaluation, logging, checkpoints
 # ======================================================================================
 @torch.no_grad()
-def evaluate(envs: List[gym.Env], actor: TanhGaussianActor, seed: int, state_mean: np.ndarray,
-             state_std: np.ndarray, device: torch.device, sparse_reward: bool = False
-             ) -> Tuple[np.ndarray, np.ndarray, bool]:
-    """len(envs) deterministic episodes run side by side, episode i seeded seed + i.
+def evaluate(envs: Union[gym.vector.VectorEnv, List[gym.Env]], actor: TanhGaussianActor, seed: int,
+             state_mean: np.ndarray, state_std: np.ndarray, device: Optional[torch.device] = None,
+             sparse_reward: bool = False) -> Tuple[np.ndarray, np.ndarray, bool]:
+    """Deterministic episodes run side by side in envs, episode i seeded seed + i.
 
     Returns the episode returns, whether each episode reached the goal at some step (see
-    step_success), and whether the env told success at all.
+    step_success), and whether the env told success at all. The actor runs on `device` as it is,
+    or, by default, as a CPU copy: for a handful of states a step on the CPU beats a round trip to
+    the GPU. A list of envs is stepped as one vector env. An env whose episode ended keeps being
+    stepped (and reset by the vector env) until all have ended; its extra steps are not counted.
     """
-    obs = np.stack([flatten_observation(env.reset(seed=seed + i)[0]) for i, env in enumerate(envs)])
-    returns = np.zeros(len(envs))
-    successes = np.zeros(len(envs), dtype=bool)
-    reported = False
-    running = np.ones(len(envs), dtype=bool)
-    while running.any():
-        active = np.flatnonzero(running)
-        state = torch.as_tensor((obs[active] - state_mean) / state_std, dtype=torch.float32, device=device)
-        actions = actor.act(state).cpu().numpy()
-        for i, action in zip(active, actions):
-            next_obs, reward, terminated, truncated, info = envs[i].step(action)
-            obs[i] = flatten_observation(next_obs)
-            returns[i] += reward
-            success = step_success(float(reward), info, sparse_reward)
-            if success is not None:
-                reported = True
-                successes[i] |= success
-            running[i] = not (terminated or truncated)
+    if not isinstance(envs, gym.vector.VectorEnv):
+        envs = gym.vector.SyncVectorEnv([lambda env=env: env for env in envs])
+    policy = copy.deepcopy(actor).cpu() if device is None else actor
+    threads = torch.get_num_threads()
+    if device is None:
+        torch.set_num_threads(1)  # a few rows: worker threads would only spin and steal the envs' cores
+    try:
+        obs, _ = envs.reset(seed=[seed + i for i in range(envs.num_envs)])
+        returns = np.zeros(envs.num_envs)
+        successes = np.zeros(envs.num_envs, dtype=bool)
+        reported = False
+        running = np.ones(envs.num_envs, dtype=bool)
+        while running.any():
+            state = torch.as_tensor((flatten_observation(obs) - state_mean) / state_std, dtype=torch.float32,
+                                    device=device)
+            obs, reward, terminated, truncated, info = envs.step(policy.act(state).cpu().numpy())
+            for i in np.flatnonzero(running):
+                env_info = {key: info[key][i] for key in SUCCESS_KEYS if key in info and info[f"_{key}"][i]}
+                success = step_success(float(reward[i]), env_info, sparse_reward)
+                if success is not None:
+                    reported = True
+                    successes[i] |= success
+            returns += np.where(running, reward, 0.0)
+            running &= ~(terminated | truncated)
+    finally:
+        torch.set_num_threads(threads)
     return returns, successes, reported
+
+
+def _evaluation_worker(env_spec: Any, n_episodes: int, actor_shape: Tuple[int, int, float], sparse_reward: bool,
+                       jobs: Any, results: Any) -> None:
+    """Background evaluator process: evaluates each (step, weights) job, answers (step, returns,
+    successes, reported) as evaluate() returns them."""
+    warnings.filterwarnings("ignore", message=r".*is out of date\. You should consider upgrading")
+    try:
+        envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_spec)] * n_episodes)
+        actor = TanhGaussianActor(*actor_shape)
+        while (job := jobs.get()) is not None:
+            step, weights, seed, state_mean, state_std = job
+            actor.load_state_dict(weights)
+            results.put((step, *evaluate(envs, actor, seed, state_mean, state_std, sparse_reward=sparse_reward)))
+        envs.close()
+    except Exception as e:  # reported to the trainer, which stops with it
+        results.put((None, f"{type(e).__name__}: {e}"))
+
+
+def actor_weights(actor: TanhGaussianActor) -> Dict[str, torch.Tensor]:
+    """A CPU copy of the actor's weights: what an evaluation needs, frozen at the time of the call."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in actor.state_dict().items()}
+
+
+class Evaluator:
+    """Evaluates actor snapshots: here and now, or in a worker process while training goes on.
+
+    In the background the update loop only copies the actor's weights (~0.3 MB) at each
+    evaluation; results come back a few seconds later and are logged at their own step. The
+    weights of evaluations still running are kept (`pending`), so that a checkpoint can carry them.
+    """
+
+    def __init__(self, env: gym.Env, make_env: Callable[[], gym.Env], n_episodes: int, seed: int,
+                 state_mean: np.ndarray, state_std: np.ndarray, actor: TanhGaussianActor, background: bool,
+                 sparse_reward: bool):
+        self.seed, self.state_mean, self.state_std, self.sparse_reward = seed, state_mean, state_std, sparse_reward
+        self.pending: Dict[int, Dict[str, torch.Tensor]] = {}
+        self.finished: List[Tuple[int, np.ndarray, np.ndarray, bool]] = []
+        self.worker = None
+        shape = (actor.net[0].in_features, actor.action_dim, actor.max_action)
+        if background:
+            import multiprocessing
+
+            if env.spec is None:
+                raise ConfigError("field 'background_eval': the eval env has no Gymnasium spec to rebuild it from "
+                                  "in a worker process; set background_eval false")
+            context = multiprocessing.get_context("spawn")  # never fork a process holding a CUDA context
+            self.jobs, self.results = context.Queue(), context.Queue()
+            self.worker = context.Process(target=_evaluation_worker, daemon=True,
+                                          args=(env.spec, n_episodes, shape, sparse_reward, self.jobs, self.results))
+            self.worker.start()
+        else:
+            self.envs = gym.vector.SyncVectorEnv([make_env] * n_episodes)
+            self.actor = TanhGaussianActor(*shape)
+
+    def submit(self, step: int, weights: Dict[str, torch.Tensor]) -> None:
+        """Evaluates the actor weights (see actor_weights) of update `step`."""
+        if self.worker is None:
+            self.actor.load_state_dict(weights)
+            returns, successes, reported = evaluate(self.envs, self.actor, self.seed, self.state_mean,
+                                                    self.state_std, sparse_reward=self.sparse_reward)
+            self.finished.append((step, returns, successes, reported))
+            return
+        self.jobs.put((step, weights, self.seed, self.state_mean, self.state_std))
+        self.pending[step] = weights
+
+    def collect(self, wait: bool = False) -> List[Tuple[int, np.ndarray, np.ndarray, bool]]:
+        """(step, returns, successes, reported) of the evaluations finished since the last call,
+        oldest first; with wait, of all submitted ones."""
+        import queue
+
+        while self.pending:
+            try:
+                result = self.results.get(timeout=1.0) if wait else self.results.get_nowait()
+            except queue.Empty:
+                if self.worker.is_alive() and not wait:
+                    break
+                if not self.worker.is_alive():
+                    raise RuntimeError(f"evaluation worker exited (code {self.worker.exitcode})") from None
+                continue
+            if result[0] is None:
+                raise RuntimeError(f"evaluation failed in the worker: {result[1]}")
+            self.finished.append(result)
+            del self.pending[result[0]]
+        finished, self.finished = self.finished, []
+        return finished
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.jobs.put(None)
+            self.worker.join(timeout=30)
+        else:
+            self.envs.close()
 
 
 def normalized_score(returns: Union[np.ndarray, float], ref_min: Optional[float],
@@ -1055,12 +1327,15 @@ class RunLogger:
 
             self.wandb = wandb.init(project=config.project, group=config.group, name=run_name, mode=mode,
                                     config=asdict(config), dir=str(run_dir), id=run_name.rsplit("-", 1)[-1])
+            # x-axis "update" instead of wandb's own step: evaluations may arrive after later rows
+            self.wandb.define_metric("update")
+            self.wandb.define_metric("*", step_metric="update")
 
     def log(self, row: Dict[str, float], step: int) -> None:
         self.file.write(json.dumps({"step": step, **row}) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log(row, step=step)
+            self.wandb.log({"update": step, **row})
 
     def close(self) -> None:
         self.file.close()
@@ -1069,8 +1344,10 @@ class RunLogger:
 
 
 def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer, state_mean: np.ndarray,
-                    state_std: np.ndarray, progress: Dict[str, Any]) -> Path:
-    """checkpoint_<step>.pt (networks, optimizer, alphas, counters) and replay_<step>.pt beside it.
+                    state_std: np.ndarray, progress: Dict[str, Any],
+                    pending_evaluations: Optional[Dict[int, Dict[str, torch.Tensor]]] = None) -> Path:
+    """checkpoint_<step>.pt (networks, optimizer, alphas, counters, the actor weights of unfinished
+    evaluations by step) and replay_<step>.pt beside it.
 
     The replay file holds the buffer's online rows (up to buffer_size transitions), so only the
     newest one is kept: older checkpoints still load for their networks, but a run continues
@@ -1082,7 +1359,7 @@ def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer
     path = run_dir / f"checkpoint_{step}.pt"
     state = {**trainer.state_dict(), "state_mean": state_mean, "state_std": state_std,
              "config": asdict(trainer.config), "progress": dict(progress, online_transitions=buffer.n_added),
-             "replay_file": replay.name}
+             "replay_file": replay.name, "pending_evaluations": dict(pending_evaluations or {})}
     write_atomic(path, lambda f: torch.save(state, f))
     for old in run_dir.glob("replay_*.pt"):
         if old != replay:
@@ -1137,7 +1414,8 @@ def _action_bound(env: gym.Env, what: str) -> float:
 
 
 def train(config: TrainConfig) -> Dict[str, Any]:
-    """Pre-trains offline, then trains online; returns a summary (scores, returns, counts, paths)."""
+    """Pre-trains offline, then trains online; returns a summary (scores, returns, counts, timings, paths)."""
+    begin = time.time()
     device = resolve_device(config.device)
     set_seed(config.seed)
     pure_online = is_pure_online(config)
@@ -1152,12 +1430,12 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         make_train_env = make_eval_env = data.make_env
         ref_min, ref_max, source = data.ref_min_score, data.ref_max_score, data.source
     env = make_train_env()
-    eval_envs = [make_eval_env() for _ in range(config.n_episodes)]
+    probe_env = make_eval_env()
     if data is not None:
-        check_dataset_matches_env(data, eval_envs[0])
+        check_dataset_matches_env(data, probe_env)
     max_action = _action_bound(env, "training env")
-    if _action_bound(eval_envs[0], "eval env") != max_action:
-        raise DatasetError(f"eval env: action bound {_action_bound(eval_envs[0], 'eval env')} differs from the "
+    if _action_bound(probe_env, "eval env") != max_action:
+        raise DatasetError(f"eval env: action bound {_action_bound(probe_env, 'eval env')} differs from the "
                            f"training env's {max_action}")
     state_dim = flatten_observation(env.observation_space.sample()).shape[-1]
     action_dim = env.action_space.shape[0]
@@ -1185,13 +1463,16 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     if data is not None:
         buffer.load_dataset({key: getattr(data, key) for key in BUFFER_FIELDS})
 
-    trainer = CQL(config, state_dim, action_dim, max_action, device)
+    trainer = CQL(config, state_dim, action_dim, max_action, device,
+                  capturable=config.cudagraphs and device.type == "cuda")
     progress: Dict[str, Any] = {"iteration": 0, "train_episodes": 0, "train_successes": 0,
                                 "eval_success_rates": [], "scores": []}
+    unfinished: Dict[int, Dict[str, torch.Tensor]] = {}  # evaluations the checkpoint's run had not finished
     if config.load_model:
         state = load_checkpoint(config.load_model, trainer, buffer)
         state_mean, state_std = state["state_mean"], state["state_std"]
         progress.update({k: v for k, v in state["progress"].items() if k in progress})
+        unfinished = state.get("pending_evaluations", {})
 
     run_name = f"{config.name}-{Path(config.env).stem.replace('/', '-')}-{config.seed}-{uuid.uuid4().hex[:8]}"
     run_dir = Path(config.checkpoints_path or config.log_dir) / run_name
@@ -1201,29 +1482,62 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     print(f"CQL on {source}: {buffer.size} transitions in a ring of {capacity}, state {state_dim}, "
           f"action {action_dim}, device {device}, run dir {run_dir}")
 
+    use_compile = device.type == "cuda" if config.compile is None else config.compile
+    update = UpdateStep(trainer, buffer, config.batch_size, use_compile, config.cudagraphs)
+    background = device.type == "cuda" if config.background_eval is None else config.background_eval
+    evaluator = Evaluator(probe_env, make_eval_env, config.n_episodes, config.eval_seed, state_mean, state_std,
+                          trainer.actor, background, sparse_reward)
+    probe_env.close()
+    for eval_step, weights in sorted(unfinished.items()):
+        evaluator.submit(eval_step, weights)
+
     def normalize_state(obs: np.ndarray) -> np.ndarray:
         return ((obs - state_mean) / state_std).astype(np.float32)
+
+    def phase_counter(step: int) -> Dict[str, int]:
+        """offline_iter or online_iter: the iterations done in the phase that the step-th iteration is in."""
+        if step > config.offline_iterations:
+            return {"online_iter": step - config.offline_iterations}
+        return {"offline_iter": step}
 
     total = config.offline_iterations + config.online_iterations
     start_it = progress["iteration"]
     trainer.cql_alpha = config.cql_alpha if start_it < config.offline_iterations else config.cql_alpha_online
-    metric_names: List[str] = []
-    metric_sum: Optional[torch.Tensor] = None
     window = 0
     obs: Optional[np.ndarray] = None  # the training env's current raw observation; None: reset first
     episode_return, episode_length, episode_success = 0.0, 0, False
     last_score: Optional[float] = None
     eval_returns: List[float] = []
     start = time.time()
+    load_seconds, eval_seconds = start - begin, 0.0
     bar = tqdm(range(start_it, total), desc="CQL", unit="it", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay short when not a terminal
+
+    def log_evaluations(finished: List[Tuple[int, np.ndarray, np.ndarray, bool]]) -> None:
+        nonlocal goal_task, last_score
+        for eval_step, returns, successes, reported in finished:  # in the background these may come after later rows
+            goal_task = goal_task or reported
+            last_score = normalized_score(returns, ref_min, ref_max)
+            eval_returns.append(float(returns.mean()))
+            row = {"eval_return_mean": float(returns.mean()), "eval_return_std": float(returns.std())}
+            if last_score is not None:
+                row["eval/d4rl_normalized_score"] = row["d4rl_normalized_score"] = last_score
+                progress["scores"].append(last_score)
+            if goal_task:
+                row["eval/success_rate"] = float(successes.mean())
+                if eval_step > config.offline_iterations:  # regret counts the online evaluations only
+                    progress["eval_success_rates"].append(float(successes.mean()))
+                    row["eval/regret"] = float(np.mean([1.0 - r for r in progress["eval_success_rates"]]))
+            logger.log({**row, **phase_counter(eval_step)}, eval_step)
+            bar.set_postfix(score=f"{last_score:.1f}" if last_score is not None else f"{returns.mean():.1f}")
+
     for it in bar:  # `it` iterations are done before this one
         online = it >= config.offline_iterations
         if it == config.offline_iterations:
             trainer.cql_alpha = config.cql_alpha_online
             bar.write(f"online tuning from iteration {it}: cql_alpha {config.cql_alpha_online}")
         row: Dict[str, float] = {}
-        update = True
+        update_now = True
         if online:
             online_it = it - config.offline_iterations
             if obs is None:  # the first online iteration, or the first after a resume
@@ -1231,8 +1545,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 env.action_space.seed(config.seed + online_it)
             if pure_online and online_it < config.warmup_steps:
                 action = env.action_space.sample()
-                update = False
-            else:
+                update_now = False
+            else:  # the one host sync per env step: the action goes to the env
                 with torch.no_grad():
                     state = torch.as_tensor(normalize_state(obs)[None], device=device)
                     action = trainer.actor(state, torch.randn(1, action_dim, device=device))[0][0].cpu().numpy()
@@ -1261,60 +1575,49 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                     row["train/regret"] = 1.0 - progress["train_successes"] / progress["train_episodes"]
                 obs = flatten_observation(env.reset()[0])
                 episode_return, episode_length, episode_success = 0.0, 0, False
-        if update:
-            metrics = trainer.train(buffer.sample(config.batch_size))
-            if metric_sum is None:
-                metric_names = list(metrics)
-                metric_sum = torch.zeros(len(metrics), device=device)
-            metric_sum += torch.stack(list(metrics.values()))
+        if update_now:
+            update()
             window += 1
         step = it + 1
         if (step % config.log_freq == 0 or step == total) and window:
-            means = (metric_sum / window).tolist()  # the one host sync per log interval
-            for name, value in zip(metric_names, means):
+            means = update.take_means(window)
+            for name, value in means.items():
                 if not math.isfinite(value):
                     raise FloatingPointError(f"non-finite {name} ({value}) in iterations {step - window + 1}..{step}")
-            row.update(zip(metric_names, means))
-            row["cql_alpha"] = trainer.cql_alpha
-            metric_sum.zero_()
+            row.update(means)
+            row["cql_alpha"] = float(trainer.cql_alpha)
             window = 0
+        if row:
+            logger.log({**row, **phase_counter(step)}, step)
         if step % config.eval_freq == 0 or step == total:
-            returns, successes, reported = evaluate(eval_envs, trainer.actor, config.eval_seed, state_mean,
-                                                    state_std, device, sparse_reward)
-            goal_task = goal_task or reported
-            last_score = normalized_score(returns, ref_min, ref_max)
-            eval_returns.append(float(returns.mean()))
-            row.update(eval_return_mean=float(returns.mean()), eval_return_std=float(returns.std()))
-            if last_score is not None:
-                row["eval/d4rl_normalized_score"] = row["d4rl_normalized_score"] = last_score
-                progress["scores"].append(last_score)
-            if goal_task:
-                row["eval/success_rate"] = float(successes.mean())
-                if online:  # regret counts the online evaluations only
-                    progress["eval_success_rates"].append(float(successes.mean()))
-                    row["eval/regret"] = float(np.mean([1.0 - r for r in progress["eval_success_rates"]]))
-            bar.set_postfix(score=f"{last_score:.1f}" if last_score is not None else f"{returns.mean():.1f}")
+            eval_start = time.time()
+            evaluator.submit(step, actor_weights(trainer.actor))
+            eval_seconds += time.time() - eval_start
+            log_evaluations(evaluator.collect())
             progress["iteration"] = step
             if config.checkpoints_path:
-                save_checkpoint(run_dir, step, trainer, buffer, state_mean, state_std, progress)
-        if row:
-            if online:
-                row["online_iter"] = step - config.offline_iterations
-            else:
-                row["offline_iter"] = step
-            logger.log(row, step)
+                save_checkpoint(run_dir, step, trainer, buffer, state_mean, state_std, progress, evaluator.pending)
+        elif step % config.log_freq == 0:
+            log_evaluations(evaluator.collect())
+    eval_start = time.time()
+    log_evaluations(evaluator.collect(wait=True))
+    eval_seconds += time.time() - eval_start
+    evaluator.close()
+    env.close()
     bar.close()
     logger.close()
     elapsed = time.time() - start
     scores = progress["scores"]
     summary = {"run_dir": str(run_dir), "iterations": total, "updates": trainer.total_it, "seconds": elapsed,
-               "last_score": last_score, "best_score": max(scores) if scores else None,
-               "eval_returns": eval_returns, "cql_alpha": trainer.cql_alpha,
-               "train_episodes": progress["train_episodes"], "online_transitions": buffer.n_added}
+               "load_seconds": load_seconds, "eval_seconds": eval_seconds, "last_score": last_score,
+               "best_score": max(scores) if scores else None, "eval_returns": eval_returns,
+               "cql_alpha": float(trainer.cql_alpha), "train_episodes": progress["train_episodes"],
+               "online_transitions": buffer.n_added}
     score_text = (f"normalized score last {last_score:.1f}, best {max(scores):.1f}" if last_score is not None
                   else f"eval return last {eval_returns[-1]:.1f}" if eval_returns else "no evaluation")
-    print(f"done: {total} iterations ({trainer.total_it} updates) in {elapsed:.0f} s, {score_text}; "
-          f"metrics in {logger.path}")
+    print(f"done: {total} iterations ({trainer.total_it} updates) in {elapsed:.0f} s (evaluation held training up "
+          f"{eval_seconds:.1f} s, {100 * eval_seconds / max(elapsed + load_seconds, 1e-9):.1f}% of the run; data "
+          f"loading {load_seconds:.0f} s), {score_text}; metrics in {logger.path}")
     return summary
 
 
