@@ -2,7 +2,8 @@
 
 * every config parses with the script it belongs to, and lists only fields of that script's
   TrainConfig, each with a value of the field's type;
-* every ``env`` is a known D4RL dataset or the Minari port of one;
+* every ``env`` is a known D4RL dataset, the Minari port of one, or a dataset file shipped in the
+  repository (configs/offline/cql/quickstart.yaml, made by tools/make_dataset.py);
 * a sample of configs carries CORL's published hyperparameters (values written out below,
   taken from corl-team/CORL configs/{offline,finetune}/cql/...);
 * every ``*_minari.yaml`` has exactly the hyperparameters of its D4RL twin.
@@ -49,6 +50,7 @@ def _expected_files():
     offline |= {f"{stem}{suffix}.yaml" for stem in with_minari for suffix in ("", "_minari")}
     finetune_stems = [f"antmaze/{d}_v2" for d in ANTMAZE_SETS] + [f"{t}/cloned_v1" for t in ADROIT]
     finetune = {f"{stem}{suffix}.yaml" for stem in finetune_stems for suffix in ("", "_minari")}
+    offline.add("quickstart.yaml")  # the shipped dataset made by tools/make_dataset.py (issue 5)
     return {"offline": offline, "finetune": finetune}
 
 
@@ -186,7 +188,9 @@ def test_config_leaves_machine_settings_to_the_script(kind, path):
 def test_env_resolves(kind, path):
     module = MODULES[kind]
     env = _load(path)["env"]
-    if env in module.D4RL_DATASETS:
+    if env.endswith(".hdf5"):  # a dataset shipped in the repository (the quickstart)
+        assert (REPO / env).is_file(), f"{env}: not in the repository"
+    elif env in module.D4RL_DATASETS:
         url, ref_min, ref_max = module.D4RL_DATASETS[env]
         assert url.startswith("http") and url.endswith(".hdf5")
         assert math.isfinite(ref_min) and math.isfinite(ref_max) and ref_max > ref_min

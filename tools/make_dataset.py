@@ -10,8 +10,8 @@
    the learner is checkpointed. Every transition the learner sees is kept, in order (the stream).
 2. Cut datasets as D4RL describes them:
      random         rollouts of the untrained policy (the step-0 snapshot)
-     medium         rollouts of the snapshot whose return is nearest to target_return, by default
-                    random + (final - random) / 3 (one third of the final return when random is ~0)
+     medium         rollouts of the first snapshot whose evaluation return reaches target_return, by
+                    default random + (final - random) / 3 (a third of the final return when random is ~0)
      medium-replay  every transition the learner saw until the medium snapshot's step, in order
      expert         rollouts of the final policy
      medium-expert  medium then expert, concatenated
@@ -79,7 +79,7 @@ class MakeConfig:
     snapshot_freq: int = 5_000  # keep the actor, evaluate it and checkpoint the learner every this many steps
     eval_episodes: int = 5  # deterministic evaluation episodes per snapshot
     n_transitions: int = 100_000  # transitions per rollout dataset (random, medium, expert; medium-expert has 2x)
-    target_return: Optional[float] = None  # medium snapshot: nearest to this return; None: random + (final - random) / 3
+    target_return: Optional[float] = None  # medium: first snapshot reaching this return; None: random + (final - random) / 3
     max_episode_steps: Optional[int] = None  # episode time limit; None: the env's own
     batch_size: int = 256  # learner: transitions per update
     policy_lr: float = 3e-4  # learner: actor and entropy-temperature learning rate
@@ -437,11 +437,15 @@ def cached_rollout(config: MakeConfig, work: Path, policy: str, step: int, state
 # Datasets and files
 # ======================================================================================
 def pick_medium(snapshots: List[Dict[str, Any]], target_return: Optional[float]) -> Tuple[Dict[str, Any], float]:
-    """The trained snapshot (after step 0, before the final one) whose evaluation return is nearest to the
-    target (ties: the earliest); and the target."""
+    """The first trained snapshot (after step 0, before the final one) whose evaluation return reaches the
+    target, as D4RL stopped training its medium policy early; if none does, the one nearest to it
+    (ties: the earliest). Returns the snapshot and the target."""
     first, final = snapshots[0]["eval_return_mean"], snapshots[-1]["eval_return_mean"]
     target = first + (final - first) / 3.0 if target_return is None else target_return
     candidates = snapshots[1:-1] or snapshots[-1:]
+    reached = [s for s in candidates if s["eval_return_mean"] >= target]
+    if reached:
+        return reached[0], target
     return min(candidates, key=lambda s: (abs(s["eval_return_mean"] - target), s["step"])), target
 
 
@@ -457,6 +461,9 @@ def write_hdf5(path: Path, data: Dict[str, np.ndarray], attrs: Dict[str, Any], c
                 f.create_dataset(key, data=data[key], **(options if data[key].ndim else {}))
             for key, value in attrs.items():
                 f.attrs[key] = value
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a dataset is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
