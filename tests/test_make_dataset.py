@@ -115,8 +115,6 @@ def test_offline_script_trains_on_every_kind(made, tmp_path):
         assert data.ref_max_score == pytest.approx(_read(Path(rows["expert"]["path"]))[1]["behaviour_return"])
 
 
-@pytest.mark.xfail(raises=TypeError, strict=False,
-                   reason="algorithms/offline/cql.py passes the max_episode_steps attr to gym.make as numpy.int64")
 def test_offline_script_reads_the_time_limit(made):
     config, rows, tmp = made
     run = offline_cql.parse_config(["--env", rows["medium"]["path"], "--wandb_mode=disabled"])

@@ -511,7 +511,8 @@ def load_dataset(config: TrainConfig) -> OfflineData:
         env_id = config.eval_env or attrs.get("env_id")
         if env_id is None:
             raise DatasetError(f"dataset file {path}: set eval_env (the file's metadata names no env_id)")
-        make_env = _make_gym_env(env_id, {}, config.max_episode_steps or attrs.get("max_episode_steps"))
+        steps = config.max_episode_steps or attrs.get("max_episode_steps")
+        make_env = _make_gym_env(env_id, {}, None if steps is None else int(steps))  # h5py gives numpy ints
         is_locomotion = any(t in env_id.lower() for t in ("halfcheetah", "hopper", "walker2d"))
         ref_min, ref_max = attrs.get("ref_min_score"), attrs.get("ref_max_score")
     ref_min = config.ref_min_score if config.ref_min_score is not None else ref_min
