@@ -57,7 +57,7 @@ def main() -> None:
         summary = cql.train(config)
     total = summary["seconds"] + summary["load_seconds"]
     updates = summary["seconds"] - summary["eval_seconds"]
-    print(f"\n| part | seconds | share |\n|---|---|---|")
+    print("\n| part | seconds | share |\n|---|---|---|")
     for name, seconds in [("data loading", summary["load_seconds"]), ("updates (+ logging)", updates),
                           ("evaluation", summary["eval_seconds"])]:
         print(f"| {name} | {seconds:.1f} | {100 * seconds / total:.1f}% |")

@@ -11,7 +11,6 @@ Before timing, each fast variant is checked against the plain one: fed the same 
 noise from the same weights, the parameters after --check_updates updates must agree.
 """
 import argparse
-import copy
 import resource
 import sys
 import time

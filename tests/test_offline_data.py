@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import algorithms.offline.cql as cql
-from conftest import rollout_arrays, write_hdf5
+from conftest import rollout_arrays
 
 
 def test_qlearning_transitions_match_hand_computed_rows():

@@ -264,7 +264,8 @@ def parse_config(argv: List[str], config_class: type = TrainConfig) -> Any:
 # D4RL's dataset files and reference returns (d4rl/infos.py): name -> (url, ref min, ref max).
 _D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
 _ANTMAZE = {  # name -> D4RL file stem (multistart, multigoal)
-    "umaze": "u-maze_noisy_multistart_False_multigoal_False", "umaze-diverse": "u-maze_noisy_multistart_True_multigoal_True",
+    "umaze": "u-maze_noisy_multistart_False_multigoal_False",
+    "umaze-diverse": "u-maze_noisy_multistart_True_multigoal_True",
     "medium-play": "big-maze_noisy_multistart_True_multigoal_False",
     "medium-diverse": "big-maze_noisy_multistart_True_multigoal_True",
     "large-play": "hardest-maze_noisy_multistart_True_multigoal_False",
@@ -442,7 +443,8 @@ def _load_minari(config: TrainConfig) -> OfflineData:
     except Exception as e:  # minari raises several types for a missing dataset
         hint = "" if config.minari_download else " (set --minari_download=true to fetch it, needs internet)"
         raise DatasetError(f"Minari dataset {config.env}: cannot load ({str(e).splitlines()[0]}){hint}") from None
-    columns: Dict[str, List[np.ndarray]] = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
+    keys = ("observations", "actions", "rewards", "next_observations", "terminals")
+    columns: Dict[str, List[np.ndarray]] = {k: [] for k in keys}
     for episode in dataset.iterate_episodes():
         obs = flatten_observation(episode.observations).astype(np.float32)
         columns["observations"].append(obs[:-1])
@@ -782,7 +784,8 @@ class CQL:
 
         # TD target
         with torch.no_grad():
-            mean_s, log_std_s, mean_next, log_std_next = (t.detach() for t in (mean_s, log_std_s, mean_next, log_std_next))
+            mean_s, log_std_s, mean_next, log_std_next = (t.detach() for t in (mean_s, log_std_s, mean_next,
+                                                                               log_std_next))
             next_actions, next_log_pi = self.actor.sample(mean_next, log_std_next, noise["next"])
             target_q = self.target_critic(next_obs[:, None] if c.cql_max_target_backup else next_obs,
                                           next_actions).min(0).values
@@ -1305,9 +1308,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                "last_score": last_score, "best_score": max(scores.values()) if scores else None}
     score_text = (f"normalized score last {last_score:.1f}, best {summary['best_score']:.1f}" if scores
                   else "no normalized score (no reference returns)")
+    eval_share = 100 * eval_seconds / max(elapsed + load_seconds, 1e-9)
     print(f"done: {trainer.total_it} updates in {elapsed:.0f} s (evaluation held training up {eval_seconds:.1f} s, "
-          f"{100 * eval_seconds / max(elapsed + load_seconds, 1e-9):.1f}% of the run; data loading {load_seconds:.0f} s),"
-          f" {score_text}; metrics in {logger.path}")
+          f"{eval_share:.1f}% of the run; data loading {load_seconds:.0f} s), {score_text}; metrics in {logger.path}")
     return summary
 
 
