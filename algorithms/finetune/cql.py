@@ -20,7 +20,8 @@ penalty is then not computed at all (its metrics read 0).
 Metrics (metrics.jsonl, and wandb unless disabled), at step = iterations done: the offline script's
 loss and Q metrics averaged over log_freq updates plus cql_alpha; offline_iter / online_iter (the
 iterations done in the current phase); per finished training episode train/episode_return,
-train/episode_length, train/d4rl_normalized_episode_return (raw env rewards); per evaluation
+train/episode_length, train/d4rl_normalized_episode_return (raw env rewards); per evaluation, in a
+row of its own at the evaluated step (written when it arrives: in the background after later rows),
 eval_return_mean/std and eval/d4rl_normalized_score (also as d4rl_normalized_score, the offline
 name). On goal tasks (antmaze, maze2d/pointmaze, adroit, or any env whose info reports success):
 train/is_success, train/regret (1 - the success rate of all training episodes so far),
@@ -33,10 +34,10 @@ the replay ring, and only the newest is kept (disk). A run continues from its ne
 with --load_model; it starts a fresh training episode (seeded seed + online iterations done),
 runs the unfinished evaluations again and does not restore the random streams.
 
-Speed (as in the offline script; each part can be switched off): one actor pass per update, the
-critics' weight gradients as one matmul per critic, fused capturable Adam, torch.compile of the
-losses (--compile) and the whole update replayed as a CUDA graph (--cudagraphs); evaluation in a
-vector env with a CPU copy of the actor, in a background process on cuda (--background_eval).
+Speed, as in the offline script: one actor pass per update, the critics' weight gradients as one
+matmul per critic, and, each behind a flag, torch.compile of the losses (--compile), the whole
+update with fused capturable Adam replayed as a CUDA graph (--cudagraphs), evaluation in a worker
+process (--background_eval); evaluation steps a vector env with a CPU copy of the actor.
 The replay ring's size and the penalty weight cql_alpha live in device tensors, so that a graph
 captured offline keeps sampling the growing ring and sees the switch to cql_alpha_online.
 
@@ -463,7 +464,7 @@ def _make_gym_env(env_id: str, kwargs: Dict[str, Any], max_episode_steps: Option
         gym.spec(env_id)
     except gym.error.Error as e:
         raise DatasetError(f"eval env {env_id!r}: not a registered Gymnasium env ({e})") from None
-    extra = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
+    extra = {"max_episode_steps": int(max_episode_steps)} if max_episode_steps else {}  # an HDF5 attr is numpy.int64
     return lambda: gym.make(env_id, **kwargs, **extra)
 
 
@@ -1213,7 +1214,7 @@ def _evaluation_worker(env_spec: Any, n_episodes: int, actor_shape: Tuple[int, i
             results.put((step, *evaluate(envs, actor, seed, state_mean, state_std, sparse_reward=sparse_reward)))
         envs.close()
     except Exception as e:  # reported to the trainer, which stops with it
-        results.put((None, f"{type(e).__name__}: {e}"))
+        results.put((None, f"{type(e).__name__}: {' '.join(str(e).split())}"))  # one line
 
 
 def actor_weights(actor: TanhGaussianActor) -> Dict[str, torch.Tensor]:
@@ -1250,7 +1251,7 @@ class Evaluator:
             self.worker.start()
         else:
             self.envs = gym.vector.SyncVectorEnv([make_env] * n_episodes)
-            self.actor = TanhGaussianActor(*shape)
+            self.actor = copy.deepcopy(actor).cpu()  # a copy, not a new actor: no draw from the random stream
 
     def submit(self, step: int, weights: Dict[str, torch.Tensor]) -> None:
         """Evaluates the actor weights (see actor_weights) of update `step`."""
