@@ -26,7 +26,8 @@ def one_thread():
 
 def make(**overrides) -> cql.CQL:
     torch.manual_seed(0)
-    values = dict(cql_n_actions=4, q_n_hidden_layers=2, batch_size=16, bc_steps=2, target_update_period=2, cql_alpha=5.0)
+    values = dict(cql_n_actions=4, q_n_hidden_layers=2, batch_size=16, bc_steps=2, target_update_period=2,
+                  cql_alpha=5.0)
     config = cql.TrainConfig(**{**values, **overrides})
     return cql.CQL(config, 5, 3, 1.0, CPU)
 
@@ -34,8 +35,9 @@ def make(**overrides) -> cql.CQL:
 def small_ring(n_data: int = 40, capacity: int = 42) -> cql.ReplayBuffer:
     rng = np.random.default_rng(0)
     buffer = cql.ReplayBuffer(capacity, 5, 3, CPU)
-    buffer.load_dataset({"observations": rng.standard_normal((n_data, 5)), "actions": rng.uniform(-0.99, 0.99, (n_data, 3)),
-                         "rewards": rng.standard_normal(n_data), "next_observations": rng.standard_normal((n_data, 5)),
+    buffer.load_dataset({"observations": rng.standard_normal((n_data, 5)),
+                         "actions": rng.uniform(-0.99, 0.99, (n_data, 3)), "rewards": rng.standard_normal(n_data),
+                         "next_observations": rng.standard_normal((n_data, 5)),
                          "terminals": (rng.random(n_data) < 0.1).astype(np.float32)})
     return buffer
 
@@ -199,7 +201,8 @@ def test_background_evaluation_returns_what_foreground_evaluation_returns():
         evaluator.close()
         actor.load_state_dict(snapshot)
     assert [r[0] for r in results[True]] == [r[0] for r in results[False]] == [10, 20]
-    for (_, returns, successes, reported), (_, bg_returns, bg_successes, bg_reported) in zip(results[False], results[True]):
+    for (_, returns, successes, reported), (_, bg_returns, bg_successes, bg_reported) in zip(results[False],
+                                                                                              results[True]):
         np.testing.assert_array_equal(bg_returns, returns)
         np.testing.assert_array_equal(bg_successes, successes)
         assert reported and bg_reported

@@ -298,7 +298,8 @@ def parse_config(argv: List[str], config_class: type = TrainConfig) -> Any:
 # D4RL's dataset files and reference returns (d4rl/infos.py): name -> (url, ref min, ref max).
 _D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
 _ANTMAZE = {  # name -> D4RL file stem (multistart, multigoal)
-    "umaze": "u-maze_noisy_multistart_False_multigoal_False", "umaze-diverse": "u-maze_noisy_multistart_True_multigoal_True",
+    "umaze": "u-maze_noisy_multistart_False_multigoal_False",
+    "umaze-diverse": "u-maze_noisy_multistart_True_multigoal_True",
     "medium-play": "big-maze_noisy_multistart_True_multigoal_False",
     "medium-diverse": "big-maze_noisy_multistart_True_multigoal_True",
     "large-play": "hardest-maze_noisy_multistart_True_multigoal_False",
@@ -476,7 +477,8 @@ def _load_minari(config: TrainConfig) -> OfflineData:
     except Exception as e:  # minari raises several types for a missing dataset
         hint = "" if config.minari_download else " (set --minari_download=true to fetch it, needs internet)"
         raise DatasetError(f"Minari dataset {config.env}: cannot load ({str(e).splitlines()[0]}){hint}") from None
-    columns: Dict[str, List[np.ndarray]] = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
+    keys = ("observations", "actions", "rewards", "next_observations", "terminals")
+    columns: Dict[str, List[np.ndarray]] = {k: [] for k in keys}
     for episode in dataset.iterate_episodes():
         obs = flatten_observation(episode.observations).astype(np.float32)
         columns["observations"].append(obs[:-1])
@@ -696,9 +698,9 @@ class ReplayBuffer:
         self.pointer = n % self.capacity
 
     def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, terminal: float) -> None:
-        values = (obs, action, reward, next_obs, terminal)
+        values = (obs, action, reward, next_obs, terminal)  # one copy to the device, then split there
         row = torch.as_tensor(np.concatenate([np.ravel(v) for v in values]).astype(np.float32), device=self.device)
-        parts = row.split([math.prod(self.shapes[key]) for key in BUFFER_FIELDS])  # one copy to the device
+        parts = row.split([math.prod(self.shapes[key]) for key in BUFFER_FIELDS])
         i = self.pointer
         for key, part in zip(BUFFER_FIELDS, parts):
             self.storage[key][i] = part.view(self.shapes[key])
@@ -708,7 +710,8 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int) -> Tuple[torch.Tensor, ...]:
         # Uniform over [0, 2^62), modulo the filled size read on the device: the first (2^62 mod
-        # size) rows are drawn more often by a relative 1 / floor(2^62 / size), under 1e-12 here.
+        # size) rows are drawn more often by a relative 1 / floor(2^62 / size), under 1e-12 for a
+        # ring of up to 4 million rows.
         index = torch.randint(0, 2**62, (batch_size,), device=self.device) % self.size_tensor
         return tuple(self.storage[key][index] for key in BUFFER_FIELDS)
 
@@ -968,7 +971,8 @@ class CQL:
 
         # TD target
         with torch.no_grad():
-            mean_s, log_std_s, mean_next, log_std_next = (t.detach() for t in (mean_s, log_std_s, mean_next, log_std_next))
+            mean_s, log_std_s, mean_next, log_std_next = (t.detach() for t in (mean_s, log_std_s, mean_next,
+                                                                               log_std_next))
             next_actions, next_log_pi = self.actor.sample(mean_next, log_std_next, noise["next"])
             target_q = self.target_critic(next_obs[:, None] if c.cql_max_target_backup else next_obs,
                                           next_actions).min(0).values
@@ -1022,8 +1026,8 @@ class CQL:
 
         total = policy_loss + alpha_loss + critic_loss + alpha_prime_loss
         return total, self._metrics(policy_loss, alpha_loss, alpha, log_pi, qf_losses, q_data, target_q,
-                                    cql_std, q_rand.mean((1, 2)), q_current.mean((1, 2)), q_next.mean((1, 2)), cql_min_losses,
-                                    cql_diff, alpha_prime_loss, alpha_prime)
+                                    cql_std, q_rand.mean((1, 2)), q_current.mean((1, 2)), q_next.mean((1, 2)),
+                                    cql_min_losses, cql_diff, alpha_prime_loss, alpha_prime)
 
     @staticmethod
     def _metrics(policy_loss, alpha_loss, alpha, log_pi, qf_losses, q_data, target_q, cql_std, q_rand, q_current,
