@@ -1021,7 +1021,7 @@ class Evaluator:
             self.worker.start()
         else:
             self.envs = gym.vector.SyncVectorEnv([make_env] * n_episodes)
-            self.actor = TanhGaussianActor(*shape)
+            self.actor = copy.deepcopy(actor).cpu()  # a copy: building a new one would draw random numbers
 
     def submit(self, step: int, weights: Dict[str, torch.Tensor]) -> None:
         if self.worker is None:
