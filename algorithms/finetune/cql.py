@@ -28,11 +28,20 @@ train/is_success, train/regret (1 - the success rate of all training episodes so
 eval/success_rate and eval/regret (1 - the mean success rate of the online evaluations so far;
 CORL logs the training regret under that name).
 
-Checkpoints: checkpoint_<step>.pt holds networks, optimizer, alphas, counters and the weights of
-evaluations still running in the background; replay_<step>.pt beside it holds the online rows of
-the replay ring, and only the newest is kept (disk). A run continues from its newest checkpoint
-with --load_model; it starts a fresh training episode (seeded seed + online iterations done),
-runs the unfinished evaluations again and does not restore the random streams.
+Checkpoints (every checkpoint_freq iterations, by default at each evaluation, and at the end;
+keep_checkpoints > 0 keeps only the newest that many): checkpoint_<step>.pt holds networks,
+optimizer, alphas, counters, the weights of evaluations still running in the background and the
+run state; replay_<step>.pt beside it holds the online rows of the replay ring (and its pointer),
+and only the newest is kept (disk). --resume <run dir> continues a stopped (even SIGKILLed) run
+exactly from its newest checkpoint: on CPU with the same threads, its final weights and its
+metrics rows equal those of an uninterrupted run. The run state brings back the random streams
+(python, numpy, torch, CUDA), the training env mid-episode (see env_state), the episode's
+return/length/success, the unfinished metric window and the count of metrics.jsonl rows (later
+rows are cut and come again); wandb goes on in the same run id. --load_model instead starts a
+new run from a checkpoint's networks and buffer: a fresh training episode (seeded seed + online
+iterations done), the unfinished evaluations run again, the random streams are not restored.
+Non-finite metrics or weights stop the run (exit code 3) with one line naming the quantity, the
+iterations and the last good checkpoint; no checkpoint is written from non-finite weights.
 
 Speed, as in the offline script: one actor pass per update, the critics' weight gradients as one
 matmul per critic, and, each behind a flag, torch.compile of the losses (--compile), the whole
@@ -49,6 +58,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import tempfile
@@ -129,6 +139,9 @@ class TrainConfig:
     ref_max_score: Optional[float] = None  # return that scores 100; default: D4RL's / the dataset's
     minari_download: bool = False  # let Minari download a dataset that is not stored locally
     background_eval: Optional[bool] = None  # evaluate in a worker process while training goes on; None: on for cuda
+    checkpoint_freq: Optional[int] = None  # checkpoint every this many iterations; None: at each evaluation
+    keep_checkpoints: int = 0  # keep only the newest this many checkpoint files; 0 keeps all
+    resume: Optional[str] = None  # run directory of a stopped run: continue exactly from its newest checkpoint
     log_freq: int = 1_000  # average and log training metrics every this many iterations
     log_dir: str = "runs"  # where run directories go when checkpoints_path is None
     wandb_mode: Optional[str] = None  # online, offline or disabled; None: online if an API key is set, else offline
@@ -227,6 +240,10 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"field 'wandb_mode' must be online, offline or disabled, got {config.wandb_mode!r}")
     if config.max_episode_steps is not None and config.max_episode_steps <= 0:
         raise ConfigError(f"field 'max_episode_steps' must be > 0, got {config.max_episode_steps!r}")
+    if config.checkpoint_freq is not None and config.checkpoint_freq <= 0:
+        raise ConfigError(f"field 'checkpoint_freq' must be > 0, got {config.checkpoint_freq!r}")
+    if config.keep_checkpoints < 0:
+        raise ConfigError(f"field 'keep_checkpoints' must be >= 0, got {config.keep_checkpoints!r}")
     if config.device != "auto":
         try:
             torch.device(config.device)
@@ -269,6 +286,10 @@ def parse_config(argv: List[str], config_class: type = TrainConfig) -> Any:
             overrides[key] = value
         i += 1
     values: Dict[str, Any] = {}
+    if config_path is None and "resume" in overrides:  # a resumed run keeps its own config
+        config_path = str(Path(overrides["resume"]) / "config.yaml")
+        if not Path(config_path).is_file():
+            raise ConfigError(f"field 'resume': {overrides['resume']} is not a run directory (no config.yaml)")
     if config_path is not None:
         try:
             with open(config_path) as f:
@@ -726,14 +747,14 @@ class ReplayBuffer:
         return {"capacity": self.capacity, "n_data": self.n_data, "n_added": self.n_added, "pointer": self.pointer,
                 "size": self.size, "rows": rows, **{k: self.storage[k][index].cpu() for k in BUFFER_FIELDS}}
 
-    def load_online_state(self, state: Dict[str, Any], where: str) -> None:
+    def load_online_state(self, state: Dict[str, Any], where: str, field: str = "load_model") -> None:
         """Puts a checkpoint's online rows back; the ring must be the same, unless it never wrapped."""
         if state["n_data"] != self.n_data:
-            raise ConfigError(f"field 'load_model': {where} was made with a dataset of {state['n_data']} "
+            raise ConfigError(f"field '{field}': {where} was made with a dataset of {state['n_data']} "
                               f"transitions, this one has {self.n_data}")
         end = state["n_data"] + state["n_added"]
         if state["capacity"] != self.capacity and not end <= min(state["capacity"], self.capacity):
-            raise ConfigError(f"field 'load_model': {where} holds a full replay ring of {state['capacity']} "
+            raise ConfigError(f"field '{field}': {where} holds a full replay ring of {state['capacity']} "
                               f"rows, this run's has {self.capacity} (keep buffer_size and online_iterations)")
         index = torch.as_tensor(state["rows"], device=self.device)
         for key in BUFFER_FIELDS:
@@ -1070,6 +1091,11 @@ class CQL:
                                      self.config.soft_target_update_rate)
         return metrics
 
+    def parameters_finite(self) -> bool:
+        """Whether every weight is finite (one host sync)."""
+        params = [*self.actor.parameters(), *self.critic.parameters(), self.log_alpha, self.log_alpha_prime]
+        return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+
     def state_dict(self) -> Dict[str, Any]:
         return {
             "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
@@ -1322,8 +1348,9 @@ def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
 class RunLogger:
     """Every logged row goes to <run_dir>/metrics.jsonl and, unless disabled, to wandb."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, run_name: str):
+    def __init__(self, config: TrainConfig, run_dir: Path, run_name: str, resume: bool = False):
         self.path = run_dir / "metrics.jsonl"
+        self.rows = sum(1 for _ in open(self.path)) if self.path.exists() else 0  # a checkpoint records the count
         self.file = open(self.path, "a")
         mode = config.wandb_mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         self.wandb = None
@@ -1331,7 +1358,8 @@ class RunLogger:
             import wandb  # imported only when used
 
             self.wandb = wandb.init(project=config.project, group=config.group, name=run_name, mode=mode,
-                                    config=asdict(config), dir=str(run_dir), id=run_name.rsplit("-", 1)[-1])
+                                    config=asdict(config), dir=str(run_dir), id=run_name.rsplit("-", 1)[-1],
+                                    resume="allow" if resume else None)  # a resumed run goes on in the same run
             # x-axis "update" instead of wandb's own step: evaluations may arrive after later rows
             self.wandb.define_metric("update")
             self.wandb.define_metric("*", step_metric="update")
@@ -1339,6 +1367,7 @@ class RunLogger:
     def log(self, row: Dict[str, float], step: int) -> None:
         self.file.write(json.dumps({"step": step, **row}) + "\n")
         self.file.flush()
+        self.rows += 1
         if self.wandb is not None:
             self.wandb.log({"update": step, **row})
 
@@ -1350,45 +1379,143 @@ class RunLogger:
 
 def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer, state_mean: np.ndarray,
                     state_std: np.ndarray, progress: Dict[str, Any],
-                    pending_evaluations: Optional[Dict[int, Dict[str, torch.Tensor]]] = None) -> Path:
+                    pending_evaluations: Optional[Dict[int, Dict[str, torch.Tensor]]] = None,
+                    run_state: Optional[Dict[str, Any]] = None, keep: int = 0) -> Path:
     """checkpoint_<step>.pt (networks, optimizer, alphas, counters, the actor weights of unfinished
-    evaluations by step) and replay_<step>.pt beside it.
+    evaluations by step and, for --resume, run_state) and replay_<step>.pt beside it.
 
     The replay file holds the buffer's online rows (up to buffer_size transitions), so only the
     newest one is kept: older checkpoints still load for their networks, but a run continues
     with its replay buffer only from its newest checkpoint. Both files are written atomically,
-    the replay file first, and the older replay file is removed only after both are in place.
+    the replay file first; older replay files (and, with keep > 0, all but the newest `keep`
+    checkpoints) are removed only after both are in place. A kill at any moment thus leaves the
+    newest checkpoint with its own replay file (at most an orphan, newer replay file beside it).
     """
     replay = run_dir / f"replay_{step}.pt"
     write_atomic(replay, lambda f: torch.save(buffer.online_state(), f))
     path = run_dir / f"checkpoint_{step}.pt"
     state = {**trainer.state_dict(), "state_mean": state_mean, "state_std": state_std,
              "config": asdict(trainer.config), "progress": dict(progress, online_transitions=buffer.n_added),
-             "replay_file": replay.name, "pending_evaluations": dict(pending_evaluations or {})}
+             "replay_file": replay.name, "pending_evaluations": dict(pending_evaluations or {}), "run": run_state}
     write_atomic(path, lambda f: torch.save(state, f))
     for old in run_dir.glob("replay_*.pt"):
         if old != replay:
             old.unlink()
+    for old in checkpoint_files(run_dir)[:-keep] if keep else []:
+        old.unlink()
     return path
 
 
-def load_checkpoint(path: str, trainer: CQL, buffer: Optional[ReplayBuffer] = None) -> Dict[str, Any]:
+def checkpoint_files(run_dir: Path) -> List[Path]:
+    """The run's checkpoint files, oldest first."""
+    return sorted(run_dir.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+
+
+def load_checkpoint(path: str, trainer: CQL, buffer: Optional[ReplayBuffer] = None,
+                    field: str = "load_model") -> Dict[str, Any]:
     """Restores trainer (and buffer's online rows) from a checkpoint, refusing one made for other shapes."""
     if not Path(path).is_file():
-        raise ConfigError(f"field 'load_model': checkpoint file {path} not found")
+        raise ConfigError(f"field '{field}': checkpoint file {path} not found")
     try:
         state = torch.load(path, map_location=trainer.device, weights_only=False)
         trainer.load_state_dict(state)
         progress = state["progress"]
-    except (RuntimeError, KeyError, EOFError, ValueError) as e:
-        raise ConfigError(f"field 'load_model': {path} does not fit this config ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as e:
+        raise ConfigError(f"field '{field}': {path} does not fit this config ({str(e).splitlines()[0]})") from None
     if buffer is not None and progress["online_transitions"] > 0:
         replay = Path(path).parent / state["replay_file"]
         if not replay.is_file():
-            raise ConfigError(f"field 'load_model': {path} needs its replay file {replay}, which is gone "
+            raise ConfigError(f"field '{field}': {path} needs its replay file {replay}, which is gone "
                               f"(a run keeps only its newest checkpoint's replay buffer)")
-        buffer.load_online_state(torch.load(replay, map_location="cpu", weights_only=False), str(replay))
+        try:
+            online = torch.load(replay, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            raise ConfigError(f"field '{field}': replay file {replay} is unreadable ({str(e).splitlines()[0]})"
+                              ) from None
+        if online["n_added"] != progress["online_transitions"]:
+            raise ConfigError(f"field '{field}': replay file {replay} holds {online['n_added']} online transitions, "
+                              f"{path} counts {progress['online_transitions']}")
+        buffer.load_online_state(online, str(replay), field)
     return state
+
+
+def rng_states() -> Dict[str, Any]:
+    """The global random streams: python, numpy, torch (and every CUDA device's)."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+_SIMULATOR_SKIP = ("spec", "_np_random", "action_space", "observation_space")  # restored apart, or fixed
+
+
+def env_state(env: gym.Env) -> Optional[Dict[str, Any]]:
+    """Everything that decides the training env's next steps, mid-episode; None if it cannot be taken.
+
+    Pickling a Gymnasium MuJoCo env does not keep its state (EzPickle rebuilds it from the
+    constructor's arguments), so the parts are taken one by one: each wrapper's plain scalars
+    (TimeLimit's elapsed steps, OrderEnforcing's has-reset flag), the env's own np_random and the
+    action space's generator, and the simulator: for MuJoCo the full integration state
+    (mj_getState with mjSTATE_INTEGRATION: time, qpos, qvel, act, warm-start accelerations, controls,
+    applied forces, ...), which replays bit for bit; for other envs (Pendulum, classic control,
+    toy envs) a pickle of the env's own attributes. An env whose attributes do not pickle gives None.
+    """
+    base = env.unwrapped
+    wrappers = []
+    layer = env
+    while isinstance(layer, gym.Wrapper):
+        wrappers.append({k: v for k, v in vars(layer).items() if type(v) in (bool, int, float)})
+        layer = layer.env
+    space = env.action_space
+    state: Dict[str, Any] = {"wrappers": wrappers, "np_random": copy.deepcopy(getattr(base, "_np_random", None)),
+                             "action_space": copy.deepcopy(getattr(space, "_np_random", None))}
+    mujoco = sys.modules.get("mujoco")
+    if mujoco is not None and isinstance(getattr(base, "data", None), mujoco.MjData):
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        physics = np.empty(mujoco.mj_stateSize(base.model, spec))
+        mujoco.mj_getState(base.model, base.data, physics, spec)
+        state["mujoco"] = physics
+    else:
+        try:
+            state["attributes"] = pickle.dumps({k: v for k, v in vars(base).items() if k not in _SIMULATOR_SKIP})
+        except Exception:  # any object may refuse to pickle, in any way
+            return None
+    return state
+
+
+def set_env_state(env: gym.Env, state: Dict[str, Any]) -> None:
+    """Puts an env made as the saved one was made into the state env_state took."""
+    base = env.unwrapped
+    layer = env
+    for attributes in state["wrappers"]:
+        if not isinstance(layer, gym.Wrapper):
+            raise ConfigError("field 'resume': the training env's wrappers differ from the checkpoint's")
+        for key, value in attributes.items():
+            setattr(layer, key, value)
+        layer = layer.env
+    if "mujoco" in state:
+        import mujoco
+
+        mujoco.mj_setState(base.model, base.data, state["mujoco"], mujoco.mjtState.mjSTATE_INTEGRATION)
+    else:
+        vars(base).update(pickle.loads(state["attributes"]))
+    base._np_random = state["np_random"]
+    env.action_space._np_random = state["action_space"]
+
+
+def keep_lines(path: Path, n: int) -> None:
+    """Keeps the first n lines of a text file (atomically); a torn last line goes too."""
+    lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
+    write_atomic(path, lambda f: f.writelines(lines), mode="w")
 
 
 def set_seed(seed: int) -> None:
@@ -1473,19 +1600,38 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     progress: Dict[str, Any] = {"iteration": 0, "train_episodes": 0, "train_successes": 0,
                                 "eval_success_rates": [], "scores": []}
     unfinished: Dict[int, Dict[str, torch.Tensor]] = {}  # evaluations the checkpoint's run had not finished
-    if config.load_model:
-        state = load_checkpoint(config.load_model, trainer, buffer)
+    state: Optional[Dict[str, Any]] = None
+    resumed: Optional[Dict[str, Any]] = None  # the run state of the checkpoint that --resume continues from
+    if config.resume:
+        run_dir = Path(config.resume)
+        for stale in run_dir.glob(".*.tmp"):  # temporary files of writes that a kill interrupted
+            stale.unlink()
+        files = checkpoint_files(run_dir)
+        if not files:
+            raise ConfigError(f"field 'resume': {run_dir} has no checkpoint to continue from")
+        state = load_checkpoint(str(files[-1]), trainer, buffer, field="resume")
+        resumed = state.get("run")
+        if resumed is None:
+            raise ConfigError(f"field 'resume': {files[-1]} holds no run state (made before --resume existed)")
+        for orphan in run_dir.glob("replay_*.pt"):  # written by a kill between the replay and checkpoint writes
+            if orphan.name != state["replay_file"]:
+                orphan.unlink()
+        keep_lines(run_dir / "metrics.jsonl", resumed["metrics_rows"])  # rows after the checkpoint come again
+    else:
+        if config.load_model:
+            state = load_checkpoint(config.load_model, trainer, buffer)
+        run_name = f"{config.name}-{Path(config.env).stem.replace('/', '-')}-{config.seed}-{uuid.uuid4().hex[:8]}"
+        run_dir = Path(config.checkpoints_path or config.log_dir) / run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if state is not None:
         state_mean, state_std = state["state_mean"], state["state_std"]
         progress.update({k: v for k, v in state["progress"].items() if k in progress})
         unfinished = state.get("pending_evaluations", {})
-
-    run_name = f"{config.name}-{Path(config.env).stem.replace('/', '-')}-{config.seed}-{uuid.uuid4().hex[:8]}"
-    run_dir = Path(config.checkpoints_path or config.log_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(asdict(config), f, sort_keys=False), mode="w")
-    logger = RunLogger(config, run_dir, run_name)
+    logger = RunLogger(config, run_dir, run_dir.name, resume=resumed is not None)
     print(f"CQL on {source}: {buffer.size} transitions in a ring of {capacity}, state {state_dim}, "
-          f"action {action_dim}, device {device}, run dir {run_dir}")
+          f"action {action_dim}, device {device}, run dir {run_dir}"
+          + (f", resumed at iteration {progress['iteration']}" if resumed else ""))
 
     use_compile = device.type == "cuda" if config.compile is None else config.compile
     update = UpdateStep(trainer, buffer, config.batch_size, use_compile, config.cudagraphs)
@@ -1493,8 +1639,6 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     evaluator = Evaluator(probe_env, make_eval_env, config.n_episodes, config.eval_seed, state_mean, state_std,
                           trainer.actor, background, sparse_reward)
     probe_env.close()
-    for eval_step, weights in sorted(unfinished.items()):
-        evaluator.submit(eval_step, weights)
 
     def normalize_state(obs: np.ndarray) -> np.ndarray:
         return ((obs - state_mean) / state_std).astype(np.float32)
@@ -1513,9 +1657,25 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     episode_return, episode_length, episode_success = 0.0, 0, False
     last_score: Optional[float] = None
     eval_returns: List[float] = []
+    if resumed is not None:  # the stopped run's state at its checkpoint: the loop goes on as it would have
+        update.metric_sum.copy_(resumed["metric_sum"])
+        window, goal_task = resumed["window"], resumed["goal_task"]
+        last_score, eval_returns = resumed["last_score"], resumed["eval_returns"]
+        obs, episode_return, episode_length, episode_success = resumed["episode"]
+        if resumed["env"] is not None:
+            set_env_state(env, resumed["env"])
+        elif obs is not None:  # the env's state could not be saved: a fresh episode, as after load_model
+            print(f"the training env's state was not saved (it does not pickle): the episode of "
+                  f"{episode_length} steps in progress at iteration {start_it} is dropped, a new one starts")
+            obs, episode_return, episode_length, episode_success = None, 0.0, 0, False
+    for eval_step, weights in sorted(unfinished.items()):
+        evaluator.submit(eval_step, weights)
+    if resumed is not None:
+        set_rng_states(resumed["rng"])  # last: from here on the run draws what the stopped one would have
+    checkpoint_freq = config.checkpoint_freq or config.eval_freq
     start = time.time()
     load_seconds, eval_seconds = start - begin, 0.0
-    bar = tqdm(range(start_it, total), desc="CQL", unit="it", dynamic_ncols=True,
+    bar = tqdm(range(start_it, total), desc="CQL", unit="it", dynamic_ncols=True, initial=start_it, total=total,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay short when not a terminal
 
     def log_evaluations(finished: List[Tuple[int, np.ndarray, np.ndarray, bool]]) -> None:
@@ -1535,6 +1695,10 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                     row["eval/regret"] = float(np.mean([1.0 - r for r in progress["eval_success_rates"]]))
             logger.log({**row, **phase_counter(eval_step)}, eval_step)
             bar.set_postfix(score=f"{last_score:.1f}" if last_score is not None else f"{returns.mean():.1f}")
+
+    def last_good_checkpoint() -> str:
+        files = checkpoint_files(run_dir)
+        return f"; last good checkpoint: {files[-1]}" if files else "; no checkpoint written"
 
     for it in bar:  # `it` iterations are done before this one
         online = it >= config.offline_iterations
@@ -1588,7 +1752,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             means = update.take_means(window)
             for name, value in means.items():
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"non-finite {name} ({value}) in iterations {step - window + 1}..{step}")
+                    raise FloatingPointError(f"non-finite {name} ({value}) in iterations {step - window + 1}..{step}"
+                                             + last_good_checkpoint())
             row.update(means)
             row["cql_alpha"] = float(trainer.cql_alpha)
             window = 0
@@ -1599,11 +1764,20 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             evaluator.submit(step, actor_weights(trainer.actor))
             eval_seconds += time.time() - eval_start
             log_evaluations(evaluator.collect())
-            progress["iteration"] = step
-            if config.checkpoints_path:
-                save_checkpoint(run_dir, step, trainer, buffer, state_mean, state_std, progress, evaluator.pending)
         elif step % config.log_freq == 0:
             log_evaluations(evaluator.collect())
+        if config.checkpoints_path and (step % checkpoint_freq == 0 or step == total):
+            if not trainer.parameters_finite():  # never replace good weights with broken ones
+                raise FloatingPointError(f"non-finite network weights after iteration {step}" + last_good_checkpoint())
+            progress["iteration"] = step
+            run_state = {"rng": rng_states(), "metric_sum": update.metric_sum.clone(), "window": window,
+                         "metrics_rows": logger.rows, "goal_task": goal_task, "last_score": last_score,
+                         "eval_returns": list(eval_returns),
+                         "episode": (None if obs is None else obs.copy(), episode_return, episode_length,
+                                     episode_success),
+                         "env": None if obs is None else env_state(env)}
+            save_checkpoint(run_dir, step, trainer, buffer, state_mean, state_std, progress, evaluator.pending,
+                            run_state, config.keep_checkpoints)
     eval_start = time.time()
     log_evaluations(evaluator.collect(wait=True))
     eval_seconds += time.time() - eval_start
