@@ -1719,6 +1719,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 with torch.no_grad():
                     state = torch.as_tensor(normalize_state(obs)[None], device=device)
                     action = trainer.actor(state, torch.randn(1, action_dim, device=device))[0][0].cpu().numpy()
+                if not np.isfinite(action).all():  # broken weights: stop before the env or the buffer sees it
+                    raise FloatingPointError(f"non-finite action ({action}) from the actor in iteration {it + 1}"
+                                             + last_good_checkpoint())
             next_obs_raw, reward, terminated, truncated, info = env.step(action)
             next_obs = flatten_observation(next_obs_raw)
             success = step_success(float(reward), info, sparse_reward)

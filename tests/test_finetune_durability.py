@@ -1,0 +1,287 @@
+"""algorithms/finetune/cql.py runs survive kills and lose nothing: exact resume across the offline ->
+online switch (the training env mid-episode included), checkpoints kept consistent with their
+replay files, non-finite values stop the run, bad input exits 2 with one line."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import algorithms.finetune.cql as cql
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "algorithms/finetune/cql.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs single-threaded too: the same arithmetic as the subprocesses, and no contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_args(hopper_hdf5: Path, checkpoints: Path, offline: int = 60, online: int = 140) -> list:
+    return [f"--env={hopper_hdf5}", f"--offline_iterations={offline}", f"--online_iterations={online}",
+            "--eval_freq=50", "--log_freq=10", "--checkpoint_freq=20", "--batch_size=32", "--cql_n_actions=2",
+            "--n_episodes=2", "--max_episode_steps=25", "--cql_alpha_online=3", "--wandb_mode=disabled",
+            "--device=cpu", f"--checkpoints_path={checkpoints}"]
+
+
+def rows(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(want_dir: Path, got_dir: Path, step: int) -> None:
+    """Final weights, Adam state, alphas, counters, replay rows and every metrics row are identical."""
+    want = torch.load(want_dir / f"checkpoint_{step}.pt", weights_only=False)
+    got = torch.load(got_dir / f"checkpoint_{step}.pt", weights_only=False)
+    for part in ("actor", "critic", "target_critic"):
+        for name in want[part]:
+            assert torch.equal(want[part][name], got[part][name]), (part, name)
+    for name in ("log_alpha", "log_alpha_prime"):
+        assert torch.equal(want[name], got[name]), name
+    for index, state in want["optimizer"]["state"].items():
+        for key in state:
+            assert torch.equal(state[key], got["optimizer"]["state"][index][key]), (index, key)
+    assert (want["total_it"], want["cql_alpha"], want["progress"]) == (got["total_it"], got["cql_alpha"],
+                                                                       got["progress"])
+    want_replay = torch.load(want_dir / f"replay_{step}.pt", weights_only=False)
+    got_replay = torch.load(got_dir / f"replay_{step}.pt", weights_only=False)
+    for key in cql.BUFFER_FIELDS:
+        assert torch.equal(want_replay[key], got_replay[key]), key
+    assert rows(got_dir) == rows(want_dir)  # every row once, the same values, in the same order
+
+
+def run_until(args: list, run_root: Path, checkpoint: str) -> Path:
+    """Starts the script, SIGKILLs it once `checkpoint` exists (somewhere in the next interval)."""
+    process = subprocess.Popen([sys.executable, SCRIPT, *args], env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(run_root.glob(f"*/{checkpoint}")) and time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (run_dir,) = run_root.iterdir()
+    return run_dir
+
+
+def test_sigkilled_run_resumes_twice_across_the_switch_to_the_same_weights_and_metrics(hopper_hdf5, tmp_path):
+    subprocess.run([sys.executable, SCRIPT, *run_args(hopper_hdf5, tmp_path / "a")], env=ENV, check=True,
+                   capture_output=True, timeout=600)
+    (reference,) = (tmp_path / "a").iterdir()
+
+    # Killed offline (the switch at iteration 60 lies ahead), resumed, killed again online, resumed.
+    killed = run_until(run_args(hopper_hdf5, tmp_path / "b"), tmp_path / "b", "checkpoint_20.pt")
+    assert not (killed / "checkpoint_60.pt").exists(), "killed too late to cross the switch after resuming"
+    resume = subprocess.Popen([sys.executable, SCRIPT, f"--resume={killed}"], env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint_100.pt").exists() and time.time() < deadline:
+        assert resume.poll() is None, "the resumed run ended before it could be killed"
+        time.sleep(0.02)
+    time.sleep(0.1)
+    resume.send_signal(signal.SIGKILL)
+    resume.wait()
+    assert not (killed / "checkpoint_200.pt").exists(), "killed too late to test anything"
+    newest = cql.checkpoint_files(killed)[-1]
+    run_state = torch.load(newest, weights_only=False)["run"]
+    assert run_state["env"] is not None and run_state["episode"][2] > 0, "resume should start mid-episode"
+
+    result = subprocess.run([sys.executable, SCRIPT, f"--resume={killed}"], env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resumed at iteration {newest.stem.split('_')[1]}" in result.stdout
+    assert_same_run(reference, killed, 200)
+    assert not list(killed.glob(".*.tmp")) and [p.name for p in killed.glob("replay_*.pt")] == ["replay_200.pt"]
+
+
+def test_training_env_state_round_trips_mid_episode():
+    """Hopper (MuJoCo integration state) and Pendulum (pickled attributes) go on bit for bit."""
+    for env_id in ("Hopper-v4", "Pendulum-v1"):
+        env = gym.make(env_id, max_episode_steps=30)
+        env.reset(seed=3)
+        env.action_space.seed(3)
+        for _ in range(7):
+            env.step(env.action_space.sample())
+        state = cql.env_state(env)
+        clone = gym.make(env_id, max_episode_steps=30)
+        cql.set_env_state(clone, state)
+        for _ in range(60):  # through time-limit ends and resets drawn from the env's own generator
+            results = [e.step(e.action_space.sample()) for e in (env, clone)]
+            for a, b in zip(*results[:2]):
+                if not isinstance(a, dict):
+                    assert np.array_equal(a, b), env_id
+            if results[0][2] or results[0][3]:
+                assert np.array_equal(env.reset()[0], clone.reset()[0]), env_id
+
+
+def test_kill_between_replay_and_checkpoint_write_resumes_from_the_previous_pair(hopper_hdf5, tmp_path,
+                                                                                monkeypatch):
+    args = run_args(hopper_hdf5, tmp_path / "a", offline=20, online=60)
+    reference = Path(cql.train(cql.parse_config(args))["run_dir"])
+
+    class Killed(BaseException):
+        pass
+
+    write_atomic = cql.write_atomic
+
+    def dies_before_checkpoint_60(path, write, mode="wb"):
+        if path.name == "checkpoint_60.pt":  # replay_60.pt is already complete on disk
+            (path.parent / ".checkpoint_60.pt.abc.tmp").write_bytes(b"half a checkp")
+            raise Killed()
+        write_atomic(path, write, mode)
+
+    monkeypatch.setattr(cql, "write_atomic", dies_before_checkpoint_60)
+    with pytest.raises(Killed):
+        cql.train(cql.parse_config(args[:-1] + [f"--checkpoints_path={tmp_path / 'b'}"]))
+    monkeypatch.setattr(cql, "write_atomic", write_atomic)
+    (killed,) = (tmp_path / "b").iterdir()
+    assert sorted(p.name for p in killed.glob("replay_*.pt")) == ["replay_40.pt", "replay_60.pt"]
+    assert cql.checkpoint_files(killed)[-1].name == "checkpoint_40.pt"
+
+    cql.train(cql.parse_config([f"--resume={killed}"]))
+    assert_same_run(reference, killed, 80)
+    assert not list(killed.glob(".*.tmp"))
+
+
+def test_keep_checkpoints_keeps_the_newest_and_one_replay_file(hopper_hdf5, tmp_path):
+    config = cql.parse_config(run_args(hopper_hdf5, tmp_path, offline=20, online=30) + ["--checkpoint_freq=10",
+                                                                                         "--keep_checkpoints=2"])
+    run_dir = Path(cql.train(config)["run_dir"])
+    assert [p.name for p in cql.checkpoint_files(run_dir)] == ["checkpoint_40.pt", "checkpoint_50.pt"]
+    assert [p.name for p in run_dir.glob("replay_*.pt")] == ["replay_50.pt"]
+
+
+@pytest.mark.parametrize("offline, log_freq, message", [
+    (40, 20, r"non-finite \w+ \(nan\) in iterations 21\.\.40; last good checkpoint: .*checkpoint_20\.pt"),
+    (40, 50, r"non-finite network weights after iteration 40; last good checkpoint: .*checkpoint_20\.pt"),
+    (20, 50, r"non-finite action \(\[nan nan nan\]\) from the actor in iteration 26; last good checkpoint: "
+             r".*checkpoint_20\.pt"),
+], ids=["metrics", "weights", "online action"])
+def test_non_finite_stops_with_exit_3_naming_the_last_good_checkpoint(offline, log_freq, message, hopper_hdf5,
+                                                                      tmp_path, monkeypatch, capsys):
+    original = cql.CQL.apply_update
+
+    def poisoned(self, *args):
+        if self.total_it == 25:  # a weight goes bad in update 25
+            with torch.no_grad():
+                self.critic.weights[1].fill_(float("nan"))
+        return original(self, *args)
+
+    monkeypatch.setattr(cql.CQL, "apply_update", poisoned)
+    with pytest.raises(SystemExit) as exit_info:
+        cql.main(run_args(hopper_hdf5, tmp_path, offline=offline, online=60 - offline) + [f"--log_freq={log_freq}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # not tqdm's
+    assert exit_info.value.code == 3 and len(err) == 1 and re.search(message, err[0]), err
+    (run_dir,) = tmp_path.iterdir()
+    assert [p.name for p in cql.checkpoint_files(run_dir)] == ["checkpoint_20.pt"]
+    assert [p.name for p in run_dir.glob("replay_*.pt")] == ["replay_20.pt"]
+
+
+# ------------------------------------------------------------------ bad input: exit 2, one line
+@pytest.fixture(scope="module")
+def finished_run(hopper_hdf5, tmp_path_factory) -> Path:
+    """A short finished run with checkpoints at 10 (offline) and 20 (online), to damage copies of."""
+    root = tmp_path_factory.mktemp("finished")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    config = cql.parse_config(run_args(hopper_hdf5, root, offline=10, online=10) + ["--checkpoint_freq=10"])
+    run_dir = Path(cql.train(config)["run_dir"])
+    torch.set_num_threads(threads)
+    return run_dir
+
+
+def _damaged(finished_run: Path, tmp_path: Path, kind: str) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    if kind == "no checkpoint":
+        for path in run_dir.glob("*.pt"):
+            path.unlink()
+    elif kind == "no replay":
+        (run_dir / "replay_20.pt").unlink()
+    elif kind == "no run state":
+        state = torch.load(run_dir / "checkpoint_20.pt", weights_only=False)
+        torch.save({**state, "run": None}, run_dir / "checkpoint_20.pt")
+    elif kind == "torn checkpoint":
+        path = run_dir / "checkpoint_20.pt"
+        path.write_bytes(path.read_bytes()[:1000])
+    elif kind == "torn replay":
+        path = run_dir / "replay_20.pt"
+        path.write_bytes(path.read_bytes()[:1000])
+    elif kind == "bad config":
+        (run_dir / "config.yaml").write_text("batch_size: many\n")
+    return run_dir
+
+
+BAD_INPUTS = [  # (what, argv after the dataset argument, expected message); {run}: a damaged copy of a run
+    ("unknown option", ["--bogus=1"], "unknown option '--bogus'"),
+    ("not a number", ["--cql_alpha_online=ten"], "field 'cql_alpha_online' expects a number, got 'ten'"),
+    ("not an integer", ["--online_iterations=1.5"], "field 'online_iterations' expects an integer"),
+    ("negative online_iterations", ["--online_iterations=-1"], "field 'online_iterations' must be >= 0"),
+    ("negative warmup_steps", ["--warmup_steps=-1"], "field 'warmup_steps' must be >= 0"),
+    ("checkpoint_freq 0", ["--checkpoint_freq=0"], "field 'checkpoint_freq' must be > 0"),
+    ("negative keep_checkpoints", ["--keep_checkpoints=-1"], "field 'keep_checkpoints' must be >= 0"),
+    ("max_episode_steps 0", ["--max_episode_steps=0"], "field 'max_episode_steps' must be > 0"),
+    ("dataset larger than buffer_size", ["--buffer_size=10"], "field 'buffer_size' \\(10\\) is smaller than"),
+    ("dimension mismatch with the env", ["--eval_env=HalfCheetah-v4"], "observations have 11 dims, the eval env"),
+    ("pure online without online iterations", ["--env=Pendulum-v1", "--offline_iterations=0",
+                                               "--online_iterations=0"], "pure online mode .* needs online_iter"),
+    ("gym id with offline iterations", ["--env=Pendulum-v1"], "set offline_iterations=0 to train online"),
+    ("unknown env, pure online", ["--env=NoSuchEnv-v0", "--offline_iterations=0"], "'NoSuchEnv-v0': not a known"),
+    ("discrete actions, pure online", ["--env=CartPole-v1", "--offline_iterations=0"],
+     "training env: needs a 1-D Box action space"),
+    ("eval env with another action bound", ["--env=Pendulum-v1", "--offline_iterations=0",
+                                            "--eval_env=MountainCarContinuous-v0"],
+     "eval env: action bound 1.0 differs from the training env's 2.0"),
+    ("checkpoint missing", ["--load_model=/nonexistent/ck.pt"], "field 'load_model': checkpoint file .* not found"),
+    ("checkpoint of another config", ["--load_model={run}/checkpoint_20.pt", "--q_n_hidden_layers=3"],
+     "field 'load_model': .*checkpoint_20.pt does not fit this config"),
+    ("checkpoint's replay file gone", ["--load_model={run}/checkpoint_20.pt", "#no replay"],
+     "field 'load_model': .* needs its replay file .*replay_20.pt, which is gone"),
+    ("resume: not a run directory", ["--resume=/nonexistent/run"], "field 'resume': /nonexistent/run is not a run"),
+    ("resume: no checkpoint", ["--resume={run}", "#no checkpoint"], "field 'resume': .* has no checkpoint"),
+    ("resume: replay file gone", ["--resume={run}", "#no replay"], "field 'resume': .* needs its replay file"),
+    ("resume: no run state", ["--resume={run}", "#no run state"], "field 'resume': .* holds no run state"),
+    ("resume: torn checkpoint", ["--resume={run}", "#torn checkpoint"], "field 'resume': .* does not fit"),
+    ("resume: torn replay file", ["--resume={run}", "#torn replay"], "field 'resume': replay file .* unreadable"),
+    ("resume: bad saved config", ["--resume={run}", "#bad config"], "config.yaml: field 'batch_size' expects an"),
+]
+
+
+@pytest.mark.parametrize("what, argv, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line(what, argv, message, hopper_hdf5, finished_run, tmp_path, capsys):
+    damage = [a[1:] for a in argv if a.startswith("#")]
+    argv = [a for a in argv if not a.startswith("#")]
+    if any("{run}" in a for a in argv):
+        run_dir = _damaged(finished_run, tmp_path, damage[0] if damage else "")
+        argv = [a.replace("{run}", str(run_dir)) for a in argv]
+    base = [] if any(a.startswith("--resume") for a in argv) else [
+        f"--env={hopper_hdf5}", "--wandb_mode=disabled", f"--log_dir={tmp_path}", "--offline_iterations=1",
+        "--online_iterations=1", "--n_episodes=1", "--max_episode_steps=5", "--batch_size=8"]
+    with pytest.raises(SystemExit) as exit_info:
+        cql.main([*base, *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(message, err[0]), err[0]
+
+
+def test_script_exits_2_with_one_line_on_a_bad_resume(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, f"--resume={tmp_path}"], env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: field 'resume': {tmp_path} is not a run directory (no config.yaml)"
