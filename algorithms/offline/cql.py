@@ -4,6 +4,7 @@ Kumar et al., 2020 (https://arxiv.org/abs/2006.04779), with the options and defa
 offline CQL, on Gymnasium + MuJoCo, h5py and Minari instead of gym, d4rl and mujoco-py.
 
     python algorithms/offline/cql.py --config_path configs/offline/cql/hopper/medium_v2.yaml --seed=3
+    python algorithms/offline/cql.py --config_path configs/offline/cql/hopper/medium_v2.yaml --seeds=0,1,2,3
 
 Layout: config -> data -> networks -> algorithm -> evaluation and logging -> train() -> main.
 """
@@ -19,7 +20,7 @@ import time
 import urllib.request
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union, get_args, get_origin
 
@@ -47,6 +48,7 @@ class TrainConfig:
     device: str = "auto"  # torch device; "auto": cuda when available, else cpu
     env: str = "halfcheetah-medium-expert-v2"  # D4RL name, Minari dataset id, or path to a D4RL-format HDF5 file
     seed: int = 0  # seeds python, numpy, torch and the evaluation episodes
+    seeds: Optional[str] = None  # runs in one process: a list "0,1,2,3" or a count "4" (seed..seed+3); None: one
     eval_freq: int = 5_000  # evaluate every this many updates
     n_episodes: int = 10  # evaluation episodes, run side by side
     max_timesteps: int = 1_000_000  # number of gradient updates
@@ -192,11 +194,30 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"field 'keep_checkpoints' must be >= 0, got {config.keep_checkpoints!r}")
     if config.max_episode_steps is not None and config.max_episode_steps <= 0:
         raise ConfigError(f"field 'max_episode_steps' must be > 0, got {config.max_episode_steps!r}")
+    run_seeds(config)  # a bad seeds value fails here, not after the data is loaded
     if config.device != "auto":
         try:
             torch.device(config.device)
         except RuntimeError:
             raise ConfigError(f"field 'device' must be auto, cpu, cuda or cuda:N, got {config.device!r}") from None
+
+
+def run_seeds(config: TrainConfig) -> Optional[List[int]]:
+    """The seeds of a multi-seed run ("0,1,2,3" -> [0, 1, 2, 3], "4" -> seed..seed+3); None: one run."""
+    if config.seeds is None:
+        return None
+    text = config.seeds.strip()
+    expected = f"field 'seeds' expects a count like 4 or a list like 0,1,2,3, got {config.seeds!r}"
+    try:
+        seeds = ([int(s) for s in text.split(",") if s.strip()] if "," in text
+                 else list(range(config.seed, config.seed + int(text))))
+    except ValueError:
+        raise ConfigError(expected) from None
+    if not seeds:
+        raise ConfigError(expected)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"field 'seeds' lists a seed twice: {config.seeds!r}")
+    return seeds
 
 
 def parse_config(argv: List[str], config_class: type = TrainConfig) -> Any:
@@ -250,6 +271,9 @@ def parse_config(argv: List[str], config_class: type = TrainConfig) -> Any:
         for key, value in loaded.items():
             if key not in types:
                 raise ConfigError(f"config file {config_path}: unknown key '{key}'")
+            if key == "seeds" and isinstance(value, (int, list)) and not isinstance(value, bool):
+                value = ",".join(map(str, value)) + ("," if len(value) == 1 else "") if isinstance(value, list) \
+                    else str(value)  # YAML `seeds: 4` or `seeds: [0, 1]`
             values[key] = _coerce(key, types[key], value, f"config file {config_path}")
     for key, value in overrides.items():
         values[key] = _coerce(key, types[key], value, "command line")
@@ -571,8 +595,9 @@ class ReplayBuffer:
         self.terminals = put(data.terminals)
         self.size = len(data.rewards)
 
-    def sample(self, batch_size: int) -> Tuple[torch.Tensor, ...]:
-        index = torch.randint(0, self.size, (batch_size,), device=self.rewards.device)
+    def sample(self, batch_size: int, runs: Tuple[int, ...] = ()) -> Tuple[torch.Tensor, ...]:
+        """A batch of rows; with runs = (n_seeds,), one batch of its own for each run: (n_seeds, batch, ...)."""
+        index = torch.randint(0, self.size, (*runs, batch_size), device=self.rewards.device)
         return (self.observations[index], self.actions[index], self.rewards[index],
                 self.next_observations[index], self.terminals[index])
 
@@ -643,7 +668,8 @@ class TanhGaussianActor(nn.Module):
 
 
 class EnsembleLinear(torch.autograd.Function):
-    """y[e] = x[e] @ weight[e] + bias[e] for every critic e, x shared when its first dim is 1.
+    """y[e] = x[e % len(x)] @ weight[e] + bias[e] for every member e: x shared by all members when
+    its first dim is 1, one x per member, or (seed stacks, members ordered critic-major) one x per seed.
 
     The same as torch.baddbmm, but the weight gradient is one plain matmul per critic: cuBLAS
     runs the batched x^T @ grad_y, a reduction over all batch rows, with a small-tile kernel
@@ -653,21 +679,71 @@ class EnsembleLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return torch.baddbmm(bias, x.expand(weight.shape[0], -1, -1), weight)
+        members, inputs = weight.shape[0], x.shape[0]
+        if inputs == 1:
+            x = x.expand(members, -1, -1)
+        elif inputs < members:
+            x = x.repeat(members // inputs, 1, 1)  # member e reads x[e % inputs]
+        return torch.baddbmm(bias, x, weight)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         x, weight = ctx.saved_tensors
+        members, inputs = weight.shape[0], x.shape[0]
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.bmm(grad_y, weight.transpose(1, 2))
-            if x.shape[0] == 1:
-                grad_x = grad_x.sum(0, keepdim=True)
+            if inputs < members:  # the members that share an input add their gradients
+                grad_x = grad_x.unflatten(0, (members // inputs, inputs)).sum(0)
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.stack([x[min(e, x.shape[0] - 1)].T @ grad_y[e] for e in range(weight.shape[0])])
+            grad_weight = torch.stack([x[e % inputs].T @ grad_y[e] for e in range(members)])
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.sum(1, keepdim=True)
         return grad_x, grad_weight, grad_bias
+
+
+class ActorStack(nn.Module):
+    """The actors of n_seeds runs as stacked weights (n_seeds, in, out): one batched matmul per layer.
+
+    Takes (n_seeds, rows, S) states, row block i for actor i; sampling and log-probs are
+    TanhGaussianActor's own, on (n_seeds, rows, ...) tensors. member(i) gives run i's actor weights
+    in TanhGaussianActor's layout, for evaluation and per-run checkpoints.
+    """
+
+    def __init__(self, actors: List[TanhGaussianActor]):
+        super().__init__()
+        self.action_dim, self.max_action = actors[0].action_dim, actors[0].max_action
+        linears = [[m for m in actor.net if isinstance(m, nn.Linear)] for actor in actors]
+        self.weights = nn.ParameterList(nn.Parameter(torch.stack([run[layer].weight.detach().T for run in linears]))
+                                        for layer in range(len(linears[0])))
+        self.biases = nn.ParameterList(nn.Parameter(torch.stack([run[layer].bias.detach()[None] for run in linears]))
+                                       for layer in range(len(linears[0])))
+        self.log_std_multiplier = nn.Parameter(torch.stack([a.log_std_multiplier.detach() for a in actors]))
+        self.log_std_offset = nn.Parameter(torch.stack([a.log_std_offset.detach() for a in actors]))
+
+    def mean_log_std(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = obs
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            x = EnsembleLinear.apply(x, weight, bias)
+            if layer < len(self.weights) - 1:
+                x = torch.relu(x)
+        mean, raw_log_std = x.split(self.action_dim, dim=-1)
+        log_std = (self.log_std_multiplier[:, None, None] * raw_log_std
+                   + self.log_std_offset[:, None, None]).clamp(LOG_STD_MIN, LOG_STD_MAX)
+        return mean, log_std
+
+    tanh_log_prob = staticmethod(TanhGaussianActor.tanh_log_prob)
+    sample = TanhGaussianActor.sample
+    action_log_prob = TanhGaussianActor.action_log_prob
+
+    def member(self, run: int) -> Dict[str, torch.Tensor]:
+        """Run `run`'s actor as a TanhGaussianActor state dict (views of the stacked weights)."""
+        state = {}
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            state[f"net.{2 * layer}.weight"] = weight[run].T
+            state[f"net.{2 * layer}.bias"] = bias[run, 0]
+        state["log_std_multiplier"], state["log_std_offset"] = self.log_std_multiplier[run], self.log_std_offset[run]
+        return state
 
 
 class EnsembleCritic(nn.Module):
@@ -693,12 +769,26 @@ class EnsembleCritic(nn.Module):
                 members.append(linear)
             self.weights.append(nn.Parameter(torch.stack([m.weight.detach().T for m in members])))
             self.biases.append(nn.Parameter(torch.stack([m.bias.detach()[None] for m in members])))
+        self.n_seeds = 1
+
+    @staticmethod
+    def stack(critics: List["EnsembleCritic"]) -> "EnsembleCritic":
+        """The ensembles of n_seeds runs as one of n_critics * n_seeds members, critic-major:
+        member c * n_seeds + i is critic c of run i, so that outputs reshape to (n_critics, n_seeds, ...)."""
+        stacked = copy.deepcopy(critics[0])
+        stacked.n_seeds = len(critics)
+        for name in ("weights", "biases"):
+            for layer, _ in enumerate(getattr(stacked, name)):
+                members = torch.stack([getattr(c, name)[layer].detach() for c in critics], dim=1)
+                getattr(stacked, name)[layer] = nn.Parameter(members.flatten(0, 1))
+        return stacked
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
-        """Q-values of shape (n_critics, *batch) for obs (*batch, S) and actions (*batch, A)."""
+        """Q-values of shape (n_critics, *batch) for obs (*batch, S) and actions (*batch, A); for a
+        stack of runs, batch starts with n_seeds and each run's rows meet only its own critics."""
         batch_shape = actions.shape[:-1]
         obs = obs.expand(*batch_shape, obs.shape[-1])
-        x = torch.cat([obs, actions], dim=-1).reshape(1, -1, obs.shape[-1] + actions.shape[-1])
+        x = torch.cat([obs, actions], dim=-1).reshape(self.n_seeds, -1, obs.shape[-1] + actions.shape[-1])
         n_layers = len(self.weights)
         for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             if detach_params:  # gradient flows to the inputs only (the actor's objective)
@@ -721,21 +811,44 @@ METRIC_NAMES = (  # CORL's names, in the order losses() returns them
 
 
 class CQL:
-    """SAC with the CQL(H) critic penalty. train(batch) makes one update and returns device metrics."""
+    """SAC with the CQL(H) critic penalty. train(batch) makes one update and returns device metrics.
+
+    With seeds, one trainer holds len(seeds) independent runs: every network, alpha and Adam state
+    gets a leading run dimension (the critic ensemble folds it into its members), batches and noise
+    are (n_seeds, batch, ...), and the losses and metrics are per run, shape run_shape = (n_seeds,).
+    The runs share no parameter and Adam is element-wise, so the summed loss and the one optimizer
+    step are exactly n_seeds separate updates. Run i starts from the weights a one-run CQL made
+    right after torch.manual_seed(seeds[i]) has, i.e. those of a one-seed run with seed seeds[i].
+    """
 
     def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
-                 device: torch.device, capturable: bool = False):
+                 device: torch.device, capturable: bool = False, seeds: Optional[List[int]] = None):
         self.config = config
         self.device = device
         self.action_dim = action_dim
         self.target_entropy = -float(action_dim)
-        self.actor = TanhGaussianActor(state_dim, action_dim, max_action, config.policy_log_std_multiplier).to(device)
-        self.critic = EnsembleCritic(state_dim, action_dim, config.q_n_hidden_layers, config.orthogonal_init).to(device)
-        self.target_critic = EnsembleCritic(state_dim, action_dim, config.q_n_hidden_layers, False).to(device)
-        self.target_critic.load_state_dict(self.critic.state_dict())
+        self.seeds = seeds
+        self.run_shape: Tuple[int, ...] = () if seeds is None else (len(seeds),)
+        if seeds is None:
+            layers, log_std_multiplier = config.q_n_hidden_layers, config.policy_log_std_multiplier
+            self.actor = TanhGaussianActor(state_dim, action_dim, max_action, log_std_multiplier).to(device)
+            self.critic = EnsembleCritic(state_dim, action_dim, layers, config.orthogonal_init).to(device)
+            self.target_critic = EnsembleCritic(state_dim, action_dim, layers, False).to(device)
+            self.target_critic.load_state_dict(self.critic.state_dict())
+            self.log_alpha = nn.Parameter(torch.zeros((), device=device))
+            self.log_alpha_prime = nn.Parameter(torch.ones((), device=device))
+        else:
+            runs = []
+            with torch.random.fork_rng(devices=[]):  # the caller's random stream goes on untouched
+                for seed in seeds:
+                    torch.manual_seed(seed)
+                    runs.append(CQL(config, state_dim, action_dim, max_action, torch.device("cpu")))
+            self.actor = ActorStack([r.actor for r in runs]).to(device)
+            self.critic = EnsembleCritic.stack([r.critic for r in runs]).to(device)
+            self.target_critic = EnsembleCritic.stack([r.target_critic for r in runs]).to(device)
+            self.log_alpha = nn.Parameter(torch.stack([r.log_alpha.detach() for r in runs]).to(device))
+            self.log_alpha_prime = nn.Parameter(torch.stack([r.log_alpha_prime.detach() for r in runs]).to(device))
         self.target_critic.requires_grad_(False)
-        self.log_alpha = nn.Parameter(torch.zeros((), device=device))
-        self.log_alpha_prime = nn.Parameter(torch.ones((), device=device))
         # One Adam over four groups: each parameter only gets the gradient of its own loss (see losses),
         # so a single step equals CORL's four optimizers stepping one after another.
         self.optimizer = torch.optim.Adam([
@@ -748,52 +861,59 @@ class CQL:
 
     def draw_noise(self, batch_size: int) -> Dict[str, torch.Tensor]:
         """Every random draw of one update, so that a test can replay the same update by hand."""
-        n, a = self.config.cql_n_actions, self.action_dim
-        next_shape = (batch_size, n, a) if self.config.cql_max_target_backup else (batch_size, a)
+        n, a, b = self.config.cql_n_actions, self.action_dim, (*self.run_shape, batch_size)  # each run its own
+        next_shape = (*b, n, a) if self.config.cql_max_target_backup else (*b, a)
         kwargs = {"device": self.device}
         return {
-            "policy": torch.randn(batch_size, a, **kwargs),
+            "policy": torch.randn(*b, a, **kwargs),
             "next": torch.randn(*next_shape, **kwargs),
-            "cql_current": torch.randn(batch_size, n, a, **kwargs),
-            "cql_next": torch.randn(batch_size, n, a, **kwargs),
-            "cql_random": torch.rand(batch_size, n, a, **kwargs) * 2.0 - 1.0,
+            "cql_current": torch.randn(*b, n, a, **kwargs),
+            "cql_next": torch.randn(*b, n, a, **kwargs),
+            "cql_random": torch.rand(*b, n, a, **kwargs) * 2.0 - 1.0,
         }
 
     def losses(self, batch: Tuple[torch.Tensor, ...], noise: Dict[str, torch.Tensor], bc: bool
                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Sum of the four losses, each reaching only its own parameters, and the metrics."""
+        """Sum of the four losses, each reaching only its own parameters, and the metrics.
+
+        Tensors are (*runs, batch, ...) with runs = run_shape: () for one run, (n_seeds,) for a stack,
+        so batch reductions are over dim -1 (or -2 for rows of vectors), and each loss and metric
+        has shape runs; the total sums the runs' losses, which share no parameter.
+        """
         c = self.config
         obs, actions, rewards, next_obs, dones = batch
+        runs = rewards.shape[:-1]
 
         # One actor pass over s and s' serves every sample of the update; the gradient reaches the
         # actor only through the policy sample at s.
-        mean, log_std = self.actor.mean_log_std(torch.cat([obs, next_obs]))
-        (mean_s, mean_next), (log_std_s, log_std_next) = mean.chunk(2), log_std.chunk(2)
+        mean, log_std = self.actor.mean_log_std(torch.cat([obs, next_obs], dim=-2))
+        (mean_s, mean_next), (log_std_s, log_std_next) = mean.chunk(2, dim=-2), log_std.chunk(2, dim=-2)
         new_actions, log_pi = self.actor.sample(mean_s, log_std_s, noise["policy"])
         if c.use_automatic_entropy_tuning:
-            alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
+            alpha_loss = -(self.log_alpha[..., None] * (log_pi.detach() + self.target_entropy)).mean(-1)
             alpha = self.log_alpha.exp().detach() * c.alpha_multiplier
         else:
-            alpha_loss = obs.new_zeros(())
-            alpha = obs.new_tensor(c.alpha_multiplier)
+            alpha_loss = obs.new_zeros(runs)
+            alpha = obs.new_full(runs, c.alpha_multiplier)
+        alpha_row = alpha[..., None]  # each run's alpha against its batch rows
         if bc:
-            policy_loss = (alpha * log_pi - self.actor.action_log_prob(mean_s, log_std_s, actions)).mean()
+            policy_loss = (alpha_row * log_pi - self.actor.action_log_prob(mean_s, log_std_s, actions)).mean(-1)
         else:
             q_new = self.critic(obs, new_actions, detach_params=True).min(0).values
-            policy_loss = (alpha * log_pi - q_new).mean()
+            policy_loss = (alpha_row * log_pi - q_new).mean(-1)
 
         # TD target
         with torch.no_grad():
             mean_s, log_std_s, mean_next, log_std_next = (t.detach() for t in (mean_s, log_std_s, mean_next,
                                                                                log_std_next))
             next_actions, next_log_pi = self.actor.sample(mean_next, log_std_next, noise["next"])
-            target_q = self.target_critic(next_obs[:, None] if c.cql_max_target_backup else next_obs,
+            target_q = self.target_critic(next_obs.unsqueeze(-2) if c.cql_max_target_backup else next_obs,
                                           next_actions).min(0).values
             if c.cql_max_target_backup:  # best of n sampled next actions, and its log-prob
                 target_q, best = target_q.max(-1)
-                next_log_pi = next_log_pi.gather(-1, best[:, None]).squeeze(-1)
+                next_log_pi = next_log_pi.gather(-1, best[..., None]).squeeze(-1)
             if c.backup_entropy:
-                target_q = target_q - alpha * next_log_pi
+                target_q = target_q - alpha_row * next_log_pi
             td_target = rewards + (1.0 - dones) * c.discount * target_q
             # Sampled actions for the penalty: policy at s and at s' (both scored at s), uniform.
             current_actions, current_log_pi = self.actor.sample(mean_s, log_std_s, noise["cql_current"])
@@ -801,11 +921,11 @@ class CQL:
 
         # All critic evaluations of the critic loss in one batched pass: data, random, current, next.
         n = c.cql_n_actions
-        sampled = torch.cat([noise["cql_random"], current_actions, next_state_actions], dim=1)  # (B, 3n, A)
-        q_all = self.critic(obs[:, None], torch.cat([actions[:, None], sampled], dim=1))  # (2, B, 1 + 3n)
+        sampled = torch.cat([noise["cql_random"], current_actions, next_state_actions], dim=-2)  # (*runs, B, 3n, A)
+        q_all = self.critic(obs.unsqueeze(-2), torch.cat([actions.unsqueeze(-2), sampled], dim=-2))  # (2,*runs,B,1+3n)
         q_data = q_all[..., 0]
         q_rand, q_current, q_next = q_all[..., 1:].split(n, dim=-1)
-        qf_losses = ((q_data - td_target) ** 2).mean(-1)  # (2,)
+        qf_losses = ((q_data - td_target) ** 2).mean(-1)  # (2, *runs)
 
         cql_std = torch.cat([q_rand, q_data[..., None], q_next, q_current], dim=-1).std(-1).mean(-1)
         if c.cql_importance_sample:
@@ -814,26 +934,28 @@ class CQL:
         else:
             cat_q = torch.cat([q_rand, q_data[..., None], q_next, q_current], dim=-1)
         ood = torch.logsumexp(cat_q / c.cql_temp, dim=-1) * c.cql_temp
-        cql_diff = (ood - q_data).clamp(c.cql_clip_diff_min, c.cql_clip_diff_max).mean(-1)  # (2,)
+        cql_diff = (ood - q_data).clamp(c.cql_clip_diff_min, c.cql_clip_diff_max).mean(-1)  # (2, *runs)
         if c.cql_lagrange:
             alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
             cql_min_losses = alpha_prime.detach() * c.cql_alpha * (cql_diff - c.cql_target_action_gap)
-            alpha_prime_loss = -0.5 * (alpha_prime * c.cql_alpha * (cql_diff.detach() - c.cql_target_action_gap)).sum()
+            alpha_prime_loss = -0.5 * (alpha_prime * c.cql_alpha * (cql_diff.detach() - c.cql_target_action_gap)).sum(0)
         else:
-            alpha_prime = obs.new_zeros(())
+            alpha_prime = obs.new_zeros(runs)
             cql_min_losses = c.cql_alpha * cql_diff
-            alpha_prime_loss = obs.new_zeros(())
-        critic_loss = qf_losses.sum() + cql_min_losses.sum()
+            alpha_prime_loss = obs.new_zeros(runs)
+        critic_loss = qf_losses.sum(0) + cql_min_losses.sum(0)
 
-        total = policy_loss + alpha_loss + critic_loss + alpha_prime_loss
+        total = (policy_loss + alpha_loss + critic_loss + alpha_prime_loss).sum()  # runs add up: disjoint parameters
         metrics = {
-            "policy_loss": policy_loss, "alpha_loss": alpha_loss, "alpha": alpha, "log_pi": log_pi.mean(),
+            "policy_loss": policy_loss, "alpha_loss": alpha_loss, "alpha": alpha, "log_pi": log_pi.mean(-1),
             "qf1_loss": qf_losses[0], "qf2_loss": qf_losses[1],
-            "average_qf1": q_data[0].mean(), "average_qf2": q_data[1].mean(), "average_target_q": target_q.mean(),
+            "average_qf1": q_data[0].mean(-1), "average_qf2": q_data[1].mean(-1),
+            "average_target_q": target_q.mean(-1),
             "cql_std_q1": cql_std[0], "cql_std_q2": cql_std[1],
-            "cql_q1_rand": q_rand[0].mean(), "cql_q2_rand": q_rand[1].mean(),
-            "cql_q1_current_actions": q_current[0].mean(), "cql_q2_current_actions": q_current[1].mean(),
-            "cql_q1_next_actions": q_next[0].mean(), "cql_q2_next_actions": q_next[1].mean(),
+            "cql_q1_rand": q_rand[0].mean((-2, -1)), "cql_q2_rand": q_rand[1].mean((-2, -1)),
+            "cql_q1_current_actions": q_current[0].mean((-2, -1)),
+            "cql_q2_current_actions": q_current[1].mean((-2, -1)),
+            "cql_q1_next_actions": q_next[0].mean((-2, -1)), "cql_q2_next_actions": q_next[1].mean((-2, -1)),
             "cql_min_qf1_loss": cql_min_losses[0], "cql_min_qf2_loss": cql_min_losses[1],
             "cql_qf1_diff": cql_diff[0], "cql_qf2_diff": cql_diff[1],
             "alpha_prime_loss": alpha_prime_loss, "alpha_prime": alpha_prime,
@@ -885,6 +1007,88 @@ class CQL:
         self.optimizer.load_state_dict(state["optimizer"])
         self.total_it = int(state["total_it"])
 
+    # ---- a stack of runs: each run's state in the one-run layout, so that its checkpoint is an ordinary one
+    def _run_layout(self) -> List[Tuple[str, str, torch.Tensor, Callable[[torch.Tensor, int], torch.Tensor]]]:
+        """(part, one-run name, stacked tensor, view of run i) in the one-run trainer's parameter order."""
+        def seed_major(t: torch.Tensor, i: int) -> torch.Tensor:
+            return t[i]
+
+        def critic_major(t: torch.Tensor, i: int) -> torch.Tensor:
+            return t.unflatten(0, (-1, len(self.seeds)))[:, i]
+
+        layout = [("actor", "log_std_multiplier", self.actor.log_std_multiplier, seed_major),  # a module's own
+                  ("actor", "log_std_offset", self.actor.log_std_offset, seed_major)]  # parameters come first
+        for layer, (weight, bias) in enumerate(zip(self.actor.weights, self.actor.biases)):
+            layout.append(("actor", f"net.{2 * layer}.weight", weight, lambda t, i: t[i].T))
+            layout.append(("actor", f"net.{2 * layer}.bias", bias, lambda t, i: t[i, 0]))
+        for part, module in (("critic", self.critic), ("target_critic", self.target_critic)):
+            for name, param in module.named_parameters():
+                layout.append((part, name, param, critic_major))
+        layout.append(("log_alpha", "", self.log_alpha, seed_major))
+        layout.append(("log_alpha_prime", "", self.log_alpha_prime, seed_major))
+        return layout
+
+    def _adam_indices(self) -> List[Tuple[int, int, torch.Tensor, Callable[[torch.Tensor, int], torch.Tensor]]]:
+        """(index in a one-run optimizer state, index in this stack's, stacked parameter, view of run i)."""
+        stacked_index = {id(p): k for k, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+        trained = [entry for entry in self._run_layout() if entry[0] != "target_critic"]  # the one-run order
+        return [(j, stacked_index[id(tensor)], tensor, view) for j, (_, _, tensor, view) in enumerate(trained)]
+
+    def run_state_dict(self, run: int) -> Dict[str, Any]:
+        """Run `run` of a stack as a one-run trainer's state_dict (copies): what CQL.load_state_dict takes."""
+        state: Dict[str, Any] = {"actor": {}, "critic": {}, "target_critic": {}}
+        adam = self.optimizer.state_dict()
+        for part, name, tensor, view in self._run_layout():
+            if part in ("log_alpha", "log_alpha_prime"):
+                state[part] = view(tensor.detach(), run).clone()
+            else:
+                state[part][name] = view(tensor.detach(), run).clone()
+        run_adam = {}
+        for j, k, tensor, view in self._adam_indices():
+            if k in adam["state"]:
+                run_adam[j] = {key: v.clone() if key == "step" else view(v, run).clone()
+                               for key, v in adam["state"][k].items()}
+        state["optimizer"] = {"state": run_adam, "param_groups": adam["param_groups"]}
+        state["total_it"] = self.total_it
+        return state
+
+    def load_run_state_dicts(self, states: List[Dict[str, Any]]) -> None:
+        """Loads one one-run state_dict per run of the stack (checkpoints of one-seed runs fit too)."""
+        if len(states) != len(self.seeds):
+            raise ValueError(f"{len(states)} run states for a stack of {len(self.seeds)} runs")
+        layout = self._run_layout()
+
+        def gather(tensor: torch.Tensor, view: Callable, values: List[torch.Tensor]) -> torch.Tensor:
+            stacked = torch.empty_like(tensor)
+            for i, value in enumerate(values):
+                target = view(stacked, i)
+                if target.shape != value.shape:
+                    raise RuntimeError(f"size mismatch: {tuple(value.shape)} in a checkpoint, "
+                                       f"{tuple(target.shape)} here")
+                target.copy_(value)
+            return stacked
+
+        with torch.no_grad():
+            for part, name, tensor, view in layout:
+                values = [s[part] if part in ("log_alpha", "log_alpha_prime") else s[part][name] for s in states]
+                tensor.copy_(gather(tensor, view, [torch.as_tensor(v).to(tensor.device) for v in values]))
+        adam = self.optimizer.state_dict()
+        adam["state"] = {}
+        for j, k, tensor, view in self._adam_indices():
+            runs = [s["optimizer"]["state"].get(j) for s in states]
+            if any(r is None for r in runs):
+                if any(r is not None for r in runs):
+                    raise RuntimeError(f"optimizer state of parameter {j} is in some run states only")
+                continue
+            adam["state"][k] = {key: runs[0][key].clone() if key == "step" else
+                                gather(tensor, view, [r[key].to(tensor.device) for r in runs])
+                                for key in runs[0]}
+        self.optimizer.load_state_dict(adam)
+        totals = {int(s["total_it"]) for s in states}
+        if len(totals) != 1:
+            raise RuntimeError(f"run states of different updates {sorted(totals)}")
+        self.total_it = totals.pop()
+
 
 class UpdateStep:
     """Draws a batch, updates, and adds the metrics to a device-side running sum.
@@ -905,12 +1109,12 @@ class UpdateStep:
         if compile:
             trainer.losses = torch.compile(trainer.losses)  # shadows the method on this instance
         self.metric_names: List[str] = list(METRIC_NAMES)
-        self.metric_sum = torch.zeros(len(self.metric_names), device=trainer.device)
+        self.metric_sum = torch.zeros(len(self.metric_names), *trainer.run_shape, device=trainer.device)
         self.graphs: Dict[Tuple[bool, bool], Any] = {}
         self.eager_updates: Dict[Tuple[bool, bool], int] = {}
 
     def _update(self, phase: Tuple[bool, bool]) -> None:
-        batch = self.buffer.sample(self.batch_size)
+        batch = self.buffer.sample(self.batch_size, self.trainer.run_shape)
         metrics = self.trainer.apply_update(batch, self.trainer.draw_noise(self.batch_size), *phase)
         self.metric_sum += torch.stack([metrics[name] for name in self.metric_names])
 
@@ -944,6 +1148,16 @@ class UpdateStep:
         means = (self.metric_sum / updates).tolist()
         self.metric_sum.zero_()
         return dict(zip(self.metric_names, means))
+
+    def run_metric_sum(self, run: int) -> torch.Tensor:
+        """Run `run`'s metric sums (a view): the whole sum for a one-run trainer."""
+        return self.metric_sum if self.metric_sum.dim() == 1 else self.metric_sum[:, run]
+
+    def take_run_means(self, updates: int) -> List[Dict[str, float]]:
+        """take_means for each run: one dict for a one-run trainer, one per seed for a stack."""
+        means = (self.metric_sum / updates).reshape(len(self.metric_names), -1).T.tolist()
+        self.metric_sum.zero_()
+        return [dict(zip(self.metric_names, run)) for run in means]
 
 
 # ======================================================================================
@@ -991,8 +1205,11 @@ def _evaluation_worker(env_spec: Any, n_episodes: int, actor_shape: Tuple[int, i
         results.put((None, f"{type(e).__name__}: {' '.join(str(e).split())}"))  # one line
 
 
-def actor_weights(actor: TanhGaussianActor) -> Dict[str, torch.Tensor]:
-    """A CPU copy of the actor's weights: what an evaluation needs, frozen at the time of the call."""
+def actor_weights(actor: Union[TanhGaussianActor, ActorStack], run: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """A CPU copy of the actor's weights (of run `run` of a stack): what an evaluation needs, frozen
+    at the time of the call."""
+    if run is not None:
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in actor.member(run).items()}
     return {k: v.detach().to("cpu", copy=True) for k, v in actor.state_dict().items()}
 
 
@@ -1005,12 +1222,14 @@ class Evaluator:
     """
 
     def __init__(self, env: gym.Env, make_env: Callable[[], gym.Env], n_episodes: int, seed: int,
-                 state_mean: np.ndarray, state_std: np.ndarray, actor: TanhGaussianActor, background: bool):
+                 state_mean: np.ndarray, state_std: np.ndarray, actor: Union[TanhGaussianActor, ActorStack],
+                 background: bool):
         self.seed, self.state_mean, self.state_std = seed, state_mean, state_std
         self.pending: Dict[int, Dict[str, torch.Tensor]] = {}
         self.finished: List[Tuple[int, np.ndarray]] = []
         self.worker = None
-        shape = (actor.net[0].in_features, actor.action_dim, actor.max_action)
+        state_dim = actor.net[0].in_features if isinstance(actor, TanhGaussianActor) else actor.weights[0].shape[1]
+        shape = (state_dim, actor.action_dim, actor.max_action)
         if background:
             import multiprocessing
 
@@ -1083,7 +1302,8 @@ def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
 class RunLogger:
     """Every logged row goes to <run_dir>/metrics.jsonl and, unless disabled, to wandb."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, run_name: str, resume: bool = False):
+    def __init__(self, config: TrainConfig, run_dir: Path, run_name: str, resume: bool = False,
+                 seed: Optional[int] = None):
         self.path = run_dir / "metrics.jsonl"
         self.rows = sum(1 for _ in open(self.path)) if self.path.exists() else 0
         self.file = open(self.path, "a")
@@ -1092,9 +1312,11 @@ class RunLogger:
         if mode != "disabled":
             import wandb  # imported only when used
 
+            stacked = seed is not None  # one of several runs of this process: each its own wandb run
             self.wandb = wandb.init(project=config.project, group=config.group, name=run_name, mode=mode,
-                                    config=asdict(config), dir=str(run_dir), id=run_name.rsplit("-", 1)[-1],
-                                    resume="allow" if resume else None)
+                                    config={**asdict(config), **({"seed": seed} if stacked else {})},
+                                    dir=str(run_dir), id=run_name.rsplit("-", 1)[-1],
+                                    resume="allow" if resume else None, **({"reinit": "create_new"} if stacked else {}))
             # x-axis "update" instead of wandb's own step: evaluations may arrive after later rows
             self.wandb.define_metric("update")
             self.wandb.define_metric("*", step_metric="update")
@@ -1113,10 +1335,11 @@ class RunLogger:
 
 
 def save_checkpoint(path: Path, trainer: CQL, state_mean: np.ndarray, state_std: np.ndarray,
-                    run_state: Optional[Dict[str, Any]] = None) -> None:
-    """Everything needed to continue: trainer, normalisation, config and (for resume) run_state."""
-    state = {**trainer.state_dict(), "state_mean": state_mean, "state_std": state_std,
-             "config": asdict(trainer.config), "run": run_state}
+                    run_state: Optional[Dict[str, Any]] = None, run: Optional[int] = None) -> None:
+    """Everything needed to continue: trainer (or run `run` of a stack, in the one-run layout),
+    normalisation, config and (for resume) run_state."""
+    state = {**(trainer.state_dict() if run is None else trainer.run_state_dict(run)),
+             "state_mean": state_mean, "state_std": state_std, "config": asdict(trainer.config), "run": run_state}
     write_atomic(path, lambda f: torch.save(state, f))
 
 
@@ -1142,14 +1365,49 @@ def checkpoint_files(run_dir: Path) -> List[Path]:
 
 def load_checkpoint(path: str, trainer: CQL, field: str = "load_model") -> Dict[str, Any]:
     """Restores trainer from a checkpoint file, refusing one made for other network shapes."""
-    if not Path(path).is_file():
-        raise ConfigError(f"field '{field}': checkpoint file {path} not found")
-    try:
-        state = torch.load(path, map_location=trainer.device, weights_only=False)
-        trainer.load_state_dict(state)
-    except (RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise ConfigError(f"field '{field}': {path} does not fit this config ({str(e).splitlines()[0]})") from None
-    return state
+    return load_checkpoints([path], trainer, field)[0]
+
+
+def load_checkpoints(paths: List[str], trainer: CQL, field: str = "load_model") -> List[Dict[str, Any]]:
+    """load_checkpoint for a stack of runs: paths[i] (a one-run checkpoint) into run i."""
+    states = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"field '{field}': checkpoint file {path} not found")
+        try:
+            states.append(torch.load(path, map_location=trainer.device, weights_only=False))
+            if trainer.seeds is None:
+                trainer.load_state_dict(states[0])
+        except (RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            raise ConfigError(f"field '{field}': {path} does not fit this config ({str(e).splitlines()[0]})") from None
+    if trainer.seeds is not None:
+        try:
+            trainer.load_run_state_dicts(states)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ConfigError(f"field '{field}': {paths[0]} does not fit this config "
+                              f"({str(e).splitlines()[0]})") from None
+    return states
+
+
+def resume_checkpoints(run_dir: Path, n_runs: int) -> List[Path]:
+    """The newest checkpoint of a stopped run, or for a stack of runs (run_dir: any of its run
+    directories) of each of its runs: the newest update that every run has a checkpoint of."""
+    files = checkpoint_files(run_dir)
+    if not files:
+        raise ConfigError(f"field 'resume': {run_dir} has no checkpoint to continue from")
+    if n_runs == 1:
+        return [files[-1]]
+    run = torch.load(files[-1], map_location="cpu", weights_only=False)["run"] or {}
+    names = run.get("stack", [])
+    if len(names) != n_runs:
+        raise ConfigError(f"field 'resume': {files[-1]} is a checkpoint of {len(names) or 1} run(s), "
+                          f"the config's seeds name {n_runs}")
+    dirs = [run_dir.parent / name for name in names]
+    steps = [{int(p.stem.split("_")[1]) for p in checkpoint_files(d)} for d in dirs]
+    common = set.intersection(*steps)
+    if not common:
+        raise ConfigError(f"field 'resume': the runs {', '.join(map(str, dirs))} have no checkpoint of one update")
+    return [d / f"checkpoint_{max(common)}.pt" for d in dirs]
 
 
 def keep_lines(path: Path, n: int) -> None:
@@ -1176,11 +1434,23 @@ def resolve_device(name: str) -> torch.device:
 # ======================================================================================
 # Training
 # ======================================================================================
+@dataclass
+class Run:
+    """One seed's run in train(): its directory, logger, evaluator and evaluation results."""
+
+    seed: int
+    dir: Optional[Path] = None
+    logger: Optional[RunLogger] = None
+    evaluator: Optional[Evaluator] = None
+    scores: Dict[int, float] = field(default_factory=dict)  # normalized score by update
+    last_return: Optional[float] = None
+
+
 def train(config: TrainConfig) -> Dict[str, Any]:
     """Trains CQL on config's dataset; returns a summary (last and best normalized score, paths)."""
     begin = time.time()
     device = resolve_device(config.device)
-    set_seed(config.seed)
+    set_seed(config.seed)  # a stack of runs: its batches and noise come from this one stream
     data = load_dataset(config)
     probe_env = data.make_env()
     check_dataset_matches_env(data, probe_env)
@@ -1203,49 +1473,59 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     buffer = ReplayBuffer(data, device)
     state_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
 
+    seeds = run_seeds(config)
     trainer = CQL(config, state_dim, action_dim, max_action, device,
-                  capturable=config.cudagraphs and device.type == "cuda")
-    resumed: Optional[Dict[str, Any]] = None
+                  capturable=config.cudagraphs and device.type == "cuda", seeds=seeds)
+    # A run per seed (one unless config.seeds): its own directory, metrics, evaluations and checkpoints.
+    runs = [Run(seed) for seed in (seeds or [config.seed])]
+    stacked = seeds is not None
+    resumed: Optional[List[Dict[str, Any]]] = None  # each run's run state
     if config.resume:
-        run_dir = Path(config.resume)
-        for stale in run_dir.glob(".*.tmp"):  # temporary files of writes that a kill interrupted
-            stale.unlink()
-        files = checkpoint_files(run_dir)
-        if not files:
-            raise ConfigError(f"field 'resume': {run_dir} has no checkpoint to continue from")
-        state = load_checkpoint(str(files[-1]), trainer, field="resume")
-        resumed = state["run"]
-        if resumed is None:
-            raise ConfigError(f"field 'resume': {files[-1]} holds no run state (made by load_model?)")
-        state_mean, state_std = state["state_mean"], state["state_std"]
-        keep_lines(run_dir / "metrics.jsonl", resumed["metrics_rows"])  # rows after the checkpoint come again
+        files = resume_checkpoints(Path(config.resume), len(runs))
+        for run, file in zip(runs, files):
+            run.dir = file.parent
+            for stale in run.dir.glob(".*.tmp"):  # temporary files of writes that a kill interrupted
+                stale.unlink()
+        states = load_checkpoints([str(f) for f in files], trainer, field="resume")
+        resumed = [state["run"] for state in states]
+        if any(r is None for r in resumed):
+            raise ConfigError(f"field 'resume': {files[0]} holds no run state (made by load_model?)")
+        state_mean, state_std = states[0]["state_mean"], states[0]["state_std"]
+        for run, run_state in zip(runs, resumed):
+            keep_lines(run.dir / "metrics.jsonl", run_state["metrics_rows"])  # rows after the checkpoint come again
     else:
-        if config.load_model:
-            state = load_checkpoint(config.load_model, trainer)
+        if config.load_model:  # a stack starts every run from it
+            state = load_checkpoints([config.load_model] * len(runs), trainer)[0]
             state_mean, state_std = state["state_mean"], state["state_std"]
-        run_name = f"{config.name}-{Path(config.env).stem.replace('/', '-')}-{config.seed}-{uuid.uuid4().hex[:8]}"
-        run_dir = Path(config.checkpoints_path or config.log_dir) / run_name
-        run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(asdict(config), f, sort_keys=False), mode="w")
-    logger = RunLogger(config, run_dir, run_dir.name, resume=resumed is not None)
+        for run in runs:
+            run_name = f"{config.name}-{Path(config.env).stem.replace('/', '-')}-{run.seed}-{uuid.uuid4().hex[:8]}"
+            run.dir = Path(config.checkpoints_path or config.log_dir) / run_name
+            run.dir.mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        write_atomic(run.dir / "config.yaml", lambda f: yaml.safe_dump(asdict(config), f, sort_keys=False), mode="w")
+        run.logger = RunLogger(config, run.dir, run.dir.name, resume=resumed is not None,
+                               seed=run.seed if stacked else None)
+    where = (f"run dir {runs[0].dir}" if not stacked
+             else f"{len(runs)} runs (seeds {config.seeds}) in {runs[0].dir.parent}")
     print(f"CQL on {data.source}: {buffer.size} transitions, state {state_dim}, action {action_dim}, "
-          f"device {device}, run dir {run_dir}" + (f", resumed at update {trainer.total_it}" if resumed else ""))
+          f"device {device}, {where}" + (f", resumed at update {trainer.total_it}" if resumed else ""))
 
     use_compile = device.type == "cuda" if config.compile is None else config.compile
     update = UpdateStep(trainer, buffer, config.batch_size, use_compile, config.cudagraphs)
     background = device.type == "cuda" if config.background_eval is None else config.background_eval
-    evaluator = Evaluator(probe_env, data.make_env, config.n_episodes, config.seed, state_mean, state_std,
-                          trainer.actor, background)
+    for run in runs:  # episode i of run k is seeded seeds[k] + i
+        run.evaluator = Evaluator(probe_env, data.make_env, config.n_episodes, run.seed, state_mean, state_std,
+                                  trainer.actor, background)
     probe_env.close()
-    scores: Dict[int, float] = {}
-    last_return: Optional[float] = None
     window = 0
     if resumed is not None:
-        update.metric_sum.copy_(resumed["metric_sum"])
-        window, scores, last_return = resumed["window"], resumed["scores"], resumed["last_return"]
-        for eval_step, weights in sorted(resumed["pending_evaluations"].items()):
-            evaluator.submit(eval_step, weights)
-        set_rng_states(resumed["rng"])  # last: from here on the run draws what the stopped one would have
+        window = resumed[0]["window"]
+        for i, (run, run_state) in enumerate(zip(runs, resumed)):
+            update.run_metric_sum(i).copy_(run_state["metric_sum"])
+            run.scores, run.last_return = run_state["scores"], run_state["last_return"]
+            for eval_step, weights in sorted(run_state["pending_evaluations"].items()):
+                run.evaluator.submit(eval_step, weights)
+        set_rng_states(resumed[0]["rng"])  # last: from here on the run draws what the stopped one would have
     checkpoint_freq = config.checkpoint_freq or config.eval_freq
     start = time.time()
     load_seconds, eval_seconds = start - begin, 0.0
@@ -1253,19 +1533,20 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                initial=trainer.total_it, total=config.max_timesteps,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay short when not a terminal
 
-    def log_evaluations(finished: List[Tuple[int, np.ndarray]]) -> None:
-        nonlocal last_return
+    def log_evaluations(run: Run, finished: List[Tuple[int, np.ndarray]]) -> None:
         for eval_step, returns in finished:  # in the background these may come after later rows
             row = {"eval_return_mean": float(returns.mean()), "eval_return_std": float(returns.std())}
             score = normalized_score(returns, data.ref_min_score, data.ref_max_score)
             if score is not None:
-                row["d4rl_normalized_score"] = scores[eval_step] = score
-            last_return = row["eval_return_mean"]
-            logger.log(row, eval_step)
-            bar.set_postfix(score=f"{score:.1f}" if score is not None else f"{last_return:.1f}")
+                row["d4rl_normalized_score"] = run.scores[eval_step] = score
+            run.last_return = row["eval_return_mean"]
+            run.logger.log(row, eval_step)
+        latest = [r.scores[max(r.scores)] if r.scores else r.last_return for r in runs]
+        if finished and None not in latest:  # a stack shows the mean over its runs
+            bar.set_postfix(score=f"{np.mean(latest):.1f}")
 
-    def last_good_checkpoint() -> str:
-        files = checkpoint_files(run_dir)
+    def last_good_checkpoint(run: Run) -> str:
+        files = checkpoint_files(run.dir)
         return f"; last good checkpoint: {files[-1]}" if files else ""
 
     for _ in bar:
@@ -1273,44 +1554,72 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         window += 1
         step = trainer.total_it
         if step % config.log_freq == 0 or step == config.max_timesteps:
-            means = update.take_means(window)
-            for name, value in means.items():
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"non-finite {name} ({value}) in updates {step - window + 1}..{step}"
-                                             + last_good_checkpoint())
-            logger.log(means, step)
+            run_means = update.take_run_means(window)
+            for run, means in zip(runs, run_means):
+                for name, value in means.items():
+                    if not math.isfinite(value):
+                        raise FloatingPointError(
+                            f"non-finite {name} ({value}) in updates {step - window + 1}..{step}"
+                            + (f" of the run with seed {run.seed}" if stacked else "") + last_good_checkpoint(run))
+            for run, means in zip(runs, run_means):
+                run.logger.log(means, step)
             window = 0
         if step % config.eval_freq == 0 or step == config.max_timesteps:
             eval_start = time.time()
-            evaluator.submit(step, actor_weights(trainer.actor))
+            for i, run in enumerate(runs):
+                run.evaluator.submit(step, actor_weights(trainer.actor, i if stacked else None))
             eval_seconds += time.time() - eval_start
         if step % config.log_freq == 0 or step % config.eval_freq == 0 or step == config.max_timesteps:
-            log_evaluations(evaluator.collect())
+            for run in runs:
+                log_evaluations(run, run.evaluator.collect())
         if config.checkpoints_path and (step % checkpoint_freq == 0 or step == config.max_timesteps):
             if not trainer.parameters_finite():  # never overwrite good weights with broken ones
-                raise FloatingPointError(f"non-finite network weights after update {step}" + last_good_checkpoint())
-            run_state = {"rng": rng_states(), "metric_sum": update.metric_sum.clone(), "window": window,
-                         "scores": scores, "last_return": last_return, "metrics_rows": logger.rows,
-                         "pending_evaluations": dict(evaluator.pending)}
-            save_checkpoint(run_dir / f"checkpoint_{step}.pt", trainer, state_mean, state_std, run_state)
-            for old in checkpoint_files(run_dir)[:-config.keep_checkpoints or None] if config.keep_checkpoints else []:
-                old.unlink()
+                raise FloatingPointError(f"non-finite network weights after update {step}"
+                                         + last_good_checkpoint(runs[0]))
+            rng = rng_states()
+            for i, run in enumerate(runs):  # a stack: one ordinary checkpoint per run, all of one update
+                run_state = {"rng": rng, "metric_sum": update.run_metric_sum(i).clone(), "window": window,
+                             "scores": run.scores, "last_return": run.last_return, "metrics_rows": run.logger.rows,
+                             "pending_evaluations": dict(run.evaluator.pending)}
+                if stacked:
+                    run_state["stack"] = [r.dir.name for r in runs]  # the sibling runs to resume with
+                save_checkpoint(run.dir / f"checkpoint_{step}.pt", trainer, state_mean, state_std, run_state,
+                                run=i if stacked else None)
+            for run in runs:  # only once every run has this update's checkpoint
+                files = checkpoint_files(run.dir)
+                for old in files[:-config.keep_checkpoints or None] if config.keep_checkpoints else []:
+                    old.unlink()
     eval_start = time.time()
-    log_evaluations(evaluator.collect(wait=True))
+    for run in runs:
+        log_evaluations(run, run.evaluator.collect(wait=True))
     eval_seconds += time.time() - eval_start
-    evaluator.close()
+    for run in runs:
+        run.evaluator.close()
     bar.close()
-    logger.close()
+    for run in runs:
+        run.logger.close()
     elapsed = time.time() - start
-    last_score = scores[max(scores)] if scores else None
-    summary = {"run_dir": str(run_dir), "updates": trainer.total_it, "seconds": elapsed,
-               "load_seconds": load_seconds, "eval_seconds": eval_seconds, "last_return": last_return,
-               "last_score": last_score, "best_score": max(scores.values()) if scores else None}
-    score_text = (f"normalized score last {last_score:.1f}, best {summary['best_score']:.1f}" if scores
-                  else "no normalized score (no reference returns)")
+    summaries = [{"run_dir": str(run.dir), "seed": run.seed, "last_return": run.last_return,
+                  "last_score": run.scores[max(run.scores)] if run.scores else None,
+                  "best_score": max(run.scores.values()) if run.scores else None} for run in runs]
+    summary = {"updates": trainer.total_it, "seconds": elapsed, "load_seconds": load_seconds,
+               "eval_seconds": eval_seconds}
+    if stacked:
+        summary["runs"] = summaries
+    else:
+        summary = {"run_dir": summaries[0]["run_dir"], **summary,
+                   **{k: v for k, v in summaries[0].items() if k not in ("run_dir", "seed")}}
+    if all(s["last_score"] is not None for s in summaries):
+        last = [s["last_score"] for s in summaries]
+        score_text = (f"normalized score last {last[0]:.1f}, best {summaries[0]['best_score']:.1f}" if not stacked else
+                      f"normalized score last {np.mean(last):.1f} +- {np.std(last):.1f} over {len(runs)} seeds "
+                      f"({', '.join(f'{v:.1f}' for v in last)})")
+    else:
+        score_text = "no normalized score (no reference returns)"
+    metrics_paths = runs[0].logger.path if not stacked else f"metrics.jsonl of each run dir in {runs[0].dir.parent}"
     eval_share = 100 * eval_seconds / max(elapsed + load_seconds, 1e-9)
     print(f"done: {trainer.total_it} updates in {elapsed:.0f} s (evaluation held training up {eval_seconds:.1f} s, "
-          f"{eval_share:.1f}% of the run; data loading {load_seconds:.0f} s), {score_text}; metrics in {logger.path}")
+          f"{eval_share:.1f}% of the run; data loading {load_seconds:.0f} s), {score_text}; metrics in {metrics_paths}")
     return summary
 
 

@@ -1,0 +1,274 @@
+"""Many seeds in one process (--seeds): each run of a stack is the run it would be alone.
+
+* a stacked run starts from the weights of the one-seed run with its seed, and fed the same
+  batches and noise it makes the same updates (parameters and Adam state, float tolerance);
+* the runs are independent: another run's data or weights change nothing in a run, bit for bit;
+* per-run checkpoints are ordinary one-run checkpoints, and a stack killed with SIGKILL resumes
+  to the weights and metrics rows of an uninterrupted stack.
+"""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import algorithms.offline.cql as cql
+from test_offline_losses import VARIANTS
+
+S, A, B, N = 5, 3, 16, 4  # state dim, action dim, batch, cql_n_actions
+SEEDS = [3, 7, 11]
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "algorithms/offline/cql.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def config(**overrides) -> cql.TrainConfig:
+    return cql.TrainConfig(cql_n_actions=N, q_n_hidden_layers=2, batch_size=B, bc_steps=1, **overrides)
+
+
+def single(c: cql.TrainConfig, seed: int) -> cql.CQL:
+    torch.manual_seed(seed)  # as train() seeds a one-seed run just before building its trainer
+    return cql.CQL(c, S, A, 1.0, torch.device("cpu"))
+
+
+def draw(gen: torch.Generator, c: cql.TrainConfig):
+    """One run's batch and noise, from gen."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    def uniform(*shape):
+        return torch.rand(*shape, generator=gen) * 1.8 - 0.9
+
+    batch = (randn(B, S), uniform(B, A), randn(B), randn(B, S), (torch.rand(B, generator=gen) < 0.2).float())
+    noise = {"policy": randn(B, A), "next": randn(*((B, N, A) if c.cql_max_target_backup else (B, A))),
+             "cql_current": randn(B, N, A), "cql_next": randn(B, N, A), "cql_random": uniform(B, N, A)}
+    return batch, noise
+
+
+def stack(per_run):
+    """Per-run (batch, noise) pairs as the stack's (n_seeds, ...) batch and noise."""
+    batch = tuple(torch.stack(parts) for parts in zip(*(b for b, _ in per_run)))
+    noise = {k: torch.stack([n[k] for _, n in per_run]) for k in per_run[0][1]}
+    return batch, noise
+
+
+def assert_run_equals(stacked: cql.CQL, run: int, alone: cql.CQL, rtol: float, atol: float, exact: bool = False):
+    got, want = stacked.run_state_dict(run), alone.state_dict()
+    check = (lambda a, b, msg: torch.testing.assert_close(a, b, rtol=0, atol=0, msg=msg)) if exact else \
+        (lambda a, b, msg: torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=msg))
+    for part in ("actor", "critic", "target_critic"):
+        assert list(got[part]) == list(want[part])
+        for name in want[part]:
+            check(got[part][name], want[part][name], f"run {run}: {part}.{name}")
+    check(got["log_alpha"], want["log_alpha"], f"run {run}: log_alpha")
+    check(got["log_alpha_prime"], want["log_alpha_prime"], f"run {run}: log_alpha_prime")
+    assert set(got["optimizer"]["state"]) == set(want["optimizer"]["state"])
+    for index, state in want["optimizer"]["state"].items():
+        for key, value in state.items():
+            check(got["optimizer"]["state"][index][key], value, f"run {run}: adam[{index}].{key}")
+    assert got["total_it"] == want["total_it"]
+
+
+# --------------------------------------------------------------------------- config
+def test_seeds_field_forms_and_errors(tmp_path):
+    assert cql.run_seeds(cql.parse_config([])) is None
+    assert cql.run_seeds(cql.parse_config(["--seeds=0,3, 5"])) == [0, 3, 5]
+    assert cql.run_seeds(cql.parse_config(["--seeds", "3", "--seed=10"])) == [10, 11, 12]
+    path = tmp_path / "c.yaml"
+    for text, want in (("seeds: 4\n", [0, 1, 2, 3]), ("seeds: [2, 9]\n", [2, 9]), ("seeds: [5]\n", [5]),
+                       ("seeds: 1,2\n", [1, 2])):
+        path.write_text(text)
+        assert cql.run_seeds(cql.parse_config(["--config_path", str(path)])) == want, text
+    for bad, message in (("0", "expects a count like 4"), ("a,b", "expects a count"), ("-2", "expects a count"),
+                         ("1,1", "lists a seed twice")):
+        with pytest.raises(cql.ConfigError, match=f"field 'seeds' {message}") as error:
+            cql.parse_config([f"--seeds={bad}"])
+        assert "\n" not in str(error.value)
+
+
+# --------------------------------------------------------------------------- math
+def test_stack_starts_from_each_seeds_one_run_weights_and_leaves_the_random_stream():
+    c = config()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    stacked = cql.CQL(c, S, A, 1.0, torch.device("cpu"), seeds=SEEDS)
+    assert torch.equal(torch.get_rng_state(), before)
+    for run, seed in enumerate(SEEDS):
+        assert_run_equals(stacked, run, single(c, seed), 0, 0, exact=True)
+
+
+@pytest.mark.parametrize("variant", ["default", "lagrange", "max_target_backup", "fixed_alpha"])
+def test_a_run_in_a_stack_follows_the_same_updates_as_alone(variant):
+    """Fed the same batches and noise, each run of a 3-stack equals its one-seed trainer after 4
+    updates (one behaviour-cloning update, then CQL), metrics included."""
+    c = config(**VARIANTS[variant])
+    stacked = cql.CQL(c, S, A, 1.0, torch.device("cpu"), seeds=SEEDS)
+    alone = [single(c, seed) for seed in SEEDS]
+    gens = [torch.Generator().manual_seed(100 + seed) for seed in SEEDS]
+    for update in range(1, 5):
+        per_run = [draw(gen, c) for gen in gens]
+        phase = stacked.phase(update)
+        stacked.total_it += 1
+        metrics = stacked.apply_update(*stack(per_run), *phase)
+        for run, trainer in enumerate(alone):
+            trainer.total_it += 1
+            want = trainer.apply_update(*per_run[run], *phase)
+            for name in cql.METRIC_NAMES:
+                torch.testing.assert_close(metrics[name][run], want[name], rtol=1e-5, atol=1e-6,
+                                           msg=f"update {update}, run {run}: {name}")
+    for run, trainer in enumerate(alone):
+        assert_run_equals(stacked, run, trainer, rtol=1e-5, atol=1e-6)  # Adam: ~lr/300
+
+
+def test_runs_are_independent_bit_for_bit():
+    """Another run's batch, noise and weights change nothing in runs 0 and 2."""
+    c = config(cql_lagrange=True)
+    a = cql.CQL(c, S, A, 1.0, torch.device("cpu"), seeds=SEEDS)
+    b = copy.deepcopy(a)
+    with torch.no_grad():  # run 1's weights differ
+        b.actor.weights[0][1].add_(0.5)
+        b.critic.weights[1].unflatten(0, (2, 3))[:, 1].mul_(2.0)
+        b.log_alpha[1] = 0.3
+    gen = torch.Generator().manual_seed(0)
+    for update in range(1, 4):
+        per_run = [draw(gen, c) for _ in SEEDS]
+        other = list(per_run)
+        other[1] = draw(gen, c)  # run 1's data differ
+        phase = a.phase(update)
+        metrics_a = a.apply_update(*stack(per_run), *phase)
+        metrics_b = b.apply_update(*stack(other), *phase)
+        for name in cql.METRIC_NAMES:
+            assert torch.equal(metrics_a[name][[0, 2]], metrics_b[name][[0, 2]]), name
+    a.total_it = b.total_it = 3
+    for run in (0, 2):
+        assert_run_equals(a, run, _as_single(b, run, c), 0, 0, exact=True)
+    assert not torch.equal(a.run_state_dict(1)["actor"]["net.2.weight"], b.run_state_dict(1)["actor"]["net.2.weight"])
+
+
+def _as_single(stacked: cql.CQL, run: int, c: cql.TrainConfig) -> cql.CQL:
+    one = single(c, 0)
+    one.load_state_dict(stacked.run_state_dict(run))
+    return one
+
+
+def test_run_states_are_one_run_states_and_load_back_exactly():
+    c = config(cql_lagrange=True)
+    stacked = cql.CQL(c, S, A, 1.0, torch.device("cpu"), seeds=SEEDS)
+    step = cql.UpdateStep(stacked, _buffer(), B)
+    torch.manual_seed(5)
+    for _ in range(3):
+        step()
+    # A run's state loads into a one-run trainer, which then makes that run's next update.
+    states = [stacked.run_state_dict(run) for run in range(len(SEEDS))]
+    alone = _as_single(stacked, 1, c)
+    assert_run_equals(stacked, 1, alone, 0, 0, exact=True)
+    # The states load back into a fresh stack, bit for bit, and both go on the same way.
+    again = cql.CQL(c, S, A, 1.0, torch.device("cpu"), seeds=[0, 1, 2])
+    again.load_run_state_dicts(states)
+    gen = torch.Generator().manual_seed(9)
+    per_run = [draw(gen, c) for _ in SEEDS]
+    for trainer in (stacked, again):
+        trainer.total_it += 1
+        trainer.apply_update(*stack(per_run), False, True)
+    alone.total_it += 1
+    alone.apply_update(*per_run[1], False, True)
+    for run in range(len(SEEDS)):
+        assert_run_equals(again, run, _as_single(stacked, run, c), 0, 0, exact=True)
+    assert_run_equals(stacked, 1, alone, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="2 run states for a stack of 3"):
+        again.load_run_state_dicts(states[:2])
+
+
+def _buffer() -> cql.ReplayBuffer:
+    from test_speed import small_buffer
+
+    return small_buffer()
+
+
+def test_update_step_samples_a_batch_per_run_and_sums_metrics_per_run():
+    c = config()
+    stacked = cql.CQL(c, S, A, 1.0, torch.device("cpu"), seeds=SEEDS)
+    step = cql.UpdateStep(stacked, _buffer(), B)
+    torch.manual_seed(1)
+    for _ in range(3):
+        step()
+    assert step.metric_sum.shape == (len(cql.METRIC_NAMES), len(SEEDS))
+    means = step.take_run_means(3)
+    assert len(means) == 3 and all(set(m) == set(cql.METRIC_NAMES) for m in means)
+    assert len({m["qf1_loss"] for m in means}) == 3  # own batches and noise: different losses
+    batch = _buffer().sample(B, (len(SEEDS),))
+    assert batch[0].shape == (len(SEEDS), B, S) and batch[2].shape == (len(SEEDS), B)
+
+
+# --------------------------------------------------------------------------- runs
+def run_args(hopper_hdf5: Path, checkpoints: Path, updates: int = 120) -> list:
+    return [f"--env={hopper_hdf5}", f"--max_timesteps={updates}", "--eval_freq=60", "--log_freq=20",
+            "--checkpoint_freq=30", "--batch_size=32", "--cql_n_actions=4", "--n_episodes=2",
+            "--max_episode_steps=30", "--wandb_mode=disabled", "--device=cpu", f"--checkpoints_path={checkpoints}",
+            "--seeds=4,9", "--q_n_hidden_layers=2"]
+
+
+def rows(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def by_seed(folder: Path) -> dict:
+    return {int(d.name.split("-")[-2]): d for d in folder.iterdir()}
+
+
+def test_sigkilled_stack_resumes_to_the_same_weights_and_metrics_per_seed(hopper_hdf5, tmp_path):
+    # The reference: one uninterrupted stack of seeds 4 and 9, a run directory per seed.
+    done = subprocess.run([sys.executable, SCRIPT, *run_args(hopper_hdf5, tmp_path / "a")], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "over 2 seeds" in done.stdout
+    reference = by_seed(tmp_path / "a")
+    assert sorted(reference) == [4, 9]
+    for seed, run_dir in reference.items():
+        assert run_dir.name.startswith(f"CQL-hopper-random-tiny-{seed}-")
+        assert [p.name for p in cql.checkpoint_files(run_dir)] == [f"checkpoint_{s}.pt" for s in (30, 60, 90, 120)]
+        got = rows(run_dir)
+        assert [r["step"] for r in got if "qf1_loss" in r] == [20, 40, 60, 80, 100, 120]
+        assert [r["step"] for r in got if "d4rl_normalized_score" in r] == [60, 120]
+        # Each checkpoint is an ordinary one-run checkpoint.
+        one = cql.CQL(cql.TrainConfig(q_n_hidden_layers=2), 11, 3, 1.0, torch.device("cpu"))
+        cql.load_checkpoint(str(run_dir / "checkpoint_120.pt"), one)
+        assert one.total_it == 120
+    assert rows(reference[4]) != rows(reference[9])
+
+    # The same stack, killed (SIGKILL) once its second checkpoint exists.
+    process = subprocess.Popen([sys.executable, SCRIPT, *run_args(hopper_hdf5, tmp_path / "b")], env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list((tmp_path / "b").glob("*/checkpoint_60.pt"))) < 2 and time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed = by_seed(tmp_path / "b")
+    assert not (killed[9] / "checkpoint_120.pt").exists(), "killed too late to test anything"
+    # As if the kill came between the two runs' checkpoint writes: seed 9 lacks its newest one.
+    cql.checkpoint_files(killed[9])[-1].unlink()
+
+    result = subprocess.run([sys.executable, SCRIPT, f"--resume={killed[4]}"], env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed at update" in result.stdout
+    for seed in (4, 9):
+        want = torch.load(reference[seed] / "checkpoint_120.pt", weights_only=False)
+        got = torch.load(killed[seed] / "checkpoint_120.pt", weights_only=False)
+        for part in ("actor", "critic", "target_critic"):
+            for name in want[part]:
+                assert torch.equal(want[part][name], got[part][name]), (seed, part, name)
+        assert torch.equal(want["log_alpha"], got["log_alpha"])
+        for index, state in want["optimizer"]["state"].items():
+            for key in state:
+                assert torch.equal(state[key], got["optimizer"]["state"][index][key]), (seed, index, key)
+        assert rows(killed[seed]) == rows(reference[seed]), seed  # every row once, same values and order
