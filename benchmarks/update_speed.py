@@ -2,6 +2,7 @@
 
     python benchmarks/update_speed.py --device cuda
     python benchmarks/update_speed.py --device cpu --updates 30
+    python benchmarks/update_speed.py --device cuda --seeds 1,4,16 --variants plain,compile+cudagraphs
 
 All variants run in one process on the same device, CORL's default shapes (halfcheetah: state 17,
 action 6; batch 256; 3x256 critics; 10 CQL actions), on a synthetic buffer of --buffer_size
@@ -9,6 +10,10 @@ transitions. Ratios are against the plain eager update, the readable reference. 
 row adds what CORL does per update on top of the same math: one host sync (.item()) per metric.
 Before timing, each fast variant is checked against the plain one: fed the same batches and
 noise from the same weights, the parameters after --check_updates updates must agree.
+
+--seeds N trains a stack of N independent runs per update (algorithms/offline/cql.py --seeds):
+rows then report seed-updates/s (updates/s x N) and peak GPU memory per seed (the synthetic
+buffer, shared by all runs, left out). A list (1,4,16) times each stack size in turn.
 """
 import argparse
 import resource
@@ -36,9 +41,11 @@ def synthetic_data(n: int, state_dim: int, action_dim: int, seed: int = 0) -> cq
     )
 
 
-def make(config: cql.TrainConfig, device: torch.device, cudagraphs: bool) -> cql.CQL:
+def make(config: cql.TrainConfig, device: torch.device, cudagraphs: bool, n_seeds: int = 0) -> cql.CQL:
+    """A one-run trainer (n_seeds 0) or a stack of n_seeds runs."""
     torch.manual_seed(0)
-    return cql.CQL(config, 17, 6, 1.0, device, capturable=cudagraphs and device.type == "cuda")
+    return cql.CQL(config, 17, 6, 1.0, device, capturable=cudagraphs and device.type == "cuda",
+                   seeds=list(range(n_seeds)) if n_seeds else None)
 
 
 def sync(device: torch.device) -> None:
@@ -47,7 +54,7 @@ def sync(device: torch.device) -> None:
 
 
 def check_against_plain(config: cql.TrainConfig, device: torch.device, compile: bool, cudagraphs: bool,
-                        updates: int) -> float:
+                        updates: int, n_seeds: int = 0) -> float:
     """Largest relative difference of all gradients together (one vector), fast vs plain, over
     `updates` updates.
 
@@ -55,11 +62,11 @@ def check_against_plain(config: cql.TrainConfig, device: torch.device, compile: 
     and noise, so their gradients must agree up to float rounding (the CUDA graph, captured at the
     fourth update, replays kernels on copies of the inputs).
     """
-    plain = make(config, device, False)
-    fast = make(config, device, cudagraphs)
+    plain = make(config, device, False, n_seeds)
+    fast = make(config, device, cudagraphs, n_seeds)
     losses = torch.compile(fast.losses) if compile else fast.losses
     gen = torch.Generator(device=device).manual_seed(1)
-    b, n, a = config.batch_size, config.cql_n_actions, 6
+    b, n, a = (*plain.run_shape, config.batch_size), config.cql_n_actions, 6
 
     def draw() -> Tuple[Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]:
         def randn(*shape):
@@ -68,9 +75,9 @@ def check_against_plain(config: cql.TrainConfig, device: torch.device, compile: 
         def uniform(*shape):
             return torch.rand(*shape, device=device, generator=gen) * 2 - 1
 
-        batch = (randn(b, 17), uniform(b, a), randn(b), randn(b, 17), (uniform(b) > 0.9).float())
-        noise = {"policy": randn(b, a), "next": randn(*((b, n, a) if config.cql_max_target_backup else (b, a))),
-                 "cql_current": randn(b, n, a), "cql_next": randn(b, n, a), "cql_random": uniform(b, n, a)}
+        batch = (randn(*b, 17), uniform(*b, a), randn(*b), randn(*b, 17), (uniform(*b) > 0.9).float())
+        noise = {"policy": randn(*b, a), "next": randn(*((*b, n, a) if config.cql_max_target_backup else (*b, a))),
+                 "cql_current": randn(*b, n, a), "cql_next": randn(*b, n, a), "cql_random": uniform(*b, n, a)}
         return batch, noise
 
     def fast_step(batch, noise):
@@ -111,8 +118,9 @@ def check_against_plain(config: cql.TrainConfig, device: torch.device, compile: 
 
 
 def time_variant(config: cql.TrainConfig, buffer: cql.ReplayBuffer, device: torch.device, compile: bool,
-                 cudagraphs: bool, corl_sync: bool, warmup: int, updates: int) -> Tuple[float, float]:
-    trainer = make(config, device, cudagraphs)
+                 cudagraphs: bool, corl_sync: bool, warmup: int, updates: int, n_seeds: int = 0
+                 ) -> Tuple[float, float]:
+    trainer = make(config, device, cudagraphs, n_seeds)
     step = cql.UpdateStep(trainer, buffer, config.batch_size, compile=compile, cudagraphs=cudagraphs)
     start = time.perf_counter()
     for _ in range(warmup):
@@ -122,7 +130,7 @@ def time_variant(config: cql.TrainConfig, buffer: cql.ReplayBuffer, device: torc
     start = time.perf_counter()
     for _ in range(updates):
         if corl_sync:  # CORL: every metric fetched to the host after every update
-            metrics = trainer.train(buffer.sample(config.batch_size))
+            metrics = trainer.train(buffer.sample(config.batch_size, trainer.run_shape))
             {k: v.item() for k, v in metrics.items()}
         else:
             step()
@@ -139,6 +147,8 @@ def main(argv: List[str]) -> None:
     parser.add_argument("--check_updates", type=int, default=20, help="updates compared against the plain path")
     parser.add_argument("--variants", default="plain,corl_style,compile,cudagraphs,compile+cudagraphs")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (reported separately; off by default)")
+    parser.add_argument("--seeds", default="0", help="runs per update, comma-separated stack sizes; 0: the one-run "
+                                                     "trainer, N: a stack of N seeds (--seeds of the training script)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -165,26 +175,35 @@ def main(argv: List[str]) -> None:
         "cudagraphs": (False, True, False), "compile+cudagraphs": (True, True, False),
     }
     rows = []
-    for label in args.variants.split(","):
-        compile, cudagraphs, corl_sync = variants[label]
-        if cudagraphs and device.type != "cuda":
-            continue
-        error = None
-        if compile or cudagraphs:
-            error = check_against_plain(config, device, compile, cudagraphs, args.check_updates)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        ups, warm = time_variant(config, buffer, device, compile, cudagraphs, corl_sync, args.warmup, args.updates)
-        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-        rows.append((label, ups, warm, error, peak))
-        print(f"  {label:<20} {ups:9.1f} updates/s  (warm-up {warm:5.1f} s)", flush=True)
+    for n_seeds in [int(n) for n in args.seeds.split(",")]:
+        runs = max(n_seeds, 1)
+        for label in args.variants.split(","):
+            compile, cudagraphs, corl_sync = variants[label]
+            if cudagraphs and device.type != "cuda":
+                continue
+            error = None
+            if compile or cudagraphs:
+                error = check_against_plain(config, device, compile, cudagraphs, args.check_updates, n_seeds)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            ups, warm = time_variant(config, buffer, device, compile, cudagraphs, corl_sync, args.warmup,
+                                     args.updates, n_seeds)
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+            rows.append((n_seeds, label, ups, warm, error, peak))
+            print(f"  seeds {n_seeds:<3} {label:<20} {ups:9.1f} updates/s, {ups * runs:9.1f} seed-updates/s "
+                  f"(warm-up {warm:5.1f} s)", flush=True)
 
-    plain = next(r[1] for r in rows if r[0] == "plain")
-    print("\n| variant | updates/s | vs plain | 1M updates | warm-up s | max rel. gradient diff vs plain | peak GPU MiB |")
-    print("|---|---|---|---|---|---|---|")
-    for label, ups, warm, error, peak in rows:
+    print("\n| seeds | variant | updates/s | seed-updates/s | vs plain | 1M updates (all seeds) | warm-up s "
+          "| max rel. gradient diff vs plain | peak GPU MiB | GPU MiB per seed (buffer apart) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n_seeds, label, ups, warm, error, peak in rows:
+        runs = max(n_seeds, 1)
+        plain = next((r[2] for r in rows if r[0] == n_seeds and r[1] == "plain"), float("nan"))
         err = "-" if error is None else f"{error:.1e}"
-        print(f"| {label} | {ups:.1f} | {ups / plain:.2f}x | {1e6 / ups / 60:.1f} min | {warm:.1f} | {err} | {peak:.0f} |")
+        print(f"| {n_seeds or '-'} | {label} | {ups:.1f} | {ups * runs:.1f} | {ups / plain:.2f}x | "
+              f"{1e6 / ups / 60:.1f} min | {warm:.1f} | {err} | {peak:.0f} | {(peak - buffer_mb) / runs:.0f} |")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,26 @@ def test_a_run_in_a_stack_follows_the_same_updates_as_alone(variant):
         assert_run_equals(stacked, run, trainer, rtol=1e-5, atol=1e-6)  # Adam: ~lr/300
 
 
+def test_compiled_stack_losses_and_gradients_equal_eager():
+    """torch.compile of a stack's losses (the UpdateStep speed layer) is the same math."""
+    c = config(cql_max_target_backup=True)
+    eager = cql.CQL(c, S, A, 1.0, torch.device("cpu"), seeds=SEEDS)
+    compiled = copy.deepcopy(eager)
+    compiled.losses = torch.compile(compiled.losses)
+    gen = torch.Generator().manual_seed(4)
+    batch, noise = stack([draw(gen, c) for _ in SEEDS])
+    for trainer in (eager, compiled):
+        total, trainer.metrics = trainer.losses(batch, noise, False)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+    for name in cql.METRIC_NAMES:
+        torch.testing.assert_close(compiled.metrics[name], eager.metrics[name], rtol=1e-5, atol=1e-5, msg=name)
+    for want, got in zip(eager.optimizer.param_groups, compiled.optimizer.param_groups):
+        for p, q in zip(want["params"], got["params"]):
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_runs_are_independent_bit_for_bit():
     """Another run's batch, noise and weights change nothing in runs 0 and 2."""
     c = config(cql_lagrange=True)

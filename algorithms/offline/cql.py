@@ -7,6 +7,15 @@ offline CQL, on Gymnasium + MuJoCo, h5py and Minari instead of gym, d4rl and muj
     python algorithms/offline/cql.py --config_path configs/offline/cql/hopper/medium_v2.yaml --seeds=0,1,2,3
 
 Layout: config -> data -> networks -> algorithm -> evaluation and logging -> train() -> main.
+
+Several seeds in one process (--seeds=0,1,2,3, or --seeds=4 for seed..seed+3): one trainer holds
+the runs stacked along a leading seed dimension and updates them together; each run samples its
+own batches and noise and is otherwise what a one-seed run is: its own run directory
+<name>-<env>-<seed>-<id> with config.yaml, metrics.jsonl, wandb run (grouped by `group`),
+evaluations (episode i seeded seed + i) and ordinary one-run checkpoints, written for all runs
+at the same updates. --resume=<any run directory of the stack> resumes the whole stack, exactly,
+from the newest update that every run has a checkpoint of. A non-finite value in any run stops
+the stack.
 """
 import copy
 import json
