@@ -1515,7 +1515,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         run.logger = RunLogger(config, run.dir, run.dir.name, resume=resumed is not None,
                                seed=run.seed if stacked else None)
     where = (f"run dir {runs[0].dir}" if not stacked
-             else f"{len(runs)} runs (seeds {config.seeds}) in {runs[0].dir.parent}")
+             else f"{len(runs)} runs (seeds {', '.join(str(r.seed) for r in runs)}) in {runs[0].dir.parent}")
     print(f"CQL on {data.source}: {buffer.size} transitions, state {state_dim}, action {action_dim}, "
           f"device {device}, {where}" + (f", resumed at update {trainer.total_it}" if resumed else ""))
 
