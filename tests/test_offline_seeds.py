@@ -292,3 +292,21 @@ def test_sigkilled_stack_resumes_to_the_same_weights_and_metrics_per_seed(hopper
             for key in state:
                 assert torch.equal(state[key], got["optimizer"]["state"][index][key]), (seed, index, key)
         assert rows(killed[seed]) == rows(reference[seed]), seed  # every row once, same values and order
+
+
+def test_foreground_evaluator_of_a_stack_run_draws_no_random_numbers():
+    import gymnasium as gym
+    import numpy as np
+
+    stacked = cql.CQL(config(), 11, 3, 1.0, torch.device("cpu"), seeds=SEEDS)
+    before = torch.get_rng_state()
+    evaluator = cql.Evaluator(gym.make("Hopper-v4"), lambda: gym.make("Hopper-v4", max_episode_steps=5), 2, SEEDS[1],
+                              np.zeros(11), np.ones(11), stacked.actor, background=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    evaluator.submit(1, cql.actor_weights(stacked.actor, 1))
+    torch.manual_seed(SEEDS[1])  # run 1's actor is the one-seed actor: the same returns
+    alone = cql.CQL(config(), 11, 3, 1.0, torch.device("cpu")).actor
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make("Hopper-v4", max_episode_steps=5)] * 2)
+    np.testing.assert_array_equal(evaluator.collect()[0][1], cql.evaluate(envs, alone, SEEDS[1], np.zeros(11),
+                                                                          np.ones(11)))
+    evaluator.close()

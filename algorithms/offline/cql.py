@@ -1249,7 +1249,11 @@ class Evaluator:
             self.worker.start()
         else:
             self.envs = gym.vector.SyncVectorEnv([make_env] * n_episodes)
-            self.actor = copy.deepcopy(actor).cpu()  # a copy: building a new one would draw random numbers
+            if isinstance(actor, TanhGaussianActor):
+                self.actor = copy.deepcopy(actor).cpu()  # a copy: building a new one would draw random numbers
+            else:  # a run of a stack: a one-run actor, built aside from the random stream
+                with torch.random.fork_rng(devices=[]):
+                    self.actor = TanhGaussianActor(*shape)
 
     def submit(self, step: int, weights: Dict[str, torch.Tensor]) -> None:
         if self.worker is None:
