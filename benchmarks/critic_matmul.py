@@ -37,19 +37,21 @@ def timed_us(fn, repeats: int = 200) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=256 * 31)
+    parser.add_argument("--members", type=int, default=2, help="2 critics, or 2 x seeds in a seed stack")
     args = parser.parse_args()
     device = torch.device("cuda")
-    print(f"weight gradient x^T @ g of both critics over {args.rows} rows (us per call, fp32, TF32 off)")
+    m = args.members
+    print(f"weight gradient x^T @ g of {m} critics over {args.rows} rows (us per call, fp32, TF32 off)")
     for fan_in, fan_out in [(23, 256), (256, 256), (256, 1)]:
-        x = torch.randn(2, args.rows, fan_in, device=device)
-        g = torch.randn(2, args.rows, fan_out, device=device)
-        out = torch.empty(2, fan_in, fan_out, device=device)
+        x = torch.randn(m, args.rows, fan_in, device=device)
+        g = torch.randn(m, args.rows, fan_out, device=device)
+        out = torch.empty(m, fan_in, fan_out, device=device)
 
         def batched():
             torch.bmm(x.transpose(1, 2), g, out=out)
 
         def per_critic():
-            for e in range(2):
+            for e in range(m):
                 torch.mm(x[e].T, g[e], out=out[e])
 
         reference = torch.bmm(x.double().transpose(1, 2), g.double())

@@ -680,10 +680,13 @@ class EnsembleLinear(torch.autograd.Function):
     """y[e] = x[e % len(x)] @ weight[e] + bias[e] for every member e: x shared by all members when
     its first dim is 1, one x per member, or (seed stacks, members ordered critic-major) one x per seed.
 
-    The same as torch.baddbmm, but the weight gradient is one plain matmul per critic: cuBLAS
-    runs the batched x^T @ grad_y, a reduction over all batch rows, with a small-tile kernel
-    4-6x slower on an H100 (benchmarks/critic_matmul.py).
+    The same as torch.baddbmm, but for a few members the weight gradient is one plain matmul per
+    member: cuBLAS runs the batched x^T @ grad_y of 2 members, a reduction over all batch rows,
+    with a small-tile kernel 4-6x slower on an H100 (benchmarks/critic_matmul.py); with many
+    members (seed stacks) the batched form has work enough to fill the GPU.
     """
+
+    PER_MEMBER_UP_TO = 2  # members up to which the weight gradient is computed member by member
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -704,8 +707,11 @@ class EnsembleLinear(torch.autograd.Function):
             grad_x = torch.bmm(grad_y, weight.transpose(1, 2))
             if inputs < members:  # the members that share an input add their gradients
                 grad_x = grad_x.unflatten(0, (members // inputs, inputs)).sum(0)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and members <= EnsembleLinear.PER_MEMBER_UP_TO:
             grad_weight = torch.stack([x[e % inputs].T @ grad_y[e] for e in range(members)])
+        elif ctx.needs_input_grad[1]:
+            per_member_x = x.repeat(members // inputs, 1, 1) if inputs < members else x
+            grad_weight = torch.bmm(per_member_x.transpose(1, 2), grad_y)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.sum(1, keepdim=True)
         return grad_x, grad_weight, grad_bias
