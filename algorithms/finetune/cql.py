@@ -148,6 +148,7 @@ class TrainConfig:
     warmup_steps: int = 5_000  # pure online mode only: first iterations act uniformly at random, no updates
     compile: Optional[bool] = None  # torch.compile the losses (same math); None: on for cuda, off for cpu
     cudagraphs: bool = True  # on cuda, replay the whole update (sampling, losses, backward, Adam) as a CUDA graph
+    tf32: bool = False  # allow TF32 matmuls on cuda: faster, ~1e-3 relative precision instead of fp32's
 
 
 class ConfigError(ValueError):
@@ -1549,6 +1550,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     """Pre-trains offline, then trains online; returns a summary (scores, returns, counts, timings, paths)."""
     begin = time.time()
     device = resolve_device(config.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     set_seed(config.seed)
     pure_online = is_pure_online(config)
     if pure_online:

@@ -108,6 +108,7 @@ class TrainConfig:
     wandb_mode: Optional[str] = None  # online, offline or disabled; None: online if an API key is set, else offline
     compile: Optional[bool] = None  # torch.compile the losses (same math); None: on for cuda, off for cpu
     cudagraphs: bool = True  # on cuda, replay the whole update (sampling, losses, backward, Adam) as a CUDA graph
+    tf32: bool = False  # allow TF32 matmuls on cuda: faster, ~1e-3 relative precision instead of fp32's
 
 
 class ConfigError(ValueError):
@@ -1469,6 +1470,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     """Trains CQL on config's dataset; returns a summary (last and best normalized score, paths)."""
     begin = time.time()
     device = resolve_device(config.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     set_seed(config.seed)  # a stack of runs: its batches and noise come from this one stream
     data = load_dataset(config)
     probe_env = data.make_env()
