@@ -5,6 +5,7 @@ import gymnasium as gym
 import h5py
 import numpy as np
 import pytest
+import torch
 
 
 def rollout_arrays(env_id: str, n_steps: int, seed: int, max_episode_steps: int = 100) -> dict:
@@ -44,3 +45,12 @@ def hopper_hdf5(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "hopper-random-tiny.hdf5"
     return write_hdf5(path, rollout_arrays("Hopper-v4", 3000, seed=0),
                       {"env_id": "Hopper-v4", "ref_min_score": -20.272305, "ref_max_score": 3234.3})
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a small, busy CPU two threads contend and updates get many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,12 +21,7 @@ QUICKSTART_SHA256 = "47e3a0459385889263f52b07cbca1b42f3e67b992f9d3f05e495a66d352
 QUICKSTART_CONFIG = ROOT / "configs" / "offline" / "cql" / "quickstart.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def _read(path: Path):
