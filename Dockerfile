@@ -11,7 +11,10 @@ COPY requirements/ requirements/
 RUN pip install --no-cache-dir -r requirements/runtime.txt
 COPY algorithms/ algorithms/
 COPY configs/ configs/
+COPY data/ data/
 COPY tools/ tools/
+COPY scripts/ scripts/
+COPY benchmarks/ benchmarks/
 
 ENTRYPOINT ["python"]
 CMD ["algorithms/offline/cql.py", "--help"]
