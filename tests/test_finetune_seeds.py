@@ -5,9 +5,14 @@
 * the runs are independent: another run's data or weights change nothing in a run, bit for bit;
 * each run has its own replay ring (its own online rows), training env, run dir and metrics;
 * a short 2-seed run across the switch writes both phases' metrics per run, and each run's
-  checkpoint is an ordinary one-run checkpoint.
+  checkpoint is an ordinary one-run checkpoint;
+* a stack killed with SIGKILL (offline, then online) resumes to an uninterrupted stack's runs.
 """
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +20,7 @@ import pytest
 import torch
 
 import algorithms.finetune.cql as cql
+import test_finetune_durability as durability
 
 S, A, B, N = 5, 3, 16, 4  # state dim, action dim, batch, cql_n_actions
 SEEDS = [3, 7, 11]
@@ -197,7 +203,7 @@ def test_two_seed_run_crosses_the_switch_with_its_own_dirs_metrics_and_episodes(
         assert episodes and all(r["step"] > 20 and 0 < r["train/episode_length"] <= 10 for r in episodes)
         episode_returns.append([r["train/episode_return"] for r in episodes])
         assert [r["step"] for r in rows if "eval_return_mean" in r] == [30, 60]
-        assert cql.parse_config(["--config_path", str(run_dir / "config.yaml")]).seed == seed
+        assert cql.parse_config(["--config_path", str(run_dir / "config.yaml")]).seeds == "4,9"  # the stack's
         # each run's checkpoint is a one-run checkpoint: a one-seed trainer and ring load it
         assert sorted(p.name for p in run_dir.glob("*.pt")) == ["checkpoint_30.pt", "checkpoint_60.pt",
                                                                  "replay_60.pt"]
@@ -214,11 +220,44 @@ def test_two_seed_run_crosses_the_switch_with_its_own_dirs_metrics_and_episodes(
     assert summary["runs"][0]["eval_returns"] != summary["runs"][1]["eval_returns"]
 
 
-def test_seeds_refuse_resume_and_load_model_for_now(hopper_hdf5, tmp_path):
-    for field in ("resume", "load_model"):
-        c = cql.parse_config(["--env", str(hopper_hdf5), "--seeds=2", "--offline_iterations=2",
-                              "--online_iterations=2", f"--{field}={tmp_path}", *SMALL]) \
-            if field == "load_model" else cql.TrainConfig(env=str(hopper_hdf5), seeds="2", resume=str(tmp_path),
-                                                          wandb_mode="disabled")
-        with pytest.raises(cql.ConfigError, match=f"field '{field}': not supported with seeds"):
-            cql.train(c)
+def test_seeds_refuse_load_model_for_now(hopper_hdf5, tmp_path):
+    c = cql.parse_config(["--env", str(hopper_hdf5), "--seeds=2", "--offline_iterations=2", "--online_iterations=2",
+                          f"--load_model={tmp_path / 'checkpoint_2.pt'}", *SMALL])
+    with pytest.raises(cql.ConfigError, match="field 'load_model': not supported with seeds"):
+        cql.train(c)
+
+
+def _kill_when(process, run_root: Path, checkpoint: str) -> None:
+    deadline = time.time() + 300
+    while len(list(run_root.glob(f"*/{checkpoint}"))) < 2 and time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_sigkilled_stack_resumes_twice_across_the_switch_to_the_same_runs(hopper_hdf5, tmp_path):
+    """A 2-seed stack killed offline and again online, resumed from one of its run dirs each time,
+    ends with each run's weights, Adam state, replay rows and metrics rows equal to an uninterrupted stack's."""
+    args = [*durability.run_args(hopper_hdf5, tmp_path / "a", offline=60, online=80), "--seeds=5,8"]
+    subprocess.run([sys.executable, durability.SCRIPT, *args], env=durability.ENV, check=True, capture_output=True,
+                   timeout=600)
+    args_b = [*durability.run_args(hopper_hdf5, tmp_path / "b", offline=60, online=80), "--seeds=5,8"]
+    first = subprocess.Popen([sys.executable, durability.SCRIPT, *args_b], env=durability.ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _kill_when(first, tmp_path / "b", "checkpoint_20.pt")
+    killed = sorted((tmp_path / "b").iterdir(), key=lambda d: int(d.name.split("-")[-2]))
+    assert not any((d / "checkpoint_60.pt").exists() for d in killed), "killed too late to cross the switch"
+    second = subprocess.Popen([sys.executable, durability.SCRIPT, f"--resume={killed[1]}"], env=durability.ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _kill_when(second, tmp_path / "b", "checkpoint_100.pt")
+    assert not all((d / "checkpoint_140.pt").exists() for d in killed), "killed too late to test anything"
+    result = subprocess.run([sys.executable, durability.SCRIPT, f"--resume={killed[0]}"], env=durability.ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reference = sorted((tmp_path / "a").iterdir(), key=lambda d: int(d.name.split("-")[-2]))
+    for want, got in zip(reference, killed):
+        durability.assert_same_run(want, got, 140)
+        assert not list(got.glob(".*.tmp")) and [p.name for p in got.glob("replay_*.pt")] == ["replay_140.pt"]
+    assert durability.rows(killed[0]) != durability.rows(killed[1])

@@ -56,7 +56,8 @@ into its members, critic-major) and updated by one optimizer step; each run samp
 and noise from its own replay ring (the buffer gains a seed dim), acts in its own training env (reset
 with its seed) through one batched actor call, evaluates on episodes eval_seed + i, and has its own
 run dir, metrics.jsonl and one-run checkpoints. The switch comes at the same iteration for all.
---resume and --load_model are not supported with --seeds yet.
+--resume <any run dir of the stack> continues the whole stack exactly (each run from its checkpoint of
+the newest iteration that all runs have); --load_model is not supported with --seeds yet.
 
 Layout: config -> data -> replay buffer -> networks -> algorithm -> evaluation, logging and
 checkpoints -> train() -> main. The offline phase's data, networks, losses and speed layer are
@@ -74,7 +75,7 @@ import time
 import urllib.request
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union, get_args, get_origin
 
@@ -1320,7 +1321,7 @@ class CQL:
                 run_adam[j] = {key: v.clone() if key == "step" else view(v, run).clone()
                                for key, v in adam["state"][k].items()}
         state["optimizer"] = {"state": run_adam, "param_groups": adam["param_groups"]}
-        state["total_it"] = self.total_it
+        state["total_it"], state["cql_alpha"] = self.total_it, float(self.cql_alpha)
         return state
 
     def load_run_state_dicts(self, states: List[Dict[str, Any]]) -> None:
@@ -1634,7 +1635,8 @@ class RunLogger:
 def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer, state_mean: np.ndarray,
                     state_std: np.ndarray, progress: Dict[str, Any],
                     pending_evaluations: Optional[Dict[int, Dict[str, torch.Tensor]]] = None,
-                    run_state: Optional[Dict[str, Any]] = None, keep: int = 0, run: Optional[int] = None) -> Path:
+                    run_state: Optional[Dict[str, Any]] = None, keep: int = 0, run: Optional[int] = None,
+                    prune: bool = True) -> Path:
     """checkpoint_<step>.pt (networks, optimizer, alphas, counters, the actor weights of unfinished
     evaluations by step and, for --resume, run_state) and replay_<step>.pt beside it.
 
@@ -1644,6 +1646,8 @@ def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer
     the replay file first; older replay files (and, with keep > 0, all but the newest `keep`
     checkpoints) are removed only after both are in place. A kill at any moment thus leaves the
     newest checkpoint with its own replay file (at most an orphan, newer replay file beside it).
+    With run (a stack), the files hold run `run` in the one-run layout; with prune False the old
+    files stay until prune_checkpoints, which a stack calls once every run has this step's files.
     """
     replay = run_dir / f"replay_{step}.pt"
     write_atomic(replay, lambda f: torch.save(buffer.online_state(run), f))
@@ -1652,12 +1656,18 @@ def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer
              "config": asdict(trainer.config), "progress": dict(progress, online_transitions=buffer.n_added),
              "replay_file": replay.name, "pending_evaluations": dict(pending_evaluations or {}), "run": run_state}
     write_atomic(path, lambda f: torch.save(state, f))
+    if prune:
+        prune_checkpoints(run_dir, replay, keep)
+    return path
+
+
+def prune_checkpoints(run_dir: Path, replay: Path, keep: int) -> None:
+    """Removes the replay files but `replay` and, with keep > 0, all but the newest keep checkpoints."""
     for old in run_dir.glob("replay_*.pt"):
         if old != replay:
             old.unlink()
     for old in checkpoint_files(run_dir)[:-keep] if keep else []:
         old.unlink()
-    return path
 
 
 def checkpoint_files(run_dir: Path) -> List[Path]:
@@ -1676,7 +1686,16 @@ def load_checkpoint(path: str, trainer: CQL, buffer: Optional[ReplayBuffer] = No
         progress = state["progress"]
     except (RuntimeError, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as e:
         raise ConfigError(f"field '{field}': {path} does not fit this config ({str(e).splitlines()[0]})") from None
-    if buffer is not None and progress["online_transitions"] > 0:
+    if buffer is not None:
+        load_replay(path, state, buffer, field)
+    return state
+
+
+def load_replay(path: str, state: Dict[str, Any], buffer: ReplayBuffer, field: str, run: Optional[int] = None
+                ) -> None:
+    """Puts the online rows of checkpoint `path` (its replay file) into the buffer (into run `run`'s ring)."""
+    progress = state["progress"]
+    if progress["online_transitions"] > 0:
         replay = Path(path).parent / state["replay_file"]
         if not replay.is_file():
             raise ConfigError(f"field '{field}': {path} needs its replay file {replay}, which is gone "
@@ -1689,8 +1708,7 @@ def load_checkpoint(path: str, trainer: CQL, buffer: Optional[ReplayBuffer] = No
         if online["n_added"] != progress["online_transitions"]:
             raise ConfigError(f"field '{field}': replay file {replay} holds {online['n_added']} online transitions, "
                               f"{path} counts {progress['online_transitions']}")
-        buffer.load_online_state(online, str(replay), field)
-    return state
+        buffer.load_online_state(online, str(replay), field, run)
 
 
 def rng_states() -> Dict[str, Any]:
@@ -1848,9 +1866,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     capacity = max(1, min(config.buffer_size, n_data + config.online_iterations))
     seeds = run_seeds(config)
     if seeds is not None:
-        for name in ("resume", "load_model"):
-            if getattr(config, name):
-                raise ConfigError(f"field '{name}': not supported with seeds (yet); got {getattr(config, name)!r}")
+        if config.load_model:
+            raise ConfigError(f"field 'load_model': not supported with seeds (yet); got {config.load_model!r}")
         return train_stack(config, seeds, {
             "device": device, "make_train_env": make_train_env, "make_eval_env": make_eval_env, "env": env,
             "probe_env": probe_env, "state_dim": state_dim, "action_dim": action_dim, "max_action": max_action,
@@ -2092,14 +2109,43 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
         buffer.load_dataset(setup["data"])
     trainer = CQL(c, state_dim, action_dim, max_action, device,
                   capturable=c.cudagraphs and device.type == "cuda", seeds=seeds)
-    dirs = [Path(c.checkpoints_path or c.log_dir)
-            / f"{c.name}-{Path(c.env).stem.replace('/', '-')}-{seed}-{uuid.uuid4().hex[:8]}" for seed in seeds]
+    states: Optional[List[Dict[str, Any]]] = None  # each run's checkpoint that --resume continues from
+    if c.resume:
+        files = resume_checkpoints(Path(c.resume), n_runs)
+        dirs = [f.parent for f in files]
+        states = []
+        for i, (path, run_dir) in enumerate(zip(files, dirs)):
+            for stale in run_dir.glob(".*.tmp"):  # temporary files of writes that a kill interrupted
+                stale.unlink()
+            try:
+                states.append(torch.load(path, map_location=device, weights_only=False))
+            except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+                raise ConfigError(f"field 'resume': {path} is unreadable ({str(e).splitlines()[0]})") from None
+            if states[-1].get("run") is None or "rng" not in states[-1]["run"]:
+                raise ConfigError(f"field 'resume': {path} holds no run state")
+        try:
+            trainer.load_run_state_dicts(states)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ConfigError(f"field 'resume': {files[0]} does not fit this config ({str(e).splitlines()[0]})"
+                              ) from None
+        for i, (path, run_dir, state) in enumerate(zip(files, dirs, states)):
+            load_replay(str(path), state, buffer, "resume", run=i)
+            for later in checkpoint_files(run_dir):  # written by a kill before every run had its step's files
+                if int(later.stem.split("_")[1]) > int(path.stem.split("_")[1]):
+                    later.unlink()
+            for orphan in run_dir.glob("replay_*.pt"):
+                if orphan.name != state["replay_file"]:
+                    orphan.unlink()
+            keep_lines(run_dir / "metrics.jsonl", state["run"]["metrics_rows"])  # later rows come again
+        state_mean, state_std = states[0]["state_mean"], states[0]["state_std"]
+    else:
+        dirs = [Path(c.checkpoints_path or c.log_dir)
+                / f"{c.name}-{Path(c.env).stem.replace('/', '-')}-{seed}-{uuid.uuid4().hex[:8]}" for seed in seeds]
     loggers = []
     for seed, run_dir in zip(seeds, dirs):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_config = asdict(replace(c, seed=seed, seeds=None))  # each dir holds its run's one-seed config
-        write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(run_config, f, sort_keys=False), mode="w")
-        loggers.append(RunLogger(c, run_dir, run_dir.name, seed=seed))
+        run_dir.mkdir(parents=True, exist_ok=True)  # each holds the stack's config: --resume any of them
+        write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(asdict(c), f, sort_keys=False), mode="w")
+        loggers.append(RunLogger(c, run_dir, run_dir.name, resume=states is not None, seed=seed))
     print(f"CQL on {setup['source']}: {n_runs} runs (seeds {', '.join(map(str, seeds))}), {buffer.size} transitions "
           f"in a ring of {buffer.capacity} each, state {state_dim}, action {action_dim}, device {device}, "
           f"run dirs {', '.join(str(d) for d in dirs)}")
@@ -2123,16 +2169,37 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
     total = c.offline_iterations + c.online_iterations
     progress = [{"iteration": 0, "train_episodes": 0, "train_successes": 0, "eval_success_rates": [], "scores": []}
                 for _ in seeds]
-    trainer.cql_alpha = c.cql_alpha if c.offline_iterations > 0 else c.cql_alpha_online
     window = 0
     obs: List[Optional[np.ndarray]] = [None] * n_runs
     episode = [(0.0, 0, False)] * n_runs  # return, length, success of each run's episode in progress
     last_scores: List[Optional[float]] = [None] * n_runs
     eval_returns: List[List[float]] = [[] for _ in seeds]
+    if states is not None:  # each run's state at its checkpoint: the loop goes on as it would have
+        for i, state in enumerate(states):
+            run = state["run"]
+            progress[i].update({k: v for k, v in state["progress"].items() if k in progress[i]})
+            update.run_metric_sum(i).copy_(run["metric_sum"])
+            window, goal_tasks[i] = run["window"], run["goal_task"]
+            last_scores[i], eval_returns[i] = run["last_score"], run["eval_returns"]
+            obs[i], *episode[i] = run["episode"]
+            episode[i] = tuple(episode[i])
+            if run["env"] is not None:
+                set_env_state(envs[i], run["env"])
+            elif obs[i] is not None:
+                print(f"the training env of seed {seeds[i]} was not saved (it does not pickle): its episode in "
+                      f"progress is dropped, a new one starts")
+                obs[i], episode[i] = None, (0.0, 0, False)
+            for eval_step, weights in sorted(state.get("pending_evaluations", {}).items()):
+                evaluators[i].submit(eval_step, weights)
+    start_it = progress[0]["iteration"]
+    trainer.cql_alpha = c.cql_alpha if start_it < c.offline_iterations else c.cql_alpha_online
+    if states is not None:
+        set_rng_states(states[0]["run"]["rng"])  # last: from here on the stack draws what the stopped one would have
     checkpoint_freq = c.checkpoint_freq or c.eval_freq
     start = time.time()
     eval_seconds = 0.0
-    bar = tqdm(range(total), desc=f"CQL x{n_runs}", unit="it", dynamic_ncols=True, total=total,
+    bar = tqdm(range(start_it, total), desc=f"CQL x{n_runs}", unit="it", dynamic_ncols=True, initial=start_it,
+               total=total,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
     def log_evaluations(i: int, finished: List[Tuple[int, np.ndarray, np.ndarray, bool]]) -> None:
@@ -2231,10 +2298,19 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
         if c.checkpoints_path and (step % checkpoint_freq == 0 or step == total):
             if not trainer.parameters_finite():
                 raise FloatingPointError(f"non-finite network weights after iteration {step}")
-            for i, run_dir in enumerate(dirs):
+            rng = rng_states()
+            for i, run_dir in enumerate(dirs):  # one ordinary checkpoint per run, all of one iteration
                 progress[i]["iteration"] = step
+                run_state = {"rng": rng, "metric_sum": update.run_metric_sum(i).clone(), "window": window,
+                             "metrics_rows": loggers[i].rows, "goal_task": goal_tasks[i],
+                             "last_score": last_scores[i], "eval_returns": list(eval_returns[i]),
+                             "episode": (None if obs[i] is None else obs[i].copy(), *episode[i]),
+                             "env": None if obs[i] is None else env_state(envs[i]),
+                             "stack": [d.name for d in dirs]}  # the sibling runs to resume with
                 save_checkpoint(run_dir, step, trainer, buffer, state_mean, state_std, progress[i],
-                                evaluators[i].pending, {"stack": [d.name for d in dirs]}, c.keep_checkpoints, run=i)
+                                evaluators[i].pending, run_state, run=i, prune=False)
+            for run_dir in dirs:  # only once every run has this iteration's files
+                prune_checkpoints(run_dir, run_dir / f"replay_{step}.pt", c.keep_checkpoints)
     for i, evaluator in enumerate(evaluators):
         log_evaluations(i, evaluator.collect(wait=True))
         evaluator.close()
@@ -2254,6 +2330,24 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
     return {"runs": runs, "run_dirs": [str(d) for d in dirs], "iterations": total, "updates": trainer.total_it,
             "seconds": elapsed, "eval_seconds": eval_seconds, "cql_alpha": float(trainer.cql_alpha),
             "online_transitions": buffer.n_added}
+
+
+def resume_checkpoints(run_dir: Path, n_runs: int) -> List[Path]:
+    """For a stack of runs (run_dir: any of its run directories), each run's checkpoint of the newest
+    iteration that every run has a checkpoint of."""
+    files = checkpoint_files(run_dir)
+    if not files:
+        raise ConfigError(f"field 'resume': {run_dir} has no checkpoint to continue from")
+    run = torch.load(files[-1], map_location="cpu", weights_only=False).get("run") or {}
+    names = run.get("stack", [])
+    if len(names) != n_runs:
+        raise ConfigError(f"field 'resume': {files[-1]} is a checkpoint of {len(names) or 1} run(s), "
+                          f"the config's seeds name {n_runs}")
+    dirs = [run_dir.parent / name for name in names]
+    common = set.intersection(*({int(p.stem.split("_")[1]) for p in checkpoint_files(d)} for d in dirs))
+    if not common:
+        raise ConfigError(f"field 'resume': the runs {', '.join(map(str, dirs))} have no checkpoint of one iteration")
+    return [d / f"checkpoint_{max(common)}.pt" for d in dirs]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
