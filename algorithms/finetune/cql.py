@@ -50,6 +50,15 @@ process (--background_eval); evaluation steps a vector env with a CPU copy of th
 The replay ring's size and the penalty weight cql_alpha live in device tensors, so that a graph
 captured offline keeps sampling the growing ring and sees the switch to cql_alpha_online.
 
+Many seeds in one process (--seeds=0,1,2,3 or --seeds=4): as in the offline script, the runs'
+actors, critics, alphas and Adam state are stacked (ActorStack; the critic ensemble folds the seeds
+into its members, critic-major) and updated by one optimizer step; each run samples its own batches
+and noise from its own replay ring (the buffer gains a seed dim), acts in its own training env (reset
+with its seed) through one batched actor call, evaluates on episodes eval_seed + i, and has its own
+run dir, metrics.jsonl and one-run checkpoints. The switch comes at the same iteration for all.
+--resume <any run dir of the stack> continues the whole stack exactly (each run from its checkpoint of
+the newest iteration that all runs have); --load_model is not supported with --seeds yet.
+
 Layout: config -> data -> replay buffer -> networks -> algorithm -> evaluation, logging and
 checkpoints -> train() -> main. The offline phase's data, networks, losses and speed layer are
 those of algorithms/offline/cql.py, copied on purpose: one file per algorithm variant.
@@ -66,7 +75,7 @@ import time
 import urllib.request
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union, get_args, get_origin
 
@@ -94,6 +103,7 @@ class TrainConfig:
     device: str = "auto"  # torch device; "auto": cuda when available, else cpu
     env: str = "halfcheetah-medium-expert-v2"  # D4RL name, Minari id, HDF5 path, or (pure online) a Gymnasium id
     seed: int = 0  # seeds python, numpy, torch and the training env
+    seeds: Optional[str] = None  # runs in one process: a list "0,1,2,3" or a count "4" (seed..seed+3); None: one
     eval_seed: int = 0  # evaluation episode i is seeded eval_seed + i
     eval_freq: int = 5_000  # evaluate (and checkpoint) every this many iterations
     n_episodes: int = 10  # evaluation episodes, run side by side
@@ -245,6 +255,7 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"field 'checkpoint_freq' must be > 0, got {config.checkpoint_freq!r}")
     if config.keep_checkpoints < 0:
         raise ConfigError(f"field 'keep_checkpoints' must be >= 0, got {config.keep_checkpoints!r}")
+    run_seeds(config)  # a bad seeds value fails here, not after the data is loaded
     if config.device != "auto":
         try:
             torch.device(config.device)
@@ -253,6 +264,24 @@ def check_config(config: TrainConfig) -> None:
     if is_pure_online(config) and config.online_iterations == 0:
         raise ConfigError(f"field 'online_iterations': pure online mode on {config.env} (no dataset, "
                           f"offline_iterations 0) needs online_iterations > 0")
+
+
+def run_seeds(config: TrainConfig) -> Optional[List[int]]:
+    """The seeds of a multi-seed run ("0,1,2,3" -> [0, 1, 2, 3], "4" -> seed..seed+3); None: one run."""
+    if config.seeds is None:
+        return None
+    text = config.seeds.strip()
+    expected = f"field 'seeds' expects a count like 4 or a list like 0,1,2,3, got {config.seeds!r}"
+    try:
+        seeds = ([int(s) for s in text.split(",") if s.strip()] if "," in text
+                 else list(range(config.seed, config.seed + int(text))))
+    except ValueError:
+        raise ConfigError(expected) from None
+    if not seeds:
+        raise ConfigError(expected)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"field 'seeds' lists a seed twice: {config.seeds!r}")
+    return seeds
 
 
 def parse_config(argv: List[str], config_class: type = TrainConfig) -> Any:
@@ -306,6 +335,9 @@ def parse_config(argv: List[str], config_class: type = TrainConfig) -> Any:
         for key, value in loaded.items():
             if key not in types:
                 raise ConfigError(f"config file {config_path}: unknown key '{key}'")
+            if key == "seeds" and isinstance(value, (int, list)) and not isinstance(value, bool):
+                value = ",".join(map(str, value)) + ("," if len(value) == 1 else "") if isinstance(value, list) \
+                    else str(value)  # YAML `seeds: 4` or `seeds: [0, 1]`
             values[key] = _coerce(key, types[key], value, f"config file {config_path}")
     for key, value in overrides.items():
         values[key] = _coerce(key, types[key], value, "command line")
@@ -683,14 +715,20 @@ class ReplayBuffer:
     captured once as a CUDA graph keeps sampling the whole, growing ring. `online_state()` is what
     a checkpoint keeps: the rows written online, oldest first, plus pointer, size and counts; the
     dataset rows are re-read from the dataset on resume.
+
+    With runs = (n_seeds,) the ring holds one ring per run of a seed stack: storage (n_seeds,
+    capacity, ...), each run's own copy of the dataset and its own online rows. The runs add one
+    transition each per online iteration, so pointer and size are the same for all of them.
     """
 
-    def __init__(self, capacity: int, state_dim: int, action_dim: int, device: torch.device):
+    def __init__(self, capacity: int, state_dim: int, action_dim: int, device: torch.device,
+                 runs: Tuple[int, ...] = ()):
         self.capacity = capacity
         self.device = device
+        self.runs = runs
         self.shapes = {"observations": (state_dim,), "actions": (action_dim,), "rewards": (),
                        "next_observations": (state_dim,), "terminals": ()}
-        self.storage = {k: torch.zeros((capacity, *shape), dtype=torch.float32, device=device)
+        self.storage = {k: torch.zeros((*runs, capacity, *shape), dtype=torch.float32, device=device)
                         for k, shape in self.shapes.items()}
         self.size_tensor = torch.zeros((), dtype=torch.int64, device=device)
         self._size = 0
@@ -715,40 +753,54 @@ class ReplayBuffer:
         if n > self.capacity:
             raise ConfigError(f"field 'buffer_size' ({self.capacity}) is smaller than the dataset ({n} transitions)")
         for key in BUFFER_FIELDS:
-            self.storage[key][:n] = torch.as_tensor(arrays[key], dtype=torch.float32, device=self.device)
+            self.storage[key][self._rows(slice(0, n))] = torch.as_tensor(arrays[key], dtype=torch.float32, device=self.device)
         self.n_data = self.size = n
         self.pointer = n % self.capacity
 
-    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, terminal: float) -> None:
+    def _rows(self, rows: Any) -> Tuple[Any, ...]:
+        """Index of `rows` in every run's ring."""
+        return (*(slice(None) for _ in self.runs), rows)
+
+    def add(self, obs: np.ndarray, action: np.ndarray, reward: Any, next_obs: np.ndarray, terminal: Any) -> None:
+        """One transition, or for a stack one per run (each value with a leading n_seeds dim)."""
         values = (obs, action, reward, next_obs, terminal)  # one copy to the device, then split there
-        row = torch.as_tensor(np.concatenate([np.ravel(v) for v in values]).astype(np.float32), device=self.device)
-        parts = row.split([math.prod(self.shapes[key]) for key in BUFFER_FIELDS])
+        row = np.concatenate([np.reshape(v, (*self.runs, -1)) for v in values], axis=-1).astype(np.float32)
+        parts = torch.as_tensor(row, device=self.device).split([math.prod(self.shapes[k]) for k in BUFFER_FIELDS], -1)
         i = self.pointer
         for key, part in zip(BUFFER_FIELDS, parts):
-            self.storage[key][i] = part.view(self.shapes[key])
+            self.storage[key][self._rows(i)] = part.view((*self.runs, *self.shapes[key]))
         self.pointer = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
         self.n_added += 1
 
-    def sample(self, batch_size: int) -> Tuple[torch.Tensor, ...]:
+    def sample(self, batch_size: int, runs: Tuple[int, ...] = ()) -> Tuple[torch.Tensor, ...]:
+        """A batch of rows; for a stack (runs = (n_seeds,)) one batch from each run's own ring."""
         # Uniform over [0, 2^62), modulo the filled size read on the device: the first (2^62 mod
         # size) rows are drawn more often by a relative 1 / floor(2^62 / size), under 1e-12 for a
         # ring of up to 4 million rows.
-        index = torch.randint(0, 2**62, (batch_size,), device=self.device) % self.size_tensor
-        return tuple(self.storage[key][index] for key in BUFFER_FIELDS)
+        index = torch.randint(0, 2**62, (*runs, batch_size), device=self.device) % self.size_tensor
+        if not runs:
+            return tuple(self.storage[key][index] for key in BUFFER_FIELDS)
+        run = torch.arange(runs[0], device=self.device)[:, None]
+        return tuple(self.storage[key][run, index] for key in BUFFER_FIELDS)
 
     def online_rows(self) -> np.ndarray:
         """Row indices holding online transitions, oldest first."""
         m = min(self.n_added, self.capacity)
         return (self.pointer - m + np.arange(m)) % self.capacity
 
-    def online_state(self) -> Dict[str, Any]:
+    def _ring(self, key: str, run: Optional[int]) -> torch.Tensor:
+        return self.storage[key] if run is None else self.storage[key][run]
+
+    def online_state(self, run: Optional[int] = None) -> Dict[str, Any]:
+        """The online rows (of run `run` of a stack: a one-run buffer's state)."""
         rows = self.online_rows()
         index = torch.as_tensor(rows, device=self.device)
         return {"capacity": self.capacity, "n_data": self.n_data, "n_added": self.n_added, "pointer": self.pointer,
-                "size": self.size, "rows": rows, **{k: self.storage[k][index].cpu() for k in BUFFER_FIELDS}}
+                "size": self.size, "rows": rows, **{k: self._ring(k, run)[index].cpu() for k in BUFFER_FIELDS}}
 
-    def load_online_state(self, state: Dict[str, Any], where: str, field: str = "load_model") -> None:
+    def load_online_state(self, state: Dict[str, Any], where: str, field: str = "load_model",
+                          run: Optional[int] = None) -> None:
         """Puts a checkpoint's online rows back; the ring must be the same, unless it never wrapped."""
         if state["n_data"] != self.n_data:
             raise ConfigError(f"field '{field}': {where} was made with a dataset of {state['n_data']} "
@@ -759,7 +811,7 @@ class ReplayBuffer:
                               f"rows, this run's has {self.capacity} (keep buffer_size and online_iterations)")
         index = torch.as_tensor(state["rows"], device=self.device)
         for key in BUFFER_FIELDS:
-            self.storage[key][index] = state[key].to(self.device)
+            self._ring(key, run)[index] = state[key].to(self.device)
         self.n_added = state["n_added"]
         if state["capacity"] == self.capacity:
             self.pointer, self.size = state["pointer"], state["size"]
@@ -833,31 +885,89 @@ class TanhGaussianActor(nn.Module):
 
 
 class EnsembleLinear(torch.autograd.Function):
-    """y[e] = x[e] @ weight[e] + bias[e] for every critic e, x shared when its first dim is 1.
+    """y[e] = x[e % len(x)] @ weight[e] + bias[e] for every member e: x shared by all members when
+    its first dim is 1, one x per member, or (seed stacks, members ordered critic-major) one x per seed.
 
-    The same as torch.baddbmm, but the weight gradient is one plain matmul per critic: cuBLAS
-    runs the batched x^T @ grad_y, a reduction over all batch rows, with a small-tile kernel
-    4-6x slower on an H100 (benchmarks/critic_matmul.py).
+    The same as torch.baddbmm, but for a few members the weight gradient is one plain matmul per
+    member: cuBLAS runs the batched x^T @ grad_y of 2 members, a reduction over all batch rows,
+    with a small-tile kernel 4-6x slower on an H100 (benchmarks/critic_matmul.py); with many
+    members (seed stacks) the batched form has work enough to fill the GPU.
     """
+
+    PER_MEMBER_UP_TO = 2  # members up to which the weight gradient is computed member by member
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return torch.baddbmm(bias, x.expand(weight.shape[0], -1, -1), weight)
+        members, inputs = weight.shape[0], x.shape[0]
+        if inputs == 1:
+            x = x.expand(members, -1, -1)
+        elif inputs < members:
+            x = x.repeat(members // inputs, 1, 1)  # member e reads x[e % inputs]
+        return torch.baddbmm(bias, x, weight)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         x, weight = ctx.saved_tensors
+        members, inputs = weight.shape[0], x.shape[0]
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.bmm(grad_y, weight.transpose(1, 2))
-            if x.shape[0] == 1:
-                grad_x = grad_x.sum(0, keepdim=True)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.stack([x[min(e, x.shape[0] - 1)].T @ grad_y[e] for e in range(weight.shape[0])])
+            if inputs < members:  # the members that share an input add their gradients
+                grad_x = grad_x.unflatten(0, (members // inputs, inputs)).sum(0)
+        if ctx.needs_input_grad[1] and members <= EnsembleLinear.PER_MEMBER_UP_TO:
+            grad_weight = torch.stack([x[e % inputs].T @ grad_y[e] for e in range(members)])
+        elif ctx.needs_input_grad[1]:
+            per_member_x = x.repeat(members // inputs, 1, 1) if inputs < members else x
+            grad_weight = torch.bmm(per_member_x.transpose(1, 2), grad_y)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.sum(1, keepdim=True)
         return grad_x, grad_weight, grad_bias
+
+
+class ActorStack(nn.Module):
+    """The actors of n_seeds runs as stacked weights (n_seeds, in, out): one batched matmul per layer.
+
+    Takes (n_seeds, rows, S) states, row block i for actor i; sampling and log-probs are
+    TanhGaussianActor's own, on (n_seeds, rows, ...) tensors. member(i) gives run i's actor weights
+    in TanhGaussianActor's layout, for evaluation and per-run checkpoints.
+    """
+
+    def __init__(self, actors: List[TanhGaussianActor]):
+        super().__init__()
+        self.action_dim, self.max_action = actors[0].action_dim, actors[0].max_action
+        linears = [[m for m in actor.net if isinstance(m, nn.Linear)] for actor in actors]
+        self.weights = nn.ParameterList(nn.Parameter(torch.stack([run[layer].weight.detach().T for run in linears]))
+                                        for layer in range(len(linears[0])))
+        self.biases = nn.ParameterList(nn.Parameter(torch.stack([run[layer].bias.detach()[None] for run in linears]))
+                                       for layer in range(len(linears[0])))
+        self.log_std_multiplier = nn.Parameter(torch.stack([a.log_std_multiplier.detach() for a in actors]))
+        self.log_std_offset = nn.Parameter(torch.stack([a.log_std_offset.detach() for a in actors]))
+
+    def mean_log_std(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = obs
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            x = EnsembleLinear.apply(x, weight, bias)
+            if layer < len(self.weights) - 1:
+                x = torch.relu(x)
+        mean, raw_log_std = x.split(self.action_dim, dim=-1)
+        log_std = (self.log_std_multiplier[:, None, None] * raw_log_std
+                   + self.log_std_offset[:, None, None]).clamp(LOG_STD_MIN, LOG_STD_MAX)
+        return mean, log_std
+
+    forward = TanhGaussianActor.forward  # (n_seeds, rows, S) states, (n_seeds, rows, A) noise
+    tanh_log_prob = staticmethod(TanhGaussianActor.tanh_log_prob)
+    sample = TanhGaussianActor.sample
+    action_log_prob = TanhGaussianActor.action_log_prob
+
+    def member(self, run: int) -> Dict[str, torch.Tensor]:
+        """Run `run`'s actor as a TanhGaussianActor state dict (views of the stacked weights)."""
+        state = {}
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            state[f"net.{2 * layer}.weight"] = weight[run].T
+            state[f"net.{2 * layer}.bias"] = bias[run, 0]
+        state["log_std_multiplier"], state["log_std_offset"] = self.log_std_multiplier[run], self.log_std_offset[run]
+        return state
 
 
 class EnsembleCritic(nn.Module):
@@ -883,12 +993,26 @@ class EnsembleCritic(nn.Module):
                 members.append(linear)
             self.weights.append(nn.Parameter(torch.stack([m.weight.detach().T for m in members])))
             self.biases.append(nn.Parameter(torch.stack([m.bias.detach()[None] for m in members])))
+        self.n_seeds = 1
+
+    @staticmethod
+    def stack(critics: List["EnsembleCritic"]) -> "EnsembleCritic":
+        """The ensembles of n_seeds runs as one of n_critics * n_seeds members, critic-major:
+        member c * n_seeds + i is critic c of run i, so that outputs reshape to (n_critics, n_seeds, ...)."""
+        stacked = copy.deepcopy(critics[0])
+        stacked.n_seeds = len(critics)
+        for name in ("weights", "biases"):
+            for layer, _ in enumerate(getattr(stacked, name)):
+                members = torch.stack([getattr(c, name)[layer].detach() for c in critics], dim=1)
+                getattr(stacked, name)[layer] = nn.Parameter(members.flatten(0, 1))
+        return stacked
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
-        """Q-values of shape (n_critics, *batch) for obs (*batch, S) and actions (*batch, A)."""
+        """Q-values of shape (n_critics, *batch) for obs (*batch, S) and actions (*batch, A); for a
+        stack of runs, batch starts with n_seeds and each run's rows meet only its own critics."""
         batch_shape = actions.shape[:-1]
         obs = obs.expand(*batch_shape, obs.shape[-1])
-        x = torch.cat([obs, actions], dim=-1).reshape(1, -1, obs.shape[-1] + actions.shape[-1])
+        x = torch.cat([obs, actions], dim=-1).reshape(self.n_seeds, -1, obs.shape[-1] + actions.shape[-1])
         n_layers = len(self.weights)
         for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             if detach_params:  # gradient flows to the inputs only (the actor's objective)
@@ -918,21 +1042,44 @@ class CQL:
     tensor that setting cql_alpha writes in place, so a captured CUDA graph sees the switch. When
     it is 0 and cql_lagrange is off the penalty adds nothing to any gradient, so it is not
     computed (SAC speed; a phase of its own, see phase()); its metrics are then 0.
+
+    With seeds, one trainer holds len(seeds) independent runs, as in the offline script: every
+    network, alpha and Adam state gets a leading run dimension (the critic ensemble folds it into
+    its members, critic-major), batches and noise are (n_seeds, batch, ...), and the losses and
+    metrics are per run, shape run_shape = (n_seeds,). The runs share no parameter and Adam is
+    element-wise, so the summed loss and the one optimizer step are exactly n_seeds separate
+    updates. Run i starts from the weights of a one-seed run with seed seeds[i]; all runs share
+    cql_alpha (the switch comes at the same iteration for all).
     """
 
     def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
-                 device: torch.device, capturable: bool = False):
+                 device: torch.device, capturable: bool = False, seeds: Optional[List[int]] = None):
         self.config = config
         self.device = device
         self.action_dim = action_dim
         self.target_entropy = -float(action_dim)
-        self.actor = TanhGaussianActor(state_dim, action_dim, max_action, config.policy_log_std_multiplier).to(device)
-        self.critic = EnsembleCritic(state_dim, action_dim, config.q_n_hidden_layers, config.orthogonal_init).to(device)
-        self.target_critic = EnsembleCritic(state_dim, action_dim, config.q_n_hidden_layers, False).to(device)
-        self.target_critic.load_state_dict(self.critic.state_dict())
+        self.seeds = seeds
+        self.run_shape: Tuple[int, ...] = () if seeds is None else (len(seeds),)
+        if seeds is None:
+            layers, log_std_multiplier = config.q_n_hidden_layers, config.policy_log_std_multiplier
+            self.actor = TanhGaussianActor(state_dim, action_dim, max_action, log_std_multiplier).to(device)
+            self.critic = EnsembleCritic(state_dim, action_dim, layers, config.orthogonal_init).to(device)
+            self.target_critic = EnsembleCritic(state_dim, action_dim, layers, False).to(device)
+            self.target_critic.load_state_dict(self.critic.state_dict())
+            self.log_alpha = nn.Parameter(torch.zeros((), device=device))
+            self.log_alpha_prime = nn.Parameter(torch.ones((), device=device))
+        else:
+            runs = []
+            with torch.random.fork_rng(devices=[]):  # the caller's random stream goes on untouched
+                for seed in seeds:
+                    torch.manual_seed(seed)
+                    runs.append(CQL(config, state_dim, action_dim, max_action, torch.device("cpu")))
+            self.actor = ActorStack([r.actor for r in runs]).to(device)
+            self.critic = EnsembleCritic.stack([r.critic for r in runs]).to(device)
+            self.target_critic = EnsembleCritic.stack([r.target_critic for r in runs]).to(device)
+            self.log_alpha = nn.Parameter(torch.stack([r.log_alpha.detach() for r in runs]).to(device))
+            self.log_alpha_prime = nn.Parameter(torch.stack([r.log_alpha_prime.detach() for r in runs]).to(device))
         self.target_critic.requires_grad_(False)
-        self.log_alpha = nn.Parameter(torch.zeros((), device=device))
-        self.log_alpha_prime = nn.Parameter(torch.ones((), device=device))
         # One Adam over four groups: each parameter only gets the gradient of its own loss (see losses),
         # so a single step equals CORL's four optimizers stepping one after another.
         self.optimizer = torch.optim.Adam([
@@ -956,62 +1103,69 @@ class CQL:
 
     def draw_noise(self, batch_size: int) -> Dict[str, torch.Tensor]:
         """Every random draw of one update, so that a test can replay the same update by hand."""
-        n, a = self.config.cql_n_actions, self.action_dim
-        next_shape = (batch_size, n, a) if self.config.cql_max_target_backup else (batch_size, a)
+        n, a, b = self.config.cql_n_actions, self.action_dim, (*self.run_shape, batch_size)  # each run its own
+        next_shape = (*b, n, a) if self.config.cql_max_target_backup else (*b, a)
         kwargs = {"device": self.device}
         return {
-            "policy": torch.randn(batch_size, a, **kwargs),
+            "policy": torch.randn(*b, a, **kwargs),
             "next": torch.randn(*next_shape, **kwargs),
-            "cql_current": torch.randn(batch_size, n, a, **kwargs),
-            "cql_next": torch.randn(batch_size, n, a, **kwargs),
-            "cql_random": torch.rand(batch_size, n, a, **kwargs) * 2.0 - 1.0,
+            "cql_current": torch.randn(*b, n, a, **kwargs),
+            "cql_next": torch.randn(*b, n, a, **kwargs),
+            "cql_random": torch.rand(*b, n, a, **kwargs) * 2.0 - 1.0,
         }
 
     def losses(self, batch: Tuple[torch.Tensor, ...], noise: Dict[str, torch.Tensor], bc: bool, penalty: bool
                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Sum of the four losses, each reaching only its own parameters, and the metrics; the CQL
-        penalty only when `penalty` (else its metrics are 0)."""
+        penalty only when `penalty` (else its metrics are 0).
+
+        Tensors are (*runs, batch, ...) with runs = run_shape: () for one run, (n_seeds,) for a stack,
+        so batch reductions are over dim -1 (or -2 for rows of vectors), and each loss and metric
+        has shape runs; the total sums the runs' losses, which share no parameter.
+        """
         c = self.config
         obs, actions, rewards, next_obs, dones = batch
+        runs = rewards.shape[:-1]
 
         # One actor pass over s and s' serves every sample of the update; the gradient reaches the
         # actor only through the policy sample at s.
-        mean, log_std = self.actor.mean_log_std(torch.cat([obs, next_obs]))
-        (mean_s, mean_next), (log_std_s, log_std_next) = mean.chunk(2), log_std.chunk(2)
+        mean, log_std = self.actor.mean_log_std(torch.cat([obs, next_obs], dim=-2))
+        (mean_s, mean_next), (log_std_s, log_std_next) = mean.chunk(2, dim=-2), log_std.chunk(2, dim=-2)
         new_actions, log_pi = self.actor.sample(mean_s, log_std_s, noise["policy"])
         if c.use_automatic_entropy_tuning:
-            alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
+            alpha_loss = -(self.log_alpha[..., None] * (log_pi.detach() + self.target_entropy)).mean(-1)
             alpha = self.log_alpha.exp().detach() * c.alpha_multiplier
         else:
-            alpha_loss = obs.new_zeros(())
-            alpha = obs.new_tensor(c.alpha_multiplier)
+            alpha_loss = obs.new_zeros(runs)
+            alpha = obs.new_full(runs, c.alpha_multiplier)
+        alpha_row = alpha[..., None]  # each run's alpha against its batch rows
         if bc:
-            policy_loss = (alpha * log_pi - self.actor.action_log_prob(mean_s, log_std_s, actions)).mean()
+            policy_loss = (alpha_row * log_pi - self.actor.action_log_prob(mean_s, log_std_s, actions)).mean(-1)
         else:
             q_new = self.critic(obs, new_actions, detach_params=True).min(0).values
-            policy_loss = (alpha * log_pi - q_new).mean()
+            policy_loss = (alpha_row * log_pi - q_new).mean(-1)
 
         # TD target
         with torch.no_grad():
             mean_s, log_std_s, mean_next, log_std_next = (t.detach() for t in (mean_s, log_std_s, mean_next,
                                                                                log_std_next))
             next_actions, next_log_pi = self.actor.sample(mean_next, log_std_next, noise["next"])
-            target_q = self.target_critic(next_obs[:, None] if c.cql_max_target_backup else next_obs,
+            target_q = self.target_critic(next_obs.unsqueeze(-2) if c.cql_max_target_backup else next_obs,
                                           next_actions).min(0).values
             if c.cql_max_target_backup:  # best of n sampled next actions, and its log-prob
                 target_q, best = target_q.max(-1)
-                next_log_pi = next_log_pi.gather(-1, best[:, None]).squeeze(-1)
+                next_log_pi = next_log_pi.gather(-1, best[..., None]).squeeze(-1)
             if c.backup_entropy:
-                target_q = target_q - alpha * next_log_pi
+                target_q = target_q - alpha_row * next_log_pi
             td_target = rewards + (1.0 - dones) * c.discount * target_q
 
         if not penalty:  # plain SAC critic loss
-            q_data = self.critic(obs, actions)  # (2, B)
+            q_data = self.critic(obs, actions)  # (2, *runs, B)
             qf_losses = ((q_data - td_target) ** 2).mean(-1)
-            zero = obs.new_zeros(())
-            zeros2 = obs.new_zeros(2)
-            critic_loss = qf_losses.sum()
-            total = policy_loss + alpha_loss + critic_loss
+            zero = obs.new_zeros(runs)
+            zeros2 = obs.new_zeros(2, *runs)
+            critic_loss = qf_losses.sum(0)
+            total = (policy_loss + alpha_loss + critic_loss).sum()
             return total, self._metrics(policy_loss, alpha_loss, alpha, log_pi, qf_losses, q_data, target_q,
                                         zeros2, zeros2, zeros2, zeros2, zeros2, zeros2, zero, zero)
 
@@ -1021,11 +1175,11 @@ class CQL:
 
         # All critic evaluations of the critic loss in one batched pass: data, random, current, next.
         n = c.cql_n_actions
-        sampled = torch.cat([noise["cql_random"], current_actions, next_state_actions], dim=1)  # (B, 3n, A)
-        q_all = self.critic(obs[:, None], torch.cat([actions[:, None], sampled], dim=1))  # (2, B, 1 + 3n)
+        sampled = torch.cat([noise["cql_random"], current_actions, next_state_actions], dim=-2)  # (*runs, B, 3n, A)
+        q_all = self.critic(obs.unsqueeze(-2), torch.cat([actions.unsqueeze(-2), sampled], dim=-2))  # (2,*runs,B,1+3n)
         q_data = q_all[..., 0]
         q_rand, q_current, q_next = q_all[..., 1:].split(n, dim=-1)
-        qf_losses = ((q_data - td_target) ** 2).mean(-1)  # (2,)
+        qf_losses = ((q_data - td_target) ** 2).mean(-1)  # (2, *runs)
 
         cql_std = torch.cat([q_rand, q_data[..., None], q_next, q_current], dim=-1).std(-1).mean(-1)
         if c.cql_importance_sample:
@@ -1034,31 +1188,32 @@ class CQL:
         else:
             cat_q = torch.cat([q_rand, q_data[..., None], q_next, q_current], dim=-1)
         ood = torch.logsumexp(cat_q / c.cql_temp, dim=-1) * c.cql_temp
-        cql_diff = (ood - q_data).clamp(c.cql_clip_diff_min, c.cql_clip_diff_max).mean(-1)  # (2,)
+        cql_diff = (ood - q_data).clamp(c.cql_clip_diff_min, c.cql_clip_diff_max).mean(-1)  # (2, *runs)
         cql_alpha = self.cql_alpha_tensor
         if c.cql_lagrange:
             alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
             cql_min_losses = alpha_prime.detach() * cql_alpha * (cql_diff - c.cql_target_action_gap)
-            alpha_prime_loss = -0.5 * (alpha_prime * cql_alpha * (cql_diff.detach() - c.cql_target_action_gap)).sum()
+            alpha_prime_loss = -0.5 * (alpha_prime * cql_alpha * (cql_diff.detach() - c.cql_target_action_gap)).sum(0)
         else:
-            alpha_prime = obs.new_zeros(())
+            alpha_prime = obs.new_zeros(runs)
             cql_min_losses = cql_alpha * cql_diff
-            alpha_prime_loss = obs.new_zeros(())
-        critic_loss = qf_losses.sum() + cql_min_losses.sum()
+            alpha_prime_loss = obs.new_zeros(runs)
+        critic_loss = qf_losses.sum(0) + cql_min_losses.sum(0)
 
-        total = policy_loss + alpha_loss + critic_loss + alpha_prime_loss
-        return total, self._metrics(policy_loss, alpha_loss, alpha, log_pi, qf_losses, q_data, target_q,
-                                    cql_std, q_rand.mean((1, 2)), q_current.mean((1, 2)), q_next.mean((1, 2)),
+        total = (policy_loss + alpha_loss + critic_loss + alpha_prime_loss).sum()  # runs add up: disjoint parameters
+        return total, self._metrics(policy_loss, alpha_loss, alpha, log_pi, qf_losses, q_data, target_q, cql_std,
+                                    q_rand.mean((-2, -1)), q_current.mean((-2, -1)), q_next.mean((-2, -1)),
                                     cql_min_losses, cql_diff, alpha_prime_loss, alpha_prime)
 
     @staticmethod
     def _metrics(policy_loss, alpha_loss, alpha, log_pi, qf_losses, q_data, target_q, cql_std, q_rand, q_current,
                  q_next, cql_min_losses, cql_diff, alpha_prime_loss, alpha_prime) -> Dict[str, torch.Tensor]:
-        """CORL's metric names; the per-critic arguments have shape (2,)."""
+        """CORL's metric names, each of shape run_shape; the per-critic arguments have shape (2, *runs)."""
         metrics = {
-            "policy_loss": policy_loss, "alpha_loss": alpha_loss, "alpha": alpha, "log_pi": log_pi.mean(),
+            "policy_loss": policy_loss, "alpha_loss": alpha_loss, "alpha": alpha, "log_pi": log_pi.mean(-1),
             "qf1_loss": qf_losses[0], "qf2_loss": qf_losses[1],
-            "average_qf1": q_data[0].mean(), "average_qf2": q_data[1].mean(), "average_target_q": target_q.mean(),
+            "average_qf1": q_data[0].mean(-1), "average_qf2": q_data[1].mean(-1),
+            "average_target_q": target_q.mean(-1),
             "cql_std_q1": cql_std[0], "cql_std_q2": cql_std[1],
             "cql_q1_rand": q_rand[0], "cql_q2_rand": q_rand[1],
             "cql_q1_current_actions": q_current[0], "cql_q2_current_actions": q_current[1],
@@ -1124,6 +1279,88 @@ class CQL:
                     param_state["step"] = param_state["step"].to(param.device if capturable or fused else "cpu")
         self.total_it = int(state["total_it"])
 
+    # ---- a stack of runs: each run's state in the one-run layout, so that its checkpoint is an ordinary one
+    def _run_layout(self) -> List[Tuple[str, str, torch.Tensor, Callable[[torch.Tensor, int], torch.Tensor]]]:
+        """(part, one-run name, stacked tensor, view of run i) in the one-run trainer's parameter order."""
+        def seed_major(t: torch.Tensor, i: int) -> torch.Tensor:
+            return t[i]
+
+        def critic_major(t: torch.Tensor, i: int) -> torch.Tensor:
+            return t.unflatten(0, (-1, len(self.seeds)))[:, i]
+
+        layout = [("actor", "log_std_multiplier", self.actor.log_std_multiplier, seed_major),  # a module's own
+                  ("actor", "log_std_offset", self.actor.log_std_offset, seed_major)]  # parameters come first
+        for layer, (weight, bias) in enumerate(zip(self.actor.weights, self.actor.biases)):
+            layout.append(("actor", f"net.{2 * layer}.weight", weight, lambda t, i: t[i].T))
+            layout.append(("actor", f"net.{2 * layer}.bias", bias, lambda t, i: t[i, 0]))
+        for part, module in (("critic", self.critic), ("target_critic", self.target_critic)):
+            for name, param in module.named_parameters():
+                layout.append((part, name, param, critic_major))
+        layout.append(("log_alpha", "", self.log_alpha, seed_major))
+        layout.append(("log_alpha_prime", "", self.log_alpha_prime, seed_major))
+        return layout
+
+    def _adam_indices(self) -> List[Tuple[int, int, torch.Tensor, Callable[[torch.Tensor, int], torch.Tensor]]]:
+        """(index in a one-run optimizer state, index in this stack's, stacked parameter, view of run i)."""
+        stacked_index = {id(p): k for k, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+        trained = [entry for entry in self._run_layout() if entry[0] != "target_critic"]  # the one-run order
+        return [(j, stacked_index[id(tensor)], tensor, view) for j, (_, _, tensor, view) in enumerate(trained)]
+
+    def run_state_dict(self, run: int) -> Dict[str, Any]:
+        """Run `run` of a stack as a one-run trainer's state_dict (copies): what CQL.load_state_dict takes."""
+        state: Dict[str, Any] = {"actor": {}, "critic": {}, "target_critic": {}}
+        adam = self.optimizer.state_dict()
+        for part, name, tensor, view in self._run_layout():
+            if part in ("log_alpha", "log_alpha_prime"):
+                state[part] = view(tensor.detach(), run).clone()
+            else:
+                state[part][name] = view(tensor.detach(), run).clone()
+        run_adam = {}
+        for j, k, tensor, view in self._adam_indices():
+            if k in adam["state"]:
+                run_adam[j] = {key: v.clone() if key == "step" else view(v, run).clone()
+                               for key, v in adam["state"][k].items()}
+        state["optimizer"] = {"state": run_adam, "param_groups": adam["param_groups"]}
+        state["total_it"], state["cql_alpha"] = self.total_it, float(self.cql_alpha)
+        return state
+
+    def load_run_state_dicts(self, states: List[Dict[str, Any]]) -> None:
+        """Loads one one-run state_dict per run of the stack (checkpoints of one-seed runs fit too)."""
+        if len(states) != len(self.seeds):
+            raise ValueError(f"{len(states)} run states for a stack of {len(self.seeds)} runs")
+        layout = self._run_layout()
+
+        def gather(tensor: torch.Tensor, view: Callable, values: List[torch.Tensor]) -> torch.Tensor:
+            stacked = torch.empty_like(tensor)
+            for i, value in enumerate(values):
+                target = view(stacked, i)
+                if target.shape != value.shape:
+                    raise RuntimeError(f"size mismatch: {tuple(value.shape)} in a checkpoint, "
+                                       f"{tuple(target.shape)} here")
+                target.copy_(value)
+            return stacked
+
+        with torch.no_grad():
+            for part, name, tensor, view in layout:
+                values = [s[part] if part in ("log_alpha", "log_alpha_prime") else s[part][name] for s in states]
+                tensor.copy_(gather(tensor, view, [torch.as_tensor(v).to(tensor.device) for v in values]))
+        adam = self.optimizer.state_dict()
+        adam["state"] = {}
+        for j, k, tensor, view in self._adam_indices():
+            runs = [s["optimizer"]["state"].get(j) for s in states]
+            if any(r is None for r in runs):
+                if any(r is not None for r in runs):
+                    raise RuntimeError(f"optimizer state of parameter {j} is in some run states only")
+                continue
+            adam["state"][k] = {key: runs[0][key].clone() if key == "step" else
+                                gather(tensor, view, [r[key].to(tensor.device) for r in runs])
+                                for key in runs[0]}
+        self.optimizer.load_state_dict(adam)
+        totals = {int(s["total_it"]) for s in states}
+        if len(totals) != 1:
+            raise RuntimeError(f"run states of different updates {sorted(totals)}")
+        self.total_it = totals.pop()
+
 
 class UpdateStep:
     """Draws a batch, updates, and adds the metrics to a device-side running sum.
@@ -1146,12 +1383,12 @@ class UpdateStep:
         if compile:
             trainer.losses = torch.compile(trainer.losses)  # shadows the method on this instance
         self.metric_names: List[str] = list(METRIC_NAMES)
-        self.metric_sum = torch.zeros(len(self.metric_names), device=trainer.device)
+        self.metric_sum = torch.zeros(len(self.metric_names), *trainer.run_shape, device=trainer.device)
         self.graphs: Dict[Tuple[bool, bool, bool], Any] = {}
         self.eager_updates: Dict[Tuple[bool, bool, bool], int] = {}
 
     def _update(self, phase: Tuple[bool, bool, bool]) -> None:
-        batch = self.buffer.sample(self.batch_size)
+        batch = self.buffer.sample(self.batch_size, self.trainer.run_shape)
         metrics = self.trainer.apply_update(batch, self.trainer.draw_noise(self.batch_size), *phase)
         self.metric_sum += torch.stack([metrics[name] for name in self.metric_names])
 
@@ -1185,6 +1422,16 @@ class UpdateStep:
         means = (self.metric_sum / updates).tolist()
         self.metric_sum.zero_()
         return dict(zip(self.metric_names, means))
+
+    def run_metric_sum(self, run: int) -> torch.Tensor:
+        """Run `run`'s metric sums (a view): the whole sum for a one-run trainer."""
+        return self.metric_sum if self.metric_sum.dim() == 1 else self.metric_sum[:, run]
+
+    def take_run_means(self, updates: int) -> List[Dict[str, float]]:
+        """take_means for each run: one dict for a one-run trainer, one per seed for a stack."""
+        means = (self.metric_sum / updates).reshape(len(self.metric_names), -1).T.tolist()
+        self.metric_sum.zero_()
+        return [dict(zip(self.metric_names, run)) for run in means]
 
 
 # ======================================================================================
@@ -1248,8 +1495,11 @@ def _evaluation_worker(env_spec: Any, n_episodes: int, actor_shape: Tuple[int, i
         results.put((None, f"{type(e).__name__}: {' '.join(str(e).split())}"))  # one line
 
 
-def actor_weights(actor: TanhGaussianActor) -> Dict[str, torch.Tensor]:
-    """A CPU copy of the actor's weights: what an evaluation needs, frozen at the time of the call."""
+def actor_weights(actor: Union[TanhGaussianActor, ActorStack], run: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """A CPU copy of the actor's weights (of run `run` of a stack): what an evaluation needs, frozen
+    at the time of the call."""
+    if run is not None:
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in actor.member(run).items()}
     return {k: v.detach().to("cpu", copy=True) for k, v in actor.state_dict().items()}
 
 
@@ -1349,7 +1599,8 @@ def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
 class RunLogger:
     """Every logged row goes to <run_dir>/metrics.jsonl and, unless disabled, to wandb."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, run_name: str, resume: bool = False):
+    def __init__(self, config: TrainConfig, run_dir: Path, run_name: str, resume: bool = False,
+                 seed: Optional[int] = None):
         self.path = run_dir / "metrics.jsonl"
         self.rows = sum(1 for _ in open(self.path)) if self.path.exists() else 0  # a checkpoint records the count
         self.file = open(self.path, "a")
@@ -1358,9 +1609,12 @@ class RunLogger:
         if mode != "disabled":
             import wandb  # imported only when used
 
+            stacked = seed is not None  # one of several runs of this process: each its own wandb run
             self.wandb = wandb.init(project=config.project, group=config.group, name=run_name, mode=mode,
-                                    config=asdict(config), dir=str(run_dir), id=run_name.rsplit("-", 1)[-1],
-                                    resume="allow" if resume else None)  # a resumed run goes on in the same run
+                                    config={**asdict(config), **({"seed": seed} if stacked else {})},
+                                    dir=str(run_dir), id=run_name.rsplit("-", 1)[-1],
+                                    resume="allow" if resume else None,  # a resumed run goes on in the same run
+                                    **({"reinit": "create_new"} if stacked else {}))
             # x-axis "update" instead of wandb's own step: evaluations may arrive after later rows
             self.wandb.define_metric("update")
             self.wandb.define_metric("*", step_metric="update")
@@ -1381,7 +1635,8 @@ class RunLogger:
 def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer, state_mean: np.ndarray,
                     state_std: np.ndarray, progress: Dict[str, Any],
                     pending_evaluations: Optional[Dict[int, Dict[str, torch.Tensor]]] = None,
-                    run_state: Optional[Dict[str, Any]] = None, keep: int = 0) -> Path:
+                    run_state: Optional[Dict[str, Any]] = None, keep: int = 0, run: Optional[int] = None,
+                    prune: bool = True) -> Path:
     """checkpoint_<step>.pt (networks, optimizer, alphas, counters, the actor weights of unfinished
     evaluations by step and, for --resume, run_state) and replay_<step>.pt beside it.
 
@@ -1391,20 +1646,28 @@ def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer
     the replay file first; older replay files (and, with keep > 0, all but the newest `keep`
     checkpoints) are removed only after both are in place. A kill at any moment thus leaves the
     newest checkpoint with its own replay file (at most an orphan, newer replay file beside it).
+    With run (a stack), the files hold run `run` in the one-run layout; with prune False the old
+    files stay until prune_checkpoints, which a stack calls once every run has this step's files.
     """
     replay = run_dir / f"replay_{step}.pt"
-    write_atomic(replay, lambda f: torch.save(buffer.online_state(), f))
+    write_atomic(replay, lambda f: torch.save(buffer.online_state(run), f))
     path = run_dir / f"checkpoint_{step}.pt"
-    state = {**trainer.state_dict(), "state_mean": state_mean, "state_std": state_std,
+    state = {**(trainer.state_dict() if run is None else trainer.run_state_dict(run)), "state_mean": state_mean, "state_std": state_std,
              "config": asdict(trainer.config), "progress": dict(progress, online_transitions=buffer.n_added),
              "replay_file": replay.name, "pending_evaluations": dict(pending_evaluations or {}), "run": run_state}
     write_atomic(path, lambda f: torch.save(state, f))
+    if prune:
+        prune_checkpoints(run_dir, replay, keep)
+    return path
+
+
+def prune_checkpoints(run_dir: Path, replay: Path, keep: int) -> None:
+    """Removes the replay files but `replay` and, with keep > 0, all but the newest keep checkpoints."""
     for old in run_dir.glob("replay_*.pt"):
         if old != replay:
             old.unlink()
     for old in checkpoint_files(run_dir)[:-keep] if keep else []:
         old.unlink()
-    return path
 
 
 def checkpoint_files(run_dir: Path) -> List[Path]:
@@ -1423,7 +1686,16 @@ def load_checkpoint(path: str, trainer: CQL, buffer: Optional[ReplayBuffer] = No
         progress = state["progress"]
     except (RuntimeError, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as e:
         raise ConfigError(f"field '{field}': {path} does not fit this config ({str(e).splitlines()[0]})") from None
-    if buffer is not None and progress["online_transitions"] > 0:
+    if buffer is not None:
+        load_replay(path, state, buffer, field)
+    return state
+
+
+def load_replay(path: str, state: Dict[str, Any], buffer: ReplayBuffer, field: str, run: Optional[int] = None
+                ) -> None:
+    """Puts the online rows of checkpoint `path` (its replay file) into the buffer (into run `run`'s ring)."""
+    progress = state["progress"]
+    if progress["online_transitions"] > 0:
         replay = Path(path).parent / state["replay_file"]
         if not replay.is_file():
             raise ConfigError(f"field '{field}': {path} needs its replay file {replay}, which is gone "
@@ -1436,8 +1708,7 @@ def load_checkpoint(path: str, trainer: CQL, buffer: Optional[ReplayBuffer] = No
         if online["n_added"] != progress["online_transitions"]:
             raise ConfigError(f"field '{field}': replay file {replay} holds {online['n_added']} online transitions, "
                               f"{path} counts {progress['online_transitions']}")
-        buffer.load_online_state(online, str(replay), field)
-    return state
+        buffer.load_online_state(online, str(replay), field, run)
 
 
 def rng_states() -> Dict[str, Any]:
@@ -1593,6 +1864,17 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         data.next_observations = ((data.next_observations - state_mean) / state_std).astype(np.float32)
     # The ring never holds more than the dataset plus every online transition: no larger allocation.
     capacity = max(1, min(config.buffer_size, n_data + config.online_iterations))
+    seeds = run_seeds(config)
+    if seeds is not None:
+        if config.load_model:
+            raise ConfigError(f"field 'load_model': not supported with seeds (yet); got {config.load_model!r}")
+        return train_stack(config, seeds, {
+            "device": device, "make_train_env": make_train_env, "make_eval_env": make_eval_env, "env": env,
+            "probe_env": probe_env, "state_dim": state_dim, "action_dim": action_dim, "max_action": max_action,
+            "state_mean": state_mean, "state_std": state_std, "reward_transform": reward_transform,
+            "ref_min": ref_min, "ref_max": ref_max, "sparse_reward": sparse_reward, "pure_online": pure_online,
+            "goal_task": goal_task, "capacity": capacity, "source": source,
+            "data": None if data is None else {key: getattr(data, key) for key in BUFFER_FIELDS}})
     buffer = ReplayBuffer(capacity, state_dim, action_dim, device)
     if data is not None:
         buffer.load_dataset({key: getattr(data, key) for key in BUFFER_FIELDS})
@@ -1803,6 +2085,269 @@ def train(config: TrainConfig) -> Dict[str, Any]:
           f"{eval_seconds:.1f} s, {100 * eval_seconds / max(elapsed + load_seconds, 1e-9):.1f}% of the run; data "
           f"loading {load_seconds:.0f} s), {score_text}; metrics in {logger.path}")
     return summary
+
+
+def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) -> Dict[str, Any]:
+    """train() for a stack of runs (--seeds): run i is the one-seed run of seed seeds[i], all in one process.
+
+    Each run has its own training env (reset with seeds[i] + online iterations done), its own ring
+    in the replay buffer (a seed dim), its own eval episodes (eval_seed + j), run dir, metrics.jsonl
+    and one-run checkpoints; the offline -> online switch comes at the same iteration for all. Online,
+    the actors act in one batched call and the envs step one after another. The batches and noise
+    of all runs come from the one random stream seeded with config.seed.
+    """
+    c, device, n_runs = config, setup["device"], len(seeds)
+    make_train_env, make_eval_env, probe_env = setup["make_train_env"], setup["make_eval_env"], setup["probe_env"]
+    state_dim, action_dim, max_action = setup["state_dim"], setup["action_dim"], setup["max_action"]
+    state_mean, state_std, reward_transform = setup["state_mean"], setup["state_std"], setup["reward_transform"]
+    ref_min, ref_max, sparse_reward, pure_online = setup["ref_min"], setup["ref_max"], setup["sparse_reward"], \
+        setup["pure_online"]
+    goal_tasks = [setup["goal_task"]] * n_runs
+    envs = [setup["env"]] + [make_train_env() for _ in range(n_runs - 1)]
+    buffer = ReplayBuffer(setup["capacity"], state_dim, action_dim, device, runs=(n_runs,))
+    if setup["data"] is not None:
+        buffer.load_dataset(setup["data"])
+    trainer = CQL(c, state_dim, action_dim, max_action, device,
+                  capturable=c.cudagraphs and device.type == "cuda", seeds=seeds)
+    states: Optional[List[Dict[str, Any]]] = None  # each run's checkpoint that --resume continues from
+    if c.resume:
+        files = resume_checkpoints(Path(c.resume), n_runs)
+        dirs = [f.parent for f in files]
+        states = []
+        for i, (path, run_dir) in enumerate(zip(files, dirs)):
+            for stale in run_dir.glob(".*.tmp"):  # temporary files of writes that a kill interrupted
+                stale.unlink()
+            try:
+                states.append(torch.load(path, map_location=device, weights_only=False))
+            except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+                raise ConfigError(f"field 'resume': {path} is unreadable ({str(e).splitlines()[0]})") from None
+            if states[-1].get("run") is None or "rng" not in states[-1]["run"]:
+                raise ConfigError(f"field 'resume': {path} holds no run state")
+        try:
+            trainer.load_run_state_dicts(states)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ConfigError(f"field 'resume': {files[0]} does not fit this config ({str(e).splitlines()[0]})"
+                              ) from None
+        for i, (path, run_dir, state) in enumerate(zip(files, dirs, states)):
+            load_replay(str(path), state, buffer, "resume", run=i)
+            for later in checkpoint_files(run_dir):  # written by a kill before every run had its step's files
+                if int(later.stem.split("_")[1]) > int(path.stem.split("_")[1]):
+                    later.unlink()
+            for orphan in run_dir.glob("replay_*.pt"):
+                if orphan.name != state["replay_file"]:
+                    orphan.unlink()
+            keep_lines(run_dir / "metrics.jsonl", state["run"]["metrics_rows"])  # later rows come again
+        state_mean, state_std = states[0]["state_mean"], states[0]["state_std"]
+    else:
+        dirs = [Path(c.checkpoints_path or c.log_dir)
+                / f"{c.name}-{Path(c.env).stem.replace('/', '-')}-{seed}-{uuid.uuid4().hex[:8]}" for seed in seeds]
+    loggers = []
+    for seed, run_dir in zip(seeds, dirs):
+        run_dir.mkdir(parents=True, exist_ok=True)  # each holds the stack's config: --resume any of them
+        write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(asdict(c), f, sort_keys=False), mode="w")
+        loggers.append(RunLogger(c, run_dir, run_dir.name, resume=states is not None, seed=seed))
+    print(f"CQL on {setup['source']}: {n_runs} runs (seeds {', '.join(map(str, seeds))}), {buffer.size} transitions "
+          f"in a ring of {buffer.capacity} each, state {state_dim}, action {action_dim}, device {device}, "
+          f"run dirs {', '.join(str(d) for d in dirs)}")
+    use_compile = device.type == "cuda" if c.compile is None else c.compile
+    update = UpdateStep(trainer, buffer, c.batch_size, use_compile, c.cudagraphs)
+    background = device.type == "cuda" if c.background_eval is None else c.background_eval
+    with torch.random.fork_rng(devices=[]):  # a one-run actor for the evaluators' shapes, aside from the stream
+        template = TanhGaussianActor(state_dim, action_dim, max_action)
+    evaluators = [Evaluator(probe_env, make_eval_env, c.n_episodes, c.eval_seed, state_mean, state_std, template,
+                            background, sparse_reward) for _ in seeds]
+    probe_env.close()
+
+    def normalize_state(obs: np.ndarray) -> np.ndarray:
+        return ((obs - state_mean) / state_std).astype(np.float32)
+
+    def phase_counter(step: int) -> Dict[str, int]:
+        if step > c.offline_iterations:
+            return {"online_iter": step - c.offline_iterations}
+        return {"offline_iter": step}
+
+    total = c.offline_iterations + c.online_iterations
+    progress = [{"iteration": 0, "train_episodes": 0, "train_successes": 0, "eval_success_rates": [], "scores": []}
+                for _ in seeds]
+    window = 0
+    obs: List[Optional[np.ndarray]] = [None] * n_runs
+    episode = [(0.0, 0, False)] * n_runs  # return, length, success of each run's episode in progress
+    last_scores: List[Optional[float]] = [None] * n_runs
+    eval_returns: List[List[float]] = [[] for _ in seeds]
+    if states is not None:  # each run's state at its checkpoint: the loop goes on as it would have
+        for i, state in enumerate(states):
+            run = state["run"]
+            progress[i].update({k: v for k, v in state["progress"].items() if k in progress[i]})
+            update.run_metric_sum(i).copy_(run["metric_sum"])
+            window, goal_tasks[i] = run["window"], run["goal_task"]
+            last_scores[i], eval_returns[i] = run["last_score"], run["eval_returns"]
+            obs[i], *episode[i] = run["episode"]
+            episode[i] = tuple(episode[i])
+            if run["env"] is not None:
+                set_env_state(envs[i], run["env"])
+            elif obs[i] is not None:
+                print(f"the training env of seed {seeds[i]} was not saved (it does not pickle): its episode in "
+                      f"progress is dropped, a new one starts")
+                obs[i], episode[i] = None, (0.0, 0, False)
+            for eval_step, weights in sorted(state.get("pending_evaluations", {}).items()):
+                evaluators[i].submit(eval_step, weights)
+    start_it = progress[0]["iteration"]
+    trainer.cql_alpha = c.cql_alpha if start_it < c.offline_iterations else c.cql_alpha_online
+    if states is not None:
+        set_rng_states(states[0]["run"]["rng"])  # last: from here on the stack draws what the stopped one would have
+    checkpoint_freq = c.checkpoint_freq or c.eval_freq
+    start = time.time()
+    eval_seconds = 0.0
+    bar = tqdm(range(start_it, total), desc=f"CQL x{n_runs}", unit="it", dynamic_ncols=True, initial=start_it,
+               total=total,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+    def log_evaluations(i: int, finished: List[Tuple[int, np.ndarray, np.ndarray, bool]]) -> None:
+        for eval_step, returns, successes, reported in finished:
+            goal_tasks[i] = goal_tasks[i] or reported
+            last_scores[i] = normalized_score(returns, ref_min, ref_max)
+            eval_returns[i].append(float(returns.mean()))
+            row = {"eval_return_mean": float(returns.mean()), "eval_return_std": float(returns.std())}
+            if last_scores[i] is not None:
+                row["eval/d4rl_normalized_score"] = row["d4rl_normalized_score"] = last_scores[i]
+                progress[i]["scores"].append(last_scores[i])
+            if goal_tasks[i]:
+                row["eval/success_rate"] = float(successes.mean())
+                if eval_step > c.offline_iterations:
+                    progress[i]["eval_success_rates"].append(float(successes.mean()))
+                    row["eval/regret"] = float(np.mean([1.0 - r for r in progress[i]["eval_success_rates"]]))
+            loggers[i].log({**row, **phase_counter(eval_step)}, eval_step)
+
+    for it in bar:
+        online = it >= c.offline_iterations
+        if it == c.offline_iterations:
+            trainer.cql_alpha = c.cql_alpha_online
+            bar.write(f"online tuning from iteration {it}: cql_alpha {c.cql_alpha_online}")
+        rows: List[Dict[str, float]] = [{} for _ in seeds]
+        update_now = True
+        if online:
+            online_it = it - c.offline_iterations
+            for i, env in enumerate(envs):
+                if obs[i] is None:
+                    obs[i] = flatten_observation(env.reset(seed=seeds[i] + online_it)[0])
+                    env.action_space.seed(seeds[i] + online_it)
+            if pure_online and online_it < c.warmup_steps:
+                actions = np.stack([env.action_space.sample() for env in envs])
+                update_now = False
+            else:  # all actors in one call, one host sync
+                with torch.no_grad():
+                    states = torch.as_tensor(np.stack([normalize_state(o) for o in obs])[:, None], device=device)
+                    actions = trainer.actor(states, torch.randn(n_runs, 1, action_dim, device=device))[0][:, 0]
+                    actions = actions.cpu().numpy()
+                if not np.isfinite(actions).all():
+                    bad = int(np.argwhere(~np.isfinite(actions))[0][0])
+                    raise FloatingPointError(f"non-finite action ({actions[bad]}) from the actor of seed {seeds[bad]} "
+                                             f"in iteration {it + 1}")
+            transitions = []
+            for i, env in enumerate(envs):
+                next_raw, reward, terminated, truncated, info = env.step(actions[i])
+                next_obs = flatten_observation(next_raw)
+                ret, length, succ = episode[i]
+                success = step_success(float(reward), info, sparse_reward)
+                if success is not None:
+                    goal_tasks[i] = True
+                    succ = succ or success
+                ret, length = ret + float(reward), length + 1
+                transitions.append((normalize_state(obs[i]), actions[i], reward_transform(reward),
+                                    normalize_state(next_obs), float(terminated)))
+                obs[i] = next_obs
+                if terminated or truncated:
+                    progress[i]["train_episodes"] += 1
+                    row = rows[i]
+                    row["train/episode_return"], row["train/episode_length"] = ret, length
+                    score = normalized_score(ret, ref_min, ref_max)
+                    if score is not None:
+                        row["train/d4rl_normalized_episode_return"] = score
+                    if goal_tasks[i]:
+                        progress[i]["train_successes"] += int(succ)
+                        row["train/is_success"] = float(succ)
+                        row["train/regret"] = 1.0 - progress[i]["train_successes"] / progress[i]["train_episodes"]
+                    obs[i] = flatten_observation(env.reset()[0])
+                    ret, length, succ = 0.0, 0, False
+                episode[i] = (ret, length, succ)
+            buffer.add(*(np.stack(column) for column in zip(*transitions)))
+        if update_now:
+            update()
+            window += 1
+        step = it + 1
+        if (step % c.log_freq == 0 or step == total) and window:
+            for i, means in enumerate(update.take_run_means(window)):
+                for name, value in means.items():
+                    if not math.isfinite(value):
+                        raise FloatingPointError(f"non-finite {name} ({value}) of seed {seeds[i]} in iterations "
+                                                 f"{step - window + 1}..{step}")
+                rows[i].update(means)
+                rows[i]["cql_alpha"] = float(trainer.cql_alpha)
+            window = 0
+        for i, row in enumerate(rows):
+            if row:
+                loggers[i].log({**row, **phase_counter(step)}, step)
+        if step % c.eval_freq == 0 or step == total:
+            eval_start = time.time()
+            for i, evaluator in enumerate(evaluators):
+                evaluator.submit(step, actor_weights(trainer.actor, i))
+            eval_seconds += time.time() - eval_start
+        if step % c.eval_freq == 0 or step % c.log_freq == 0 or step == total:
+            for i, evaluator in enumerate(evaluators):
+                log_evaluations(i, evaluator.collect())
+        if c.checkpoints_path and (step % checkpoint_freq == 0 or step == total):
+            if not trainer.parameters_finite():
+                raise FloatingPointError(f"non-finite network weights after iteration {step}")
+            rng = rng_states()
+            for i, run_dir in enumerate(dirs):  # one ordinary checkpoint per run, all of one iteration
+                progress[i]["iteration"] = step
+                run_state = {"rng": rng, "metric_sum": update.run_metric_sum(i).clone(), "window": window,
+                             "metrics_rows": loggers[i].rows, "goal_task": goal_tasks[i],
+                             "last_score": last_scores[i], "eval_returns": list(eval_returns[i]),
+                             "episode": (None if obs[i] is None else obs[i].copy(), *episode[i]),
+                             "env": None if obs[i] is None else env_state(envs[i]),
+                             "stack": [d.name for d in dirs]}  # the sibling runs to resume with
+                save_checkpoint(run_dir, step, trainer, buffer, state_mean, state_std, progress[i],
+                                evaluators[i].pending, run_state, run=i, prune=False)
+            for run_dir in dirs:  # only once every run has this iteration's files
+                prune_checkpoints(run_dir, run_dir / f"replay_{step}.pt", c.keep_checkpoints)
+    for i, evaluator in enumerate(evaluators):
+        log_evaluations(i, evaluator.collect(wait=True))
+        evaluator.close()
+    for env in envs:
+        env.close()
+    bar.close()
+    for logger in loggers:
+        logger.close()
+    elapsed = time.time() - start
+    runs = [{"seed": seed, "run_dir": str(d), "last_score": last_scores[i],
+             "best_score": max(progress[i]["scores"]) if progress[i]["scores"] else None,
+             "eval_returns": eval_returns[i], "train_episodes": progress[i]["train_episodes"]}
+            for i, (seed, d) in enumerate(zip(seeds, dirs))]
+    print(f"done: {n_runs} runs of {total} iterations ({trainer.total_it} updates each) in {elapsed:.0f} s "
+          f"(evaluation held training up {eval_seconds:.1f} s); eval return last "
+          + ", ".join(f"{r[-1]:.1f}" if r else "-" for r in eval_returns))
+    return {"runs": runs, "run_dirs": [str(d) for d in dirs], "iterations": total, "updates": trainer.total_it,
+            "seconds": elapsed, "eval_seconds": eval_seconds, "cql_alpha": float(trainer.cql_alpha),
+            "online_transitions": buffer.n_added}
+
+
+def resume_checkpoints(run_dir: Path, n_runs: int) -> List[Path]:
+    """For a stack of runs (run_dir: any of its run directories), each run's checkpoint of the newest
+    iteration that every run has a checkpoint of."""
+    files = checkpoint_files(run_dir)
+    if not files:
+        raise ConfigError(f"field 'resume': {run_dir} has no checkpoint to continue from")
+    run = torch.load(files[-1], map_location="cpu", weights_only=False).get("run") or {}
+    names = run.get("stack", [])
+    if len(names) != n_runs:
+        raise ConfigError(f"field 'resume': {files[-1]} is a checkpoint of {len(names) or 1} run(s), "
+                          f"the config's seeds name {n_runs}")
+    dirs = [run_dir.parent / name for name in names]
+    common = set.intersection(*({int(p.stem.split("_")[1]) for p in checkpoint_files(d)} for d in dirs))
+    if not common:
+        raise ConfigError(f"field 'resume': the runs {', '.join(map(str, dirs))} have no checkpoint of one iteration")
+    return [d / f"checkpoint_{max(common)}.pt" for d in dirs]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
