@@ -27,12 +27,7 @@ SEEDS = [3, 7, 11]
 SMALL = ["--batch_size=32", "--cql_n_actions=2", "--n_episodes=2", "--wandb_mode=disabled"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def config(**overrides) -> cql.TrainConfig:
