@@ -183,6 +183,19 @@ def test_bad_options_name_the_option():
         md.parse_args(["--train_steps", "0"])
 
 
+def test_config_file_options_and_command_line_overrides(tmp_path):
+    path = tmp_path / "make.yaml"
+    path.write_text("env: Pendulum-v1\ntrain_steps: 300\nkinds: random,expert\n")
+    config = md.parse_args(["--config_path", str(path), "--train_steps=400"])
+    assert (config.env, config.train_steps, config.kinds) == ("Pendulum-v1", 400, "random,expert")
+    path.write_text("steps: 5\n")
+    with pytest.raises(md.MakeError, match=f"config file {path}: unknown key 'steps'"):
+        md.parse_args(["--config_path", str(path)])
+    path.write_text("train_steps: many\n")
+    with pytest.raises(md.MakeError, match="field 'train_steps' expects an integer"):
+        md.parse_args(["--config_path", str(path)])
+
+
 # ------------------------------------------------------------------ the shipped quickstart
 def test_shipped_quickstart_file_is_the_recorded_one():
     digest = hashlib.sha256(QUICKSTART_FILE.read_bytes()).hexdigest()

@@ -37,11 +37,9 @@ Options that change what is learned (env, seed, warmup, learning rates, ...) mus
 Layout: config -> environment helpers -> learner (train) -> rollouts -> datasets and files -> main.
 """
 import json
-import math
 import os
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -53,6 +51,7 @@ import gymnasium as gym
 import h5py
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 import algorithms.finetune.cql as finetune
@@ -109,7 +108,7 @@ def parse_args(argv: List[str]) -> MakeConfig:
 
         pyrallis.parse(config_class=MakeConfig, args=["--help"])  # prints the field comments and exits
     types = {f.name: f.type for f in fields(MakeConfig)}
-    values: Dict[str, Any] = {}
+    raw: Dict[str, Tuple[Any, str]] = {}  # key -> (value, where it came from)
     i = 0
     while i < len(argv):
         token = argv[i]
@@ -121,13 +120,26 @@ def parse_args(argv: List[str]) -> MakeConfig:
                 raise MakeError(f"command line: option '--{key}' needs a value")
             value, i = argv[i + 1], i + 1
         key = key.replace("-", "_")
+        if key == "config_path":  # a YAML file of options; command-line options override it
+            try:
+                loaded = yaml.safe_load(Path(value).read_text()) or {}
+            except (OSError, yaml.YAMLError) as e:
+                raise MakeError(f"config file {value}: cannot read ({' '.join(str(e).split())})") from None
+            if not isinstance(loaded, dict):
+                raise MakeError(f"config file {value}: expected a mapping of option: value")
+            raw = {**{k: (v, f"config file {value}") for k, v in loaded.items()}, **raw}
+        else:
+            raw[key] = (value, "command line")
+        i += 1
+    values: Dict[str, Any] = {}
+    for key, (value, where) in raw.items():
         if key not in types:
-            raise MakeError(f"command line: unknown option '--{key}'")
+            raise MakeError(f"{where}: unknown option '--{key}'" if where == "command line"
+                            else f"{where}: unknown key '{key}'")
         try:
-            values[key] = finetune._coerce(key, types[key], value, "command line")
+            values[key] = finetune._coerce(key, types[key], value, where)
         except finetune.ConfigError as e:
             raise MakeError(str(e)) from None
-        i += 1
     config = MakeConfig(**values)
     check_config(config)
     return config
