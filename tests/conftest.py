@@ -54,3 +54,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def poison_critic_at_update(module, monkeypatch, update: int) -> None:
+    """Makes a critic weight NaN just before the given update of module's CQL trainer."""
+    original = module.CQL.apply_update
+
+    def poisoned(self, *args):
+        if self.total_it == update:
+            with torch.no_grad():
+                self.critic.weights[1].fill_(float("nan"))
+        return original(self, *args)
+
+    monkeypatch.setattr(module.CQL, "apply_update", poisoned)

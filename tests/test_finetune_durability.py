@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import algorithms.finetune.cql as cql
+from conftest import poison_critic_at_update
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "algorithms/finetune/cql.py")
@@ -168,15 +169,7 @@ def test_keep_checkpoints_keeps_the_newest_and_one_replay_file(hopper_hdf5, tmp_
 ], ids=["metrics", "weights", "online action"])
 def test_non_finite_stops_with_exit_3_naming_the_last_good_checkpoint(offline, log_freq, message, hopper_hdf5,
                                                                       tmp_path, monkeypatch, capsys):
-    original = cql.CQL.apply_update
-
-    def poisoned(self, *args):
-        if self.total_it == 25:  # a weight goes bad in update 25
-            with torch.no_grad():
-                self.critic.weights[1].fill_(float("nan"))
-        return original(self, *args)
-
-    monkeypatch.setattr(cql.CQL, "apply_update", poisoned)
+    poison_critic_at_update(cql, monkeypatch, 25)
     with pytest.raises(SystemExit) as exit_info:
         cql.main(run_args(hopper_hdf5, tmp_path, offline=offline, online=60 - offline) + [f"--log_freq={log_freq}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # not tqdm's

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import algorithms.offline.cql as cql
+from conftest import poison_critic_at_update
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "algorithms/offline/cql.py")
@@ -91,15 +92,7 @@ cql.write_atomic(target, half_then_die)
 
 def test_non_finite_loss_stops_with_quantity_and_updates_and_keeps_last_good_checkpoint(
         hopper_hdf5, tmp_path, monkeypatch):
-    original = cql.CQL.apply_update
-
-    def poisoned(self, *args):
-        if self.total_it == 25:  # a weight goes bad in update 25
-            with torch.no_grad():
-                self.critic.weights[1].fill_(float("nan"))
-        return original(self, *args)
-
-    monkeypatch.setattr(cql.CQL, "apply_update", poisoned)
+    poison_critic_at_update(cql, monkeypatch, 25)
     config = cql.parse_config(run_args(hopper_hdf5, tmp_path, updates=60)[:-1] + [
         "--checkpoint_freq=20", f"--checkpoints_path={tmp_path}"])
     with pytest.raises(FloatingPointError, match=r"non-finite \w+ \(nan\) in updates 21\.\.40; "

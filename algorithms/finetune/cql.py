@@ -75,7 +75,7 @@ import time
 import urllib.request
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union, get_args, get_origin
 
@@ -1683,7 +1683,8 @@ def load_checkpoint(path: str, trainer: CQL, buffer: Optional[ReplayBuffer] = No
     try:
         state = torch.load(path, map_location=trainer.device, weights_only=False)
         trainer.load_state_dict(state)
-        progress = state["progress"]
+        if "progress" not in state:  # a checkpoint of the offline script, say
+            raise KeyError("no 'progress' entry")
     except (RuntimeError, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as e:
         raise ConfigError(f"field '{field}': {path} does not fit this config ({str(e).splitlines()[0]})") from None
     if buffer is not None:
@@ -1817,6 +1818,13 @@ def _action_bound(env: gym.Env, what: str) -> float:
     return float(space.high[0])
 
 
+def phase_of(step: int, offline_iterations: int) -> Dict[str, int]:
+    """offline_iter or online_iter: the iterations done in the phase that the step-th iteration is in."""
+    if step > offline_iterations:
+        return {"online_iter": step - offline_iterations}
+    return {"offline_iter": step}
+
+
 def train(config: TrainConfig) -> Dict[str, Any]:
     """Pre-trains offline, then trains online; returns a summary (scores, returns, counts, timings, paths)."""
     begin = time.time()
@@ -1928,10 +1936,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         return ((obs - state_mean) / state_std).astype(np.float32)
 
     def phase_counter(step: int) -> Dict[str, int]:
-        """offline_iter or online_iter: the iterations done in the phase that the step-th iteration is in."""
-        if step > config.offline_iterations:
-            return {"online_iter": step - config.offline_iterations}
-        return {"offline_iter": step}
+        return phase_of(step, config.offline_iterations)
 
     total = config.offline_iterations + config.online_iterations
     start_it = progress["iteration"]
@@ -2162,9 +2167,7 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
         return ((obs - state_mean) / state_std).astype(np.float32)
 
     def phase_counter(step: int) -> Dict[str, int]:
-        if step > c.offline_iterations:
-            return {"online_iter": step - c.offline_iterations}
-        return {"offline_iter": step}
+        return phase_of(step, c.offline_iterations)
 
     total = c.offline_iterations + c.online_iterations
     progress = [{"iteration": 0, "train_episodes": 0, "train_successes": 0, "eval_success_rates": [], "scores": []}
