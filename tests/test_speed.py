@@ -78,5 +78,7 @@ def test_ensemble_linear_gradients_match_numerical_ones():
     for x in (torch.randn(1, 6, 4, dtype=torch.float64, requires_grad=True),  # shared by both critics
               torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)):  # one input per critic
         assert torch.autograd.gradcheck(cql.EnsembleLinear.apply, (x, weight, bias))
+        assert torch.autograd.gradcheck(cql.EnsembleLinear.apply, (x, weight, None))
         expected = torch.baddbmm(bias, x.expand(2, -1, -1), weight)
         torch.testing.assert_close(cql.EnsembleLinear.apply(x, weight, bias), expected)
+        torch.testing.assert_close(cql.EnsembleLinear.apply(x, weight, None), torch.bmm(x.expand(2, -1, -1), weight))

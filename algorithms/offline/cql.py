@@ -677,27 +677,33 @@ class TanhGaussianActor(nn.Module):
         return self.max_action * torch.tanh(self.mean_log_std(obs)[0])
 
 
+PER_MEMBER_GRAD_UP_TO = 2  # ensemble members up to which EnsembleLinear's weight gradient goes member by member
+# (a module constant: torch.compile cannot trace a class attribute read in backward, and breaks the graph)
+
+
 class EnsembleLinear(torch.autograd.Function):
     """y[e] = x[e % len(x)] @ weight[e] + bias[e] for every member e: x shared by all members when
     its first dim is 1, one x per member, or (seed stacks, members ordered critic-major) one x per seed.
+    bias may be None.
 
-    The same as torch.baddbmm, but for a few members the weight gradient is one plain matmul per
-    member: cuBLAS runs the batched x^T @ grad_y of 2 members, a reduction over all batch rows,
-    with a small-tile kernel 4-6x slower on an H100 (benchmarks/critic_matmul.py); with many
-    members (seed stacks) the batched form has work enough to fill the GPU.
+    The same as torch.baddbmm, but faster on a GPU: bmm then a bias add (that torch.compile fuses
+    with the following relu), as baddbmm first copies the bias into every output row and then runs
+    a slower accumulating kernel (1.4x the time of bmm + add at the critics' shapes on an H100); and
+    for a few members the weight gradient is one plain matmul per member: cuBLAS runs the batched
+    x^T @ grad_y of 2 members, a reduction over all batch rows, with a small-tile kernel 4-6x slower
+    (benchmarks/critic_matmul.py); with many members (seed stacks) the batched form fills the GPU.
     """
 
-    PER_MEMBER_UP_TO = 2  # members up to which the weight gradient is computed member by member
-
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         members, inputs = weight.shape[0], x.shape[0]
         if inputs == 1:
             x = x.expand(members, -1, -1)
         elif inputs < members:
             x = x.repeat(members // inputs, 1, 1)  # member e reads x[e % inputs]
-        return torch.baddbmm(bias, x, weight)
+        y = torch.bmm(x, weight)
+        return y if bias is None else y + bias
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
@@ -708,7 +714,7 @@ class EnsembleLinear(torch.autograd.Function):
             grad_x = torch.bmm(grad_y, weight.transpose(1, 2))
             if inputs < members:  # the members that share an input add their gradients
                 grad_x = grad_x.unflatten(0, (members // inputs, inputs)).sum(0)
-        if ctx.needs_input_grad[1] and members <= EnsembleLinear.PER_MEMBER_UP_TO:
+        if ctx.needs_input_grad[1] and members <= PER_MEMBER_GRAD_UP_TO:
             grad_weight = torch.stack([x[e % inputs].T @ grad_y[e] for e in range(members)])
         elif ctx.needs_input_grad[1]:
             per_member_x = x.repeat(members // inputs, 1, 1) if inputs < members else x
@@ -800,19 +806,26 @@ class EnsembleCritic(nn.Module):
         return stacked
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
-        """Q-values of shape (n_critics, *batch) for obs (*batch, S) and actions (*batch, A); for a
-        stack of runs, batch starts with n_seeds and each run's rows meet only its own critics."""
-        batch_shape = actions.shape[:-1]
-        obs = obs.expand(*batch_shape, obs.shape[-1])
-        x = torch.cat([obs, actions], dim=-1).reshape(self.n_seeds, -1, obs.shape[-1] + actions.shape[-1])
-        n_layers = len(self.weights)
-        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            if detach_params:  # gradient flows to the inputs only (the actor's objective)
-                weight, bias = weight.detach(), bias.detach()
-            x = EnsembleLinear.apply(x, weight, bias)
-            if layer < n_layers - 1:
-                x = torch.relu(x)
-        return x.reshape(-1, *batch_shape)
+        """Q-values of shape (n_critics, *batch) for actions (*batch, A) at obs (*obs_batch, S), where
+        obs_batch broadcasts to batch (one state against several actions: (B, 1) against (B, k)); for
+        a stack of runs, both start with n_seeds and each run's rows meet only its own critics."""
+        weights, biases = list(self.weights), list(self.biases)
+        if detach_params:  # gradient flows to the inputs only (the actor's objective)
+            weights, biases = [w.detach() for w in weights], [b.detach() for b in biases]
+        # The first layer in two parts, [s, a] @ W = s @ W_s + a @ W_a: the state part once per state,
+        # shared by all the actions scored at it (1 + 3 * cql_n_actions per state in the penalty).
+        state_dim, members, hidden = obs.shape[-1], weights[0].shape[0], weights[0].shape[-1]
+        from_state = EnsembleLinear.apply(obs.reshape(self.n_seeds, -1, state_dim), weights[0][:, :state_dim],
+                                          biases[0])
+        from_action = EnsembleLinear.apply(actions.reshape(self.n_seeds, -1, actions.shape[-1]),
+                                           weights[0][:, state_dim:], None)
+        run_dims = int(self.n_seeds > 1)  # a stack's seed dim is folded into the members
+        x = (from_state.reshape(members, *obs.shape[run_dims:-1], hidden)
+             + from_action.reshape(members, *actions.shape[run_dims:-1], hidden))
+        x = x.reshape(members, -1, hidden)
+        for layer, (weight, bias) in enumerate(zip(weights[1:], biases[1:])):
+            x = EnsembleLinear.apply(torch.relu(x), weight, bias)
+        return x.reshape(-1, *actions.shape[:-1])
 
 
 # ======================================================================================
