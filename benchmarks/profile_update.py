@@ -1,9 +1,10 @@
 """Where an update's GPU time goes: kernels per update, GPU microseconds per update, top kernels.
 
-    python benchmarks/profile_update.py --device cuda [--compile]
+    python benchmarks/profile_update.py --device cuda [--compile] [--seeds 16]
 
 Runs a few warm-up updates, then profiles --updates eager updates of CORL's default shapes with
 torch.profiler and prints the kernel count and device time per update with the heaviest kernels.
+--seeds N profiles the update of a stack of N runs (the training scripts' --seeds).
 """
 import argparse
 import sys
@@ -23,10 +24,12 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=20)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--seeds", type=int, default=0, help="0: the one-run trainer; N: a stack of N runs")
     args = parser.parse_args()
     device = torch.device(args.device)
     config = cql.TrainConfig()
-    trainer = cql.CQL(config, 17, 6, 1.0, device, capturable=device.type == "cuda")
+    trainer = cql.CQL(config, 17, 6, 1.0, device, capturable=device.type == "cuda",
+                      seeds=list(range(args.seeds)) if args.seeds else None)
     buffer = cql.ReplayBuffer(synthetic_data(100_000, 17, 6), device)
     step = cql.UpdateStep(trainer, buffer, config.batch_size, compile=args.compile, cudagraphs=False)
     for _ in range(10):
@@ -40,7 +43,7 @@ def main() -> None:
               and not e.key.startswith(("##", "Optimizer."))]  # ranges, not kernels
     kernels = sum(e.count for e in events)
     device_us = sum(e.self_device_time_total for e in events)
-    print(f"compile={args.compile}: {kernels / args.updates:.0f} kernels and {device_us / args.updates:.0f} us of "
+    print(f"compile={args.compile}, seeds={args.seeds}: {kernels / args.updates:.0f} kernels and {device_us / args.updates:.0f} us of "
           f"GPU time per update (the GPU-bound ceiling is {1e6 * args.updates / max(device_us, 1):.0f} updates/s)")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[: args.top]:
         print(f"  {e.self_device_time_total / args.updates:8.1f} us  x{e.count / args.updates:5.1f}  {e.key[:90]}")
