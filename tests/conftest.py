@@ -67,3 +67,18 @@ def poison_critic_at_update(module, monkeypatch, update: int) -> None:
         return original(self, *args)
 
     monkeypatch.setattr(module.CQL, "apply_update", poisoned)
+
+
+def poison_batch_at_updates(module, monkeypatch, updates, run=None) -> None:
+    """Makes the rewards of the batches of the given updates of module's CQL trainer NaN (for a stack
+    of runs, of run `run` only, else of all): a bad batch, the weights stay as they are."""
+    original = module.CQL.apply_update
+
+    def poisoned(self, batch, *args):
+        if self.total_it in updates:
+            rewards = batch[2].clone()
+            (rewards if run is None else rewards[run]).fill_(float("nan"))
+            batch = (*batch[:2], rewards, *batch[3:])
+        return original(self, batch, *args)
+
+    monkeypatch.setattr(module.CQL, "apply_update", poisoned)

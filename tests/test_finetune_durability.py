@@ -223,6 +223,7 @@ BAD_INPUTS = [  # (what, argv after the dataset argument, expected message); {ru
     ("checkpoint_freq 0", ["--checkpoint_freq=0"], "field 'checkpoint_freq' must be > 0"),
     ("negative keep_checkpoints", ["--keep_checkpoints=-1"], "field 'keep_checkpoints' must be >= 0"),
     ("max_episode_steps 0", ["--max_episode_steps=0"], "field 'max_episode_steps' must be > 0"),
+    ("on_nonfinite not stop or skip", ["--on_nonfinite=maybe"], "field 'on_nonfinite' must be stop or skip, got 'maybe'"),
     ("dataset larger than buffer_size", ["--buffer_size=10"], "field 'buffer_size' \\(10\\) is smaller than"),
     ("dimension mismatch with the env", ["--eval_env=HalfCheetah-v4"], "observations have 11 dims, the eval env"),
     ("pure online without online iterations", ["--env=Pendulum-v1", "--offline_iterations=0",

@@ -238,6 +238,7 @@ BAD_INPUTS = [  # (what, argv after the dataset argument, expected message); the
     ("negative learning rate", ["--qf_lr=-3e-4"], "field 'qf_lr' must be > 0"),
     ("cql_n_actions 0", ["--cql_n_actions=0"], "field 'cql_n_actions' must be > 0"),
     ("clip min > max", ["--cql_clip_diff_min=2", "--cql_clip_diff_max=1"], "'cql_clip_diff_min' \\(2.0\\) >"),
+    ("on_nonfinite not stop or skip", ["--on_nonfinite=maybe"], "field 'on_nonfinite' must be stop or skip, got 'maybe'"),
     ("dataset larger than buffer_size", ["--buffer_size=10"], "field 'buffer_size' \\(10\\) is smaller than the dataset"),
     ("dimension mismatch with the env", ["--eval_env=HalfCheetah-v4"], "observations have 11 dims, the eval env"),
     ("unknown eval env id", ["--eval_env=NoSuchEnv-v9"], "'NoSuchEnv-v9': not a registered Gymnasium env"),

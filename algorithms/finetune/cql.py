@@ -41,7 +41,13 @@ rows are cut and come again); wandb goes on in the same run id. --load_model ins
 new run from a checkpoint's networks and buffer: a fresh training episode (seeded seed + online
 iterations done), the unfinished evaluations run again, the random streams are not restored.
 Non-finite metrics or weights stop the run (exit code 3) with one line naming the quantity, the
-iterations and the last good checkpoint; no checkpoint is written from non-finite weights.
+iterations and the last good checkpoint; no checkpoint is written from non-finite weights. With
+on_nonfinite "skip", an update whose loss or a gradient is non-finite is dropped instead (weights,
+Adam state and target critics stay as they were; it still counts as an update) and the run goes
+on: the metrics of its log window are means over the other updates, and the row adds
+skipped_updates, their count; a window whose every update was skipped stops the run. A seed stack
+drops the update in every run (one Adam step for all), so its runs stay in lockstep. A non-finite
+action online still stops the run.
 
 Speed, as in the offline script: one actor pass per update, the critics' weight gradients as one
 matmul per critic, and, each behind a flag, torch.compile of the losses (--compile), the whole
@@ -152,6 +158,7 @@ class TrainConfig:
     checkpoint_freq: Optional[int] = None  # checkpoint every this many iterations; None: at each evaluation
     keep_checkpoints: int = 0  # keep only the newest this many checkpoint files; 0 keeps all
     resume: Optional[str] = None  # run directory of a stopped run: continue exactly from its newest checkpoint
+    on_nonfinite: str = "stop"  # "stop": stop at a non-finite loss or gradient, naming it; "skip": drop that update (weights, Adam state, target untouched; still counted as an update) and go on
     log_freq: int = 1_000  # average and log training metrics every this many iterations
     log_dir: str = "runs"  # where run directories go when checkpoints_path is None
     wandb_mode: Optional[str] = None  # online, offline or disabled; None: online if an API key is set, else offline
@@ -249,6 +256,8 @@ def check_config(config: TrainConfig) -> None:
                           f"'cql_clip_diff_max' ({config.cql_clip_diff_max})")
     if config.wandb_mode not in (None, "online", "offline", "disabled"):
         raise ConfigError(f"field 'wandb_mode' must be online, offline or disabled, got {config.wandb_mode!r}")
+    if config.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"field 'on_nonfinite' must be stop or skip, got {config.on_nonfinite!r}")
     if config.max_episode_steps is not None and config.max_episode_steps <= 0:
         raise ConfigError(f"field 'max_episode_steps' must be > 0, got {config.max_episode_steps!r}")
     if config.checkpoint_freq is not None and config.checkpoint_freq <= 0:
@@ -1063,6 +1072,12 @@ class CQL:
     element-wise, so the summed loss and the one optimizer step are exactly n_seeds separate
     updates. Run i starts from the weights of a one-seed run with seed seeds[i]; all runs share
     cql_alpha (the switch comes at the same iteration for all).
+
+    With config.on_nonfinite "skip", apply_update sets `found_inf`, a device scalar, to 1 when the
+    loss or a gradient is non-finite (0 otherwise), with no host sync; Adam (then fused, the one
+    implementation that reads optimizer.found_inf, as AMP's GradScaler uses it) leaves weights,
+    moments and step counts as they were, and the target critics do not move. There is one
+    found_inf for a stack: a non-finite value in one run skips the update of every run.
     """
 
     def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
@@ -1093,6 +1108,7 @@ class CQL:
             self.log_alpha = nn.Parameter(torch.stack([r.log_alpha.detach() for r in runs]).to(device))
             self.log_alpha_prime = nn.Parameter(torch.stack([r.log_alpha_prime.detach() for r in runs]).to(device))
         self.target_critic.requires_grad_(False)
+        self.skip_nonfinite = config.on_nonfinite == "skip"
         # One Adam over four groups: each parameter only gets the gradient of its own loss (see losses),
         # so a single step equals CORL's four optimizers stepping one after another.
         self.optimizer = torch.optim.Adam([
@@ -1100,7 +1116,12 @@ class CQL:
             {"params": list(self.critic.parameters()), "lr": config.qf_lr},
             {"params": [self.log_alpha], "lr": config.policy_lr},
             {"params": [self.log_alpha_prime], "lr": config.qf_lr},
-        ], **({"capturable": True, "fused": True} if capturable else {}))  # fused, step count on the device
+        ], **({"capturable": True, "fused": True} if capturable  # fused, step count on the device
+              else {"fused": True} if self.skip_nonfinite else {}))  # only fused Adam can skip a step
+        self.found_inf = torch.zeros((), device=device)  # 1.0 while the update just made was skipped
+        self.unit_scale = torch.ones((), device=device)  # the non-finite check's "unscale": by 1
+        if self.skip_nonfinite:
+            self.optimizer.found_inf = self.found_inf  # Adam.step hands it to the fused step
         self.total_it = 0
         self.cql_alpha_tensor = torch.zeros((), device=device)
         self.cql_alpha = config.cql_alpha
@@ -1253,12 +1274,27 @@ class CQL:
         total, metrics = self.losses(batch, noise, bc, penalty)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        self.optimizer.step()
+        if self.skip_nonfinite:  # found_inf = 1 if the loss or any gradient is non-finite, on the device
+            self.found_inf.zero_()
+            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self.unit_scale)
+            self.found_inf.copy_(torch.maximum(self.found_inf, (~total.isfinite()).float()))
+        self.optimizer.step()  # with found_inf 1: no change to weights, moments or step counts
         if update_target:
-            with torch.no_grad():
-                torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()),
-                                     self.config.soft_target_update_rate)
+            self.update_target()
         return metrics
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """Polyak update of the target critics; with on_nonfinite "skip", none after a skipped update."""
+        targets, params = list(self.target_critic.parameters()), list(self.critic.parameters())
+        tau = self.config.soft_target_update_rate
+        if not self.skip_nonfinite:
+            torch._foreach_lerp_(targets, params, tau)
+            return
+        skipped = self.found_inf.bool()
+        for target, moved in zip(targets, torch._foreach_lerp(targets, params, tau)):  # the same lerp, then kept
+            target.copy_(torch.where(skipped, target, moved))  # or not: no host sync
 
     def parameters_finite(self) -> bool:
         """Whether every weight is finite (one host sync)."""
@@ -1283,7 +1319,8 @@ class CQL:
         flavour = [(group["capturable"], group["fused"]) for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         # Adam takes the saved run's capturable/fused flags with its state; keep this run's (a CPU
-        # checkpoint may go on under CUDA graphs and back), step counts where this flavour keeps them.
+        # checkpoint may go on under CUDA graphs, a "stop" run's with on_nonfinite "skip", and back),
+        # step counts where this flavour keeps them.
         for group, (capturable, fused) in zip(self.optimizer.param_groups, flavour):
             group["capturable"], group["fused"] = capturable, fused
             for param in group["params"]:
@@ -1385,6 +1422,9 @@ class UpdateStep:
     it: one launch per update instead of hundreds. A replay reads the ring's size and cql_alpha
     from the device tensors that add() and the offline -> online switch write in place. All are
     the same math on the same random streams' kinds.
+
+    With on_nonfinite "skip", a skipped update (trainer.found_inf 1) adds nothing to the sums and
+    one to `skipped_updates`, and the means are over the updates that were not skipped.
     """
 
     WARMUP = 3  # eager updates before capture: lazy init of Adam state, cuBLAS and compilation
@@ -1397,13 +1437,20 @@ class UpdateStep:
             trainer.losses = torch.compile(trainer.losses)  # shadows the method on this instance
         self.metric_names: List[str] = list(METRIC_NAMES)
         self.metric_sum = torch.zeros(len(self.metric_names), *trainer.run_shape, device=trainer.device)
+        self.skipped_updates = torch.zeros((), device=trainer.device)  # skipped updates in the window (all runs')
         self.graphs: Dict[Tuple[bool, bool, bool], Any] = {}
         self.eager_updates: Dict[Tuple[bool, bool, bool], int] = {}
 
     def _update(self, phase: Tuple[bool, bool, bool]) -> None:
         batch = self.buffer.sample(self.batch_size, self.trainer.run_shape)
         metrics = self.trainer.apply_update(batch, self.trainer.draw_noise(self.batch_size), *phase)
-        self.metric_sum += torch.stack([metrics[name] for name in self.metric_names])
+        values = torch.stack([metrics[name] for name in self.metric_names])
+        if not self.trainer.skip_nonfinite:
+            self.metric_sum += values
+            return
+        skipped = self.trainer.found_inf
+        self.metric_sum += torch.where(skipped.bool(), 0.0, values)  # not a product: NaN * 0 is NaN
+        self.skipped_updates += skipped
 
     def __call__(self) -> None:
         trainer = self.trainer
@@ -1432,19 +1479,25 @@ class UpdateStep:
 
     def take_means(self, updates: int) -> Dict[str, float]:
         """Mean of each metric over the last `updates` updates; the one host sync per log interval."""
-        means = (self.metric_sum / updates).tolist()
-        self.metric_sum.zero_()
-        return dict(zip(self.metric_names, means))
+        return self.take_run_means(updates)[0]
 
     def run_metric_sum(self, run: int) -> torch.Tensor:
         """Run `run`'s metric sums (a view): the whole sum for a one-run trainer."""
         return self.metric_sum if self.metric_sum.dim() == 1 else self.metric_sum[:, run]
 
     def take_run_means(self, updates: int) -> List[Dict[str, float]]:
-        """take_means for each run: one dict for a one-run trainer, one per seed for a stack."""
-        means = (self.metric_sum / updates).reshape(len(self.metric_names), -1).T.tolist()
+        """take_means for each run: one dict for a one-run trainer, one per seed for a stack. With
+        on_nonfinite "skip": means over the updates not skipped, and skipped_updates, their count."""
+        sums = self.metric_sum.reshape(len(self.metric_names), -1)
+        if not self.trainer.skip_nonfinite:
+            means = (sums / updates).T.tolist()
+            self.metric_sum.zero_()
+            return [dict(zip(self.metric_names, run)) for run in means]
+        kept = (updates - self.skipped_updates).clamp(min=1)  # none kept: the sums are 0 and train() stops
+        rows = torch.cat([sums / kept, self.skipped_updates.expand(1, sums.shape[1])]).T.tolist()
         self.metric_sum.zero_()
-        return [dict(zip(self.metric_names, run)) for run in means]
+        self.skipped_updates.zero_()
+        return [{**dict(zip(self.metric_names, run)), "skipped_updates": int(run[-1])} for run in rows]
 
 
 # ======================================================================================
@@ -1961,6 +2014,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     eval_returns: List[float] = []
     if resumed is not None:  # the stopped run's state at its checkpoint: the loop goes on as it would have
         update.metric_sum.copy_(resumed["metric_sum"])
+        # Checkpoints from before on_nonfinite existed have no count: their runs skipped nothing.
+        update.skipped_updates.copy_(torch.as_tensor(resumed.get("skipped_updates", 0.0)))
         window, goal_task = resumed["window"], resumed["goal_task"]
         last_score, eval_returns = resumed["last_score"], resumed["eval_returns"]
         obs, episode_return, episode_length, episode_success = resumed["episode"]
@@ -2055,6 +2110,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         step = it + 1
         if (step % config.log_freq == 0 or step == total) and window:
             means = update.take_means(window)
+            if means.get("skipped_updates") == window:  # on_nonfinite "skip", and nothing was kept
+                raise FloatingPointError(f"every update in iterations {step - window + 1}..{step} had a non-finite "
+                                         f"loss or gradient (on_nonfinite=skip)" + last_good_checkpoint())
             for name, value in means.items():
                 if not math.isfinite(value):
                     raise FloatingPointError(f"non-finite {name} ({value}) in iterations {step - window + 1}..{step}"
@@ -2076,8 +2134,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 raise FloatingPointError(f"non-finite network weights after iteration {step}" + last_good_checkpoint())
             progress["iteration"] = step
             run_state = {"rng": rng_states(), "metric_sum": update.metric_sum.clone(), "window": window,
-                         "metrics_rows": logger.rows, "goal_task": goal_task, "last_score": last_score,
-                         "eval_returns": list(eval_returns),
+                         "skipped_updates": update.skipped_updates.clone(), "metrics_rows": logger.rows,
+                         "goal_task": goal_task, "last_score": last_score, "eval_returns": list(eval_returns),
                          "episode": (None if obs is None else obs.copy(), episode_return, episode_length,
                                      episode_success),
                          "env": None if obs is None else env_state(env)}
@@ -2195,6 +2253,7 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
             run = state["run"]
             progress[i].update({k: v for k, v in state["progress"].items() if k in progress[i]})
             update.run_metric_sum(i).copy_(run["metric_sum"])
+            update.skipped_updates.copy_(torch.as_tensor(run.get("skipped_updates", 0.0)))  # see train()
             window, goal_tasks[i] = run["window"], run["goal_task"]
             last_scores[i], eval_returns[i] = run["last_score"], run["eval_returns"]
             obs[i], *episode[i] = run["episode"]
@@ -2292,7 +2351,11 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
             window += 1
         step = it + 1
         if (step % c.log_freq == 0 or step == total) and window:
-            for i, means in enumerate(update.take_run_means(window)):
+            run_means = update.take_run_means(window)
+            if run_means[0].get("skipped_updates") == window:  # on_nonfinite "skip", and nothing was kept
+                raise FloatingPointError(f"every update in iterations {step - window + 1}..{step} had a non-finite "
+                                         f"loss or gradient in some run of the stack (on_nonfinite=skip)")
+            for i, means in enumerate(run_means):
                 for name, value in means.items():
                     if not math.isfinite(value):
                         raise FloatingPointError(f"non-finite {name} ({value}) of seed {seeds[i]} in iterations "
@@ -2318,8 +2381,9 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
             for i, run_dir in enumerate(dirs):  # one ordinary checkpoint per run, all of one iteration
                 progress[i]["iteration"] = step
                 run_state = {"rng": rng, "metric_sum": update.run_metric_sum(i).clone(), "window": window,
-                             "metrics_rows": loggers[i].rows, "goal_task": goal_tasks[i],
-                             "last_score": last_scores[i], "eval_returns": list(eval_returns[i]),
+                             "skipped_updates": update.skipped_updates.clone(), "metrics_rows": loggers[i].rows,
+                             "goal_task": goal_tasks[i], "last_score": last_scores[i],
+                             "eval_returns": list(eval_returns[i]),
                              "episode": (None if obs[i] is None else obs[i].copy(), *episode[i]),
                              "env": None if obs[i] is None else env_state(envs[i]),
                              "stack": [d.name for d in dirs]}  # the sibling runs to resume with
