@@ -147,13 +147,15 @@ def main(argv: List[str]) -> None:
     parser.add_argument("--check_updates", type=int, default=20, help="updates compared against the plain path")
     parser.add_argument("--variants", default="plain,corl_style,compile,cudagraphs,compile+cudagraphs")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (reported separately; off by default)")
+    parser.add_argument("--on_nonfinite", default="stop", choices=["stop", "skip"],
+                        help="the training scripts' option: skip adds the on-device non-finite check to every update")
     parser.add_argument("--seeds", default="0", help="runs per update, comma-separated stack sizes; 0: the one-run "
                                                      "trainer, N: a stack of N seeds (--seeds of the training script)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
-    config = cql.TrainConfig()  # CORL defaults
+    config = cql.TrainConfig(on_nonfinite=args.on_nonfinite)  # CORL defaults
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     data = synthetic_data(args.buffer_size, 17, 6)
@@ -164,7 +166,8 @@ def main(argv: List[str]) -> None:
     buffer_mb = sum(t.numel() * t.element_size() for t in (buffer.observations, buffer.actions, buffer.rewards,
                                                               buffer.next_observations, buffer.terminals)) / 2**20
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}, TF32 {'on' if args.tf32 else 'off'}, batch {config.batch_size}, "
+    print(f"device {name}, torch {torch.__version__}, TF32 {'on' if args.tf32 else 'off'}, "
+          f"on_nonfinite {args.on_nonfinite}, batch {config.batch_size}, "
           f"{config.q_n_hidden_layers}x256 critics, {config.cql_n_actions} CQL actions")
     print(f"buffer: {args.buffer_size} transitions, {buffer_mb:.0f} MiB on {device.type} ({host_mb:.0f} MiB as host "
           f"arrays while loading); peak host RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} "
