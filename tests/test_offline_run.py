@@ -288,3 +288,22 @@ def test_background_evaluation_failure_is_reported_not_hung():
         evaluator.collect(wait=True)
     evaluator.worker.join(timeout=30)
     assert not evaluator.worker.is_alive()
+
+
+@pytest.mark.parametrize("script", ["offline", "finetune"])
+def test_wandb_mode_env_disabled_needs_no_wandb_package(script, tmp_path, monkeypatch):
+    # wandb's own WANDB_MODE=disabled is obeyed when the config leaves wandb_mode open, so a machine
+    # without the wandb package can train; without it, the logger does try to import wandb.
+    module = cql if script == "offline" else __import__("algorithms.finetune.cql", fromlist=["RunLogger"])
+    monkeypatch.setitem(sys.modules, "wandb", None)  # "import wandb" now raises ImportError
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    config = module.TrainConfig(env="unused")
+    logger = module.RunLogger(config, tmp_path, "run-0")
+    assert logger.wandb is None
+    logger.log({"x": 1.0}, 1)
+    logger.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "x": 1.0}
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(ImportError):
+        module.RunLogger(config, tmp_path, "run-0")

@@ -1670,7 +1670,10 @@ class RunLogger:
         self.path = run_dir / "metrics.jsonl"
         self.rows = sum(1 for _ in open(self.path)) if self.path.exists() else 0  # a checkpoint records the count
         self.file = open(self.path, "a")
-        mode = config.wandb_mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        # wandb's own WANDB_MODE counts when the config leaves the mode open (e.g. WANDB_MODE=disabled)
+        env_mode = os.environ.get("WANDB_MODE")
+        mode = config.wandb_mode or (env_mode if env_mode in ("online", "offline", "disabled") else None) or (
+            "online" if os.environ.get("WANDB_API_KEY") else "offline")
         self.wandb = None
         if mode != "disabled":
             import wandb  # imported only when used
@@ -2051,7 +2054,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                     progress["eval_success_rates"].append(float(successes.mean()))
                     row["eval/regret"] = float(np.mean([1.0 - r for r in progress["eval_success_rates"]]))
             logger.log({**row, **phase_counter(eval_step)}, eval_step)
-            bar.set_postfix(score=f"{last_score:.1f}" if last_score is not None else f"{returns.mean():.1f}")
+            bar.set_postfix(score=f"{last_score:.1f}" if last_score is not None else f"{returns.mean():.1f}",
+                            refresh=False)  # shown at the next refresh, with a fresh count
 
     def last_good_checkpoint() -> str:
         files = checkpoint_files(run_dir)
@@ -2158,8 +2162,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     score_text = (f"normalized score last {last_score:.1f}, best {max(scores):.1f}" if last_score is not None
                   else f"eval return last {eval_returns[-1]:.1f}" if eval_returns else "no evaluation")
     print(f"done: {total} iterations ({trainer.total_it} updates) in {elapsed:.0f} s (evaluation held training up "
-          f"{eval_seconds:.1f} s, {100 * eval_seconds / max(elapsed + load_seconds, 1e-9):.1f}% of the run; data "
-          f"loading {load_seconds:.0f} s), {score_text}; metrics in {logger.path}")
+          f"{eval_seconds:.1f} s, {100 * eval_seconds / max(elapsed + load_seconds, 1e-9):.1f}% of the run; set-up "
+          f"{load_seconds:.0f} s), {score_text}; metrics in {logger.path}")
     return summary
 
 

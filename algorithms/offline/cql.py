@@ -1404,7 +1404,10 @@ class RunLogger:
         self.path = run_dir / "metrics.jsonl"
         self.rows = sum(1 for _ in open(self.path)) if self.path.exists() else 0
         self.file = open(self.path, "a")
-        mode = config.wandb_mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        # wandb's own WANDB_MODE counts when the config leaves the mode open (e.g. WANDB_MODE=disabled)
+        env_mode = os.environ.get("WANDB_MODE")
+        mode = config.wandb_mode or (env_mode if env_mode in ("online", "offline", "disabled") else None) or (
+            "online" if os.environ.get("WANDB_API_KEY") else "offline")
         self.wandb = None
         if mode != "disabled":
             import wandb  # imported only when used
@@ -1643,7 +1646,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             run.logger.log(row, eval_step)
         latest = [r.scores[max(r.scores)] if r.scores else r.last_return for r in runs]
         if finished and None not in latest:  # a stack shows the mean over its runs
-            bar.set_postfix(score=f"{np.mean(latest):.1f}")
+            # refresh=False: shown at the next refresh, with a fresh update count
+            bar.set_postfix(score=f"{np.mean(latest):.1f}", refresh=False)
 
     def last_good_checkpoint(run: Run) -> str:
         files = checkpoint_files(run.dir)
@@ -1725,7 +1729,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     metrics_paths = runs[0].logger.path if not stacked else f"metrics.jsonl of each run dir in {runs[0].dir.parent}"
     eval_share = 100 * eval_seconds / max(elapsed + load_seconds, 1e-9)
     print(f"done: {trainer.total_it} updates in {elapsed:.0f} s (evaluation held training up {eval_seconds:.1f} s, "
-          f"{eval_share:.1f}% of the run; data loading {load_seconds:.0f} s), {score_text}; metrics in {metrics_paths}")
+          f"{eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), {score_text}; metrics in {metrics_paths}")
     return summary
 
 
