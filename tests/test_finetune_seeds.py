@@ -215,11 +215,46 @@ def test_two_seed_run_crosses_the_switch_with_its_own_dirs_metrics_and_episodes(
     assert summary["runs"][0]["eval_returns"] != summary["runs"][1]["eval_returns"]
 
 
-def test_seeds_refuse_load_model_for_now(hopper_hdf5, tmp_path):
-    c = cql.parse_config(["--env", str(hopper_hdf5), "--seeds=2", "--offline_iterations=2", "--online_iterations=2",
-                          f"--load_model={tmp_path / 'checkpoint_2.pt'}", *SMALL])
-    with pytest.raises(cql.ConfigError, match="field 'load_model': not supported with seeds"):
-        cql.train(c)
+def test_load_model_starts_every_run_of_a_stack_from_the_one_checkpoint(hopper_hdf5, tmp_path):
+    """A one-run checkpoint taken online, loaded with --seeds=2,5: each run starts with its weights, Adam
+    state, alphas, iteration and online replay rows, then goes its own way (own env seed, own batches)."""
+    first = ["--env", str(hopper_hdf5), "--offline_iterations=20", "--online_iterations=20", "--eval_freq=40",
+             "--log_freq=10", "--max_episode_steps=10", "--cql_alpha_online=2", *SMALL]
+    done = cql.train(cql.parse_config([*first, f"--checkpoints_path={tmp_path / 'one'}"]))
+    checkpoint = Path(done["run_dir"]) / "checkpoint_40.pt"
+    saved = torch.load(checkpoint, weights_only=False)
+    one_buffer_rows = torch.load(Path(done["run_dir"]) / saved["replay_file"], weights_only=False)
+
+    c = cql.parse_config([*first, "--seeds=2,5", f"--load_model={checkpoint}"])
+    data = cql.load_dataset(c)
+    trainer = cql.CQL(c, 11, 3, 1.0, torch.device("cpu"), seeds=[2, 5])
+    buffer = cql.ReplayBuffer(len(data.rewards) + 20, 11, 3, torch.device("cpu"), runs=(2,))
+    buffer.load_dataset({key: getattr(data, key) for key in cql.BUFFER_FIELDS})
+    cql.load_checkpoint(str(checkpoint), trainer, buffer)
+    assert trainer.total_it == 40 and buffer.n_added == 20
+    for run in range(2):
+        state = trainer.run_state_dict(run)
+        for part in ("actor", "critic", "target_critic"):
+            for name, value in saved[part].items():
+                assert torch.equal(state[part][name], value), (run, part, name)
+        for part in ("log_alpha", "log_alpha_prime"):
+            assert torch.equal(state[part], torch.as_tensor(saved[part]))
+        for j, moments in saved["optimizer"]["state"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(state["optimizer"]["state"][j][key], moments[key]), (run, j, key)
+        assert torch.equal(buffer.online_state(run)["observations"], one_buffer_rows["observations"])
+
+    more = cql.parse_config([*first, "--seeds=2,5", f"--load_model={checkpoint}", "--online_iterations=40",
+                             f"--checkpoints_path={tmp_path / 'stack'}"])
+    summary = cql.train(more)
+    assert summary["updates"] == 60 and summary["online_transitions"] == 40
+    dirs = [Path(d) for d in summary["run_dirs"]]
+    assert [d.name.split("-")[-2] for d in dirs] == ["2", "5"]
+    for run_dir in dirs:
+        assert [r["step"] for r in _rows(run_dir) if "qf1_loss" in r] == [50, 60]  # on from iteration 40
+        assert sorted(p.name for p in run_dir.glob("*.pt")) == ["checkpoint_60.pt", "replay_60.pt"]
+    ends = [torch.load(d / "checkpoint_60.pt", weights_only=False)["actor"] for d in dirs]
+    assert any(not torch.equal(ends[0][k], ends[1][k]) for k in ends[0])  # the runs went their own ways
 
 
 def _kill_when(process, run_root: Path, checkpoint: str) -> None:

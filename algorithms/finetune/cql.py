@@ -63,7 +63,9 @@ and noise from its own replay ring (the buffer gains a seed dim), acts in its ow
 with its seed) through one batched actor call, evaluates on episodes eval_seed + i, and has its own
 run dir, metrics.jsonl and one-run checkpoints. The switch comes at the same iteration for all.
 --resume <any run dir of the stack> continues the whole stack exactly (each run from its checkpoint of
-the newest iteration that all runs have); --load_model is not supported with --seeds yet.
+the newest iteration that all runs have); --load_model starts every run of the stack from the one
+checkpoint (networks, Adam state, alphas, iteration count and online replay rows), e.g. several
+online finetunes of one offline-trained model, each with its own seed.
 
 Layout: config -> data -> replay buffer -> networks -> algorithm -> evaluation, logging and
 checkpoints -> train() -> main. The offline phase's data, networks, losses and speed layer are
@@ -1746,18 +1748,24 @@ def checkpoint_files(run_dir: Path) -> List[Path]:
 
 def load_checkpoint(path: str, trainer: CQL, buffer: Optional[ReplayBuffer] = None,
                     field: str = "load_model") -> Dict[str, Any]:
-    """Restores trainer (and buffer's online rows) from a checkpoint, refusing one made for other shapes."""
+    """Restores trainer (and buffer's online rows) from a one-run checkpoint, refusing one made for other
+    shapes; a stack trainer (seeds) starts every one of its runs from it."""
     if not Path(path).is_file():
         raise ConfigError(f"field '{field}': checkpoint file {path} not found")
+    runs = [None] if trainer.seeds is None else list(range(len(trainer.seeds)))
     try:
         state = torch.load(path, map_location=trainer.device, weights_only=False)
-        trainer.load_state_dict(state)
+        if trainer.seeds is None:
+            trainer.load_state_dict(state)
+        else:
+            trainer.load_run_state_dicts([state] * len(runs))
         if "progress" not in state:  # a checkpoint of the offline script, say
             raise KeyError("no 'progress' entry")
     except (RuntimeError, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as e:
         raise ConfigError(f"field '{field}': {path} does not fit this config ({str(e).splitlines()[0]})") from None
     if buffer is not None:
-        load_replay(path, state, buffer, field)
+        for run in runs:
+            load_replay(path, state, buffer, field, run)
     return state
 
 
@@ -1943,8 +1951,6 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     capacity = max(1, min(config.buffer_size, n_data + config.online_iterations))
     seeds = run_seeds(config)
     if seeds is not None:
-        if config.load_model:
-            raise ConfigError(f"field 'load_model': not supported with seeds (yet); got {config.load_model!r}")
         return train_stack(config, seeds, {
             "device": device, "make_train_env": make_train_env, "make_eval_env": make_eval_env, "env": env,
             "probe_env": probe_env, "state_dim": state_dim, "action_dim": action_dim, "max_action": max_action,
@@ -2190,6 +2196,7 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
     trainer = CQL(c, state_dim, action_dim, max_action, device,
                   capturable=c.cudagraphs and device.type == "cuda", seeds=seeds)
     states: Optional[List[Dict[str, Any]]] = None  # each run's checkpoint that --resume continues from
+    loaded: Optional[Dict[str, Any]] = None  # the checkpoint that --load_model starts every run from
     if c.resume:
         files = resume_checkpoints(Path(c.resume), n_runs)
         dirs = [f.parent for f in files]
@@ -2219,6 +2226,9 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
             keep_lines(run_dir / "metrics.jsonl", state["run"]["metrics_rows"])  # later rows come again
         state_mean, state_std = states[0]["state_mean"], states[0]["state_std"]
     else:
+        if c.load_model:  # every run starts from the one checkpoint, as train() starts one run from it
+            loaded = load_checkpoint(c.load_model, trainer, buffer)
+            state_mean, state_std = loaded["state_mean"], loaded["state_std"]
         dirs = [Path(c.checkpoints_path or c.log_dir)
                 / f"{c.name}-{Path(c.env).stem.replace('/', '-')}-{seed}-{uuid.uuid4().hex[:8]}" for seed in seeds]
     loggers = []
@@ -2269,6 +2279,11 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
                       f"progress is dropped, a new one starts")
                 obs[i], episode[i] = None, (0.0, 0, False)
             for eval_step, weights in sorted(state.get("pending_evaluations", {}).items()):
+                evaluators[i].submit(eval_step, weights)
+    if loaded is not None:  # as train() after load_model: fresh episodes, the unfinished evaluations again
+        for i in range(n_runs):
+            progress[i].update({k: copy.deepcopy(v) for k, v in loaded["progress"].items() if k in progress[i]})
+            for eval_step, weights in sorted(loaded.get("pending_evaluations", {}).items()):
                 evaluators[i].submit(eval_step, weights)
     start_it = progress[0]["iteration"]
     trainer.cql_alpha = c.cql_alpha if start_it < c.offline_iterations else c.cql_alpha_online
