@@ -291,3 +291,45 @@ def test_sigkilled_stack_resumes_twice_across_the_switch_to_the_same_runs(hopper
         durability.assert_same_run(want, got, 140)
         assert not list(got.glob(".*.tmp")) and [p.name for p in got.glob("replay_*.pt")] == ["replay_140.pt"]
     assert durability.rows(killed[0]) != durability.rows(killed[1])
+
+
+# Runs the finetune script, but the process dies (os._exit: no clean-up, as SIGKILL) when the stack is
+# about to write run 1's files of iteration 100, after run 0's are written.
+_DIE_BETWEEN_RUNS = """
+import os, sys
+import algorithms.finetune.cql as cql
+write = cql.save_checkpoint
+def save_checkpoint(run_dir, step, *args, run=None, **kwargs):
+    if run == 1 and step == 100:
+        os._exit(9)
+    return write(run_dir, step, *args, run=run, **kwargs)
+cql.save_checkpoint = save_checkpoint
+cql.main(sys.argv[1:])
+"""
+
+
+def test_stack_killed_between_two_runs_checkpoint_writes_resumes_to_the_same_runs(hopper_hdf5, tmp_path):
+    """Run 0 has its files of iteration 100, run 1 not yet: the stack resumes both from iteration 80, which
+    still has both runs' replay files (old files go only once every run has the new ones)."""
+    root = Path(__file__).resolve().parents[1]
+    args = [*durability.run_args(hopper_hdf5, tmp_path / "a", offline=60, online=80), "--seeds=5,8"]
+    subprocess.run([sys.executable, durability.SCRIPT, *args], env=durability.ENV, check=True, capture_output=True,
+                   timeout=600)
+    args_b = [*durability.run_args(hopper_hdf5, tmp_path / "b", offline=60, online=80), "--seeds=5,8"]
+    died = subprocess.run([sys.executable, "-c", _DIE_BETWEEN_RUNS, *args_b], env=durability.ENV, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert died.returncode == 9, died.stderr[-2000:]
+    killed = sorted((tmp_path / "b").iterdir(), key=lambda d: int(d.name.split("-")[-2]))
+    assert [p.name for p in cql.checkpoint_files(killed[0])][-2:] == ["checkpoint_80.pt", "checkpoint_100.pt"]
+    assert {p.name for p in killed[0].glob("replay_*.pt")} == {"replay_80.pt", "replay_100.pt"}
+    assert cql.checkpoint_files(killed[1])[-1].name == "checkpoint_80.pt"
+    assert [p.name for p in killed[1].glob("replay_*.pt")] == ["replay_80.pt"]
+
+    result = subprocess.run([sys.executable, durability.SCRIPT, f"--resume={killed[0]}"], env=durability.ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed at iteration 80" in result.stdout
+    reference = sorted((tmp_path / "a").iterdir(), key=lambda d: int(d.name.split("-")[-2]))
+    for want, got in zip(reference, killed):
+        durability.assert_same_run(want, got, 140)
+        assert [p.name for p in got.glob("replay_*.pt")] == ["replay_140.pt"]

@@ -2238,7 +2238,8 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
         loggers.append(RunLogger(c, run_dir, run_dir.name, resume=states is not None, seed=seed))
     print(f"CQL on {setup['source']}: {n_runs} runs (seeds {', '.join(map(str, seeds))}), {buffer.size} transitions "
           f"in a ring of {buffer.capacity} each, state {state_dim}, action {action_dim}, device {device}, "
-          f"run dirs {', '.join(str(d) for d in dirs)}")
+          f"run dirs {', '.join(str(d) for d in dirs)}"
+          + (f", resumed at iteration {states[0]['progress']['iteration']}" if states else ""))
     use_compile = device.type == "cuda" if c.compile is None else c.compile
     update = UpdateStep(trainer, buffer, c.batch_size, use_compile, c.cudagraphs)
     background = device.type == "cuda" if c.background_eval is None else c.background_eval
