@@ -222,8 +222,8 @@ def test_load_model_starts_every_run_of_a_stack_from_the_one_checkpoint(hopper_h
              "--log_freq=10", "--max_episode_steps=10", "--cql_alpha_online=2", *SMALL]
     done = cql.train(cql.parse_config([*first, f"--checkpoints_path={tmp_path / 'one'}"]))
     checkpoint = Path(done["run_dir"]) / "checkpoint_40.pt"
-    saved = torch.load(checkpoint, weights_only=False)
-    one_buffer_rows = torch.load(Path(done["run_dir"]) / saved["replay_file"], weights_only=False)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    one_buffer_rows = torch.load(Path(done["run_dir"]) / saved["replay_file"], map_location="cpu", weights_only=False)
 
     c = cql.parse_config([*first, "--seeds=2,5", f"--load_model={checkpoint}"])
     data = cql.load_dataset(c)
@@ -253,7 +253,7 @@ def test_load_model_starts_every_run_of_a_stack_from_the_one_checkpoint(hopper_h
     for run_dir in dirs:
         assert [r["step"] for r in _rows(run_dir) if "qf1_loss" in r] == [50, 60]  # on from iteration 40
         assert sorted(p.name for p in run_dir.glob("*.pt")) == ["checkpoint_60.pt", "replay_60.pt"]
-    ends = [torch.load(d / "checkpoint_60.pt", weights_only=False)["actor"] for d in dirs]
+    ends = [torch.load(d / "checkpoint_60.pt", map_location="cpu", weights_only=False)["actor"] for d in dirs]
     assert any(not torch.equal(ends[0][k], ends[1][k]) for k in ends[0])  # the runs went their own ways
 
 

@@ -259,7 +259,7 @@ def test_checkpoint_keeps_this_runs_adam_flavour_both_ways():
 def test_resume_runs_the_evaluations_a_checkpoint_had_not_finished(tmp_path):
     """A background run's checkpoint carries the weights of its unfinished evaluations; a run that
     continues from it evaluates them first, so that scores and regret miss nothing."""
-    first = _goal_run(tmp_path / "first", f"--checkpoints_path={tmp_path / 'ck'}")
+    first = _goal_run(tmp_path / "first", f"--checkpoints_path={tmp_path / 'ck'}", "--background_eval=false")
     evals = {r["step"]: r for r in _rows(first) if "eval_return_mean" in r}
     # As if the evaluation at step 24 had still been running when checkpoint_24.pt was written.
     path = Path(first["run_dir"]) / "checkpoint_24.pt"

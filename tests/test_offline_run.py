@@ -37,7 +37,7 @@ def test_short_run_writes_metrics_checkpoint_and_score_and_the_checkpoint_loads(
     assert saved == config  # the saved config reloads to the same config
 
     # load_model restores every network, alpha and the update counter; training continues from there.
-    state = torch.load(run_dir / "checkpoint_200.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoint_200.pt", map_location="cpu", weights_only=False)
     resumed = cql.CQL(config, 11, 3, 1.0, torch.device("cpu"))
     cql.load_checkpoint(str(run_dir / "checkpoint_200.pt"), resumed)
     assert resumed.total_it == 200
