@@ -69,16 +69,44 @@ def poison_critic_at_update(module, monkeypatch, update: int) -> None:
     monkeypatch.setattr(module.CQL, "apply_update", poisoned)
 
 
+def update_inputs(gen: torch.Generator, dims: tuple, runs: tuple = (), next_per_cql_action: bool = False):
+    """A CQL update's batch (obs, actions, rewards, next obs, dones) and noise, (*runs, batch, ...), from
+    gen; dims = (state, action, batch, cql_n_actions). next_per_cql_action: the "next" noise of
+    cql_max_target_backup, one per sampled action."""
+    S, A, B, N = dims
+
+    def randn(*shape):
+        return torch.randn(*runs, *shape, generator=gen)
+
+    def uniform(*shape):
+        return torch.rand(*runs, *shape, generator=gen) * 1.8 - 0.9
+
+    batch = (randn(B, S), uniform(B, A), randn(B), randn(B, S), (torch.rand(*runs, B, generator=gen) < 0.2).float())
+    noise = {"policy": randn(B, A), "next": randn(*((B, N, A) if next_per_cql_action else (B, A))),
+             "cql_current": randn(B, N, A), "cql_next": randn(B, N, A), "cql_random": uniform(B, N, A)}
+    return batch, noise
+
+
+def stack_runs(per_run):
+    """Per-run (batch, noise) pairs as a seed stack's (n_seeds, ...) batch and noise."""
+    batch = tuple(torch.stack(parts) for parts in zip(*(b for b, _ in per_run)))
+    noise = {k: torch.stack([n[k] for _, n in per_run]) for k in per_run[0][1]}
+    return batch, noise
+
+
+def nan_rewards(batch, run=None):
+    """The batch with NaN rewards (of run `run` of a stack only, else all)."""
+    rewards = batch[2].clone()
+    (rewards if run is None else rewards[run]).fill_(float("nan"))
+    return (*batch[:2], rewards, *batch[3:])
+
+
 def poison_batch_at_updates(module, monkeypatch, updates, run=None) -> None:
     """Makes the rewards of the batches of the given updates of module's CQL trainer NaN (for a stack
     of runs, of run `run` only, else of all): a bad batch, the weights stay as they are."""
     original = module.CQL.apply_update
 
     def poisoned(self, batch, *args):
-        if self.total_it in updates:
-            rewards = batch[2].clone()
-            (rewards if run is None else rewards[run]).fill_(float("nan"))
-            batch = (*batch[:2], rewards, *batch[3:])
-        return original(self, batch, *args)
+        return original(self, nan_rewards(batch, run) if self.total_it in updates else batch, *args)
 
     monkeypatch.setattr(module.CQL, "apply_update", poisoned)

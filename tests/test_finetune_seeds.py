@@ -21,6 +21,7 @@ import torch
 
 import algorithms.finetune.cql as cql
 import test_finetune_durability as durability
+from conftest import stack_runs, update_inputs
 
 S, A, B, N = 5, 3, 16, 4  # state dim, action dim, batch, cql_n_actions
 SEEDS = [3, 7, 11]
@@ -40,22 +41,8 @@ def single(c: cql.TrainConfig, seed: int) -> cql.CQL:
 
 
 def draw(gen: torch.Generator):
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen)
-
-    def uniform(*shape):
-        return torch.rand(*shape, generator=gen) * 1.8 - 0.9
-
-    batch = (randn(B, S), uniform(B, A), randn(B), randn(B, S), (torch.rand(B, generator=gen) < 0.2).float())
-    noise = {"policy": randn(B, A), "next": randn(B, A), "cql_current": randn(B, N, A), "cql_next": randn(B, N, A),
-             "cql_random": uniform(B, N, A)}
-    return batch, noise
-
-
-def stack(per_run):
-    batch = tuple(torch.stack(parts) for parts in zip(*(b for b, _ in per_run)))
-    noise = {k: torch.stack([n[k] for _, n in per_run]) for k in per_run[0][1]}
-    return batch, noise
+    """One run's batch and noise, from gen."""
+    return update_inputs(gen, (S, A, B, N))
 
 
 def assert_run_equals(stacked, run, alone, rtol, atol):
@@ -82,7 +69,7 @@ def run_updates(c, stacked, alone, gens, updates, switch_at=None):
         per_run = [draw(gen) for gen in gens]
         phase = stacked.phase(update)
         stacked.total_it += 1
-        metrics = stacked.apply_update(*stack(per_run), *phase)
+        metrics = stacked.apply_update(*stack_runs(per_run), *phase)
         history.append(metrics)
         for run, trainer in enumerate(alone):
             trainer.total_it += 1
@@ -132,7 +119,7 @@ def test_runs_are_independent_bit_for_bit():
                 batch, noise = per_run[1]
                 per_run[1] = ((batch[0] * 5, batch[1], batch[2] + 3, *batch[3:]), noise)
             stacked.total_it += 1
-            stacked.apply_update(*stack(per_run), *stacked.phase(update))
+            stacked.apply_update(*stack_runs(per_run), *stacked.phase(update))
         return stacked
 
     base, changed = train(False), train(True)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import algorithms.offline.cql as cql
+from conftest import stack_runs, update_inputs
 from test_offline_losses import VARIANTS
 
 S, A, B, N = 5, 3, 16, 4  # state dim, action dim, batch, cql_n_actions
@@ -39,23 +40,7 @@ def single(c: cql.TrainConfig, seed: int) -> cql.CQL:
 
 def draw(gen: torch.Generator, c: cql.TrainConfig):
     """One run's batch and noise, from gen."""
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen)
-
-    def uniform(*shape):
-        return torch.rand(*shape, generator=gen) * 1.8 - 0.9
-
-    batch = (randn(B, S), uniform(B, A), randn(B), randn(B, S), (torch.rand(B, generator=gen) < 0.2).float())
-    noise = {"policy": randn(B, A), "next": randn(*((B, N, A) if c.cql_max_target_backup else (B, A))),
-             "cql_current": randn(B, N, A), "cql_next": randn(B, N, A), "cql_random": uniform(B, N, A)}
-    return batch, noise
-
-
-def stack(per_run):
-    """Per-run (batch, noise) pairs as the stack's (n_seeds, ...) batch and noise."""
-    batch = tuple(torch.stack(parts) for parts in zip(*(b for b, _ in per_run)))
-    noise = {k: torch.stack([n[k] for _, n in per_run]) for k in per_run[0][1]}
-    return batch, noise
+    return update_inputs(gen, (S, A, B, N), next_per_cql_action=c.cql_max_target_backup)
 
 
 def assert_run_equals(stacked: cql.CQL, run: int, alone: cql.CQL, rtol: float, atol: float, exact: bool = False):
@@ -115,7 +100,7 @@ def test_a_run_in_a_stack_follows_the_same_updates_as_alone(variant):
         per_run = [draw(gen, c) for gen in gens]
         phase = stacked.phase(update)
         stacked.total_it += 1
-        metrics = stacked.apply_update(*stack(per_run), *phase)
+        metrics = stacked.apply_update(*stack_runs(per_run), *phase)
         for run, trainer in enumerate(alone):
             trainer.total_it += 1
             want = trainer.apply_update(*per_run[run], *phase)
@@ -133,7 +118,7 @@ def test_compiled_stack_losses_and_gradients_equal_eager():
     compiled = copy.deepcopy(eager)
     compiled.losses = torch.compile(compiled.losses)
     gen = torch.Generator().manual_seed(4)
-    batch, noise = stack([draw(gen, c) for _ in SEEDS])
+    batch, noise = stack_runs([draw(gen, c) for _ in SEEDS])
     for trainer in (eager, compiled):
         total, trainer.metrics = trainer.losses(batch, noise, False)
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -161,8 +146,8 @@ def test_runs_are_independent_bit_for_bit():
         other = list(per_run)
         other[1] = draw(gen, c)  # run 1's data differ
         phase = a.phase(update)
-        metrics_a = a.apply_update(*stack(per_run), *phase)
-        metrics_b = b.apply_update(*stack(other), *phase)
+        metrics_a = a.apply_update(*stack_runs(per_run), *phase)
+        metrics_b = b.apply_update(*stack_runs(other), *phase)
         for name in cql.METRIC_NAMES:
             assert torch.equal(metrics_a[name][[0, 2]], metrics_b[name][[0, 2]]), name
     a.total_it = b.total_it = 3
@@ -195,7 +180,7 @@ def test_run_states_are_one_run_states_and_load_back_exactly():
     per_run = [draw(gen, c) for _ in SEEDS]
     for trainer in (stacked, again):
         trainer.total_it += 1
-        trainer.apply_update(*stack(per_run), False, True)
+        trainer.apply_update(*stack_runs(per_run), False, True)
     alone.total_it += 1
     alone.apply_update(*per_run[1], False, True)
     for run in range(len(SEEDS)):

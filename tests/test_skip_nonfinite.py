@@ -22,7 +22,7 @@ import torch
 
 import algorithms.finetune.cql as finetune
 import algorithms.offline.cql as offline
-from conftest import poison_batch_at_updates
+from conftest import nan_rewards, poison_batch_at_updates, update_inputs
 from test_finetune_durability import run_args as finetune_args
 from test_offline_durability import run_args as offline_args
 
@@ -44,22 +44,7 @@ def make(module, seeds=None, **overrides):
 
 def draw(gen: torch.Generator, runs=()):
     """A batch and the noise of one update, (*runs, B, ...)."""
-    def randn(*shape):
-        return torch.randn(*runs, *shape, generator=gen)
-
-    def uniform(*shape):
-        return torch.rand(*runs, *shape, generator=gen) * 1.8 - 0.9
-
-    batch = (randn(B, S), uniform(B, A), randn(B), randn(B, S), (torch.rand(*runs, B, generator=gen) < 0.2).float())
-    noise = {"policy": randn(B, A), "next": randn(B, A), "cql_current": randn(B, N, A), "cql_next": randn(B, N, A),
-             "cql_random": uniform(B, N, A)}
-    return batch, noise
-
-
-def nan_rewards(batch, run=None):
-    rewards = batch[2].clone()
-    (rewards if run is None else rewards[run]).fill_(float("nan"))
-    return (*batch[:2], rewards, *batch[3:])
+    return update_inputs(gen, (S, A, B, N), runs)
 
 
 def update(trainer, batch, noise):
