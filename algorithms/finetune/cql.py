@@ -2263,29 +2263,26 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
     episode = [(0.0, 0, False)] * n_runs  # return, length, success of each run's episode in progress
     last_scores: List[Optional[float]] = [None] * n_runs
     eval_returns: List[List[float]] = [[] for _ in seeds]
-    if states is not None:  # each run's state at its checkpoint: the loop goes on as it would have
-        for i, state in enumerate(states):
-            run = state["run"]
-            progress[i].update({k: v for k, v in state["progress"].items() if k in progress[i]})
-            update.run_metric_sum(i).copy_(run["metric_sum"])
-            update.skipped_updates.copy_(torch.as_tensor(run.get("skipped_updates", 0.0)))  # see train()
-            window, goal_tasks[i] = run["window"], run["goal_task"]
-            last_scores[i], eval_returns[i] = run["last_score"], run["eval_returns"]
-            obs[i], *episode[i] = run["episode"]
-            episode[i] = tuple(episode[i])
-            if run["env"] is not None:
-                set_env_state(envs[i], run["env"])
-            elif obs[i] is not None:
-                print(f"the training env of seed {seeds[i]} was not saved (it does not pickle): its episode in "
-                      f"progress is dropped, a new one starts")
-                obs[i], episode[i] = None, (0.0, 0, False)
-            for eval_step, weights in sorted(state.get("pending_evaluations", {}).items()):
-                evaluators[i].submit(eval_step, weights)
-    if loaded is not None:  # as train() after load_model: fresh episodes, the unfinished evaluations again
-        for i in range(n_runs):
-            progress[i].update({k: copy.deepcopy(v) for k, v in loaded["progress"].items() if k in progress[i]})
-            for eval_step, weights in sorted(loaded.get("pending_evaluations", {}).items()):
-                evaluators[i].submit(eval_step, weights)
+    # Each run's checkpoint (resume) or the one every run starts from (load_model), as in train().
+    for i, state in enumerate(states or ([loaded] * n_runs if loaded is not None else [])):
+        progress[i].update({k: copy.deepcopy(v) for k, v in state["progress"].items() if k in progress[i]})
+        for eval_step, weights in sorted(state.get("pending_evaluations", {}).items()):
+            evaluators[i].submit(eval_step, weights)  # unfinished evaluations run again
+        if states is None:
+            continue  # load_model: fresh episodes, the random streams not restored
+        run = state["run"]  # resume: the loop goes on as it would have
+        update.run_metric_sum(i).copy_(run["metric_sum"])
+        update.skipped_updates.copy_(torch.as_tensor(run.get("skipped_updates", 0.0)))  # see train()
+        window, goal_tasks[i] = run["window"], run["goal_task"]
+        last_scores[i], eval_returns[i] = run["last_score"], run["eval_returns"]
+        obs[i], *episode[i] = run["episode"]
+        episode[i] = tuple(episode[i])
+        if run["env"] is not None:
+            set_env_state(envs[i], run["env"])
+        elif obs[i] is not None:
+            print(f"the training env of seed {seeds[i]} was not saved (it does not pickle): its episode in "
+                  f"progress is dropped, a new one starts")
+            obs[i], episode[i] = None, (0.0, 0, False)
     start_it = progress[0]["iteration"]
     trainer.cql_alpha = c.cql_alpha if start_it < c.offline_iterations else c.cql_alpha_online
     if states is not None:
