@@ -1,4 +1,5 @@
 """A short offline run end to end, checkpoints, and every bad input's one-line error."""
+import importlib
 import json
 import re
 import subprocess
@@ -294,7 +295,7 @@ def test_background_evaluation_failure_is_reported_not_hung():
 def test_wandb_mode_env_disabled_needs_no_wandb_package(script, tmp_path, monkeypatch):
     # wandb's own WANDB_MODE=disabled is obeyed when the config leaves wandb_mode open, so a machine
     # without the wandb package can train; without it, the logger does try to import wandb.
-    module = cql if script == "offline" else __import__("algorithms.finetune.cql", fromlist=["RunLogger"])
+    module = importlib.import_module(f"algorithms.{script}.cql")
     monkeypatch.setitem(sys.modules, "wandb", None)  # "import wandb" now raises ImportError
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "disabled")
