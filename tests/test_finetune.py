@@ -67,7 +67,8 @@ def test_switch_changes_cql_alpha_and_logs_both_phases_then_resumes(hopper_hdf5,
     for r in train_rows:  # not Lagrange: penalty = cql_alpha * (logsumexp Q - data Q), per logged window
         offline = r["step"] <= 40
         assert ("offline_iter" in r) == offline and ("online_iter" in r) == (not offline)
-        assert r["offline_iter" if offline else "online_iter"] == (r["step"] if offline else r["step"] - 40)
+        # 0-based within the phase, as CORL's loop index: t = step - 1, online t - offline_iterations
+        assert r["offline_iter" if offline else "online_iter"] == (r["step"] - 1 if offline else r["step"] - 41)
         assert r["cql_alpha"] == (10.0 if offline else 2.0)
         assert r["cql_min_qf1_loss"] / r["cql_qf1_diff"] == pytest.approx(10.0 if offline else 2.0, rel=1e-4)
     episodes = [r for r in rows if "train/episode_return" in r]
@@ -91,7 +92,7 @@ def test_switch_changes_cql_alpha_and_logs_both_phases_then_resumes(hopper_hdf5,
                              *SMALL])
     resumed = cql.train(more)
     assert resumed["updates"] == 120 and resumed["online_transitions"] == 80 and resumed["cql_alpha"] == 2.0
-    assert [(r["step"], r["online_iter"]) for r in _rows(resumed) if "qf1_loss" in r] == [(110, 70), (120, 80)]
+    assert [(r["step"], r["online_iter"]) for r in _rows(resumed) if "qf1_loss" in r] == [(110, 69), (120, 79)]
     # An older checkpoint's replay file is gone (only the newest is kept): refused, not silently emptied.
     older = cql.TrainConfig(**{**vars(more), "load_model": str(run_dir / "checkpoint_50.pt")})
     with pytest.raises(cql.ConfigError, match="needs its replay file .*replay_50.pt"):
@@ -258,8 +259,11 @@ def test_pure_online_sac_improves_pendulum(tmp_path):
 # ------------------------------------------------------------------ config and bad input
 def test_defaults_are_corl_finetune_defaults():
     c = cql.TrainConfig()
+    # eval_seed None: evaluation seeded from `seed`, as CORL's eval_actor(..., seed=config.seed) (CORL's own
+    # eval_seed field only seeds an env that every evaluation reseeds)
     assert (c.eval_seed, c.offline_iterations, c.online_iterations, c.cql_alpha, c.cql_alpha_online) == \
-        (0, 1_000_000, 1_000_000, 10.0, 10.0)
+        (None, 1_000_000, 1_000_000, 10.0, 10.0)
+    assert c.orthogonal_init is True
     assert (c.q_n_hidden_layers, c.reward_scale, c.reward_bias, c.policy_lr, c.qf_lr) == (2, 1.0, 0.0, 3e-5, 3e-4)
     assert (c.buffer_size, c.batch_size, c.normalize, c.normalize_reward) == (2_000_000, 256, True, False)
     assert cql.is_pure_online(cql.TrainConfig(env="Pendulum-v1", offline_iterations=0))

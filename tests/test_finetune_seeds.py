@@ -97,7 +97,10 @@ def test_a_run_in_a_stack_follows_the_same_updates_as_alone_across_the_switch(ov
     gens = [torch.Generator().manual_seed(100 + seed) for seed in SEEDS]
     run_updates(c, stacked, alone, gens, updates=5, switch_at=3)
     for run, trainer in enumerate(alone):
-        assert_run_equals(stacked, run, trainer, rtol=1e-5, atol=1e-6)
+        # fp32, sums in another order: Adam's first steps (each moves a critic weight by up to
+        # qf_lr = 3e-4) turn rounding in near-zero gradients into differences of up to ~2.4e-6
+        # in a handful of the 10^5 weights under CORL finetune's sqrt(2)-gain initialisation.
+        assert_run_equals(stacked, run, trainer, rtol=1e-5, atol=1e-5)
 
 
 def test_runs_are_independent_bit_for_bit():

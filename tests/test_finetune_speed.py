@@ -234,7 +234,7 @@ def test_background_evaluation_in_a_run_logs_the_rows_of_a_foreground_run(tmp_pa
     assert [r["step"] for r in evals["fg"]] == [8, 16, 24]
     assert evals["bg"] == evals["fg"]  # returns, success rates (kinds 0, 1, 2: 1/3), regret, counters
     assert [r["eval/success_rate"] for r in evals["fg"]] == [pytest.approx(1 / 3)] * 3
-    assert evals["fg"][-1]["eval/regret"] == pytest.approx(2 / 3) and evals["fg"][-1]["online_iter"] == 24
+    assert evals["fg"][-1]["eval/regret"] == pytest.approx(2 / 3) and evals["fg"][-1]["online_iter"] == 23  # 0-based
     assert bg["eval_returns"] == fg["eval_returns"] and bg["updates"] == fg["updates"] == 12
     assert fg["load_seconds"] > 0 and fg["eval_seconds"] > 0
 

@@ -112,7 +112,7 @@ class TrainConfig:
     env: str = "halfcheetah-medium-expert-v2"  # D4RL name, Minari id, HDF5 path, or (pure online) a Gymnasium id
     seed: int = 0  # seeds python, numpy, torch and the training env
     seeds: Optional[str] = None  # runs in one process: a list "0,1,2,3" or a count "4" (seed..seed+3); None: one
-    eval_seed: int = 0  # evaluation episode i is seeded eval_seed + i
+    eval_seed: Optional[int] = None  # None: eval episode i is seeded seed + i, as CORL; an int: eval_seed + i for every run
     eval_freq: int = 5_000  # evaluate (and checkpoint) every this many iterations
     n_episodes: int = 10  # evaluation episodes, run side by side
     offline_iterations: int = 1_000_000  # updates on the dataset alone
@@ -140,7 +140,7 @@ class TrainConfig:
     cql_max_target_backup: bool = False  # TD target from the max over cql_n_actions next actions
     cql_clip_diff_min: float = -math.inf  # lower clip of the penalty (logsumexp Q - data Q)
     cql_clip_diff_max: float = math.inf  # upper clip of the penalty
-    orthogonal_init: bool = True  # orthogonal initialisation of the critics
+    orthogonal_init: bool = True  # orthogonal (gain sqrt 2) init of every layer of actor and critics, as CORL finetune
     normalize: bool = True  # normalise states by the dataset mean and std (online states too)
     normalize_reward: bool = False  # rescale rewards (locomotion: returns to a 1000 range), then scale/bias
     q_n_hidden_layers: int = 2  # hidden layers of 256 units in each critic
@@ -836,11 +836,27 @@ class ReplayBuffer:
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
 
+def init_linear(linear: nn.Linear, last: bool, orthogonal: bool) -> None:
+    """CORL finetune's initialisation of one layer (its init_module_weights, applied to every layer
+    of the actor and of both critics when orthogonal_init is on, else to the output layer only).
+
+    orthogonal: every layer, the output layers too, gets orthogonal weights with gain sqrt(2) and a
+    zero bias. Otherwise only the output layer changes: xavier-uniform weights with gain 1e-2, its
+    bias left at PyTorch's default. The offline script's init_linear is CORL offline's scheme
+    (gain 1e-2 output layers, an actor never orthogonal), which differs.
+    """
+    if orthogonal:
+        nn.init.orthogonal_(linear.weight, gain=math.sqrt(2))
+        nn.init.zeros_(linear.bias)
+    elif last:
+        nn.init.xavier_uniform_(linear.weight, gain=1e-2)
+
+
 class TanhGaussianActor(nn.Module):
     """a = max_action * tanh(u), u ~ N(mean(s), std(s)); 3x256 MLP, learnable log-std scale/offset."""
 
     def __init__(self, state_dim: int, action_dim: int, max_action: float, log_std_multiplier: float = 1.0,
-                 log_std_offset: float = -1.0):
+                 log_std_offset: float = -1.0, orthogonal_init: bool = False):
         super().__init__()
         self.action_dim = action_dim
         self.max_action = max_action
@@ -850,9 +866,9 @@ class TanhGaussianActor(nn.Module):
             nn.Linear(256, 256), nn.ReLU(),
             nn.Linear(256, 2 * action_dim),
         )
-        # As CORL's actor in effect: PyTorch's default init, a near-zero output layer.
-        nn.init.xavier_uniform_(self.net[-1].weight, gain=1e-2)
-        nn.init.zeros_(self.net[-1].bias)
+        linears = [m for m in self.net if isinstance(m, nn.Linear)]
+        for layer, linear in enumerate(linears):
+            init_linear(linear, last=layer == len(linears) - 1, orthogonal=orthogonal_init)
         self.log_std_multiplier = nn.Parameter(torch.tensor(float(log_std_multiplier)))
         self.log_std_offset = nn.Parameter(torch.tensor(float(log_std_offset)))
 
@@ -1000,13 +1016,8 @@ class EnsembleCritic(nn.Module):
             last = layer == len(sizes) - 2
             members = []
             for _ in range(n_critics):  # each member initialised as its own nn.Linear would be
-                linear = nn.Linear(fan_in, fan_out)
-                if orthogonal_init:
-                    nn.init.orthogonal_(linear.weight, gain=1e-2 if last else math.sqrt(2))
-                    nn.init.zeros_(linear.bias)
-                elif last:
-                    nn.init.xavier_uniform_(linear.weight, gain=1e-2)
-                    nn.init.zeros_(linear.bias)
+                linear = nn.Linear(fan_in, fan_out)  # [s, a] -> hidden in one matrix: what CORL's first layer is
+                init_linear(linear, last, orthogonal_init)
                 members.append(linear)
             self.weights.append(nn.Parameter(torch.stack([m.weight.detach().T for m in members])))
             self.biases.append(nn.Parameter(torch.stack([m.bias.detach()[None] for m in members])))
@@ -1092,7 +1103,8 @@ class CQL:
         self.run_shape: Tuple[int, ...] = () if seeds is None else (len(seeds),)
         if seeds is None:
             layers, log_std_multiplier = config.q_n_hidden_layers, config.policy_log_std_multiplier
-            self.actor = TanhGaussianActor(state_dim, action_dim, max_action, log_std_multiplier).to(device)
+            self.actor = TanhGaussianActor(state_dim, action_dim, max_action, log_std_multiplier,
+                                           orthogonal_init=config.orthogonal_init).to(device)
             self.critic = EnsembleCritic(state_dim, action_dim, layers, config.orthogonal_init).to(device)
             self.target_critic = EnsembleCritic(state_dim, action_dim, layers, False).to(device)
             self.target_critic.load_state_dict(self.critic.state_dict())
@@ -1896,10 +1908,18 @@ def _action_bound(env: gym.Env, what: str) -> float:
 
 
 def phase_of(step: int, offline_iterations: int) -> Dict[str, int]:
-    """offline_iter or online_iter: the iterations done in the phase that the step-th iteration is in."""
+    """offline_iter or online_iter of the step-th iteration, 0-based within its phase as CORL logs them
+    (its loop index t = step - 1, and t - offline_iterations online)."""
     if step > offline_iterations:
-        return {"online_iter": step - offline_iterations}
-    return {"offline_iter": step}
+        return {"online_iter": step - 1 - offline_iterations}
+    return {"offline_iter": step - 1}
+
+
+def evaluation_seed(config: TrainConfig, run_seed: int) -> int:
+    """The seed of a run's first evaluation episode (episode i gets it + i, at every evaluation):
+    the run's own seed, as CORL finetune reseeds its eval env with `seed` before each evaluation,
+    unless eval_seed fixes the episodes for every run."""
+    return run_seed if config.eval_seed is None else config.eval_seed
 
 
 def train(config: TrainConfig) -> Dict[str, Any]:
@@ -2003,8 +2023,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     use_compile = device.type == "cuda" if config.compile is None else config.compile
     update = UpdateStep(trainer, buffer, config.batch_size, use_compile, config.cudagraphs)
     background = device.type == "cuda" if config.background_eval is None else config.background_eval
-    evaluator = Evaluator(probe_env, make_eval_env, config.n_episodes, config.eval_seed, state_mean, state_std,
-                          trainer.actor, background, sparse_reward)
+    evaluator = Evaluator(probe_env, make_eval_env, config.n_episodes, evaluation_seed(config, config.seed),
+                          state_mean, state_std, trainer.actor, background, sparse_reward)
     probe_env.close()
 
     def normalize_state(obs: np.ndarray) -> np.ndarray:
@@ -2054,11 +2074,10 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             if last_score is not None:
                 row["eval/d4rl_normalized_score"] = row["d4rl_normalized_score"] = last_score
                 progress["scores"].append(last_score)
-            if goal_task:
+            if goal_task and eval_step > config.offline_iterations:  # as CORL: online evaluations only
+                progress["eval_success_rates"].append(float(successes.mean()))
                 row["eval/success_rate"] = float(successes.mean())
-                if eval_step > config.offline_iterations:  # regret counts the online evaluations only
-                    progress["eval_success_rates"].append(float(successes.mean()))
-                    row["eval/regret"] = float(np.mean([1.0 - r for r in progress["eval_success_rates"]]))
+                row["eval/regret"] = float(np.mean([1.0 - r for r in progress["eval_success_rates"]]))
             logger.log({**row, **phase_counter(eval_step)}, eval_step)
             bar.set_postfix(score=f"{last_score:.1f}" if last_score is not None else f"{returns.mean():.1f}",
                             refresh=False)  # shown at the next refresh, with a fresh count
@@ -2245,8 +2264,8 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
     background = device.type == "cuda" if c.background_eval is None else c.background_eval
     with torch.random.fork_rng(devices=[]):  # a one-run actor for the evaluators' shapes, aside from the stream
         template = TanhGaussianActor(state_dim, action_dim, max_action)
-    evaluators = [Evaluator(probe_env, make_eval_env, c.n_episodes, c.eval_seed, state_mean, state_std, template,
-                            background, sparse_reward) for _ in seeds]
+    evaluators = [Evaluator(probe_env, make_eval_env, c.n_episodes, evaluation_seed(c, seed), state_mean, state_std,
+                            template, background, sparse_reward) for seed in seeds]
     probe_env.close()
 
     def normalize_state(obs: np.ndarray) -> np.ndarray:
@@ -2303,11 +2322,10 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
             if last_scores[i] is not None:
                 row["eval/d4rl_normalized_score"] = row["d4rl_normalized_score"] = last_scores[i]
                 progress[i]["scores"].append(last_scores[i])
-            if goal_tasks[i]:
+            if goal_tasks[i] and eval_step > c.offline_iterations:  # as CORL: online evaluations only
+                progress[i]["eval_success_rates"].append(float(successes.mean()))
                 row["eval/success_rate"] = float(successes.mean())
-                if eval_step > c.offline_iterations:
-                    progress[i]["eval_success_rates"].append(float(successes.mean()))
-                    row["eval/regret"] = float(np.mean([1.0 - r for r in progress[i]["eval_success_rates"]]))
+                row["eval/regret"] = float(np.mean([1.0 - r for r in progress[i]["eval_success_rates"]]))
             loggers[i].log({**row, **phase_counter(eval_step)}, eval_step)
 
     for it in bar:

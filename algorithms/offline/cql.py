@@ -629,11 +629,28 @@ class ReplayBuffer:
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
 
+def init_linear(linear: nn.Linear, last: bool, orthogonal: bool) -> None:
+    """CORL's offline initialisation of one layer (its init_module_weights on a network's layers).
+
+    orthogonal: orthogonal weights, gain sqrt(2) for hidden layers and 1e-2 for the output layer,
+    zero biases. Otherwise the output layer gets xavier-uniform weights with gain 1e-2 and a zero
+    bias, and hidden layers keep PyTorch's default. CORL's offline actor never passes its
+    orthogonal_init on, so the actor here is always built with orthogonal False.
+    The finetune script's init_linear is CORL finetune's scheme, which differs.
+    """
+    if orthogonal:
+        nn.init.orthogonal_(linear.weight, gain=1e-2 if last else math.sqrt(2))
+        nn.init.zeros_(linear.bias)
+    elif last:
+        nn.init.xavier_uniform_(linear.weight, gain=1e-2)
+        nn.init.zeros_(linear.bias)
+
+
 class TanhGaussianActor(nn.Module):
     """a = max_action * tanh(u), u ~ N(mean(s), std(s)); 3x256 MLP, learnable log-std scale/offset."""
 
     def __init__(self, state_dim: int, action_dim: int, max_action: float, log_std_multiplier: float = 1.0,
-                 log_std_offset: float = -1.0):
+                 log_std_offset: float = -1.0, orthogonal_init: bool = False):
         super().__init__()
         self.action_dim = action_dim
         self.max_action = max_action
@@ -643,9 +660,9 @@ class TanhGaussianActor(nn.Module):
             nn.Linear(256, 256), nn.ReLU(),
             nn.Linear(256, 2 * action_dim),
         )
-        # As CORL's actor in effect: PyTorch's default init, a near-zero output layer.
-        nn.init.xavier_uniform_(self.net[-1].weight, gain=1e-2)
-        nn.init.zeros_(self.net[-1].bias)
+        linears = [m for m in self.net if isinstance(m, nn.Linear)]
+        for layer, linear in enumerate(linears):
+            init_linear(linear, last=layer == len(linears) - 1, orthogonal=orthogonal_init)
         self.log_std_multiplier = nn.Parameter(torch.tensor(float(log_std_multiplier)))
         self.log_std_offset = nn.Parameter(torch.tensor(float(log_std_offset)))
 
@@ -792,13 +809,8 @@ class EnsembleCritic(nn.Module):
             last = layer == len(sizes) - 2
             members = []
             for _ in range(n_critics):  # each member initialised as its own nn.Linear would be
-                linear = nn.Linear(fan_in, fan_out)
-                if orthogonal_init:
-                    nn.init.orthogonal_(linear.weight, gain=1e-2 if last else math.sqrt(2))
-                    nn.init.zeros_(linear.bias)
-                elif last:
-                    nn.init.xavier_uniform_(linear.weight, gain=1e-2)
-                    nn.init.zeros_(linear.bias)
+                linear = nn.Linear(fan_in, fan_out)  # [s, a] -> hidden in one matrix: what CORL's first layer is
+                init_linear(linear, last, orthogonal_init)
                 members.append(linear)
             self.weights.append(nn.Parameter(torch.stack([m.weight.detach().T for m in members])))
             self.biases.append(nn.Parameter(torch.stack([m.bias.detach()[None] for m in members])))
