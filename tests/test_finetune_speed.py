@@ -256,16 +256,23 @@ def test_checkpoint_keeps_this_runs_adam_flavour_both_ways():
     assert capturable.total_it == 3
 
 
-def test_resume_runs_the_evaluations_a_checkpoint_had_not_finished(tmp_path):
-    """A background run's checkpoint carries the weights of its unfinished evaluations; a run that
-    continues from it evaluates them first, so that scores and regret miss nothing."""
+@pytest.mark.parametrize("layout", ["run state", "top level (checkpoints before 2026-12)"])
+def test_resume_runs_the_evaluations_a_checkpoint_had_not_finished(tmp_path, layout):
+    """A background run's checkpoint carries the weights of its unfinished evaluations (in its run
+    state, as the offline script's; older checkpoints kept them at the top level and still load); a run
+    that continues from it evaluates them first, so that scores and regret miss nothing."""
     first = _goal_run(tmp_path / "first", f"--checkpoints_path={tmp_path / 'ck'}", "--background_eval=false")
     evals = {r["step"]: r for r in _rows(first) if "eval_return_mean" in r}
     # As if the evaluation at step 24 had still been running when checkpoint_24.pt was written.
     path = Path(first["run_dir"]) / "checkpoint_24.pt"
     state = torch.load(path, weights_only=False)
-    assert state["pending_evaluations"] == {}  # foreground: nothing was running
-    state["pending_evaluations"] = {24: {k: v.cpu() for k, v in state["actor"].items()}}
+    assert state["run"]["pending_evaluations"] == {} and "pending_evaluations" not in state  # foreground
+    pending = {24: {k: v.cpu() for k, v in state["actor"].items()}}
+    if layout == "run state":
+        state["run"]["pending_evaluations"] = pending
+    else:
+        del state["run"]["pending_evaluations"]
+        state["pending_evaluations"] = pending
     state["progress"]["eval_success_rates"] = state["progress"]["eval_success_rates"][:-1]
     torch.save(state, path)
     resumed = _goal_run(tmp_path / "resumed", f"--load_model={path}", "--online_iterations=32")

@@ -20,7 +20,7 @@ import torch
 
 import algorithms.offline.cql as cql
 from conftest import stack_runs, update_inputs
-from test_offline_losses import VARIANTS
+from test_losses import VARIANTS
 
 S, A, B, N = 5, 3, 16, 4  # state dim, action dim, batch, cql_n_actions
 SEEDS = [3, 7, 11]

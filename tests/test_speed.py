@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import algorithms.offline.cql as cql
-from test_offline_losses import VARIANTS, trainer_grads
+from test_losses import VARIANTS, trainer_grads
 
 
 def small_buffer(n: int = 500, seed: int = 0) -> cql.ReplayBuffer:

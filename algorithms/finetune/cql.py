@@ -18,15 +18,25 @@ reward_scale/reward_bias (when normalize_reward). With cql_alpha_online 0 this i
 penalty is then not computed at all (its metrics read 0).
 
 Metrics (metrics.jsonl, and wandb unless disabled), at step = iterations done: the offline script's
-loss and Q metrics averaged over log_freq updates plus cql_alpha; offline_iter / online_iter (the
-iterations done in the current phase); per finished training episode train/episode_return,
+loss and Q metrics averaged over log_freq updates plus cql_alpha; offline_iter / online_iter (0-based
+within the phase, as CORL logs them: step - 1, online step - 1 - offline_iterations); per finished
+training episode train/episode_return,
 train/episode_length, train/d4rl_normalized_episode_return (raw env rewards); per evaluation, in a
 row of its own at the evaluated step (written when it arrives: in the background after later rows),
 eval_return_mean/std and eval/d4rl_normalized_score (also as d4rl_normalized_score, the offline
 name). On goal tasks (antmaze, maze2d/pointmaze, adroit, or any env whose info reports success):
-train/is_success, train/regret (1 - the success rate of all training episodes so far),
-eval/success_rate and eval/regret (1 - the mean success rate of the online evaluations so far;
-CORL logs the training regret under that name).
+train/is_success, train/regret (1 - the success rate of all training episodes so far), and, for the
+online phase's evaluations only (as CORL), eval/success_rate and eval/regret (1 - the mean success
+rate of the online evaluations so far; CORL logs the training regret under that name).
+
+As CORL's finetune script: every layer of the actor and of both critics, output layers included,
+starts orthogonal with gain sqrt(2) and a zero bias when orthogonal_init (the default), else only
+the output layers change (xavier, gain 1e-2) — see init_linear; the offline script keeps CORL
+offline's scheme. Evaluation episode i is seeded seed + i at every evaluation (CORL reseeds its eval
+env with the run's seed before each one), so runs of different seeds see different start states;
+an int eval_seed seeds them eval_seed + i for every run instead. The behaviour-cloning warm-up
+(bc_steps) maximises the log-likelihood of the dataset actions, where CORL's log_prob scores a fresh
+sample of the policy and ignores the actions it is given: a bug not copied.
 
 Checkpoints (every checkpoint_freq iterations, by default at each evaluation, and at the end;
 keep_checkpoints > 0 keeps only the newest that many): checkpoint_<step>.pt holds networks,
@@ -60,7 +70,7 @@ Many seeds in one process (--seeds=0,1,2,3 or --seeds=4): as in the offline scri
 actors, critics, alphas and Adam state are stacked (ActorStack; the critic ensemble folds the seeds
 into its members, critic-major) and updated by one optimizer step; each run samples its own batches
 and noise from its own replay ring (the buffer gains a seed dim), acts in its own training env (reset
-with its seed) through one batched actor call, evaluates on episodes eval_seed + i, and has its own
+with its seed) through one batched actor call, evaluates on episodes seed + i, and has its own
 run dir, metrics.jsonl and one-run checkpoints. The switch comes at the same iteration for all.
 --resume <any run dir of the stack> continues the whole stack exactly (each run from its checkpoint of
 the newest iteration that all runs have); --load_model starts every run of the stack from the one
@@ -1716,12 +1726,11 @@ class RunLogger:
 
 
 def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer, state_mean: np.ndarray,
-                    state_std: np.ndarray, progress: Dict[str, Any],
-                    pending_evaluations: Optional[Dict[int, Dict[str, torch.Tensor]]] = None,
-                    run_state: Optional[Dict[str, Any]] = None, keep: int = 0, run: Optional[int] = None,
-                    prune: bool = True) -> Path:
-    """checkpoint_<step>.pt (networks, optimizer, alphas, counters, the actor weights of unfinished
-    evaluations by step and, for --resume, run_state) and replay_<step>.pt beside it.
+                    state_std: np.ndarray, progress: Dict[str, Any], run_state: Dict[str, Any], keep: int = 0,
+                    run: Optional[int] = None, prune: bool = True) -> Path:
+    """checkpoint_<step>.pt (networks, optimizer, alphas, counters and run_state: what --resume needs,
+    with the actor weights of unfinished evaluations by step, as in the offline script's checkpoints)
+    and replay_<step>.pt beside it.
 
     The replay file holds the buffer's online rows (up to buffer_size transitions), so only the
     newest one is kept: older checkpoints still load for their networks, but a run continues
@@ -1737,7 +1746,7 @@ def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer
     path = run_dir / f"checkpoint_{step}.pt"
     state = {**(trainer.state_dict() if run is None else trainer.run_state_dict(run)), "state_mean": state_mean, "state_std": state_std,
              "config": asdict(trainer.config), "progress": dict(progress, online_transitions=buffer.n_added),
-             "replay_file": replay.name, "pending_evaluations": dict(pending_evaluations or {}), "run": run_state}
+             "replay_file": replay.name, "run": run_state}
     write_atomic(path, lambda f: torch.save(state, f))
     if prune:
         prune_checkpoints(run_dir, replay, keep)
@@ -1779,6 +1788,13 @@ def load_checkpoint(path: str, trainer: CQL, buffer: Optional[ReplayBuffer] = No
         for run in runs:
             load_replay(path, state, buffer, field, run)
     return state
+
+
+def pending_evaluations(state: Dict[str, Any]) -> Dict[int, Dict[str, torch.Tensor]]:
+    """The actor weights of a checkpoint's unfinished evaluations, by step: in its run state, or, in
+    checkpoints written before 2026-12, at the top level."""
+    run_state = state.get("run") or {}
+    return run_state.get("pending_evaluations", state.get("pending_evaluations", {}))
 
 
 def load_replay(path: str, state: Dict[str, Any], buffer: ReplayBuffer, field: str, run: Optional[int] = None
@@ -2013,7 +2029,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     if state is not None:
         state_mean, state_std = state["state_mean"], state["state_std"]
         progress.update({k: v for k, v in state["progress"].items() if k in progress})
-        unfinished = state.get("pending_evaluations", {})
+        unfinished = pending_evaluations(state)
     write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(asdict(config), f, sort_keys=False), mode="w")
     logger = RunLogger(config, run_dir, run_dir.name, resume=resumed is not None)
     print(f"CQL on {source}: {buffer.size} transitions in a ring of {capacity}, state {state_dim}, "
@@ -2167,9 +2183,10 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                          "goal_task": goal_task, "last_score": last_score, "eval_returns": list(eval_returns),
                          "episode": (None if obs is None else obs.copy(), episode_return, episode_length,
                                      episode_success),
-                         "env": None if obs is None else env_state(env)}
-            save_checkpoint(run_dir, step, trainer, buffer, state_mean, state_std, progress, evaluator.pending,
-                            run_state, config.keep_checkpoints)
+                         "env": None if obs is None else env_state(env),
+                         "pending_evaluations": dict(evaluator.pending)}
+            save_checkpoint(run_dir, step, trainer, buffer, state_mean, state_std, progress, run_state,
+                            config.keep_checkpoints)
     eval_start = time.time()
     log_evaluations(evaluator.collect(wait=True))
     eval_seconds += time.time() - eval_start
@@ -2196,7 +2213,7 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
     """train() for a stack of runs (--seeds): run i is the one-seed run of seed seeds[i], all in one process.
 
     Each run has its own training env (reset with seeds[i] + online iterations done), its own ring
-    in the replay buffer (a seed dim), its own eval episodes (eval_seed + j), run dir, metrics.jsonl
+    in the replay buffer (a seed dim), its own eval episodes (seeds[i] + j), run dir, metrics.jsonl
     and one-run checkpoints; the offline -> online switch comes at the same iteration for all. Online,
     the actors act in one batched call and the envs step one after another. The batches and noise
     of all runs come from the one random stream seeded with config.seed.
@@ -2285,7 +2302,7 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
     # Each run's checkpoint (resume) or the one every run starts from (load_model), as in train().
     for i, state in enumerate(states or ([loaded] * n_runs if loaded is not None else [])):
         progress[i].update({k: copy.deepcopy(v) for k, v in state["progress"].items() if k in progress[i]})
-        for eval_step, weights in sorted(state.get("pending_evaluations", {}).items()):
+        for eval_step, weights in sorted(pending_evaluations(state).items()):
             evaluators[i].submit(eval_step, weights)  # unfinished evaluations run again
         if states is None:
             continue  # load_model: fresh episodes, the random streams not restored
@@ -2421,9 +2438,10 @@ def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) ->
                              "eval_returns": list(eval_returns[i]),
                              "episode": (None if obs[i] is None else obs[i].copy(), *episode[i]),
                              "env": None if obs[i] is None else env_state(envs[i]),
+                             "pending_evaluations": dict(evaluators[i].pending),
                              "stack": [d.name for d in dirs]}  # the sibling runs to resume with
-                save_checkpoint(run_dir, step, trainer, buffer, state_mean, state_std, progress[i],
-                                evaluators[i].pending, run_state, run=i, prune=False)
+                save_checkpoint(run_dir, step, trainer, buffer, state_mean, state_std, progress[i], run_state,
+                                run=i, prune=False)
             for run_dir in dirs:  # only once every run has this iteration's files
                 prune_checkpoints(run_dir, run_dir / f"replay_{step}.pt", c.keep_checkpoints)
     for i, evaluator in enumerate(evaluators):

@@ -476,7 +476,7 @@ def _make_gym_env(env_id: str, kwargs: Dict[str, Any], max_episode_steps: Option
         gym.spec(env_id)
     except gym.error.Error as e:
         raise DatasetError(f"eval env {env_id!r}: not a registered Gymnasium env ({e})") from None
-    extra = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
+    extra = {"max_episode_steps": int(max_episode_steps)} if max_episode_steps else {}  # an HDF5 attr is numpy.int64
     return lambda: gym.make(env_id, **kwargs, **extra)
 
 
@@ -558,8 +558,7 @@ def load_dataset(config: TrainConfig) -> OfflineData:
         env_id = config.eval_env or attrs.get("env_id")
         if env_id is None:
             raise DatasetError(f"dataset file {path}: set eval_env (the file's metadata names no env_id)")
-        steps = config.max_episode_steps or attrs.get("max_episode_steps")
-        make_env = _make_gym_env(env_id, {}, None if steps is None else int(steps))  # h5py gives numpy ints
+        make_env = _make_gym_env(env_id, {}, config.max_episode_steps or attrs.get("max_episode_steps"))
         is_locomotion = any(t in env_id.lower() for t in ("halfcheetah", "hopper", "walker2d"))
         ref_min, ref_max = attrs.get("ref_min_score"), attrs.get("ref_max_score")
     ref_min = config.ref_min_score if config.ref_min_score is not None else ref_min
@@ -598,6 +597,9 @@ def normalize_rewards(data: OfflineData, config: TrainConfig, max_episode_steps:
     """CORL's modify_reward: locomotion returns rescaled to a 1000 range, then reward * scale + bias."""
     if data.is_locomotion:
         low, high = return_range(data.rewards, data.terminals, max_episode_steps)
+        if not high > low:
+            raise DatasetError(f"{data.source}: every episode has return {high}; cannot rescale rewards "
+                               f"by the return range (set normalize_reward false)")
         data.rewards = data.rewards / (high - low) * max_episode_steps
     data.rewards = (data.rewards * config.reward_scale + config.reward_bias).astype(np.float32)
 
@@ -1338,6 +1340,9 @@ class Evaluator:
         if background:
             import multiprocessing
 
+            if env.spec is None:
+                raise ConfigError("field 'background_eval': the eval env has no Gymnasium spec to rebuild it from "
+                                  "in a worker process; set background_eval false")
             context = multiprocessing.get_context("spawn")  # never fork a process holding a CUDA context
             self.jobs, self.results = context.Queue(), context.Queue()
             self.worker = context.Process(target=_evaluation_worker, daemon=True,

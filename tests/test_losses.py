@@ -1,8 +1,11 @@
-"""The CQL update against a plain re-derivation of CORL's formulas, in float64.
+"""The CQL update of both scripts against a plain re-derivation of CORL's formulas, in float64.
 
 The reference below reads the weights out of the trainer and recomputes every quantity with
 per-critic Python loops and textbook formulas (no ensemble batching, no fused critic pass), so
 an error in the fast code's batching, slicing, detaching or bookkeeping shows up as a mismatch.
+Every test runs on the offline script and on the finetune script (its losses are a copy, with a
+penalty weight that changes at the offline-to-online switch and a penalty-free SAC branch, tested
+at the end); mutating one term of the reference makes the comparison fail (test_a_mutated_term_fails).
 """
 import copy
 import math
@@ -10,7 +13,10 @@ import math
 import pytest
 import torch
 
-import algorithms.offline.cql as cql
+import algorithms.finetune.cql as finetune_cql
+import algorithms.offline.cql as offline_cql
+
+MODULES = {"offline": offline_cql, "finetune": finetune_cql}
 
 S, A, B, N = 5, 3, 16, 4  # state dim, action dim, batch, cql_n_actions
 
@@ -26,12 +32,21 @@ VARIANTS = {
 }
 
 
-def make_trainer(overrides: dict, bc_steps: int = 0) -> cql.CQL:
+@pytest.fixture(params=list(MODULES))
+def cql(request):
+    """The script under test: each test runs on both."""
+    return MODULES[request.param]
+
+
+def make_trainer(overrides: dict, bc_steps: int = 0, module=offline_cql):
     torch.manual_seed(0)
-    config = cql.TrainConfig(cql_n_actions=N, q_n_hidden_layers=2, bc_steps=bc_steps, **overrides)
-    trainer = cql.CQL(config, S, A, max_action=1.0, device=torch.device("cpu"))
+    config = module.TrainConfig(cql_n_actions=N, q_n_hidden_layers=2, bc_steps=bc_steps, **overrides)
+    trainer = module.CQL(config, S, A, max_action=1.0, device=torch.device("cpu"))
     # Perturb every weight so that targets, critics and scalars all differ from their initial values.
     with torch.no_grad():
+        if module is finetune_cql and config.orthogonal_init:  # its sqrt(2)-gain layers: back to the scale below
+            for p in trainer.actor.net.parameters():
+                p.mul_(0.3)
         for p in trainer.actor.parameters():  # small: keeps |u| where the plain log(1 - tanh^2) is exact
             p.add_(0.05 * torch.randn_like(p))
         for p in trainer.critic.parameters():
@@ -88,9 +103,15 @@ def plain_actor(actor_params, obs, eps):
     return torch.tanh(u), logp, mean, log_std
 
 
-def plain_losses(trainer, batch, noise, bc=False):
-    """CORL's offline CQL losses written out plainly; returns each loss w.r.t. its own leaves."""
+def plain_losses(trainer, batch, noise, bc=False, penalty=True, mutation=None):
+    """CORL's CQL losses written out plainly; returns each loss w.r.t. its own leaves.
+
+    The penalty weight is config.cql_alpha (offline) or the finetune trainer's cql_alpha, the weight
+    of the current phase; penalty False is the finetune script's plain SAC critic loss. mutation
+    names one term to get wrong on purpose (see MUTATIONS): the comparison must then fail.
+    """
     c = trainer.config
+    weight = getattr(trainer, "cql_alpha", c.cql_alpha)  # finetune: cql_alpha or cql_alpha_online
     obs, actions, rewards, next_obs, dones = batch
     actor_p = [p.detach().clone().requires_grad_() for p in trainer.actor.net.parameters()]
     actor_p += [trainer.actor.log_std_multiplier.detach().clone().requires_grad_(),
@@ -116,8 +137,10 @@ def plain_losses(trainer, batch, noise, bc=False):
                      - torch.log(1 - actions ** 2)).sum(-1)
         policy_loss = (alpha.detach() * log_pi - data_logp).mean()
     else:
-        q_new = torch.minimum(plain_q(trainer, 0, frozen, obs, new_actions), plain_q(trainer, 1, frozen, obs, new_actions))
-        policy_loss = (alpha.detach() * log_pi - q_new).mean()
+        worse = torch.maximum if mutation == "max_over_critics" else torch.minimum
+        q_new = worse(plain_q(trainer, 0, frozen, obs, new_actions), plain_q(trainer, 1, frozen, obs, new_actions))
+        entropy_sign = -1.0 if mutation == "entropy_sign" else 1.0
+        policy_loss = (entropy_sign * alpha.detach() * log_pi - q_new).mean()
 
     with torch.no_grad():
         next_a, next_logp, _, _ = plain_actor(actor_p, next_obs, noise["next"])
@@ -132,7 +155,8 @@ def plain_losses(trainer, batch, noise, bc=False):
                                      plain_q(trainer, 1, target_p, next_obs, next_a))
         if c.backup_entropy:
             target_q = target_q - alpha * next_logp
-        td_target = rewards + (1 - dones) * c.discount * target_q
+        not_done = 1.0 if mutation == "no_done_mask" else 1 - dones
+        td_target = rewards + not_done * c.discount * target_q
         cur_a, cur_logp, _, _ = plain_actor(actor_p, obs, noise["cql_current"])
         nxt_a, nxt_logp, _, _ = plain_actor(actor_p, next_obs, noise["cql_next"])
 
@@ -148,7 +172,8 @@ def plain_losses(trainer, batch, noise, bc=False):
         q_nxt = plain_q(trainer, e, critic_p, rep_obs, nxt_a)
         std_q = torch.cat([q_rand, q_pred[:, None], q_nxt, q_cur], 1).std(1)
         if c.cql_importance_sample:
-            cat = torch.cat([q_rand - A * math.log(0.5), q_nxt - nxt_logp, q_cur - cur_logp], 1)
+            random_log_density = 0.0 if mutation == "no_random_density" else A * math.log(0.5)
+            cat = torch.cat([q_rand - random_log_density, q_nxt - nxt_logp, q_cur - cur_logp], 1)
         else:
             cat = torch.cat([q_rand, q_pred[:, None], q_nxt, q_cur], 1)
         ood = torch.log(torch.exp(cat / c.cql_temp).sum(1)) * c.cql_temp
@@ -158,16 +183,25 @@ def plain_losses(trainer, batch, noise, bc=False):
                     f"cql_q{tag}_rand": q_rand.mean(), f"cql_q{tag}_current_actions": q_cur.mean(),
                     f"cql_q{tag}_next_actions": q_nxt.mean(), f"cql_qf{tag}_diff": diff})
         critic_loss = critic_loss + qf_loss
+    if mutation == "offline_weight_online":  # the switch ignored: the offline weight kept
+        weight = c.cql_alpha
     if c.cql_lagrange:
         alpha_prime = torch.clamp(torch.exp(log_alpha_prime), 0.0, 1e6)
-        mins = [alpha_prime.detach() * c.cql_alpha * (d - c.cql_target_action_gap) for d in diffs]
-        alpha_prime_loss = -(alpha_prime * c.cql_alpha * (diffs[0].detach() - c.cql_target_action_gap)
-                             + alpha_prime * c.cql_alpha * (diffs[1].detach() - c.cql_target_action_gap)) * 0.5
+        mins = [alpha_prime.detach() * weight * (d - c.cql_target_action_gap) for d in diffs]
+        half = -0.5 if mutation != "lagrange_sign" else 0.5
+        alpha_prime_loss = (alpha_prime * weight * (diffs[0].detach() - c.cql_target_action_gap)
+                            + alpha_prime * weight * (diffs[1].detach() - c.cql_target_action_gap)) * half
     else:
         alpha_prime = torch.zeros((), dtype=torch.float64)
-        mins = [d * c.cql_alpha for d in diffs]
+        mins = [d * weight for d in diffs]
         alpha_prime_loss = torch.zeros((), dtype=torch.float64)
-    critic_loss = critic_loss + mins[0] + mins[1]
+    if penalty:
+        critic_loss = critic_loss + mins[0] + mins[1]
+    else:  # plain SAC: TD errors only; the trainer reports every penalty metric as 0
+        alpha_prime_loss = torch.zeros((), dtype=torch.float64)
+        out = {k: v for k, v in out.items() if not k.startswith("cql_")}
+        mins = [torch.zeros((), dtype=torch.float64)] * 2
+        alpha_prime = torch.zeros((), dtype=torch.float64)
     out.update(cql_min_qf1_loss=mins[0], cql_min_qf2_loss=mins[1], alpha_prime=alpha_prime.detach(),
                alpha_prime_loss=alpha_prime_loss)
 
@@ -203,22 +237,34 @@ def double_noise(trainer):
     return {k: v.double() for k, v in trainer.draw_noise(B).items()}
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_losses_and_gradients_match_plain_computation(variant):
-    trainer = make_trainer(VARIANTS[variant])
-    batch, noise = make_batch(), double_noise(trainer)
-    total, metrics = trainer.losses(batch, noise, bc=False)
+def fast_losses(trainer, batch, noise, bc=False, penalty=True):
+    """The script's losses; the finetune script's take whether the penalty is computed (see CQL.phase)."""
+    if "penalty" in trainer.losses.__code__.co_varnames:
+        return trainer.losses(batch, noise, bc=bc, penalty=penalty)
+    assert penalty, "the offline script always computes the penalty"
+    return trainer.losses(batch, noise, bc=bc)
+
+
+def compare(trainer, batch, noise, label, bc=False, penalty=True, mutation=None):
+    """Fast losses, metrics and gradients against the plain reference; returns the fast metrics and grads."""
+    total, metrics = fast_losses(trainer, batch, noise, bc=bc, penalty=penalty)
     trainer.optimizer.zero_grad(set_to_none=True)
     total.backward()
-    expected, expected_grads = plain_losses(trainer, batch, noise)
-
+    expected, expected_grads = plain_losses(trainer, batch, noise, bc=bc, penalty=penalty, mutation=mutation)
     assert set(expected) <= set(metrics)
     for name, value in expected.items():
-        torch.testing.assert_close(metrics[name], value, rtol=1e-9, atol=1e-10, msg=f"{variant}: {name}")
+        torch.testing.assert_close(metrics[name], value, rtol=1e-9, atol=1e-10, msg=f"{label}: {name}")
     got = trainer_grads(trainer)
     for group, grads in expected_grads.items():
         for i, (g, ref) in enumerate(zip(got[group], grads)):
-            torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-10, msg=f"{variant}: grad {group}[{i}]")
+            torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-10, msg=f"{label}: grad {group}[{i}]")
+    return metrics, got
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_losses_and_gradients_match_plain_computation(cql, variant):
+    trainer = make_trainer(VARIANTS[variant], module=cql)
+    metrics, got = compare(trainer, make_batch(), double_noise(trainer), variant)
     # The variant switches really change the computation (guards against a switch being ignored).
     if variant == "clipped":
         assert abs(float(metrics["cql_qf1_diff"])) <= 0.05 + 1e-12
@@ -229,22 +275,79 @@ def test_losses_and_gradients_match_plain_computation(variant):
         assert float(metrics["alpha_prime"]) == 0.0
 
 
-def test_behaviour_cloning_policy_loss_matches_plain_computation():
-    trainer = make_trainer({}, bc_steps=10)
+def test_behaviour_cloning_policy_loss_matches_plain_computation(cql):
+    """The warm-up's log-likelihood is of the dataset actions (CORL's log_prob scores a fresh sample
+    instead: a bug not copied, see the README)."""
+    trainer = make_trainer({}, bc_steps=10, module=cql)
+    compare(trainer, make_batch(), double_noise(trainer), "bc", bc=True)
+
+
+# ------------------------------------------------------------------ finetune only: the switch, plain SAC
+SWITCH = {"cql_alpha": 10.0, "cql_alpha_online": 2.0}
+
+
+@pytest.mark.parametrize("variant", ["default", "lagrange", "max_target_backup"])
+def test_finetune_switch_weights_the_penalty_by_cql_alpha_online(variant):
+    """After the switch the penalty (and, Lagrange, alpha's loss) weighs by cql_alpha_online."""
+    trainer = make_trainer({**VARIANTS[variant], **SWITCH}, module=finetune_cql)
     batch, noise = make_batch(), double_noise(trainer)
-    total, metrics = trainer.losses(batch, noise, bc=True)
+    before, _ = compare(trainer, batch, noise, f"{variant}, offline")
+    trainer.cql_alpha = trainer.config.cql_alpha_online  # what train() does at the switch
+    after, _ = compare(trainer, batch, noise, f"{variant}, online")
+    ratio = after["cql_min_qf1_loss"] / before["cql_min_qf1_loss"]
+    torch.testing.assert_close(ratio, torch.tensor(0.2, dtype=torch.float64), rtol=1e-9, atol=0)
+    with pytest.raises(AssertionError):  # a switch that keeps the offline weight is caught
+        compare(trainer, batch, noise, "switch ignored", mutation="offline_weight_online")
+
+
+@pytest.mark.parametrize("variant", ["default", "max_target_backup", "fixed_alpha"])
+def test_finetune_plain_sac_branch_matches_plain_computation(variant):
+    """cql_alpha_online 0 without Lagrange: the penalty is not computed (CQL.phase), the critic loss is
+    the TD error alone, and every penalty metric reads 0."""
+    trainer = make_trainer({**VARIANTS[variant], "cql_alpha_online": 0.0}, module=finetune_cql)
+    trainer.cql_alpha = 0.0
+    assert trainer.phase(1)[2] is False  # the penalty is skipped from here on
+    metrics, _ = compare(trainer, make_batch(), double_noise(trainer), variant, penalty=False)
+    for name in ("cql_q1_rand", "cql_qf1_diff", "cql_min_qf2_loss", "cql_std_q1", "alpha_prime_loss"):
+        assert float(metrics[name]) == 0.0, name
+
+
+# Each mutation gets one term of the reference wrong, in a variant where that term matters.
+MUTATIONS = {
+    "entropy_sign": {},
+    "max_over_critics": {},
+    "no_done_mask": {},
+    "no_random_density": {},
+    "lagrange_sign": VARIANTS["lagrange"],
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_a_mutated_term_fails(cql, mutation):
+    """The tolerances above are tight enough to catch a wrong sign or a missing term."""
+    trainer = make_trainer(MUTATIONS[mutation], module=cql)
+    batch, noise = make_batch(), double_noise(trainer)
+    compare(trainer, batch, noise, "unmutated")  # the same inputs agree without the mutation
+    with pytest.raises(AssertionError):
+        compare(trainer, batch, noise, mutation, mutation=mutation)
+
+
+def test_finetune_plain_sac_reference_catches_a_penalty_left_on():
+    """A SAC phase that still added the penalty (weight 1 here) would not pass the SAC comparison."""
+    trainer = make_trainer({"cql_alpha": 1.0}, module=finetune_cql)
+    batch, noise = make_batch(), double_noise(trainer)
+    total, _ = fast_losses(trainer, batch, noise, penalty=True)
     trainer.optimizer.zero_grad(set_to_none=True)
     total.backward()
-    expected, expected_grads = plain_losses(trainer, batch, noise, bc=True)
-    torch.testing.assert_close(metrics["policy_loss"], expected["policy_loss"], rtol=1e-9, atol=1e-10)
-    for g, ref in zip(trainer_grads(trainer)["actor"], expected_grads["actor"]):
-        torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-10)
+    _, sac_grads = plain_losses(trainer, batch, noise, penalty=False)
+    critic = trainer_grads(trainer)["critic"]
+    assert max(float((g - ref).abs().max()) for g, ref in zip(critic, sac_grads["critic"])) > 1e-3
 
 
 @pytest.mark.parametrize("variant", ["default", "lagrange"])
-def test_one_update_equals_four_separate_adam_steps_and_polyak_target(variant, monkeypatch):
+def test_one_update_equals_four_separate_adam_steps_and_polyak_target(cql, variant, monkeypatch):
     """train(): one Adam over four groups == CORL's four optimizers; then the soft target update."""
-    trainer = make_trainer(VARIANTS[variant])
+    trainer = make_trainer(VARIANTS[variant], module=cql)
     reference = copy.deepcopy(trainer)
     batch, noise = make_batch(), double_noise(trainer)
     monkeypatch.setattr(trainer, "draw_noise", lambda batch_size: noise)
@@ -282,7 +385,7 @@ def test_one_update_equals_four_separate_adam_steps_and_polyak_target(variant, m
     assert alpha_prime_moved == (variant == "lagrange")
 
 
-def test_tanh_gaussian_log_prob_is_change_of_variables():
+def test_tanh_gaussian_log_prob_is_change_of_variables(cql):
     g = torch.Generator().manual_seed(3)
     mean = torch.randn(64, A, generator=g, dtype=torch.float64)
     log_std = torch.randn(64, A, generator=g, dtype=torch.float64) * 0.5 - 0.5
@@ -299,7 +402,7 @@ def test_tanh_gaussian_log_prob_is_change_of_variables():
     assert torch.isfinite(value).all()
 
 
-def test_actor_log_prob_of_its_own_sample_equals_sample_log_prob():
+def test_actor_log_prob_of_its_own_sample_equals_sample_log_prob(cql):
     torch.manual_seed(4)
     actor = cql.TanhGaussianActor(S, A, max_action=1.0).double()
     obs = torch.randn(32, S, dtype=torch.float64)
