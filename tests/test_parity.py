@@ -20,6 +20,7 @@ import torch
 import algorithms.finetune.cql as finetune_cql
 import algorithms.offline.cql as offline_cql
 from conftest import rollout_arrays, write_hdf5
+from test_finetune import GOAL_ENV  # a scripted goal task: success in info
 
 ROOT = Path(__file__).resolve().parents[1]
 S, A = 7, 3
@@ -180,31 +181,6 @@ def test_eval_seed_fixes_the_episodes_of_every_run(tmp_path):
 
 
 # ------------------------------------------------------------------ success rate online only, 0-based counters
-class GoalEnv(gym.Env):
-    """Episodes of 4 steps; success (info) at the last step of every other episode of an instance."""
-
-    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float64)
-    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-
-    def __init__(self):
-        self.episode, self.t = -1, 0
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self.episode, self.t = self.episode + 1, 0
-        return np.array([0.0, 0.0]), {}
-
-    def step(self, action):
-        self.t += 1
-        done = self.t == 4
-        return np.array([self.t, 0.0]), 0.0, done, False, {"success": done and self.episode % 2 == 0}
-
-
-GOAL_ENV = "GoalParityTest-v0"
-if GOAL_ENV not in gym.registry:
-    gym.register(GOAL_ENV, entry_point=GoalEnv, max_episode_steps=10)
-
-
 def test_success_rate_is_logged_in_the_online_phase_only(tmp_path):
     arrays = rollout_arrays(GOAL_ENV, 64, seed=0)
     path = write_hdf5(tmp_path / "goal.hdf5", arrays, {"env_id": GOAL_ENV})
