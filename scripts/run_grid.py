@@ -4,8 +4,12 @@
         -- --max_timesteps=100000 --device=cuda
 
 Each run is `<python> <program> --config_path X --seed S <everything after -->`; its stdout and
-stderr go to <log_dir>/<config>-seed<S>.log. A tqdm bar counts finished runs; the summary at the
-end lists the failed runs with their logs, and the exit code is 1 when any run failed.
+stderr go to <log_dir>/<config>-seed<S>.log. With --stack (the default on a CUDA machine) each
+config's seeds run as one process instead, `--config_path X --seeds S1,S2,...` (one seed stack: the
+scripts train the runs together, each still with its own run directory), logged to
+<config>-seeds<S1>_<S2>....log: processes sharing one GPU take turns on it, while a stack fills it
+(README, "Many seeds in one process"). A tqdm bar counts finished processes; the summary at the
+end lists the failed ones with their logs, and the exit code is 1 when any failed.
 """
 import argparse
 import subprocess
@@ -22,7 +26,7 @@ from tqdm.auto import tqdm
 @dataclass
 class Job:
     config: str
-    seed: int
+    seeds: List[int]  # one seed, or a --seeds stack
     command: List[str]
     log: Path
 
@@ -51,6 +55,8 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
     parser.add_argument("--log_dir", type=Path, default=Path("runs/grid_logs"),
                         help="where each run's stdout/stderr log goes (default: runs/grid_logs)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--stack", choices=["auto", "yes", "no"], default="auto",
+                        help="run each config's seeds as one --seeds stack (auto: yes when CUDA is available)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -62,18 +68,37 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
     return args, extra
 
 
-def log_name(config: str, seed: int) -> str:
-    """configs/offline/cql/hopper/medium_v2.yaml, 3 -> offline-cql-hopper-medium_v2-seed3.log"""
+def log_name(config: str, seeds: List[int]) -> str:
+    """configs/offline/cql/hopper/medium_v2.yaml, [3] -> offline-cql-hopper-medium_v2-seed3.log; [0, 1] ->
+    ...-seeds0_1.log"""
     parts = list(Path(config).with_suffix("").parts)
     if parts and parts[0] == "configs":
         parts = parts[1:]
-    return "-".join(p for p in parts if p not in ("", ".", "..", "/")) + f"-seed{seed}.log"
+    tail = f"-seed{seeds[0]}" if len(seeds) == 1 else "-seeds" + "_".join(map(str, seeds))
+    return "-".join(p for p in parts if p not in ("", ".", "..", "/")) + tail + ".log"
+
+
+def use_stacks(choice: str) -> bool:
+    if choice != "auto":
+        return choice == "yes"
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def make_jobs(args: argparse.Namespace, extra: List[str]) -> List[Job]:
-    return [Job(config, seed, [args.python, args.program, "--config_path", config, "--seed", str(seed), *extra],
-                args.log_dir / log_name(config, seed))
+    if use_stacks(args.stack) and len(args.seeds) > 1:
+        seeds = ",".join(map(str, args.seeds))
+        return [Job(config, list(args.seeds), [args.python, args.program, "--config_path", config, "--seeds", seeds,
+                                               *extra], args.log_dir / log_name(config, args.seeds))
+                for config in args.configs]
+    return [Job(config, [seed], [args.python, args.program, "--config_path", config, "--seed", str(seed), *extra],
+                args.log_dir / log_name(config, [seed]))
             for config in args.configs for seed in args.seeds]
+
+
+def seeds_text(job: Job) -> str:
+    return f"seed {job.seeds[0]}" if len(job.seeds) == 1 else f"seeds {','.join(map(str, job.seeds))}"
 
 
 def run_job(job: Job) -> Outcome:
@@ -105,14 +130,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             bar.set_postfix(failed=failed)
             bar.update()
             if outcome.returncode != 0:
-                bar.write(f"failed (exit {outcome.returncode}): {outcome.job.config} seed {outcome.job.seed}, "
+                bar.write(f"failed (exit {outcome.returncode}): {outcome.job.config} {seeds_text(outcome.job)}, "
                           f"log {outcome.job.log}")
     bar.close()
     failures = [o for o in outcomes if o.returncode != 0]
-    print(f"grid: {len(outcomes)} runs, {len(outcomes) - len(failures)} ok, {len(failures)} failed; "
-          f"logs in {args.log_dir}")
-    for o in sorted(failures, key=lambda o: (o.job.config, o.job.seed)):
-        print(f"  failed (exit {o.returncode}, {o.seconds:.0f} s): {o.job.config} seed {o.job.seed} -> {o.job.log}")
+    stacks = any(len(o.job.seeds) > 1 for o in outcomes)
+    kind = ("seed stack" if stacks else "run") + ("" if len(outcomes) == 1 else "s")
+    print(f"grid: {len(outcomes)} {kind}, {len(outcomes) - len(failures)} ok, "
+          f"{len(failures)} failed; logs in {args.log_dir}")
+    for o in sorted(failures, key=lambda o: (o.job.config, o.job.seeds)):
+        print(f"  failed (exit {o.returncode}, {o.seconds:.0f} s): {o.job.config} {seeds_text(o.job)} -> {o.job.log}")
     return 1 if failures else 0
 
 

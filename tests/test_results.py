@@ -290,6 +290,16 @@ def test_grid_runner_overrides_and_failures(tmp_path):
     assert "grid: 4 runs, 2 ok, 2 failed" in done.stdout and "walker2d-expert_v2-seed3.log" in done.stdout
 
 
+def test_grid_runner_stacks_each_configs_seeds_in_one_process(tmp_path):
+    done, configs, calls = run_grid(tmp_path, ["--stack", "yes", "--", "--max_timesteps=10"])
+    assert done.returncode == 0, done.stderr
+    assert sorted(calls) == sorted(["--config_path", c, "--seeds", "0,3", "--max_timesteps=10"] for c in configs)
+    assert "grid: 2 seed stacks, 2 ok, 0 failed" in done.stdout
+    assert "stdout line" in (tmp_path / "logs" / "offline-cql-hopper-medium_v2-seeds0_3.log").read_text()
+    done, _, calls = run_grid(tmp_path, ["--stack", "no"])  # one process per seed, as on a CPU machine
+    assert len(calls) == 4 and all(call[2] == "--seed" for call in calls)
+
+
 # ======================================================================================
 # Dockerfile lint
 # ======================================================================================
