@@ -209,6 +209,19 @@ def test_finetune_online_rows_have_the_datasets_columns(antmaze, tmp_path):
     np.testing.assert_allclose(online[0], np.concatenate([sim.qpos, sim.qvel]), rtol=1e-5, atol=1e-5)
 
 
+def test_finetune_pure_online_on_a_gymnasium_robotics_id(tmp_path):
+    # No dataset: the id is registered by importing Gymnasium-Robotics, the goal is in the state (31 dims).
+    config = finetune.parse_config([f"--env={ENV_ID}", "--offline_iterations=0", "--online_iterations=30",
+                                    "--warmup_steps=20", "--cql_alpha_online=0", "--eval_freq=30", "--log_freq=10",
+                                    f"--checkpoints_path={tmp_path}", *TINY[:-1], "--max_episode_steps=10"])
+    summary = finetune.train(config)
+    assert summary["updates"] == 10
+    checkpoint = torch.load(Path(summary["run_dir"]) / "checkpoint_30.pt", weights_only=False)
+    assert checkpoint["state_mean"].shape == (31,)
+    episodes = [r for r in _rows(summary) if "train/is_success" in r]
+    assert [r["train/episode_length"] for r in episodes] == [10, 10, 10]
+
+
 # ------------------------------------------------------------------ a D4RL AntMaze file on Gymnasium-Robotics
 def d4rl_antmaze_file(path: Path, columns=slice(None), n_episodes: int = 3, steps: int = 40) -> Path:
     """An HDF5 file in D4RL's AntMaze layout, written from the simulator (qpos[:15] ++ qvel[:14]), not
