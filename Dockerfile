@@ -1,9 +1,11 @@
 # CUDA runtime image with PyTorch; MuJoCo comes from its pip wheel (no mujoco-py, no system GL needed).
 FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 
+# MUJOCO_GL=disable: the scripts never render, and asking for EGL on an image without libEGL makes
+# `import mujoco` fail at the first env ('NoneType' object has no attribute 'eglQueryString').
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    MUJOCO_GL=egl
+    MUJOCO_GL=disable
 
 WORKDIR /workspace
 COPY requirements/ requirements/

@@ -175,16 +175,18 @@ def test_local_minari_dataset_trains_end_to_end(tmp_path, monkeypatch):
 
 def test_missing_minari_dataset_names_it(tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
-    with pytest.raises(cql.DatasetError, match="Minari dataset cqltest/absent-v0: cannot load.*minari_download"):
+    with pytest.raises(cql.DatasetError, match="Minari dataset cqltest/absent-v0: not stored locally .*"
+                       "`minari download cqltest/absent-v0` or set --minari_download=true"):
         cql.load_dataset(cql.TrainConfig(env="cqltest/absent-v0"))
 
 
-def test_dict_observations_flatten_to_observation_and_goal():
-    obs = {"observation": np.array([1.0, 2.0]), "achieved_goal": np.array([9.0, 9.0]),
+def test_dict_observations_flatten_to_achieved_goal_goal_and_observation():
+    obs = {"observation": np.array([1.0, 2.0]), "achieved_goal": np.array([9.0, 8.0]),
            "desired_goal": np.array([3.0, 4.0])}
-    np.testing.assert_array_equal(cql.flatten_observation(obs), [1, 2, 3, 4])
-    batch = {k: np.stack([v, v]) for k, v in obs.items()}
-    assert cql.flatten_observation(batch).shape == (2, 4)
+    np.testing.assert_array_equal(cql.flatten_observation(obs, goal_in_state=True), [9, 8, 3, 4, 1, 2])
+    np.testing.assert_array_equal(cql.flatten_observation(obs, goal_in_state=False), [9, 8, 1, 2])
+    batch = {k: np.stack([v, v + 10]) for k, v in obs.items()}
+    np.testing.assert_array_equal(cql.flatten_observation(batch, goal_in_state=False), [[9, 8, 1, 2], [19, 18, 11, 12]])
 
 
 def test_d4rl_tasks_without_gymnasium_env_name_the_minari_equivalent():

@@ -166,6 +166,7 @@ class TrainConfig:
     ref_min_score: Optional[float] = None  # return that scores 0; default: D4RL's / the dataset's
     ref_max_score: Optional[float] = None  # return that scores 100; default: D4RL's / the dataset's
     minari_download: bool = False  # let Minari download a dataset that is not stored locally
+    goal_in_state: Optional[bool] = None  # goal Dict envs: desired_goal in the state; None: false for HDF5, else true
     background_eval: Optional[bool] = None  # evaluate in a worker process while training goes on; None: on for cuda
     checkpoint_freq: Optional[int] = None  # checkpoint every this many iterations; None: at each evaluation
     keep_checkpoints: int = 0  # keep only the newest this many checkpoint files; 0 keeps all
@@ -438,6 +439,7 @@ class OfflineData:
     ref_max_score: Optional[float]
     is_locomotion: bool  # rewards are rescaled by the dataset's return range (CORL's modify_reward)
     source: str  # the file or dataset id, for messages
+    goal_in_state: bool = False  # goal Dict observations were flattened with desired_goal (make_env's too)
 
 
 def d4rl_cache_dir() -> Path:
@@ -528,34 +530,122 @@ def qlearning_transitions(data: Dict[str, np.ndarray], max_episode_steps: int = 
     }
 
 
-def flatten_observation(obs: Any) -> np.ndarray:
-    """Goal-conditioned Dict observations become observation ++ desired_goal."""
+# The keys of a goal-conditioned Dict observation (Gymnasium-Robotics' mazes, Fetch), sorted: the
+# order of Gymnasium's own flattening (FlattenObservation), and so the order of the state's columns.
+GOAL_DICT_KEYS = ("achieved_goal", "desired_goal", "observation")
+
+
+def state_keys(goal_in_state: bool) -> Tuple[str, ...]:
+    """The keys of a goal Dict observation that make up the state, in the order of their columns."""
+    return GOAL_DICT_KEYS if goal_in_state else ("achieved_goal", "observation")
+
+
+def resolve_goal_in_state(config: TrainConfig, hdf5: bool) -> bool:
+    """config.goal_in_state, or its default: false for an HDF5 file (D4RL's AntMaze layout), else true."""
+    return (not hdf5) if config.goal_in_state is None else config.goal_in_state
+
+
+def _describe_space(space: gym.Space) -> str:
+    if isinstance(space, gym.spaces.Dict):
+        return f"a Dict of {', '.join(space.keys())}"
+    return f"a {type(space).__name__} of shape {getattr(space, 'shape', None)}"
+
+
+def check_observation_space(space: gym.Space, where: str) -> None:
+    """A 1-D Box, or a goal Dict of exactly observation, achieved_goal and desired_goal as 1-D Boxes."""
+    def flat_box(s: gym.Space) -> bool:
+        return isinstance(s, gym.spaces.Box) and len(s.shape) == 1
+
+    goal_dict = (isinstance(space, gym.spaces.Dict) and set(space.keys()) == set(GOAL_DICT_KEYS)
+                 and all(flat_box(space[key]) for key in GOAL_DICT_KEYS))
+    if not (flat_box(space) or goal_dict):
+        raise DatasetError(f"{where}: observations are {_describe_space(space)}; expected a 1-D Box or a goal "
+                           f"Dict (observation, achieved_goal, desired_goal as 1-D Boxes)")
+
+
+def state_columns(space: gym.Space, goal_in_state: bool) -> List[Tuple[str, int]]:
+    """(part, dims) of the flattened state in column order: [("observation", n)] for a Box."""
+    if isinstance(space, gym.spaces.Dict):
+        return [(key, space[key].shape[0]) for key in state_keys(goal_in_state)]
+    return [("observation", space.shape[0])]
+
+
+def flatten_observation(obs: Any, goal_in_state: bool = True) -> np.ndarray:
+    """A goal Dict observation (or a batch of them) as state rows; a Box observation as it is.
+
+    The row is achieved_goal ++ desired_goal ++ observation, or without desired_goal when not
+    goal_in_state. In AntMaze `observation` is the ant without its torso x/y, which is
+    `achieved_goal`, so x/y come first; achieved_goal ++ observation of AntMaze-v4 is qpos[:15] ++
+    qvel[:14], D4RL's AntMaze observation column for column. The goal is in the state by default
+    for Minari datasets and Gymnasium envs: their sparse reward is 1 within 0.45 of the episode's
+    desired_goal, which moves between episodes (diverse/play data) and resets (goal noise), so
+    without it the reward is no function of the state. D4RL's AntMaze files hold no goal (their
+    rewards are for the task's one evaluation goal): an HDF5 file's default leaves it out. The envs
+    of make_env give rows flattened the same way already (flat_observation_env).
+    """
     if isinstance(obs, dict):
-        return np.concatenate([np.asarray(obs["observation"]), np.asarray(obs["desired_goal"])], axis=-1)
+        return np.concatenate([np.asarray(obs[key]) for key in state_keys(goal_in_state)], axis=-1)
     return np.asarray(obs)
 
 
-def _make_gym_env(env_id: str, kwargs: Dict[str, Any], max_episode_steps: Optional[int]) -> Callable[[], gym.Env]:
+def flat_observation_env(env: gym.Env, goal_in_state: bool) -> gym.Env:
+    """env with its goal Dict observations flattened as flatten_observation flattens a dataset's.
+
+    Gymnasium's own FilterObservation + FlattenObservation, so that env.spec names them and a
+    background evaluator's gym.make(env.spec) builds the same env.
+    """
+    check_observation_space(env.observation_space, f"env {env.spec.id if env.spec else env}")
+    if isinstance(env.observation_space, gym.spaces.Dict):
+        env = gym.wrappers.FlattenObservation(gym.wrappers.FilterObservation(env, list(state_keys(goal_in_state))))
+    return env
+
+
+def check_env_id(env_id: str) -> None:
+    """A DatasetError unless env_id is a registered Gymnasium env; Gymnasium-Robotics registers its ids
+    (AntMaze_*, PointMaze_*, AdroitHand*) when imported, so it is imported when an id is not found."""
+    try:
+        gym.spec(env_id)
+        return
+    except gym.error.Error:
+        pass
+    try:
+        import gymnasium_robotics  # noqa: F401
+    except ImportError:
+        pass
     try:
         gym.spec(env_id)
     except gym.error.Error as e:
         raise DatasetError(f"eval env {env_id!r}: not a registered Gymnasium env ({e})") from None
+
+
+def _make_gym_env(env_id: str, kwargs: Dict[str, Any], max_episode_steps: Optional[int],
+                  goal_in_state: bool) -> Callable[[], gym.Env]:
+    check_env_id(env_id)
     extra = {"max_episode_steps": int(max_episode_steps)} if max_episode_steps else {}  # an HDF5 attr is numpy.int64
-    return lambda: gym.make(env_id, **kwargs, **extra)
+    return lambda: flat_observation_env(gym.make(env_id, **kwargs, **extra), goal_in_state)
+
+
+def minari_datasets_dir() -> Path:
+    return Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
 
 
 def _load_minari(config: TrainConfig) -> OfflineData:
     import minari
 
+    root = minari_datasets_dir()
+    if not config.minari_download and not (root / config.env / "data").is_dir():
+        raise DatasetError(f"Minari dataset {config.env}: not stored locally (in {root}); fetch it with "
+                           f"`minari download {config.env}` or set --minari_download=true (needs internet)")
     try:
         dataset = minari.load_dataset(config.env, download=config.minari_download)
-    except Exception as e:  # minari raises several types for a missing dataset
-        hint = "" if config.minari_download else " (set --minari_download=true to fetch it, needs internet)"
-        raise DatasetError(f"Minari dataset {config.env}: cannot load ({str(e).splitlines()[0]}){hint}") from None
+    except Exception as e:  # minari raises several types for a missing or damaged dataset
+        raise DatasetError(f"Minari dataset {config.env}: cannot load ({str(e).splitlines()[0]})") from None
+    check_observation_space(dataset.observation_space, f"Minari dataset {config.env}")
+    goal_in_state = resolve_goal_in_state(config, hdf5=False)
     keys = ("observations", "actions", "rewards", "next_observations", "terminals")
     columns: Dict[str, List[np.ndarray]] = {k: [] for k in keys}
     for episode in dataset.iterate_episodes():
-        obs = flatten_observation(episode.observations).astype(np.float32)
+        obs = flatten_observation(episode.observations, goal_in_state).astype(np.float32)
         columns["observations"].append(obs[:-1])
         columns["next_observations"].append(obs[1:])
         columns["actions"].append(np.asarray(episode.actions, dtype=np.float32))
@@ -565,19 +655,22 @@ def _load_minari(config: TrainConfig) -> OfflineData:
         raise DatasetError(f"Minari dataset {config.env}: has no episodes")
     arrays = {k: np.concatenate(v) for k, v in columns.items()}
     metadata = dataset.storage.metadata
+    if config.eval_env is not None:
+        check_env_id(config.eval_env)
 
     def make_env() -> gym.Env:
-        env = dataset.recover_environment(eval_env=True)
         if config.eval_env is not None:
             env = gym.make(config.eval_env)
+        else:
+            env = dataset.recover_environment(eval_env=True)
         if config.max_episode_steps:
             env = gym.wrappers.TimeLimit(env, config.max_episode_steps)
-        return env
+        return flat_observation_env(env, goal_in_state)
 
     return OfflineData(
         **arrays, make_env=make_env,
         ref_min_score=metadata.get("ref_min_score"), ref_max_score=metadata.get("ref_max_score"),
-        is_locomotion=False, source=f"Minari dataset {config.env}",
+        is_locomotion=False, source=f"Minari dataset {config.env}", goal_in_state=goal_in_state,
     )
 
 
@@ -585,12 +678,13 @@ def load_dataset(config: TrainConfig) -> OfflineData:
     """Resolves config.env to transitions and an eval env: D4RL name, HDF5 path or Minari id."""
     name = config.env
     ref_min, ref_max = None, None
+    goal_in_state = resolve_goal_in_state(config, hdf5=True)  # for the HDF5 branches; Minari decides its own
     if name in D4RL_DATASETS or name in MINARI_EQUIVALENTS:
         task = name.split("-")[0]
         if config.eval_env is not None:
-            make_env = _make_gym_env(config.eval_env, {}, config.max_episode_steps)
+            make_env = _make_gym_env(config.eval_env, {}, config.max_episode_steps, goal_in_state)
         elif task in LOCOMOTION_ENVS:
-            make_env = _make_gym_env(*LOCOMOTION_ENVS[task], config.max_episode_steps)
+            make_env = _make_gym_env(*LOCOMOTION_ENVS[task], config.max_episode_steps, goal_in_state)
         else:
             raise DatasetError(
                 f"env {name}: its D4RL environment needs gym and mujoco-py; use the Minari dataset "
@@ -623,7 +717,8 @@ def load_dataset(config: TrainConfig) -> OfflineData:
         env_id = config.eval_env or attrs.get("env_id")
         if env_id is None:
             raise DatasetError(f"dataset file {path}: set eval_env (the file's metadata names no env_id)")
-        make_env = _make_gym_env(env_id, {}, config.max_episode_steps or attrs.get("max_episode_steps"))
+        steps = config.max_episode_steps or attrs.get("max_episode_steps")
+        make_env = _make_gym_env(env_id, {}, steps, goal_in_state)
         is_locomotion = any(t in env_id.lower() for t in ("halfcheetah", "hopper", "walker2d"))
         ref_min, ref_max = attrs.get("ref_min_score"), attrs.get("ref_max_score")
     ref_min = config.ref_min_score if config.ref_min_score is not None else ref_min
@@ -631,17 +726,26 @@ def load_dataset(config: TrainConfig) -> OfflineData:
     transitions = qlearning_transitions(raw)
     return OfflineData(**transitions, make_env=make_env, ref_min_score=None if ref_min is None else float(ref_min),
                        ref_max_score=None if ref_max is None else float(ref_max),
-                       is_locomotion=is_locomotion, source=f"dataset file {path}")
+                       is_locomotion=is_locomotion, source=f"dataset file {path}", goal_in_state=goal_in_state)
 
 
 def check_dataset_matches_env(data: OfflineData, env: gym.Env) -> None:
+    """The dataset's rows fit the eval env's flattened observations and its actions; else a DatasetError
+    that, for a goal Dict env, spells out the state's parts and whether goal_in_state would fit."""
+    name = env.spec.id if env.spec else env
     obs_dim = flatten_observation(env.observation_space.sample()).shape[-1]
     if data.observations.shape[1] != obs_dim:
+        raw, layout = env.unwrapped.observation_space, ""
+        if isinstance(raw, gym.spaces.Dict) and set(raw.keys()) == set(GOAL_DICT_KEYS):
+            layout = " (" + " + ".join(f"{key} {dims}" for key, dims in state_columns(raw, data.goal_in_state)) + ")"
+            if data.observations.shape[1] == sum(dims for _, dims in state_columns(raw, not data.goal_in_state)):
+                layout += (f"; goal_in_state={str(not data.goal_in_state).lower()} "
+                           f"{'adds' if not data.goal_in_state else 'leaves out'} desired_goal")
         raise DatasetError(f"{data.source}: observations have {data.observations.shape[1]} dims, "
-                           f"the eval env {env.spec.id if env.spec else env} has {obs_dim}")
+                           f"the eval env {name} has {obs_dim}{layout}")
     if data.actions.shape[1] != env.action_space.shape[0]:
         raise DatasetError(f"{data.source}: actions have {data.actions.shape[1]} dims, "
-                           f"the eval env {env.spec.id if env.spec else env} has {env.action_space.shape[0]}")
+                           f"the eval env {name} has {env.action_space.shape[0]}")
 
 
 def return_range(rewards: np.ndarray, terminals: np.ndarray, max_episode_steps: int) -> Tuple[float, float]:
@@ -660,8 +764,8 @@ def return_range(rewards: np.ndarray, terminals: np.ndarray, max_episode_steps: 
 
 def _is_gym_id(name: str) -> bool:
     try:
-        gym.spec(name)
-    except Exception:  # gymnasium raises several error types for unknown or malformed ids
+        check_env_id(name)
+    except DatasetError:  # unknown or malformed ids
         return False
     return True
 
@@ -1947,8 +2051,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     pure_online = is_pure_online(config)
     if pure_online:
         data = None
-        make_train_env = _make_gym_env(config.env, {}, config.max_episode_steps)
-        make_eval_env = _make_gym_env(config.eval_env or config.env, {}, config.max_episode_steps)
+        goal_in_state = resolve_goal_in_state(config, hdf5=False)
+        make_train_env = _make_gym_env(config.env, {}, config.max_episode_steps, goal_in_state)
+        make_eval_env = _make_gym_env(config.eval_env or config.env, {}, config.max_episode_steps, goal_in_state)
         ref_min, ref_max = config.ref_min_score, config.ref_max_score
         source = f"Gymnasium env {config.env} (no dataset)"
     else:
