@@ -146,8 +146,9 @@ def test_minari_runs_and_dataset_paths_tabulate_under_short_names(tmp_path, caps
     markdown = capsys.readouterr().out
     assert "| hopper-v4-medium-replay | locomotion | 70.0 ± 10.0 |" in markdown and str(tmp_path) not in markdown
     assert "| mujoco/hopper/medium-v0 | locomotion | 35.0 ± 5.0 |" in markdown
-    assert {p.name for p in plots.glob("*.png")} == {"offline-hopper-v4-medium-replay.png", "grid.png",
-                                                     "offline-mujoco_hopper_medium-v0.png", "offline-hopper-medium-v2.png"}
+    assert {p.name for p in plots.glob("*.png")} == {
+        "offline-hopper-v4-medium-replay.png", "grid.png", "offline-mujoco_hopper_medium-v0.png",
+        "offline-hopper-medium-v2.png"}
     with open(tmp_path / "t.csv", newline="") as f:
         assert {r["dataset"]: r["env"] for r in csv.DictReader(f)}["hopper-v4-medium-replay"] == shipped
 
