@@ -97,6 +97,23 @@ def test_dataset_references_come_first_and_the_config_overrides_both():
     assert line == "normalized score: 0 at return 1, 100 at return 50 (ref_max_score from the config)"
 
 
+@pytest.mark.parametrize("script", ["offline", "finetune"])
+def test_inverted_references_stop_when_the_config_set_one_and_warn_when_both_are_the_datasets(script):
+    cql = MODULES[script]
+    make_dataset("mujoco/hopper/expert-v0", "Hopper-v5", n_episodes=1, max_episode_steps=10,
+                 ref_min_score=5.0, ref_max_score=1.0)  # as a dataset tool's learner that got worse writes them
+    config = cql.TrainConfig(env="mujoco/hopper/expert-v0")
+    data = cql.load_dataset(config)
+    line = cql.reference_scores_line(config, data.source, data.ref_min_score, data.ref_max_score, data.ref_origin)
+    assert line == ("Minari dataset mujoco/hopper/expert-v0: warning: its reference returns are not increasing "
+                    "(ref_min_score 5 >= ref_max_score 1), so the normalized score means little; set both to override")
+    config = cql.TrainConfig(env="mujoco/hopper/expert-v0", ref_max_score=5.0)
+    with pytest.raises(cql.ConfigError, match="^Minari dataset mujoco/hopper/expert-v0: fields 'ref_min_score' "
+                       "\\(5.0\\) >= 'ref_max_score' \\(5.0\\) \\(ref_max_score from the config\\): the return"):
+        data = cql.load_dataset(config)
+        cql.reference_scores_line(config, data.source, data.ref_min_score, data.ref_max_score, data.ref_origin)
+
+
 # ----------------------------------------------------------------------- transitions and rewards
 @pytest.mark.parametrize("script", ["offline", "finetune"])
 def test_truncated_episode_keeps_its_last_transition_with_its_real_next_state(script):

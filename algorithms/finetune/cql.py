@@ -654,7 +654,10 @@ def check_dataset_matches_env(data: OfflineData, env: gym.Env) -> None:
 
 def reference_scores_line(config: TrainConfig, source: str, ref_min: Optional[float], ref_max: Optional[float],
                           origin: str = "") -> str:
-    """The start line on the returns that the normalized score maps to 0 and 100; ConfigError if min >= max."""
+    """The start line on the returns that the normalized score maps to 0 and 100.
+
+    ConfigError when min >= max and the config set either; when both are the dataset's, the line says so.
+    """
     overridden = [name for name in ("ref_min_score", "ref_max_score") if getattr(config, name) is not None]
     if overridden:
         origin = f"{' and '.join(overridden)} from the config" + (f"; {origin}" if origin else "")
@@ -663,10 +666,12 @@ def reference_scores_line(config: TrainConfig, source: str, ref_min: Optional[fl
                                if value is None)
         return (f"{source}: no reference return ({missing}), so no normalized score: "
                 f"evaluations log the raw return (eval_return_mean)")
-    if not ref_min < ref_max:
+    if not ref_min < ref_max and overridden:
         raise ConfigError(f"{source}: fields 'ref_min_score' ({ref_min}) >= 'ref_max_score' ({ref_max})"
-                          + (f" ({origin})" if origin else "") + ": the return that scores 0 must be below the one "
-                          "that scores 100")
+                          f" ({origin}): the return that scores 0 must be below the one that scores 100")
+    if not ref_min < ref_max:  # e.g. a dataset tool's learner that ended worse than it began
+        return (f"{source}: warning: its reference returns are not increasing (ref_min_score {ref_min:g} >= "
+                f"ref_max_score {ref_max:g}), so the normalized score means little; set both to override")
     return f"normalized score: 0 at return {ref_min:g}, 100 at return {ref_max:g}" + (f" ({origin})" if origin else "")
 
 
