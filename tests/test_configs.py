@@ -6,7 +6,9 @@
   repository (configs/offline/cql/quickstart.yaml, made by tools/make_dataset.py);
 * a sample of configs carries CORL's published hyperparameters (values written out below,
   taken from corl-team/CORL configs/{offline,finetune}/cql/...);
-* every ``*_minari.yaml`` has exactly the hyperparameters of its D4RL twin.
+* every ``*_minari.yaml`` has exactly the hyperparameters of its D4RL twin, and every
+  ``<task>/<level>_v0_minari.yaml`` (Minari's MuJoCo locomotion data, no D4RL twin) those of CORL's
+  config of the nearest D4RL level (simple, medium -> medium; expert -> expert).
 """
 
 import dataclasses
@@ -38,6 +40,12 @@ ANTMAZE_SETS = ["umaze", "umaze_diverse", "medium_play", "medium_diverse", "larg
 MAZE2D_SETS = ["umaze", "medium", "large", "umaze_dense", "medium_dense", "large_dense"]
 ADROIT = ["pen", "door", "hammer", "relocate"]
 ADROIT_SETS = ["human", "cloned", "expert"]
+# Minari's mujoco/<task>/<level>-v0 and the D4RL level whose CORL hyperparameters they take: simple and
+# medium are each the rollouts of one partly trained policy, as D4RL's medium is; expert is expert.
+# Ant: CORL has no CQL config for it; halfcheetah's are its shared locomotion values.
+MUJOCO_MINARI_TASKS = ["halfcheetah", "hopper", "walker2d", "ant"]
+MUJOCO_MINARI_NEAREST = {"simple": "medium", "medium": "medium", "expert": "expert"}
+MUJOCO_MINARI_IDS = {f"mujoco/{t}/{level}-v0" for t in MUJOCO_MINARI_TASKS for level in MUJOCO_MINARI_NEAREST}
 
 
 def _expected_files():
@@ -50,6 +58,7 @@ def _expected_files():
     offline |= {f"{stem}{suffix}.yaml" for stem in with_minari for suffix in ("", "_minari")}
     finetune_stems = [f"antmaze/{d}_v2" for d in ANTMAZE_SETS] + [f"{t}/cloned_v1" for t in ADROIT]
     finetune = {f"{stem}{suffix}.yaml" for stem in finetune_stems for suffix in ("", "_minari")}
+    offline |= {f"{t}/{level}_v0_minari.yaml" for t in MUJOCO_MINARI_TASKS for level in MUJOCO_MINARI_NEAREST}
     offline.add("quickstart.yaml")  # the shipped dataset made by tools/make_dataset.py (issue 5)
     return {"offline": offline, "finetune": finetune}
 
@@ -74,6 +83,7 @@ MINARI_EPISODE_STEPS = {
     "D4RL/pointmaze/large-dense-v2": 800,
     **{f"D4RL/pen/{d}-v2": 100 for d in ADROIT_SETS},
     **{f"D4RL/{t}/{d}-v2": 200 for t in ("door", "hammer", "relocate") for d in ADROIT_SETS},
+    **{dataset: 1000 for dataset in MUJOCO_MINARI_IDS},  # Gymnasium's v5 locomotion envs
 }
 
 
@@ -86,7 +96,9 @@ def _all_configs():
 
 
 ALL_CONFIGS = _all_configs()
-MINARI_CONFIGS = [p for p in ALL_CONFIGS if p.values[1].stem.endswith("_minari")]
+MINARI_CONFIGS = [p for p in ALL_CONFIGS if p.values[1].stem.endswith("_minari")
+                  and not p.values[1].stem.endswith("_v0_minari")]
+MUJOCO_MINARI_CONFIGS = [p for p in ALL_CONFIGS if p.values[1].stem.endswith("_v0_minari")]
 
 
 def _load(path: Path) -> dict:
@@ -196,7 +208,7 @@ def test_env_resolves(kind, path):
         assert math.isfinite(ref_min) and math.isfinite(ref_max) and ref_max > ref_min
         assert not path.stem.endswith("_minari"), "a *_minari.yaml must name a Minari dataset"
     else:
-        assert env in set(module.MINARI_EQUIVALENTS.values()), f"{env!r} is neither D4RL nor Minari"
+        assert env in set(module.MINARI_EQUIVALENTS.values()) | MUJOCO_MINARI_IDS, f"{env!r} is neither D4RL nor Minari"
         assert path.stem.endswith("_minari"), "a Minari dataset belongs in a *_minari.yaml"
 
 
@@ -218,6 +230,22 @@ PUBLISHED = [
              reward_bias=0.0, normalize=True, normalize_reward=True, cql_lagrange=False,
              cql_target_action_gap=-1.0, max_timesteps=1_000_000, cql_max_target_backup=False,
              cql_clip_diff_min=-INF, n_episodes=10, eval_freq=5_000),
+    ),
+    (  # Minari's simple level takes CORL's hopper-medium-v2 values (normalize_reward on)
+        "offline", "hopper/simple_v0_minari.yaml",
+        dict(_SHARED, env="mujoco/hopper/simple-v0", group="cql-mujoco-hopper-simple-v0-multiseed-v0",
+             cql_alpha=10.0, policy_lr=3e-5, q_n_hidden_layers=3, reward_scale=1.0,
+             reward_bias=0.0, normalize=True, normalize_reward=True, cql_lagrange=False,
+             cql_target_action_gap=-1.0, max_timesteps=1_000_000, cql_max_target_backup=False,
+             cql_clip_diff_min=-INF, n_episodes=10, eval_freq=5_000, max_episode_steps=1000),
+    ),
+    (  # CORL's walker2d-expert-v2 values
+        "offline", "walker2d/expert_v0_minari.yaml",
+        dict(_SHARED, env="mujoco/walker2d/expert-v0", group="cql-mujoco-walker2d-expert-v0-multiseed-v0",
+             cql_alpha=10.0, policy_lr=3e-5, q_n_hidden_layers=3, reward_scale=1.0,
+             reward_bias=0.0, normalize=True, normalize_reward=False, cql_lagrange=False,
+             cql_target_action_gap=-1.0, max_timesteps=1_000_000, cql_max_target_backup=False,
+             cql_clip_diff_min=-INF, n_episodes=10, eval_freq=5_000, max_episode_steps=1000),
     ),
     (
         "offline", "antmaze/umaze_v2.yaml",
@@ -292,6 +320,21 @@ def test_minari_variant_matches_d4rl_twin(kind, path):
     assert minari.get("max_episode_steps") == MINARI_EPISODE_STEPS[minari["env"]]
 
     ignored = {"env", "max_episode_steps"}
+    assert set(minari) - ignored == set(d4rl) - ignored
+    differing = {k: (minari[k], d4rl[k]) for k in set(minari) - ignored if not _same(minari[k], d4rl[k])}
+    assert not differing, differing
+
+
+@pytest.mark.parametrize("kind,path", MUJOCO_MINARI_CONFIGS)
+def test_mujoco_minari_config_has_the_nearest_d4rl_levels_hyperparameters(kind, path):
+    task, level = path.parent.name, path.stem[: -len("_v0_minari")]
+    twin_task = task if task != "ant" else "halfcheetah"
+    nearest = CONFIG_ROOTS[kind] / twin_task / f"{MUJOCO_MINARI_NEAREST[level]}_v2.yaml"
+    minari, d4rl = _load(path), _load(nearest)
+    assert minari["env"] == f"mujoco/{task}/{level}-v0"
+    assert minari["group"] == f"cql-mujoco-{task}-{level}-v0-multiseed-v0"
+    assert minari.get("max_episode_steps") == MINARI_EPISODE_STEPS[minari["env"]]
+    ignored = {"env", "group", "max_episode_steps"}
     assert set(minari) - ignored == set(d4rl) - ignored
     differing = {k: (minari[k], d4rl[k]) for k in set(minari) - ignored if not _same(minari[k], d4rl[k])}
     assert not differing, differing

@@ -223,6 +223,11 @@ BAD_INPUTS = [  # (what, argv after the dataset argument, expected message); {ru
     ("checkpoint_freq 0", ["--checkpoint_freq=0"], "field 'checkpoint_freq' must be > 0"),
     ("negative keep_checkpoints", ["--keep_checkpoints=-1"], "field 'keep_checkpoints' must be >= 0"),
     ("max_episode_steps 0", ["--max_episode_steps=0"], "field 'max_episode_steps' must be > 0"),
+    ("ref_min_score >= ref_max_score", ["--ref_min_score=5", "--ref_max_score=-5"],
+     "fields 'ref_min_score' \\(5.0\\) >= 'ref_max_score' \\(-5.0\\): the return that scores 0 must be below"),
+    ("ref_min_score above the file's ref_max_score", ["--ref_min_score=4000"],
+     "hopper-random-tiny.hdf5: fields 'ref_min_score' \\(4000.0\\) >= 'ref_max_score' \\(3234.3\\) "
+     "\\(ref_min_score from the config\\)"),
     ("on_nonfinite not stop or skip", ["--on_nonfinite=maybe"], "field 'on_nonfinite' must be stop or skip, got 'maybe'"),
     ("dataset larger than buffer_size", ["--buffer_size=10"], "field 'buffer_size' \\(10\\) is smaller than"),
     ("dimension mismatch with the env", ["--eval_env=HalfCheetah-v4"], "observations have 11 dims, the eval env"),

@@ -239,6 +239,11 @@ BAD_INPUTS = [  # (what, argv after the dataset argument, expected message); the
     ("negative learning rate", ["--qf_lr=-3e-4"], "field 'qf_lr' must be > 0"),
     ("cql_n_actions 0", ["--cql_n_actions=0"], "field 'cql_n_actions' must be > 0"),
     ("clip min > max", ["--cql_clip_diff_min=2", "--cql_clip_diff_max=1"], "'cql_clip_diff_min' \\(2.0\\) >"),
+    ("ref_min_score >= ref_max_score", ["--ref_min_score=100", "--ref_max_score=100"],
+     "fields 'ref_min_score' \\(100.0\\) >= 'ref_max_score' \\(100.0\\): the return that scores 0 must be below"),
+    ("ref_max_score below the file's ref_min_score", ["--ref_max_score=-30"],
+     "hopper-random-tiny.hdf5: fields 'ref_min_score' \\(-20.272305\\) >= 'ref_max_score' \\(-30.0\\) "
+     "\\(ref_max_score from the config\\)"),
     ("on_nonfinite not stop or skip", ["--on_nonfinite=maybe"], "field 'on_nonfinite' must be stop or skip, got 'maybe'"),
     ("dataset larger than buffer_size", ["--buffer_size=10"], "field 'buffer_size' \\(10\\) is smaller than the dataset"),
     ("dimension mismatch with the env", ["--eval_env=HalfCheetah-v4"], "observations have 11 dims, the eval env"),

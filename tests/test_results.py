@@ -33,7 +33,8 @@ SCORES = {
 
 def write_run(root: Path, env: str, seed: int, points, finetune: bool = False) -> Path:
     """A run dir as the training scripts write it: config.yaml and metrics.jsonl with train and eval rows."""
-    folder = root / f"CQL-{Path(env).stem}-{seed}-{seed:08x}"
+    label = Path(env).stem if env.endswith((".hdf5", ".h5")) else env.replace("/", "-")  # as the scripts name it
+    folder = root / f"CQL-{label}-{seed}-{seed:08x}"
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({"env": env, "seed": seed, "name": "CQL"}))
     with open(folder / "metrics.jsonl", "w") as f:
@@ -121,6 +122,75 @@ def test_cli_markdown_csv_and_plots(runs_root, tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1024, png
 
 
+MINARI_LOCOMOTION = [f"mujoco/{t}/{level}-v0" for t in ("halfcheetah", "hopper", "walker2d", "ant")
+                     for level in ("simple", "medium", "expert")]
+
+
+def test_minari_runs_and_dataset_paths_tabulate_under_short_names(tmp_path, capsys):
+    root = tmp_path / "runs"
+    shipped = str(tmp_path / "some" / "deep" / "folder" / "data" / "hopper-v4-medium-replay.hdf5")
+    for seed in (0, 1):
+        write_run(root, "mujoco/hopper/medium-v0", seed, [(1000, 20 + 10 * seed), (2000, 30 + 10 * seed)])
+        write_run(root, shipped, seed, [(1000, 50), (2000, 60 + 20 * seed)])
+        write_run(root, "hopper-medium-v2", seed, [(1000, 40), (2000, 50)])
+    rows = rows_by_dataset(root)
+    minari = rows["offline", "mujoco/hopper/medium-v0"]
+    assert minari["domain"] == "locomotion" and minari["seeds"] == 2 and minari["env"] == "mujoco/hopper/medium-v0"
+    assert (minari["last_mean"], minari["last_std"]) == (35.0, 5.0)
+    path_row = rows["offline", "hopper-v4-medium-replay"]  # the file's stem, not its whole path
+    assert path_row["domain"] == "locomotion" and path_row["env"] == shipped and path_row["last_mean"] == 70.0
+    average = rows["offline", "locomotion average"]  # tabulated with the D4RL runs, in one domain
+    assert average["datasets"] == 3 and average["last_mean"] == pytest.approx((35 + 70 + 50) / 3)
+    plots = tmp_path / "plots"
+    assert results.main([str(root), "--csv", str(tmp_path / "t.csv"), "--plots", str(plots)]) == 0
+    markdown = capsys.readouterr().out
+    assert "| hopper-v4-medium-replay | locomotion | 70.0 ± 10.0 |" in markdown and str(tmp_path) not in markdown
+    assert "| mujoco/hopper/medium-v0 | locomotion | 35.0 ± 5.0 |" in markdown
+    assert {p.name for p in plots.glob("*.png")} == {
+        "offline-hopper-v4-medium-replay.png", "grid.png", "offline-mujoco_hopper_medium-v0.png",
+        "offline-hopper-medium-v2.png"}
+    with open(tmp_path / "t.csv", newline="") as f:
+        assert {r["dataset"]: r["env"] for r in csv.DictReader(f)}["hopper-v4-medium-replay"] == shipped
+
+
+def test_two_files_of_one_stem_keep_their_paths(tmp_path):
+    a, b = str(tmp_path / "a" / "hopper.hdf5"), str(tmp_path / "b" / "hopper.hdf5")
+    write_run(tmp_path / "runs" / "a", a, 0, [(1000, 10)])
+    write_run(tmp_path / "runs" / "b", b, 0, [(1000, 90)])
+    write_run(tmp_path / "runs" / "c", str(tmp_path / "walker.h5"), 0, [(1000, 50)])
+    rows = rows_by_dataset(tmp_path / "runs")
+    assert rows["offline", a]["last_mean"] == 10.0 and rows["offline", b]["last_mean"] == 90.0
+    assert rows["offline", "walker"]["last_mean"] == 50.0
+
+
+def test_grid_plot_titles_do_not_run_into_each_other(tmp_path):
+    pytest.importorskip("matplotlib")
+    root = tmp_path / "runs"
+    long_path = str(tmp_path / ("a-rather-long-folder-name" * 3) / "halfcheetah-medium-expert-replay-tiny-v4.hdf5")
+    for env in MINARI_LOCOMOTION + [long_path, "D4RL/antmaze/medium-diverse-v1", "halfcheetah-medium-expert-v2"]:
+        for seed in (0, 1):
+            write_run(root, env, seed, [(1000, 10.0 * seed), (2000, 20.0)])
+    runs = [results.read_run(folder) for folder in results.find_run_dirs([str(root)])]
+    fig = results.grid_figure(results.summarize(runs), "common", "std")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    titled = [ax for ax in fig.axes if ax.get_title()]
+    assert len(titled) == 15
+    boxes = [ax.title.get_window_extent(renderer) for ax in titled]
+    width, height = fig.bbox.width, fig.bbox.height
+    for ax, box in zip(titled, boxes):
+        assert box.x0 >= 0 and box.x1 <= width and box.y1 <= height, ax.get_title()
+        assert box.width <= width / 4, ax.get_title()  # within its column of the 4
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert not boxes[i].overlaps(boxes[j]), (titled[i].get_title(), titled[j].get_title())
+        others = [ax.get_window_extent(renderer) for k, ax in enumerate(titled) if k != i]
+        assert not any(boxes[i].overlaps(o) for o in others), titled[i].get_title()  # nor another panel
+    titles = [ax.get_title().split("\n") for ax in titled]
+    assert ["halfcheetah-medium-expert-", "replay-tiny-v4", "offline, 2 seeds"] in titles  # the stem, wrapped
+    assert ["mujoco/halfcheetah/medium-v0", "offline, 2 seeds"] in titles
+
+
 def test_align_unequal_lengths():
     run = lambda steps, scores: results.Run(Path("x"), "e", 0, "offline", "k", np.array(steps), np.array(scores, float))
     short, long = run([1000, 2000], [0.0, 10.0]), run([1000, 2000, 3000], [20.0, 30.0, 40.0])
@@ -183,7 +253,8 @@ def swept_values(spec: dict) -> list:
 
 def test_sweep_files_exist():
     names = {p.name for p in SWEEPS}
-    assert {"offline_locomotion_grid.yaml", "offline_hopper_medium_search.yaml", "finetune_antmaze_grid.yaml"} <= names
+    assert {"offline_locomotion_grid.yaml", "offline_hopper_medium_search.yaml", "finetune_antmaze_grid.yaml",
+            "offline_mujoco_minari_grid.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
@@ -206,9 +277,30 @@ def test_sweep_parameters_are_config_fields_and_paths_exist(path):
 def test_locomotion_grid_covers_all_18_configs():
     sweep = yaml.safe_load((REPO / "configs/sweeps/offline_locomotion_grid.yaml").read_text())
     expected = {str(p.relative_to(REPO)) for task in ("halfcheetah", "hopper", "walker2d")
-                for p in (REPO / "configs/offline/cql" / task).glob("*.yaml")}
+                for p in (REPO / "configs/offline/cql" / task).glob("*_v2.yaml")}
     assert len(expected) == 18 and set(sweep["parameters"]["config_path"]["values"]) == expected
     assert sweep["parameters"]["seed"]["values"] == [0, 1, 2, 3]
+
+
+def test_minari_locomotion_grid_covers_all_12_configs_and_make_targets_split_the_two():
+    sweep = yaml.safe_load((REPO / "configs/sweeps/offline_mujoco_minari_grid.yaml").read_text())
+    expected = {str(p.relative_to(REPO)) for p in (REPO / "configs/offline/cql").glob("*/*_v0_minari.yaml")}
+    assert len(expected) == 12 and set(sweep["parameters"]["config_path"]["values"]) == expected
+    assert {yaml.safe_load((REPO / p).read_text())["env"] for p in expected} == set(MINARI_LOCOMOTION)
+    if shutil.which("make"):
+        def grid_configs(target: str) -> set:
+            done = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            return {word for word in done.stdout.split() if word.endswith(".yaml")}
+
+        d4rl = {p for p in expected_d4rl()}
+        assert grid_configs("grid") == d4rl  # CORL's D4RL benchmark only
+        assert grid_configs("grid-minari") >= expected and not grid_configs("grid-minari") & d4rl
+
+
+def expected_d4rl() -> set:
+    return {str(p.relative_to(REPO)) for task in ("halfcheetah", "hopper", "walker2d")
+            for p in (REPO / "configs/offline/cql" / task).glob("*_v2.yaml")}
 
 
 def agent_args(params: dict) -> list:

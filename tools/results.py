@@ -5,7 +5,10 @@
 A run directory is any folder holding both `config.yaml` (the run's TrainConfig) and `metrics.jsonl`
 (one JSON object per line with "step"), as written by algorithms/offline/cql.py and
 algorithms/finetune/cql.py. Runs are grouped by script kind ("finetune" when the config has
-online_iterations or a row has offline_iter/online_iter, else "offline") and by dataset (config `env`).
+online_iterations or a row has offline_iter/online_iter, else "offline") and by dataset (config `env`),
+shown under a short name: a dataset file's stem (data/hopper-v4-medium-replay.hdf5 -> hopper-v4-medium-replay),
+else the name as given (hopper-medium-v2, mujoco/hopper/medium-v0); two datasets of one short name keep
+their full `env`. The CSV's env column has the full `env`.
 
 Numbers, per dataset, over its runs (one run per seed):
   last  = the normalized score at each run's final evaluation, then mean ± std over runs;
@@ -27,6 +30,7 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -42,7 +46,7 @@ TASK_DOMAINS = {
     **{task: "adroit" for task in ("pen", "door", "hammer", "relocate")},
 }
 CSV_FIELDS = ["kind", "row", "domain", "dataset", "seeds", "datasets", "steps",
-              "last_mean", "last_std", "best_mean", "best_std"]
+              "last_mean", "last_std", "best_mean", "best_std", "env"]
 
 
 class ResultsError(ValueError):
@@ -64,7 +68,8 @@ class Run:
 class DatasetResult:
     kind: str
     domain: str
-    env: str
+    env: str  # as the runs' configs give it
+    name: str  # short_name(env), or env where two datasets would share a short name
     runs: List[Run]
     last: np.ndarray  # per run
     best: np.ndarray  # per run
@@ -141,6 +146,11 @@ def read_run(folder: Path) -> Optional[Run]:
                score_key, steps, scores)
 
 
+def short_name(env: str) -> str:
+    """A dataset's name in tables and plots: a file's stem (a path says little), else env as given."""
+    return Path(env).stem if env.endswith((".hdf5", ".h5")) else env
+
+
 def domain_of(env: str) -> str:
     """Task family: hopper-medium-v2 -> locomotion, D4RL/antmaze/umaze-v1 -> antmaze, x.hdf5 by its stem."""
     if env.endswith((".hdf5", ".h5")):
@@ -160,6 +170,9 @@ def summarize(runs: List[Run]) -> List[DatasetResult]:
     groups: Dict[Tuple[str, str], List[Run]] = {}
     for run in runs:
         groups.setdefault((run.kind, run.env), []).append(run)
+    envs_of_name: Dict[Tuple[str, str], set] = {}
+    for kind, env in groups:
+        envs_of_name.setdefault((kind, short_name(env)), set()).add(env)
     results = []
     for (kind, env), members in groups.items():
         seeds = [r.seed for r in members]
@@ -167,10 +180,11 @@ def summarize(runs: List[Run]) -> List[DatasetResult]:
         if repeated:
             print(f"warning: {kind} {env}: seed(s) {repeated} appear in more than one run; each run counts",
                   file=sys.stderr)
-        results.append(DatasetResult(kind, domain_of(env), env, members,
+        name = short_name(env) if len(envs_of_name[kind, short_name(env)]) == 1 else env
+        results.append(DatasetResult(kind, domain_of(env), env, name, members,
                                      last=np.array([r.scores[-1] for r in members]),
                                      best=np.array([r.scores.max() for r in members])))
-    return sorted(results, key=lambda d: (d.kind != "offline", DOMAIN_ORDER.index(d.domain), d.env))
+    return sorted(results, key=lambda d: (d.kind != "offline", DOMAIN_ORDER.index(d.domain), d.name))
 
 
 def table_rows(results: List[DatasetResult]) -> List[dict]:
@@ -178,17 +192,17 @@ def table_rows(results: List[DatasetResult]) -> List[dict]:
     rows = []
     for i, d in enumerate(results):
         ends = sorted({int(r.steps[-1]) for r in d.runs})
-        rows.append(dict(kind=d.kind, row="dataset", domain=d.domain, dataset=d.env, seeds=len(d.runs), datasets=1,
+        rows.append(dict(kind=d.kind, row="dataset", domain=d.domain, dataset=d.name, seeds=len(d.runs), datasets=1,
                          steps=str(ends[0]) if len(ends) == 1 else f"{ends[0]}-{ends[-1]}",
                          last_mean=float(d.last.mean()), last_std=float(d.last.std()),
-                         best_mean=float(d.best.mean()), best_std=float(d.best.std())))
+                         best_mean=float(d.best.mean()), best_std=float(d.best.std()), env=d.env))
         following = results[i + 1] if i + 1 < len(results) else None
         if following is None or (following.kind, following.domain) != (d.kind, d.domain):
             same = [e for e in results if (e.kind, e.domain) == (d.kind, d.domain)]
             rows.append(dict(kind=d.kind, row="domain_average", domain=d.domain, dataset=f"{d.domain} average",
                              seeds="", datasets=len(same), steps="",
                              last_mean=float(np.mean([e.last.mean() for e in same])), last_std="",
-                             best_mean=float(np.mean([e.best.mean() for e in same])), best_std=""))
+                             best_mean=float(np.mean([e.best.mean() for e in same])), best_std="", env=""))
     return rows
 
 
@@ -248,13 +262,13 @@ def align(runs: List[Run], how: str) -> Tuple[np.ndarray, np.ndarray]:
     return steps, np.stack([np.interp(steps, r.steps, r.scores) for r in runs])
 
 
-def draw_curve(ax, d: DatasetResult, how: str, spread: str, title: str) -> None:
+def draw_curve(ax, d: DatasetResult, how: str, spread: str, title: str, fontsize: float = 9) -> None:
     steps, scores = align(d.runs, how)
     mean = scores.mean(0)
     low, high = (scores.min(0), scores.max(0)) if spread == "minmax" else (mean - scores.std(0), mean + scores.std(0))
     ax.plot(steps, mean, lw=1.5, label=f"mean of {len(d.runs)} seeds")
     ax.fill_between(steps, low, high, alpha=0.25, label="min..max" if spread == "minmax" else "± std")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=fontsize)
     ax.set_xlabel("update step")
     ax.set_ylabel("normalized score")
     ax.grid(alpha=0.3)
@@ -267,6 +281,34 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
+GRID_TITLE_CHARS = 34  # a grid panel's title lines wrap at this many characters (8 pt on a 4-inch panel)
+
+
+def grid_title(d: DatasetResult) -> str:
+    """The dataset's name, wrapped (at '/' or '-' where it can), over a line with kind and seed count."""
+    name = textwrap.fill(d.name.replace("/", "/ ").replace("-", "- "), GRID_TITLE_CHARS,
+                         break_long_words=True).replace("/ ", "/").replace("- ", "-")
+    return f"{name}\n{d.kind}, {len(d.runs)} seed{'s' if len(d.runs) != 1 else ''}"
+
+
+def grid_figure(results: List[DatasetResult], how: str, spread: str):
+    """All learning curves in panels of 4 columns, each titled by grid_title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(results))
+    rows = math.ceil(len(results) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, d in zip(axes.flat, results):
+        draw_curve(ax, d, how, spread, grid_title(d), fontsize=8)
+    for ax in axes.flat[len(results):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
 def write_plots(results: List[DatasetResult], folder: Path, how: str, spread: str) -> List[Path]:
     """One PNG per dataset (<kind>-<dataset>.png) and grid.png with all of them."""
     import matplotlib
@@ -277,21 +319,13 @@ def write_plots(results: List[DatasetResult], folder: Path, how: str, spread: st
     written = []
     for d in results:
         fig, ax = plt.subplots(figsize=(6, 4))
-        draw_curve(ax, d, how, spread, f"CQL {d.kind}: {d.env}")
+        draw_curve(ax, d, how, spread, f"CQL {d.kind}: {d.name}")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = folder / f"{d.kind}-{d.env.replace('/', '_')}.png"
+        path = folder / f"{d.kind}-{d.name.replace('/', '_')}.png"
         save_figure(fig, path)
         written.append(path)
-    cols = min(4, len(results))
-    rows = math.ceil(len(results) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, d in zip(axes.flat, results):
-        draw_curve(ax, d, how, spread, f"{d.env} ({d.kind}, {len(d.runs)} seeds)")
-    for ax in axes.flat[len(results):]:
-        ax.axis("off")
-    fig.tight_layout()
-    save_figure(fig, folder / "grid.png")
+    save_figure(grid_figure(results, how, spread), folder / "grid.png")
     return written + [folder / "grid.png"]
 
 

@@ -206,6 +206,10 @@ def check_config(config: TrainConfig) -> None:
     if config.cql_clip_diff_min > config.cql_clip_diff_max:
         raise ConfigError(f"fields 'cql_clip_diff_min' ({config.cql_clip_diff_min}) > "
                           f"'cql_clip_diff_max' ({config.cql_clip_diff_max})")
+    if config.ref_min_score is not None and config.ref_max_score is not None \
+            and not config.ref_min_score < config.ref_max_score:
+        raise ConfigError(f"fields 'ref_min_score' ({config.ref_min_score}) >= 'ref_max_score' "
+                          f"({config.ref_max_score}): the return that scores 0 must be below the one that scores 100")
     if config.wandb_mode not in (None, "online", "offline", "disabled"):
         raise ConfigError(f"field 'wandb_mode' must be online, offline or disabled, got {config.wandb_mode!r}")
     if config.on_nonfinite not in ("stop", "skip"):
@@ -359,6 +363,9 @@ LOCOMOTION_ENVS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "walker2d": ("Walker2d-v4", {}),
     "ant": ("Ant-v4", {"use_contact_forces": True}),  # D4RL's ant observations include contacts
 }
+# A Minari dataset recorded on one of these envs (any version: mujoco/hopper/medium-v0 is Hopper-v5) that
+# stores no reference returns is scored by D4RL's random and expert returns of the task.
+GYM_LOCOMOTION_TASKS: Dict[str, str] = {env_id.split("-")[0]: task for task, (env_id, _) in LOCOMOTION_ENVS.items()}
 
 
 @dataclass
@@ -376,6 +383,8 @@ class OfflineData:
     is_locomotion: bool  # rewards are rescaled by the dataset's return range (CORL's modify_reward)
     source: str  # the file or dataset id, for messages
     goal_in_state: bool = False  # goal Dict observations were flattened with desired_goal (make_env's too)
+    episode_ends: Optional[np.ndarray] = None  # 1 at each episode's last row where known (Minari); None: CORL's split
+    ref_origin: str = ""  # where ref_min_score / ref_max_score come from when not the dataset's own, for the start line
 
 
 def d4rl_cache_dir() -> Path:
@@ -578,15 +587,18 @@ def _load_minari(config: TrainConfig) -> OfflineData:
         raise DatasetError(f"Minari dataset {config.env}: cannot load ({str(e).splitlines()[0]})") from None
     check_observation_space(dataset.observation_space, f"Minari dataset {config.env}")
     goal_in_state = resolve_goal_in_state(config, hdf5=False)
-    keys = ("observations", "actions", "rewards", "next_observations", "terminals")
+    keys = ("observations", "actions", "rewards", "next_observations", "terminals", "episode_ends")
     columns: Dict[str, List[np.ndarray]] = {k: [] for k in keys}
     for episode in dataset.iterate_episodes():
+        # Minari keeps every episode's last observation: a truncated episode's last row has its real s'
+        # and is not terminal (D4RL's files lack that s', so qlearning_transitions drops such rows).
         obs = flatten_observation(episode.observations, goal_in_state).astype(np.float32)
         columns["observations"].append(obs[:-1])
         columns["next_observations"].append(obs[1:])
         columns["actions"].append(np.asarray(episode.actions, dtype=np.float32))
         columns["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
         columns["terminals"].append(np.asarray(episode.terminations, dtype=np.float32))
+        columns["episode_ends"].append(np.arange(len(episode.rewards)) == len(episode.rewards) - 1)
     if not columns["rewards"]:
         raise DatasetError(f"Minari dataset {config.env}: has no episodes")
     arrays = {k: np.concatenate(v) for k, v in columns.items()}
@@ -603,10 +615,16 @@ def _load_minari(config: TrainConfig) -> OfflineData:
             env = gym.wrappers.TimeLimit(env, config.max_episode_steps)
         return flat_observation_env(env, goal_in_state)
 
+    env_spec = dataset.spec.env_spec
+    task = GYM_LOCOMOTION_TASKS.get(env_spec.name) if env_spec is not None else None
+    ref_min, ref_max, origin = metadata.get("ref_min_score"), metadata.get("ref_max_score"), ""
+    if ref_min is None and ref_max is None and task is not None:
+        ref_min, ref_max = D4RL_DATASETS[f"{task}-random-v2"][1:]
+        origin = f"D4RL's {task} random and expert returns; the Minari dataset stores none"
     return OfflineData(
-        **arrays, make_env=make_env,
-        ref_min_score=metadata.get("ref_min_score"), ref_max_score=metadata.get("ref_max_score"),
-        is_locomotion=False, source=f"Minari dataset {config.env}", goal_in_state=goal_in_state,
+        **arrays, make_env=make_env, ref_min_score=ref_min, ref_max_score=ref_max,
+        is_locomotion=task in ("halfcheetah", "hopper", "walker2d"), source=f"Minari dataset {config.env}",
+        ref_origin=origin, goal_in_state=goal_in_state,
     )
 
 
@@ -683,6 +701,34 @@ def check_dataset_matches_env(data: OfflineData, env: gym.Env) -> None:
                            f"the eval env {name} has {env.action_space.shape[0]}")
 
 
+def reference_scores_line(config: TrainConfig, source: str, ref_min: Optional[float], ref_max: Optional[float],
+                          origin: str = "") -> str:
+    """The start line on the returns that the normalized score maps to 0 and 100.
+
+    ConfigError when min >= max and the config set either; when both are the dataset's, the line says so.
+    """
+    overridden = [name for name in ("ref_min_score", "ref_max_score") if getattr(config, name) is not None]
+    if overridden:
+        origin = f"{' and '.join(overridden)} from the config" + (f"; {origin}" if origin else "")
+    if ref_min is None or ref_max is None:
+        missing = " and ".join(name for name, value in (("ref_min_score", ref_min), ("ref_max_score", ref_max))
+                               if value is None)
+        return (f"{source}: no reference return ({missing}), so no normalized score: "
+                f"evaluations log the raw return (eval_return_mean)")
+    if not ref_min < ref_max and overridden:
+        raise ConfigError(f"{source}: fields 'ref_min_score' ({ref_min}) >= 'ref_max_score' ({ref_max})"
+                          f" ({origin}): the return that scores 0 must be below the one that scores 100")
+    if not ref_min < ref_max:  # e.g. a dataset tool's learner that ended worse than it began
+        return (f"{source}: warning: its reference returns are not increasing (ref_min_score {ref_min:g} >= "
+                f"ref_max_score {ref_max:g}), so the normalized score means little; set both to override")
+    return f"normalized score: 0 at return {ref_min:g}, 100 at return {ref_max:g}" + (f" ({origin})" if origin else "")
+
+
+def dataset_label(env: str) -> str:
+    """A dataset's name in run names: a file's stem, or the name (a Minari id with '-' for '/')."""
+    return Path(env).stem if env.endswith((".hdf5", ".h5")) or Path(env).is_file() else env.replace("/", "-")
+
+
 def return_range(rewards: np.ndarray, terminals: np.ndarray, max_episode_steps: int) -> Tuple[float, float]:
     """Min and max episode return, episodes split as CORL splits the transitions (terminal or length)."""
     returns, episode_return, episode_length = [], 0.0, 0
@@ -700,7 +746,8 @@ def return_range(rewards: np.ndarray, terminals: np.ndarray, max_episode_steps: 
 def normalize_rewards(data: OfflineData, config: TrainConfig, max_episode_steps: int = 1000) -> None:
     """CORL's modify_reward: locomotion returns rescaled to a 1000 range, then reward * scale + bias."""
     if data.is_locomotion:
-        low, high = return_range(data.rewards, data.terminals, max_episode_steps)
+        low, high = return_range(data.rewards, data.terminals if data.episode_ends is None else data.episode_ends,
+                                 max_episode_steps)
         if not high > low:
             raise DatasetError(f"{data.source}: every episode has return {high}; cannot rescale rewards "
                                f"by the return range (set normalize_reward false)")
@@ -1674,6 +1721,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     set_seed(config.seed)  # a stack of runs: its batches and noise come from this one stream
     data = load_dataset(config)
+    print(reference_scores_line(config, data.source, data.ref_min_score, data.ref_max_score, data.ref_origin))
     probe_env = data.make_env()
     check_dataset_matches_env(data, probe_env)
     space = probe_env.action_space
@@ -1720,7 +1768,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             state = load_checkpoints([config.load_model] * len(runs), trainer)[0]
             state_mean, state_std = state["state_mean"], state["state_std"]
         for run in runs:
-            run_name = f"{config.name}-{Path(config.env).stem.replace('/', '-')}-{run.seed}-{uuid.uuid4().hex[:8]}"
+            run_name = f"{config.name}-{dataset_label(config.env)}-{run.seed}-{uuid.uuid4().hex[:8]}"
             run.dir = Path(config.checkpoints_path or config.log_dir) / run_name
             run.dir.mkdir(parents=True, exist_ok=True)
     for run in runs:
