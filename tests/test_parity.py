@@ -168,7 +168,7 @@ def echo_run(tmp_path, *extra):
 def test_evaluation_is_seeded_from_the_run_seed_as_corl(tmp_path):
     one = echo_run(tmp_path / "one", "--seed=5")
     assert eval_means(one["run_dir"]) == pytest.approx([echo_return(5, 3)] * 2)  # each evaluation: the same starts
-    stack = echo_run(tmp_path / "stack", "--seeds=0,1")
+    echo_run(tmp_path / "stack", "--seeds=0,1")
     dirs = sorted(Path(tmp_path / "stack").iterdir(), key=lambda d: int(d.name.split("-")[-2]))
     assert [eval_means(d) for d in dirs] == [pytest.approx([echo_return(s, 3)] * 2) for s in (0, 1)]
     assert echo_return(0, 3) != pytest.approx(echo_return(1, 3))  # runs of different seeds: different starts
