@@ -12,35 +12,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-import gymnasium as gym
-import h5py
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import algorithms.offline.cql as cql  # noqa: E402
+from tools.rollouts import random_transitions, write_d4rl_hdf5  # noqa: E402
 
 
 def write_random_dataset(path: Path, n: int, seed: int = 0) -> None:
-    env = gym.make("HalfCheetah-v4")
-    rng = np.random.default_rng(seed)
-    obs_list, act_list, rew_list, timeouts = [], [], [], []
-    obs, _ = env.reset(seed=seed)
-    for _ in range(n):
-        action = rng.uniform(-1, 1, 6).astype(np.float32)
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        obs_list.append(obs)
-        act_list.append(action)
-        rew_list.append(reward)
-        timeouts.append(truncated)
-        obs = env.reset()[0] if terminated or truncated else next_obs
-    with h5py.File(path, "w") as f:
-        f["observations"] = np.asarray(obs_list, dtype=np.float32)
-        f["actions"] = np.asarray(act_list)
-        f["rewards"] = np.asarray(rew_list, dtype=np.float32)
-        f["terminals"] = np.zeros(n, dtype=bool)
-        f["timeouts"] = np.asarray(timeouts)
-        f.attrs["env_id"] = "HalfCheetah-v4"
-        f.attrs["ref_min_score"], f.attrs["ref_max_score"] = -280.178953, 12135.0
+    """n random HalfCheetah-v4 transitions (episodes of 1000 steps) as a D4RL-format file."""
+    write_d4rl_hdf5(path, random_transitions("HalfCheetah-v4", n, seed, max_episode_steps=1000),
+                    {"env_id": "HalfCheetah-v4", "ref_min_score": -280.178953, "ref_max_score": 12135.0})
 
 
 def main() -> None:

@@ -1,50 +1,18 @@
 """Shared fixtures: small datasets made on the spot (the tests never download)."""
 from pathlib import Path
 
-import gymnasium as gym
-import h5py
-import numpy as np
 import pytest
 import torch
 
-
-def rollout_arrays(env_id: str, n_steps: int, seed: int, max_episode_steps: int = 100) -> dict:
-    """Random-policy rollouts of env_id in D4RL's layout: episodes end by terminal or timeout."""
-    env = gym.make(env_id, max_episode_steps=max_episode_steps)
-    rng = np.random.default_rng(seed)
-    columns = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
-    obs, _ = env.reset(seed=seed)
-    for _ in range(n_steps):
-        action = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        columns["observations"].append(obs)
-        columns["actions"].append(action)
-        columns["rewards"].append(reward)
-        columns["terminals"].append(terminated)
-        columns["timeouts"].append(truncated and not terminated)
-        columns["next_observations"].append(next_obs)
-        obs = env.reset()[0] if (terminated or truncated) else next_obs
-    arrays = {k: np.asarray(v) for k, v in columns.items()}
-    for k in ("observations", "actions", "rewards", "next_observations"):
-        arrays[k] = arrays[k].astype(np.float32)
-    return arrays
-
-
-def write_hdf5(path: Path, arrays: dict, attrs: dict | None = None) -> Path:
-    with h5py.File(path, "w") as f:
-        for key, value in arrays.items():
-            f.create_dataset(key, data=value)
-        for key, value in (attrs or {}).items():
-            f.attrs[key] = value
-    return path
+from tools.rollouts import random_transitions, write_d4rl_hdf5
 
 
 @pytest.fixture(scope="session")
 def hopper_hdf5(tmp_path_factory) -> Path:
     """A 3000-step random Hopper-v4 dataset in D4RL's HDF5 layout, eval env in its metadata."""
     path = tmp_path_factory.mktemp("data") / "hopper-random-tiny.hdf5"
-    return write_hdf5(path, rollout_arrays("Hopper-v4", 3000, seed=0),
-                      {"env_id": "Hopper-v4", "ref_min_score": -20.272305, "ref_max_score": 3234.3})
+    return write_d4rl_hdf5(path, random_transitions("Hopper-v4", 3000, seed=0),
+                           {"env_id": "Hopper-v4", "ref_min_score": -20.272305, "ref_max_score": 3234.3})
 
 
 @pytest.fixture

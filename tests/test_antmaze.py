@@ -17,7 +17,7 @@ import torch
 
 import algorithms.finetune.cql as finetune
 import algorithms.offline.cql as offline
-from conftest import write_hdf5
+from tools.rollouts import random_episodes, write_d4rl_hdf5, write_minari_dataset
 
 pytest.importorskip("gymnasium_robotics")
 pytest.importorskip("minari")
@@ -36,47 +36,19 @@ def robotics_env(env_id: str = ENV_ID, **kwargs) -> gym.Env:
     return gym.make(env_id, **kwargs)
 
 
-def rollout(env: gym.Env, n_episodes: int, seed: int) -> list:
-    """Random-action episodes of a goal Dict env, with the simulator's qpos/qvel after every step."""
-    rng = np.random.default_rng(seed)
-    episodes = []
-    for e in range(n_episodes):
-        obs, info = env.reset(seed=seed + e)
-        sim = env.unwrapped.data
-        steps = [(obs, sim.qpos.copy(), sim.qvel.copy(), info["success"])]
-        actions, rewards, terms, truncs = [], [], [], []
-        while True:
-            action = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
-            obs, reward, terminated, truncated, info = env.step(action)
-            steps.append((obs, sim.qpos.copy(), sim.qvel.copy(), info["success"]))
-            actions.append(action)
-            rewards.append(reward)
-            terms.append(terminated)
-            truncs.append(truncated)
-            if terminated or truncated:
-                break
-        episodes.append({
-            "observations": {k: np.stack([s[0][k] for s in steps]) for k in steps[0][0]},
-            "qpos": np.stack([s[1] for s in steps]), "qvel": np.stack([s[2] for s in steps]),
-            "success": np.array([s[3] for s in steps]), "actions": np.array(actions),
-            "rewards": np.array(rewards), "terminations": np.array(terms), "truncations": np.array(truncs)})
-    return episodes
+def sim_state(env: gym.Env, info: dict) -> dict:
+    """What Minari's D4RL/antmaze datasets keep in their infos: the simulator's qpos/qvel and success."""
+    sim = env.unwrapped.data
+    return {"qpos": sim.qpos.copy(), "qvel": sim.qvel.copy(), "success": info["success"]}
 
 
 def make_antmaze_dataset(dataset_id: str, env_id: str, n_episodes: int = 3, steps: int = 25, seed: int = 0) -> list:
     """A local Minari dataset as Minari's D4RL/antmaze ones are made (continuing task, goal kept), but
     from random actions; infos keep qpos, qvel and success as theirs do."""
-    import minari
-    from minari.data_collector import EpisodeBuffer
-
     env = robotics_env(env_id, max_episode_steps=steps, continuing_task=True, reset_target=False)
-    episodes = rollout(env, n_episodes, seed)
-    buffers = [EpisodeBuffer(id=i, observations=e["observations"], actions=e["actions"], rewards=list(e["rewards"]),
-                             terminations=list(e["terminations"]), truncations=list(e["truncations"]),
-                             infos={"qpos": e["qpos"], "qvel": e["qvel"], "success": e["success"]})
-               for i, e in enumerate(episodes)]
+    episodes = random_episodes(env, n_episodes, seed, record=sim_state)
     with pytest.warns(UserWarning):  # Minari asks for an author, a description, ...
-        minari.create_dataset_from_buffers(dataset_id, buffers, env=env, algorithm_name="random")
+        write_minari_dataset(dataset_id, episodes, env, algorithm_name="random")
     return episodes
 
 
@@ -132,12 +104,12 @@ def test_minari_antmaze_rows_match_the_simulator_and_the_eval_env(cql, antmaze):
     for goal_in_state in (None, False):  # None: a Minari dataset keeps the goal
         data = cql.load_dataset(cql.TrainConfig(env=DATASET, goal_in_state=goal_in_state))
         assert data.goal_in_state is (goal_in_state is None)
-        n = len(episodes[0]["actions"])
+        n = len(episodes[0].actions)
         first = episodes[0]
-        sim = np.concatenate([first["qpos"], first["qvel"]], axis=1).astype(np.float32)
+        sim = np.concatenate([first.infos["qpos"], first.infos["qvel"]], axis=1).astype(np.float32)
         rows = np.concatenate([data.observations[:n], data.next_observations[n - 1: n]])
         if data.goal_in_state:
-            np.testing.assert_array_equal(rows[:, 2:4], first["observations"]["desired_goal"].astype(np.float32))
+            np.testing.assert_array_equal(rows[:, 2:4], first.observations["desired_goal"].astype(np.float32))
             rows = np.delete(rows, [2, 3], axis=1)
         np.testing.assert_array_equal(rows, sim)  # x, y, z, quaternion, 8 joints, then 14 velocities
         # The eval env, seeded as the dataset's first episode was, starts on the dataset's first row.
@@ -171,7 +143,7 @@ def _finetune(tmp_path, dataset, *extra):
 def test_finetune_success_and_regret_come_from_antmaze_info(antmaze, tmp_path, monkeypatch):
     # Dense AntMaze: every reward is exp(-distance) > 0, so a reward > 0 rule (the fallback for sparse
     # tasks without info) would call every step a success; info["success"] says no.
-    assert all((e["rewards"] > 0).all() and not e["success"].any() for e in antmaze[DENSE_DATASET])
+    assert all((e.rewards > 0).all() and not e.infos["success"].any() for e in antmaze[DENSE_DATASET])
     evals, episodes, summary = _finetune(tmp_path, DENSE_DATASET)
     assert summary["updates"] == 60
     # success rate and regret come with the online phase's evaluations only (as CORL); 40 online steps: two episodes
@@ -227,15 +199,15 @@ def test_finetune_pure_online_on_a_gymnasium_robotics_id(tmp_path):
 def d4rl_antmaze_file(path: Path, columns=slice(None), n_episodes: int = 3, steps: int = 40) -> Path:
     """An HDF5 file in D4RL's AntMaze layout, written from the simulator (qpos[:15] ++ qvel[:14]), not
     from the scripts' flattening; `columns` cuts it (27 dims: the old bug's layout, without x/y)."""
-    episodes = rollout(robotics_env(max_episode_steps=steps), n_episodes, seed=5)
+    episodes = random_episodes(robotics_env(max_episode_steps=steps), n_episodes, seed=5, record=sim_state)
     arrays = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
     for e in episodes:
-        arrays["observations"].append(np.concatenate([e["qpos"], e["qvel"]], axis=1)[:-1][:, columns])
-        arrays["actions"].append(e["actions"])
-        arrays["rewards"].append(e["rewards"])
-        arrays["terminals"].append(e["terminations"])
-        arrays["timeouts"].append(e["truncations"])
-    return write_hdf5(path, {k: np.concatenate(v).astype(np.float32 if k in ("observations", "actions", "rewards")
+        arrays["observations"].append(np.concatenate([e.infos["qpos"], e.infos["qvel"]], axis=1)[:-1][:, columns])
+        arrays["actions"].append(e.actions)
+        arrays["rewards"].append(e.rewards)
+        arrays["terminals"].append(e.terminations)
+        arrays["timeouts"].append(e.truncations)
+    return write_d4rl_hdf5(path, {k: np.concatenate(v).astype(np.float32 if k in ("observations", "actions", "rewards")
                                                          else bool) for k, v in arrays.items()})
 
 

@@ -12,7 +12,7 @@ import algorithms.finetune.cql as finetune_cql
 import algorithms.offline.cql as offline_cql
 
 minari = pytest.importorskip("minari")
-from minari.data_collector import EpisodeBuffer  # noqa: E402
+from tools.rollouts import random_episodes, write_minari_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = {"offline": offline_cql, "finetune": finetune_cql}
@@ -33,23 +33,7 @@ def make_dataset(dataset_id: str, env_id: str, n_episodes: int, max_episode_step
                  **metadata) -> list:
     """A local Minari dataset of uniformly random actions (episode e reset with seed + e); its episodes."""
     env = gym.make(env_id, max_episode_steps=max_episode_steps)
-    rng = np.random.default_rng(seed)
-    episodes = []
-    for e in range(n_episodes):
-        obs, _ = env.reset(seed=seed + e)
-        observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
-        terminated = truncated = False
-        while not (terminated or truncated):
-            action = rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            observations.append(obs)
-            actions.append(action)
-            rewards.append(reward)
-            terminations.append(terminated)
-            truncations.append(truncated)
-        episodes.append(EpisodeBuffer(id=e, observations=np.array(observations), actions=np.array(actions),
-                                      rewards=rewards, terminations=terminations, truncations=truncations))
-    minari.create_dataset_from_buffers(dataset_id, episodes, env=env, algorithm_name="uniform random", **metadata)
+    write_minari_dataset(dataset_id, random_episodes(env, n_episodes, seed), env, **metadata)
     return list(minari.load_dataset(dataset_id).iterate_episodes())
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import algorithms.offline.cql as cql
-from conftest import rollout_arrays
+from tools.rollouts import random_episodes, random_transitions, write_minari_dataset
 
 
 def test_qlearning_transitions_match_hand_computed_rows():
@@ -128,29 +128,10 @@ def test_unreachable_download_is_a_dataset_error(tmp_path):
 # --------------------------------------------------------------------------- minari
 def make_minari_dataset(dataset_id: str, n_episodes: int = 6, seed: int = 0):
     import gymnasium as gym
-    import minari
-    from minari.data_collector import EpisodeBuffer
 
     env = gym.make("Hopper-v4", max_episode_steps=60)
-    rng = np.random.default_rng(seed)
-    episodes = []
-    for e in range(n_episodes):
-        obs, _ = env.reset(seed=seed + e)
-        observations, actions, rewards, terms, truncs = [obs], [], [], [], []
-        while True:
-            action = rng.uniform(-1, 1, 3).astype(np.float32)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            observations.append(obs)
-            actions.append(action)
-            rewards.append(reward)
-            terms.append(terminated)
-            truncs.append(truncated)
-            if terminated or truncated:
-                break
-        episodes.append(EpisodeBuffer(id=e, observations=np.array(observations), actions=np.array(actions),
-                                      rewards=rewards, terminations=terms, truncations=truncs, infos={}))
-    return minari.create_dataset_from_buffers(dataset_id, episodes, env=env, ref_min_score=-20.0,
-                                              ref_max_score=3000.0, algorithm_name="random")
+    return write_minari_dataset(dataset_id, random_episodes(env, n_episodes, seed), env, ref_min_score=-20.0,
+                                ref_max_score=3000.0, algorithm_name="random")
 
 
 def test_local_minari_dataset_trains_end_to_end(tmp_path, monkeypatch):
@@ -199,5 +180,5 @@ def test_hdf5_path_with_metadata_gives_env_and_scores(hopper_hdf5):
     data = cql.load_dataset(cql.TrainConfig(env=str(hopper_hdf5)))
     assert data.make_env().spec.id == "Hopper-v4"
     assert data.ref_max_score == pytest.approx(3234.3) and data.is_locomotion
-    arrays = rollout_arrays("Hopper-v4", 3000, seed=0)
+    arrays = random_transitions("Hopper-v4", 3000, seed=0)
     assert len(data.rewards) == 3000 - 1 - int(arrays["timeouts"][:-1].sum())

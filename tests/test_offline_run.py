@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import algorithms.offline.cql as cql
-from conftest import rollout_arrays, write_hdf5
+from tools.rollouts import random_transitions, write_d4rl_hdf5
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--batch_size=32", "--cql_n_actions=4", "--n_episodes=2", "--wandb_mode=disabled", "--log_freq=50"]
@@ -174,7 +174,7 @@ def test_config_file_values_and_cli_overrides(tmp_path):
 
 
 def _bad_files(tmp_path: Path, hopper_hdf5: Path):
-    arrays = rollout_arrays("Hopper-v4", 300, seed=1)
+    arrays = random_transitions("Hopper-v4", 300, seed=1)
     attrs = {"env_id": "Hopper-v4"}
     missing = dict(arrays)
     del missing["actions"]
@@ -185,11 +185,11 @@ def _bad_files(tmp_path: Path, hopper_hdf5: Path):
     truncated.write_bytes(hopper_hdf5.read_bytes()[:5000])
     return [
         (tmp_path / "absent.hdf5", "dataset file .*absent.hdf5: not found"),
-        (write_hdf5(tmp_path / "missing.hdf5", missing, attrs), "missing key\\(s\\) actions"),
-        (write_hdf5(tmp_path / "nan.hdf5", nan, attrs), "'rewards' has non-finite values \\(first at row 17\\)"),
-        (write_hdf5(tmp_path / "short.hdf5", short, attrs), "'actions' has 295 rows, rewards has 300"),
+        (write_d4rl_hdf5(tmp_path / "missing.hdf5", missing, attrs), "missing key\\(s\\) actions"),
+        (write_d4rl_hdf5(tmp_path / "nan.hdf5", nan, attrs), "'rewards' has non-finite values \\(first at row 17\\)"),
+        (write_d4rl_hdf5(tmp_path / "short.hdf5", short, attrs), "'actions' has 295 rows, rewards has 300"),
         (truncated, "truncated.hdf5: not a readable HDF5 file"),
-        (write_hdf5(tmp_path / "noenv.hdf5", arrays), "set eval_env"),
+        (write_d4rl_hdf5(tmp_path / "noenv.hdf5", arrays), "set eval_env"),
     ]
 
 

@@ -19,7 +19,7 @@ import torch
 
 import algorithms.finetune.cql as finetune_cql
 import algorithms.offline.cql as offline_cql
-from conftest import rollout_arrays, write_hdf5
+from tools.rollouts import random_transitions, write_d4rl_hdf5
 from test_finetune import GOAL_ENV  # a scripted goal task: success in info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,8 +182,8 @@ def test_eval_seed_fixes_the_episodes_of_every_run(tmp_path):
 
 # ------------------------------------------------------------------ success rate online only, 0-based counters
 def test_success_rate_is_logged_in_the_online_phase_only(tmp_path):
-    arrays = rollout_arrays(GOAL_ENV, 64, seed=0)
-    path = write_hdf5(tmp_path / "goal.hdf5", arrays, {"env_id": GOAL_ENV})
+    arrays = random_transitions(GOAL_ENV, 64, seed=0)
+    path = write_d4rl_hdf5(tmp_path / "goal.hdf5", arrays, {"env_id": GOAL_ENV})
     config = finetune_cql.parse_config([f"--env={path}", "--offline_iterations=16", "--online_iterations=16",
                                         "--eval_freq=8", "--log_freq=8", "--n_episodes=2", "--batch_size=8",
                                         "--cql_n_actions=2", "--wandb_mode=disabled", f"--log_dir={tmp_path}"])
@@ -238,9 +238,9 @@ def test_shared_helpers_are_identical_copies():
 
 @pytest.mark.parametrize("module", [offline_cql, finetune_cql], ids=["offline", "finetune"])
 def test_equal_episode_returns_with_normalize_reward_is_a_one_line_dataset_error(module, tmp_path, capsys):
-    arrays = rollout_arrays("Hopper-v4", 300, seed=1, max_episode_steps=50)
+    arrays = random_transitions("Hopper-v4", 300, seed=1, max_episode_steps=50)
     arrays["rewards"][:] = 0.0  # every episode returns 0: no return range to rescale by
-    path = write_hdf5(tmp_path / "flat.hdf5", arrays, {"env_id": "Hopper-v4"})
+    path = write_d4rl_hdf5(tmp_path / "flat.hdf5", arrays, {"env_id": "Hopper-v4"})
     with pytest.raises(SystemExit) as stop:
         module.main([f"--env={path}", "--normalize_reward=true", "--wandb_mode=disabled", f"--log_dir={tmp_path}",
                      "--batch_size=8"])
