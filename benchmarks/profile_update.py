@@ -43,15 +43,17 @@ def main() -> None:
               and not e.key.startswith(("##", "Optimizer."))]  # ranges, not kernels
     kernels = sum(e.count for e in events)
     device_us = sum(e.self_device_time_total for e in events)
-    print(f"compile={args.compile}, seeds={args.seeds}: {kernels / args.updates:.0f} kernels and {device_us / args.updates:.0f} us of "
-          f"GPU time per update (the GPU-bound ceiling is {1e6 * args.updates / max(device_us, 1):.0f} updates/s)")
+    ceiling = 1e6 * args.updates / max(device_us, 1)
+    print(f"compile={args.compile}, seeds={args.seeds}: {kernels / args.updates:.0f} kernels and "
+          f"{device_us / args.updates:.0f} us of GPU time per update (the GPU-bound ceiling is {ceiling:.0f} updates/s)")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[: args.top]:
         print(f"  {e.self_device_time_total / args.updates:8.1f} us  x{e.count / args.updates:5.1f}  {e.key[:90]}")
     print("operators by GPU time, with input shapes:")
     ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")
            and e.device_time_total > 0 and e.key in ("aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm")]
     for e in sorted(ops, key=lambda e: -e.device_time_total)[: args.top]:
-        print(f"  {e.device_time_total / args.updates:8.1f} us  x{e.count / args.updates:5.1f}  {e.key} {e.input_shapes}")
+        per_update = e.device_time_total / args.updates
+        print(f"  {per_update:8.1f} us  x{e.count / args.updates:5.1f}  {e.key} {e.input_shapes}")
 
 
 if __name__ == "__main__":

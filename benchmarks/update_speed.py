@@ -170,8 +170,8 @@ def main(argv: List[str]) -> None:
           f"on_nonfinite {args.on_nonfinite}, batch {config.batch_size}, "
           f"{config.q_n_hidden_layers}x256 critics, {config.cql_n_actions} CQL actions")
     print(f"buffer: {args.buffer_size} transitions, {buffer_mb:.0f} MiB on {device.type} ({host_mb:.0f} MiB as host "
-          f"arrays while loading); peak host RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} "
-          f"MiB (from {rss_before:.0f})")
+          f"arrays while loading); peak host RSS so far "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (from {rss_before:.0f})")
 
     variants = {
         "plain": (False, False, False), "corl_style": (False, False, True), "compile": (True, False, False),

@@ -225,7 +225,8 @@ def trainer_grads(trainer):
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
     return {
-        "actor": g(list(trainer.actor.net.parameters()) + [trainer.actor.log_std_multiplier, trainer.actor.log_std_offset]),
+        "actor": g(list(trainer.actor.net.parameters())
+                   + [trainer.actor.log_std_multiplier, trainer.actor.log_std_offset]),
         "critic": g(list(trainer.critic.weights) + list(trainer.critic.biases)),
         "log_alpha": g([trainer.log_alpha]),
         "log_alpha_prime": g([trainer.log_alpha_prime]),

@@ -106,7 +106,8 @@ def test_d4rl_name_downloads_into_cache_once_and_trains_on_it(serve, hopper_hdf5
     assert (data.ref_min_score, data.ref_max_score) == (-20.272305, 3234.3) and data.is_locomotion
     assert data.make_env().spec.id == "Hopper-v4"
     # A second load reads the cache: a dead URL does not matter any more.
-    monkeypatch.setitem(cql.D4RL_DATASETS, "hopper-random-v2", ("http://127.0.0.1:9/hopper_random-v2.hdf5", -20.272305, 3234.3))
+    dead = ("http://127.0.0.1:9/hopper_random-v2.hdf5", -20.272305, 3234.3)
+    monkeypatch.setitem(cql.D4RL_DATASETS, "hopper-random-v2", dead)
     again = cql.load_dataset(config)
     np.testing.assert_array_equal(again.observations, data.observations)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import poison_critic_at_update
 
 import algorithms.offline.cql as cql
-from conftest import poison_critic_at_update
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "algorithms/offline/cql.py")

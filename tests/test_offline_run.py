@@ -244,8 +244,10 @@ BAD_INPUTS = [  # (what, argv after the dataset argument, expected message); the
     ("ref_max_score below the file's ref_min_score", ["--ref_max_score=-30"],
      "hopper-random-tiny.hdf5: fields 'ref_min_score' \\(-20.272305\\) >= 'ref_max_score' \\(-30.0\\) "
      "\\(ref_max_score from the config\\)"),
-    ("on_nonfinite not stop or skip", ["--on_nonfinite=maybe"], "field 'on_nonfinite' must be stop or skip, got 'maybe'"),
-    ("dataset larger than buffer_size", ["--buffer_size=10"], "field 'buffer_size' \\(10\\) is smaller than the dataset"),
+    ("on_nonfinite not stop or skip", ["--on_nonfinite=maybe"],
+     "field 'on_nonfinite' must be stop or skip, got 'maybe'"),
+    ("dataset larger than buffer_size", ["--buffer_size=10"],
+     "field 'buffer_size' \\(10\\) is smaller than the dataset"),
     ("dimension mismatch with the env", ["--eval_env=HalfCheetah-v4"], "observations have 11 dims, the eval env"),
     ("unknown eval env id", ["--eval_env=NoSuchEnv-v9"], "'NoSuchEnv-v9': not a registered Gymnasium env"),
     ("checkpoint missing", ["--load_model=/nonexistent/ck.pt"], "field 'load_model': checkpoint file .* not found"),

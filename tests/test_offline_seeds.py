@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import algorithms.offline.cql as cql
 from conftest import stack_runs, update_inputs
 from test_losses import VARIANTS
+
+import algorithms.offline.cql as cql
 
 S, A, B, N = 5, 3, 16, 4  # state dim, action dim, batch, cql_n_actions
 SEEDS = [3, 7, 11]

@@ -16,11 +16,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from test_finetune import GOAL_ENV  # a scripted goal task: success in info
 
 import algorithms.finetune.cql as finetune_cql
 import algorithms.offline.cql as offline_cql
 from tools.rollouts import random_transitions, write_d4rl_hdf5
-from test_finetune import GOAL_ENV  # a scripted goal task: success in info
 
 ROOT = Path(__file__).resolve().parents[1]
 S, A = 7, 3

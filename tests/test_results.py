@@ -113,7 +113,8 @@ def test_cli_markdown_csv_and_plots(runs_root, tmp_path, capsys):
         table = list(csv.DictReader(f))
     assert list(table[0]) == results.CSV_FIELDS and len(table) == 4 + 3  # datasets + domain averages
     hopper = next(r for r in table if r["dataset"] == "hopper-medium-v2")
-    assert float(hopper["last_mean"]) == pytest.approx(55.0) and float(hopper["best_std"]) == pytest.approx(8.16497, 1e-4)
+    assert float(hopper["last_mean"]) == pytest.approx(55.0)
+    assert float(hopper["best_std"]) == pytest.approx(8.16497, 1e-4)
     assert not list(out_csv.parent.glob(".*.tmp"))  # the temporary file was renamed, not left behind
     pngs = sorted(p.name for p in plots.glob("*.png"))
     assert len(pngs) == 4 + 1 and "grid.png" in pngs and "offline-D4RL_antmaze_umaze-v1.png" in pngs
@@ -192,7 +193,9 @@ def test_grid_plot_titles_do_not_run_into_each_other(tmp_path):
 
 
 def test_align_unequal_lengths():
-    run = lambda steps, scores: results.Run(Path("x"), "e", 0, "offline", "k", np.array(steps), np.array(scores, float))
+    def run(steps, scores):
+        return results.Run(Path("x"), "e", 0, "offline", "k", np.array(steps), np.array(scores, float))
+
     short, long = run([1000, 2000], [0.0, 10.0]), run([1000, 2000, 3000], [20.0, 30.0, 40.0])
     steps, scores = results.align([short, long], "common")  # the steps both evaluated, nothing invented
     assert steps.tolist() == [1000, 2000] and scores.tolist() == [[0, 10], [20, 30]]

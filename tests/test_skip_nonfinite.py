@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import algorithms.finetune.cql as finetune
-import algorithms.offline.cql as offline
 from conftest import nan_rewards, poison_batch_at_updates, update_inputs
 from test_finetune_durability import run_args as finetune_args
 from test_offline_durability import run_args as offline_args
+
+import algorithms.finetune.cql as finetune
+import algorithms.offline.cql as offline
 
 S, A, B, N = 5, 3, 16, 4  # state dim, action dim, batch, cql_n_actions
 MODULES = {"offline": offline, "finetune": finetune}

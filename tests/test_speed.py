@@ -4,9 +4,9 @@ import copy
 import numpy as np
 import pytest
 import torch
+from test_losses import VARIANTS, trainer_grads
 
 import algorithms.offline.cql as cql
-from test_losses import VARIANTS, trainer_grads
 
 
 def small_buffer(n: int = 500, seed: int = 0) -> cql.ReplayBuffer:
