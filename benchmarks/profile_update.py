@@ -45,7 +45,7 @@ def main() -> None:
     device_us = sum(e.self_device_time_total for e in events)
     ceiling = 1e6 * args.updates / max(device_us, 1)
     print(f"compile={args.compile}, seeds={args.seeds}: {kernels / args.updates:.0f} kernels and "
-          f"{device_us / args.updates:.0f} us of GPU time per update (the GPU-bound ceiling is {ceiling:.0f} updates/s)")
+          f"{device_us / args.updates:.0f} us of GPU time per update (GPU-bound ceiling {ceiling:.0f} updates/s)")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[: args.top]:
         print(f"  {e.self_device_time_total / args.updates:8.1f} us  x{e.count / args.updates:5.1f}  {e.key[:90]}")
     print("operators by GPU time, with input shapes:")
