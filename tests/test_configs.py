@@ -358,3 +358,43 @@ def test_parse_config_rejects_bad_keys_and_types(kind, key, value, tmp_path):
         module.parse_config(["--config_path", str(bad)])
     message = str(info.value).strip()
     assert message and "\n" not in message
+
+
+# One typing rule for both sources: a command-line value is read as YAML reads a scalar.
+ERROR = "a one-line ConfigError"
+SAME_EITHER_WAY = [  # (field, text on the command line or in a YAML file, the value both give, or ERROR)
+    ("normalize", "yes", True), ("normalize", "off", False), ("normalize", "1", ERROR), ("normalize", "maybe", ERROR),
+    ("batch_size", "1_000", 1000), ("batch_size", "1e3", 1000), ("batch_size", "2.5", ERROR),
+    ("batch_size", "1e400", ERROR), ("batch_size", "true", ERROR),
+    ("discount", "0.9", 0.9), ("discount", "1", 1.0), ("cql_clip_diff_max", ".inf", math.inf),
+    ("cql_clip_diff_max", "inf", math.inf), ("qf_lr", "3e-4", 3e-4), ("qf_lr", "nan", ERROR), ("qf_lr", ".nan", ERROR),
+    ("checkpoint_freq", "null", None), ("checkpoint_freq", "~", None), ("checkpoint_freq", "none", None),
+    ("name", "null", ERROR), ("load_model", "None", ERROR),
+]
+
+
+@pytest.mark.parametrize("kind", ["offline", "finetune"])
+@pytest.mark.parametrize("key,text,expected", SAME_EITHER_WAY, ids=[f"{k}={t}" for k, t, _ in SAME_EITHER_WAY])
+def test_command_line_values_are_typed_as_yaml_types_them(kind, key, text, expected, tmp_path):
+    module = MODULES[kind]
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(f"{key}: {text}\n")
+    for argv in ([f"--{key}={text}"], ["--config_path", str(yaml_file)]):
+        if expected == ERROR:
+            with pytest.raises(module.ConfigError, match=f"field '{key}' expects") as info:
+                module.parse_config(argv)
+            assert "\n" not in str(info.value), argv
+        else:
+            value = getattr(module.parse_config(argv), key)
+            assert value == expected and type(value) is type(expected), (argv, value)
+
+
+@pytest.mark.parametrize("kind", ["offline", "finetune"])
+def test_a_string_field_keeps_command_line_text(kind, tmp_path):
+    """--name=5 is the name "5"; in a YAML file `name: 5` is a number, which a string field refuses."""
+    module = MODULES[kind]
+    assert module.parse_config(["--name=5"]).name == "5"
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("name: 5\n")
+    with pytest.raises(module.ConfigError, match="field 'name' expects a string, got 5"):
+        module.parse_config(["--config_path", str(yaml_file)])

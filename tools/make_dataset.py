@@ -137,7 +137,7 @@ def parse_args(argv: List[str]) -> MakeConfig:
             raise MakeError(f"{where}: unknown option '--{key}'" if where == "command line"
                             else f"{where}: unknown key '{key}'")
         try:
-            values[key] = finetune._coerce(key, types[key], value, where)
+            values[key] = finetune.parse_value(key, types[key], value, where)
         except finetune.ConfigError as e:
             raise MakeError(str(e)) from None
     config = MakeConfig(**values)

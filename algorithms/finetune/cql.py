@@ -189,81 +189,109 @@ class DatasetError(ValueError):
     """A dataset is missing or malformed; the message is one line naming the file."""
 
 
-_NONE_WORDS = {"none", "null", "~"}
-_TRUE_WORDS = {"true", "yes", "on", "1"}
-_FALSE_WORDS = {"false", "no", "off", "0"}
+_NONE_WORDS = {"none", "null", "~"}  # None on the command line and in a YAML file alike
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def _coerce(name: str, annotation: Any, value: Any, where: str) -> Any:
-    """Converts one raw value (a CLI string or a YAML scalar) to the field's type, or fails."""
+def _read_scalar(text: str) -> Any:
+    """A command-line value read as YAML reads a scalar (true, 3, 1_000, 0.5, .inf, null); text that YAML
+    leaves as text stays so (PyYAML reads 1e6 and 3e-4 as text: parse_value takes those as numbers)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_value(name: str, annotation: Any, value: Any, where: str) -> Any:
+    """One config value, a YAML scalar or a command-line string, as the field's type, or a ConfigError.
+
+    Command-line values are typed as YAML types them (a string field keeps its text), so both sources
+    follow one rule: bools are YAML's (true/false, yes/no, on/off), integers may be written 1e6 or
+    1_000_000, numbers may not be NaN, and none/null/~ is None for Optional fields only.
+    """
     optional = get_origin(annotation) is Union and type(None) in get_args(annotation)
     base = next(a for a in get_args(annotation) if a is not type(None)) if optional else annotation
-    text = value.strip() if isinstance(value, str) else None
+    if base not in _EXPECTED:
+        raise ConfigError(f"{where}: field '{name}' has an unsupported type {annotation}")
 
     def fail(expected: str) -> ConfigError:
         return ConfigError(f"{where}: field '{name}' expects {expected}, got {value!r}")
 
-    if value is None or (text is not None and text.lower() in _NONE_WORDS):
+    parsed = value
+    if isinstance(value, str) and value.strip().lower() in _NONE_WORDS:
+        parsed = None
+    elif isinstance(value, str) and base is not str:
+        parsed = _read_scalar(value.strip())
+    if parsed is None:
         if optional:
             return None
         raise fail(f"a {base.__name__}" + (" (use '' for none)" if base is str else ""))
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if text is not None and text.lower() in _TRUE_WORDS | _FALSE_WORDS:
-            return text.lower() in _TRUE_WORDS
-        raise fail("true or false")
-    if base is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        number = value if isinstance(value, float) else None
-        if text is not None:
-            try:
-                return int(text.replace("_", ""))
-            except ValueError:
-                try:
-                    number = float(text)
-                except ValueError:
-                    raise fail("an integer") from None
-        if number is not None and math.isfinite(number) and number == int(number):
-            return int(number)  # 1e6 written for an integer
+    if base in (int, float) and isinstance(parsed, str):
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            raise fail(_EXPECTED[base]) from None
+    number = isinstance(parsed, (int, float)) and not isinstance(parsed, bool)
+    if base is float and number and math.isnan(parsed):
+        raise fail("a number, not NaN")
+    if base is int and number and not (math.isfinite(parsed) and parsed == int(parsed)):
         raise fail("an integer")
-    if base is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif text is not None:
-            try:
-                number = float(text)
-            except ValueError:
-                raise fail("a number") from None
-        else:
-            raise fail("a number")
-        if math.isnan(number):
-            raise fail("a number, not NaN")
-        return number
-    if base is str:
-        if isinstance(value, str):
-            return value
-        raise fail("a string")
-    raise ConfigError(f"{where}: field '{name}' has an unsupported type {annotation}")
+    if not (isinstance(parsed, bool) if base is bool else number if base in (int, float) else isinstance(parsed, str)):
+        raise fail(_EXPECTED[base])
+    return base(parsed)
+
+
+def check_bounds(config: Any, bounds: Dict[str, Tuple[float, Optional[float], bool]],
+                 choices: Dict[str, Tuple[Optional[str], ...]]) -> None:
+    """A ConfigError for the first field outside its bounds (low, high or None, whether low is allowed;
+    high is allowed) or its choices; a None value of an Optional field is not checked."""
+    for name, (low, high, low_allowed) in bounds.items():
+        value = getattr(config, name)
+        if value is None or ((value >= low if low_allowed else value > low) and (high is None or value <= high)):
+            continue
+        if high is None:
+            raise ConfigError(f"field '{name}' must be {'>=' if low_allowed else '>'} {low:g}, got {value!r}")
+        raise ConfigError(f"field '{name}' must be in {'[' if low_allowed else '('}{low:g}, {high:g}], got {value!r}")
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            named = [a for a in allowed if a is not None]
+            raise ConfigError(f"field '{name}' must be {', '.join(named[:-1])} or {named[-1]}, "
+                              f"got {getattr(config, name)!r}")
+
+
+# Numeric fields' allowed values: (low, high or None, whether low itself is allowed).
+BOUNDS: Dict[str, Tuple[float, Optional[float], bool]] = {
+    "eval_freq": (0, None, False),
+    "n_episodes": (0, None, False),
+    "buffer_size": (0, None, False),
+    "batch_size": (0, None, False),
+    "target_update_period": (0, None, False),
+    "cql_n_actions": (0, None, False),
+    "q_n_hidden_layers": (0, None, False),
+    "log_freq": (0, None, False),
+    "policy_lr": (0, None, False),
+    "qf_lr": (0, None, False),
+    "cql_temp": (0, None, False),
+    "offline_iterations": (0, None, True),
+    "online_iterations": (0, None, True),
+    "warmup_steps": (0, None, True),
+    "bc_steps": (0, None, True),
+    "cql_alpha": (0, None, True),
+    "cql_alpha_online": (0, None, True),
+    "alpha_multiplier": (0, None, True),
+    "discount": (0, 1, True),
+    "soft_target_update_rate": (0, 1, False),
+    "checkpoint_freq": (0, None, False),
+    "keep_checkpoints": (0, None, True),
+    "max_episode_steps": (0, None, False),
+}
+CHOICES: Dict[str, Tuple[Optional[str], ...]] = {"wandb_mode": (None, "online", "offline", "disabled"),
+                                              "on_nonfinite": ("stop", "skip")}
 
 
 def check_config(config: TrainConfig) -> None:
     """Rejects impossible values with a one-line ConfigError naming the field."""
-    positive = ["eval_freq", "n_episodes", "buffer_size", "batch_size", "target_update_period",
-                "cql_n_actions", "q_n_hidden_layers", "log_freq", "policy_lr", "qf_lr", "cql_temp"]
-    for name in positive:
-        if not getattr(config, name) > 0:
-            raise ConfigError(f"field '{name}' must be > 0, got {getattr(config, name)!r}")
-    for name in ["offline_iterations", "online_iterations", "warmup_steps", "bc_steps", "cql_alpha",
-                 "cql_alpha_online", "alpha_multiplier"]:
-        if getattr(config, name) < 0:
-            raise ConfigError(f"field '{name}' must be >= 0, got {getattr(config, name)!r}")
-    if not 0.0 <= config.discount <= 1.0:
-        raise ConfigError(f"field 'discount' must be in [0, 1], got {config.discount!r}")
-    if not 0.0 < config.soft_target_update_rate <= 1.0:
-        raise ConfigError(
-            f"field 'soft_target_update_rate' must be in (0, 1], got {config.soft_target_update_rate!r}")
+    check_bounds(config, BOUNDS, CHOICES)
     if config.cql_clip_diff_min > config.cql_clip_diff_max:
         raise ConfigError(f"fields 'cql_clip_diff_min' ({config.cql_clip_diff_min}) > "
                           f"'cql_clip_diff_max' ({config.cql_clip_diff_max})")
@@ -271,16 +299,6 @@ def check_config(config: TrainConfig) -> None:
             and not config.ref_min_score < config.ref_max_score:
         raise ConfigError(f"fields 'ref_min_score' ({config.ref_min_score}) >= 'ref_max_score' "
                           f"({config.ref_max_score}): the return that scores 0 must be below the one that scores 100")
-    if config.wandb_mode not in (None, "online", "offline", "disabled"):
-        raise ConfigError(f"field 'wandb_mode' must be online, offline or disabled, got {config.wandb_mode!r}")
-    if config.on_nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"field 'on_nonfinite' must be stop or skip, got {config.on_nonfinite!r}")
-    if config.max_episode_steps is not None and config.max_episode_steps <= 0:
-        raise ConfigError(f"field 'max_episode_steps' must be > 0, got {config.max_episode_steps!r}")
-    if config.checkpoint_freq is not None and config.checkpoint_freq <= 0:
-        raise ConfigError(f"field 'checkpoint_freq' must be > 0, got {config.checkpoint_freq!r}")
-    if config.keep_checkpoints < 0:
-        raise ConfigError(f"field 'keep_checkpoints' must be >= 0, got {config.keep_checkpoints!r}")
     run_seeds(config)  # a bad seeds value fails here, not after the data is loaded
     if config.device != "auto":
         try:
@@ -364,9 +382,9 @@ def parse_config(argv: List[str], config_class: type = TrainConfig) -> Any:
             if key == "seeds" and isinstance(value, (int, list)) and not isinstance(value, bool):
                 value = ",".join(map(str, value)) + ("," if len(value) == 1 else "") if isinstance(value, list) \
                     else str(value)  # YAML `seeds: 4` or `seeds: [0, 1]`
-            values[key] = _coerce(key, types[key], value, f"config file {config_path}")
+            values[key] = parse_value(key, types[key], value, f"config file {config_path}")
     for key, value in overrides.items():
-        values[key] = _coerce(key, types[key], value, "command line")
+        values[key] = parse_value(key, types[key], value, "command line")
     config = config_class(**values)
     check_config(config)
     return config
