@@ -179,6 +179,25 @@ def test_non_finite_stops_with_exit_3_naming_the_last_good_checkpoint(offline, l
     assert [p.name for p in run_dir.glob("replay_*.pt")] == ["replay_20.pt"]
 
 
+@pytest.mark.parametrize("offline, log_freq, message", [
+    (40, 20, r"non-finite \w+ \(nan\) of seed 3 in iterations 21\.\.40; last good checkpoint: "
+             r".*-3-\w+/checkpoint_20\.pt"),
+    (40, 50, r"non-finite network weights after iteration 40; last good checkpoint: .*-3-\w+/checkpoint_20\.pt"),
+    (20, 50, r"non-finite action \(\[nan nan nan\]\) from the actor of seed 3 in iteration 26; last good "
+             r"checkpoint: .*-3-\w+/checkpoint_20\.pt"),
+], ids=["metrics", "weights", "online action"])
+def test_a_stack_stops_on_non_finite_values_naming_the_seed_and_the_last_good_checkpoint(
+        offline, log_freq, message, hopper_hdf5, tmp_path, monkeypatch, capsys):
+    poison_critic_at_update(cql, monkeypatch, 25)  # every run's critic
+    with pytest.raises(SystemExit) as exit_info:
+        cql.main(run_args(hopper_hdf5, tmp_path, offline=offline, online=60 - offline)
+                 + [f"--log_freq={log_freq}", "--seeds=3,4"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # not tqdm's
+    assert exit_info.value.code == 3 and len(err) == 1 and re.search(message, err[0]), err
+    for run_dir in tmp_path.iterdir():
+        assert [p.name for p in cql.checkpoint_files(run_dir)] == ["checkpoint_20.pt"]
+
+
 # ------------------------------------------------------------------ bad input: exit 2, one line
 @pytest.fixture(scope="module")
 def finished_run(hopper_hdf5, tmp_path_factory) -> Path:

@@ -167,7 +167,7 @@ def _rows(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_seed_run_crosses_the_switch_with_its_own_dirs_metrics_and_episodes(hopper_hdf5, tmp_path):
+def test_two_seed_run_crosses_the_switch_with_its_own_dirs_metrics_and_episodes(hopper_hdf5, tmp_path, capsys):
     argv = ["--env", str(hopper_hdf5), "--seeds=4,9", "--offline_iterations=20", "--online_iterations=40",
             "--eval_freq=30", "--log_freq=10", "--max_episode_steps=10", "--cql_alpha=10", "--cql_alpha_online=2",
             f"--checkpoints_path={tmp_path}", *SMALL]
@@ -203,6 +203,10 @@ def test_two_seed_run_crosses_the_switch_with_its_own_dirs_metrics_and_episodes(
     assert not torch.equal(online_obs[0], online_obs[1])  # each ring holds its own run's transitions
     assert episode_returns[0] != episode_returns[1]  # own env seeds, own actors
     assert summary["runs"][0]["eval_returns"] != summary["runs"][1]["eval_returns"]
+    scores = [run["last_score"] for run in summary["runs"]]  # the summary line names every run's score
+    assert None not in scores and summary["runs"][0]["best_score"] is not None
+    assert (f"normalized score last {np.mean(scores):.1f} +- {np.std(scores):.1f} over 2 seeds "
+            f"({scores[0]:.1f}, {scores[1]:.1f})") in capsys.readouterr().out
 
 
 def test_load_model_starts_every_run_of_a_stack_from_the_one_checkpoint(hopper_hdf5, tmp_path):
