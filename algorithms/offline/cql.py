@@ -1452,11 +1452,12 @@ class RunLogger:
 
 
 def save_checkpoint(path: Path, trainer: CQL, state_mean: np.ndarray, state_std: np.ndarray,
-                    run_state: Optional[Dict[str, Any]] = None, run: Optional[int] = None) -> None:
+                    run_state: Optional["RunState"] = None, run: Optional[int] = None) -> None:
     """Everything needed to continue: trainer (or run `run` of a stack, in the one-run layout),
     normalisation, config and (for resume) run_state."""
     state = {**(trainer.state_dict() if run is None else trainer.run_state_dict(run)),
-             "state_mean": state_mean, "state_std": state_std, "config": asdict(trainer.config), "run": run_state}
+             "state_mean": state_mean, "state_std": state_std, "config": asdict(trainer.config),
+             "run": None if run_state is None else run_state.to_dict()}
     write_atomic(path, lambda f: torch.save(state, f))
 
 
@@ -1552,6 +1553,36 @@ def resolve_device(name: str) -> torch.device:
 # Training
 # ======================================================================================
 @dataclass
+class RunState:
+    """What a run's checkpoint holds beside the networks and optimizer: its 'run' entry, what --resume
+    needs to go on as the stopped run would have (None in a checkpoint for load_model only). The
+    defaults are a fresh run's; to_dict/from_dict keep the checkpoints' keys, so older ones load.
+    The finetune script's RunState has the same shape, plus what only an online run has."""
+
+    rng: Optional[Dict[str, Any]] = None  # the global random streams (rng_states())
+    metric_sum: Optional[torch.Tensor] = None  # the metric window's sums ...
+    window: int = 0  # ... and its count of updates
+    skipped_updates: Any = 0.0  # updates skipped in the window (on_nonfinite skip); older checkpoints: none
+    metrics_rows: int = 0  # rows in metrics.jsonl at the checkpoint
+    pending_evaluations: Dict[int, Dict[str, torch.Tensor]] = field(default_factory=dict)  # actor weights by step
+    stack: Optional[List[str]] = None  # a stack's run directory names, to resume with; None: one run
+    scores: Dict[int, float] = field(default_factory=dict)  # normalized score by update
+    last_return: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The checkpoint's 'run' entry."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.stack is None:
+            del state["stack"]
+        return state
+
+    @classmethod
+    def from_dict(cls, run: Dict[str, Any]) -> "RunState":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in run.items() if k in names})
+
+
+@dataclass
 class Run:
     """One seed's run in train(): its directory, logger, evaluator and evaluation results."""
 
@@ -1561,6 +1592,19 @@ class Run:
     evaluator: Optional[Evaluator] = None
     scores: Dict[int, float] = field(default_factory=dict)  # normalized score by update
     last_return: Optional[float] = None
+
+    def run_state(self, rng: Dict[str, Any], metric_sum: torch.Tensor, window: int, skipped_updates: torch.Tensor,
+                  stack: Optional[List[str]]) -> RunState:
+        """This run's state for its checkpoint, with the stack's random streams and metric window."""
+        return RunState(rng=rng, metric_sum=metric_sum, window=window, skipped_updates=skipped_updates,
+                        metrics_rows=self.logger.rows, pending_evaluations=dict(self.evaluator.pending), stack=stack,
+                        scores=self.scores, last_return=self.last_return)
+
+    def restore(self, state: RunState) -> None:
+        """Takes a stopped run's evaluation results; its unfinished evaluations run again."""
+        self.scores, self.last_return = state.scores, state.last_return
+        for eval_step, weights in sorted(state.pending_evaluations.items()):
+            self.evaluator.submit(eval_step, weights)
 
 
 def train(config: TrainConfig) -> Dict[str, Any]:
@@ -1597,7 +1641,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     # A run per seed (one unless config.seeds): its own directory, metrics, evaluations and checkpoints.
     runs = [Run(seed) for seed in (seeds or [config.seed])]
     stacked = seeds is not None
-    resumed: Optional[List[Dict[str, Any]]] = None  # each run's run state
+    resumed: Optional[List[RunState]] = None  # each run's run state
     if config.resume:
         files = resume_checkpoints(Path(config.resume), len(runs))
         for run, file in zip(runs, files):
@@ -1605,12 +1649,12 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             for stale in run.dir.glob(".*.tmp"):  # temporary files of writes that a kill interrupted
                 stale.unlink()
         states = load_checkpoints([str(f) for f in files], trainer, field="resume")
-        resumed = [state["run"] for state in states]
-        if any(r is None for r in resumed):
+        if any(state["run"] is None for state in states):
             raise ConfigError(f"field 'resume': {files[0]} holds no run state (made by load_model?)")
+        resumed = [RunState.from_dict(state["run"]) for state in states]
         state_mean, state_std = states[0]["state_mean"], states[0]["state_std"]
         for run, run_state in zip(runs, resumed):
-            keep_lines(run.dir / "metrics.jsonl", run_state["metrics_rows"])  # rows after the checkpoint come again
+            keep_lines(run.dir / "metrics.jsonl", run_state.metrics_rows)  # rows after the checkpoint come again
     else:
         if config.load_model:  # a stack starts every run from it
             state = load_checkpoints([config.load_model] * len(runs), trainer)[0]
@@ -1637,15 +1681,12 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     probe_env.close()
     window = 0
     if resumed is not None:
-        window = resumed[0]["window"]
-        # Checkpoints from before on_nonfinite existed have no count: their runs skipped nothing.
-        update.skipped_updates.copy_(torch.as_tensor(resumed[0].get("skipped_updates", 0.0)))
+        window = resumed[0].window
+        update.skipped_updates.copy_(torch.as_tensor(resumed[0].skipped_updates))
         for i, (run, run_state) in enumerate(zip(runs, resumed)):
-            update.run_metric_sum(i).copy_(run_state["metric_sum"])
-            run.scores, run.last_return = run_state["scores"], run_state["last_return"]
-            for eval_step, weights in sorted(run_state["pending_evaluations"].items()):
-                run.evaluator.submit(eval_step, weights)
-        set_rng_states(resumed[0]["rng"])  # last: from here on the run draws what the stopped one would have
+            update.run_metric_sum(i).copy_(run_state.metric_sum)
+            run.restore(run_state)
+        set_rng_states(resumed[0].rng)  # last: from here on the run draws what the stopped one would have
     checkpoint_freq = config.checkpoint_freq or config.eval_freq
     start = time.time()
     load_seconds, eval_seconds = start - begin, 0.0
@@ -1704,12 +1745,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                                          + last_good_checkpoint(runs[0]))
             rng = rng_states()
             for i, run in enumerate(runs):  # a stack: one ordinary checkpoint per run, all of one update
-                run_state = {"rng": rng, "metric_sum": update.run_metric_sum(i).clone(), "window": window,
-                             "skipped_updates": update.skipped_updates.clone(), "scores": run.scores,
-                             "last_return": run.last_return, "metrics_rows": run.logger.rows,
-                             "pending_evaluations": dict(run.evaluator.pending)}
-                if stacked:
-                    run_state["stack"] = [r.dir.name for r in runs]  # the sibling runs to resume with
+                run_state = run.run_state(rng, update.run_metric_sum(i).clone(), window, update.skipped_updates.clone(),
+                                          [r.dir.name for r in runs] if stacked else None)  # siblings to resume with
                 save_checkpoint(run.dir / f"checkpoint_{step}.pt", trainer, state_mean, state_std, run_state,
                                 run=i if stacked else None)
             for run in runs:  # only once every run has this update's checkpoint
