@@ -2018,6 +2018,7 @@ class Run:
     progress: Dict[str, Any] = field(default_factory=new_progress)
     last_score: Optional[float] = None
     eval_returns: List[float] = field(default_factory=list)
+    last_step: Optional[Tuple[np.ndarray, np.ndarray, Any, np.ndarray, bool, bool]] = None  # see step()
 
     def new_episode(self, obs: Optional[np.ndarray]) -> None:
         self.obs, self.episode_return, self.episode_length, self.episode_success = obs, 0.0, 0, False
@@ -2025,9 +2026,11 @@ class Run:
     def step(self, action: np.ndarray, sparse_reward: bool, ref_min: Optional[float], ref_max: Optional[float]
              ) -> Tuple[np.ndarray, Any, bool, Dict[str, float]]:
         """One step of the training env, and a reset after an episode's end: the next observation (before
-        any reset), the reward, terminated, and the ended episode's row (empty while the episode goes on)."""
+        any reset), the reward, terminated, and the ended episode's row (empty while the episode goes on).
+        last_step keeps the step as (obs, action, reward, next obs, terminated, truncated), unnormalized."""
         next_raw, reward, terminated, truncated, info = self.env.step(action)
         next_obs = flatten_observation(next_raw)
+        self.last_step = (self.obs, action, reward, next_obs, bool(terminated), bool(truncated))
         success = step_success(float(reward), info, sparse_reward)
         if success is not None:
             self.goal_task = True
@@ -2103,9 +2106,10 @@ class Run:
 
 def open_runs(config: TrainConfig, runs: List[Run], trainer: CQL, buffer: ReplayBuffer
               ) -> Tuple[Optional[List[Dict[str, Any]]], bool]:
-    """Gives each run its directory and loads the checkpoints they start from: with resume each run's newest
-    (a stack: of the newest iteration that every run has one of), with load_model the one that every run
-    starts from. Returns those checkpoints, one per run (None: a fresh start), and whether they resume."""
+    """Gives each run its directory (with the config) and logger, and loads the checkpoints they start from:
+    with resume each run's newest (a stack: of the newest iteration that every run has one of), with
+    load_model the one that every run starts from. Returns those checkpoints, one per run (None: a fresh
+    start), and whether they resume."""
     if config.resume:
         files = resume_checkpoints(Path(config.resume), len(runs))
         for run, path in zip(runs, files):
@@ -2123,12 +2127,34 @@ def open_runs(config: TrainConfig, runs: List[Run], trainer: CQL, buffer: Replay
                 if orphan.name != state["replay_file"]:
                     orphan.unlink()
             keep_lines(run.dir / "metrics.jsonl", state["run"]["metrics_rows"])  # rows after the checkpoint come again
-        return states, True
-    states = load_checkpoints([config.load_model], trainer, buffer) if config.load_model else None
+    else:
+        states = load_checkpoints([config.load_model], trainer, buffer) if config.load_model else None
+        for run in runs:
+            run_name = f"{config.name}-{Path(config.env).stem.replace('/', '-')}-{run.seed}-{uuid.uuid4().hex[:8]}"
+            run.dir = Path(config.checkpoints_path or config.log_dir) / run_name
     for run in runs:
-        run_name = f"{config.name}-{Path(config.env).stem.replace('/', '-')}-{run.seed}-{uuid.uuid4().hex[:8]}"
-        run.dir = Path(config.checkpoints_path or config.log_dir) / run_name
-    return states, False
+        run.dir.mkdir(parents=True, exist_ok=True)  # each holds the stack's config: --resume any of them
+        write_atomic(run.dir / "config.yaml", lambda f: yaml.safe_dump(asdict(config), f, sort_keys=False), mode="w")
+        run.logger = RunLogger(config, run.dir, run.dir.name, resume=bool(config.resume),
+                               seed=None if trainer.seeds is None else run.seed)
+    return states, bool(config.resume)
+
+
+def restore_runs(runs: List[Run], states: Optional[List[Dict[str, Any]]], resumed: bool, update: UpdateStep) -> int:
+    """Puts the checkpoints' run states into the runs (and, resumed, their metric window into the update
+    step, and the random streams last: from here on the runs draw what the stopped ones would have);
+    returns the window's count of updates."""
+    window = 0
+    run_states = [RunState.from_checkpoint(state) for state in states or []]
+    for i, (run, run_state) in enumerate(zip(runs, run_states)):
+        run.restore(run_state, resumed)
+        if resumed:  # the loop goes on as it would have
+            update.run_metric_sum(i).copy_(run_state.metric_sum)
+            update.skipped_updates.copy_(torch.as_tensor(run_state.skipped_updates))
+            window = run_state.window
+    if resumed:
+        set_rng_states(run_states[0].rng)
+    return window
 
 
 def act(trainer: CQL, runs: List[Run], normalize_state: Callable[[np.ndarray], np.ndarray], warmup: bool,
@@ -2248,8 +2274,13 @@ def summarize(runs: List[Run], trainer: CQL, buffer: ReplayBuffer, total: int, e
     return summary
 
 
-def train(config: TrainConfig) -> Dict[str, Any]:
-    """Pre-trains offline, then trains online; returns a summary (scores, returns, counts, timings, paths)."""
+def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], CQL], None]] = None
+          ) -> Dict[str, Any]:
+    """Pre-trains offline, then trains online; returns a summary (scores, returns, counts, timings, paths).
+
+    on_iteration(step, runs, trainer), if given, is called before the first iteration (step: the
+    iterations done) and after each, before its checkpoint: tools/make_dataset.py keeps every
+    transition (Run.last_step) and snapshots of the actor with it."""
     begin = time.time()
     device = resolve_device(config.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
@@ -2307,10 +2338,6 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     states, resumed = open_runs(config, runs, trainer, buffer)
     if states is not None:
         state_mean, state_std = states[0]["state_mean"], states[0]["state_std"]
-    for run in runs:
-        run.dir.mkdir(parents=True, exist_ok=True)  # each holds the stack's config: --resume any of them
-        write_atomic(run.dir / "config.yaml", lambda f: yaml.safe_dump(asdict(config), f, sort_keys=False), mode="w")
-        run.logger = RunLogger(config, run.dir, run.dir.name, resume=resumed, seed=run.seed if stacked else None)
     where = (f"run dir {runs[0].dir}" if not stacked else f"{len(runs)} runs (seeds "
              f"{', '.join(str(r.seed) for r in runs)}), run dirs {', '.join(str(r.dir) for r in runs)}")
     print(f"CQL on {source}: {buffer.size} transitions in a ring of {capacity}{' each' if stacked else ''}, "
@@ -2326,19 +2353,10 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         run.evaluator = Evaluator(probe_env, make_eval_env, config.n_episodes, evaluation_seed(config, run.seed),
                                   state_mean, state_std, template, background, sparse_reward)
     probe_env.close()
-    window = 0
-    run_states = [RunState.from_checkpoint(state) for state in states or []]
-    for i, (run, run_state) in enumerate(zip(runs, run_states)):  # resume: the loop goes on as it would have
-        run.restore(run_state, resumed)
-        if resumed:
-            update.run_metric_sum(i).copy_(run_state.metric_sum)
-            update.skipped_updates.copy_(torch.as_tensor(run_state.skipped_updates))
-            window = run_state.window
+    window = restore_runs(runs, states, resumed, update)
     total = config.offline_iterations + config.online_iterations
     start_it = runs[0].progress["iteration"]
     trainer.cql_alpha = config.cql_alpha if start_it < config.offline_iterations else config.cql_alpha_online
-    if resumed:
-        set_rng_states(run_states[0].rng)  # last: from here on the runs draw what the stopped ones would have
     checkpoint_freq = config.checkpoint_freq or config.eval_freq
     start = time.time()
     load_seconds, eval_seconds = start - begin, 0.0
@@ -2349,6 +2367,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     def normalize_state(obs: np.ndarray) -> np.ndarray:
         return ((obs - state_mean) / state_std).astype(np.float32)
 
+    if on_iteration is not None:
+        on_iteration(start_it, runs, trainer)
     for it in bar:  # `it` iterations are done before this one
         if it == config.offline_iterations:
             trainer.cql_alpha = config.cql_alpha_online
@@ -2384,6 +2404,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             eval_seconds += time.time() - eval_start
         if step % config.eval_freq == 0 or step % config.log_freq == 0 or step == total:
             log_evaluations(runs, False, ref_min, ref_max, config.offline_iterations, bar)
+        if on_iteration is not None:
+            on_iteration(step, runs, trainer)
         if config.checkpoints_path and (step % checkpoint_freq == 0 or step == total):
             save_checkpoints(runs, step, trainer, buffer, update, window, state_mean, state_std,
                              config.keep_checkpoints)
