@@ -1600,11 +1600,61 @@ class Run:
                         metrics_rows=self.logger.rows, pending_evaluations=dict(self.evaluator.pending), stack=stack,
                         scores=self.scores, last_return=self.last_return)
 
+    def last_good_checkpoint(self) -> str:
+        files = checkpoint_files(self.dir)
+        return f"; last good checkpoint: {files[-1]}" if files else ""
+
     def restore(self, state: RunState) -> None:
         """Takes a stopped run's evaluation results; its unfinished evaluations run again."""
         self.scores, self.last_return = state.scores, state.last_return
         for eval_step, weights in sorted(state.pending_evaluations.items()):
             self.evaluator.submit(eval_step, weights)
+
+
+def save_checkpoints(runs: List[Run], step: int, trainer: CQL, update: UpdateStep, window: int,
+                     state_mean: np.ndarray, state_std: np.ndarray, keep: int) -> None:
+    """Every run's checkpoint of update `step` (a stack: one ordinary checkpoint per run, all of one
+    update); old ones go (keep > 0) only once every run has this update's."""
+    if not trainer.parameters_finite():  # never overwrite good weights with broken ones
+        raise FloatingPointError(f"non-finite network weights after update {step}" + runs[0].last_good_checkpoint())
+    stacked = trainer.seeds is not None
+    rng = rng_states()
+    for i, run in enumerate(runs):
+        run_state = run.run_state(rng, update.run_metric_sum(i).clone(), window, update.skipped_updates.clone(),
+                                  [r.dir.name for r in runs] if stacked else None)  # the siblings to resume with
+        save_checkpoint(run.dir / f"checkpoint_{step}.pt", trainer, state_mean, state_std, run_state,
+                        run=i if stacked else None)
+    for run in runs:
+        for old in checkpoint_files(run.dir)[:-keep] if keep else []:
+            old.unlink()
+
+
+def summarize(runs: List[Run], trainer: CQL, elapsed: float, load_seconds: float, eval_seconds: float
+              ) -> Dict[str, Any]:
+    """train()'s summary, printed in one line with every run's normalized score."""
+    stacked = trainer.seeds is not None
+    summaries = [{"run_dir": str(run.dir), "seed": run.seed, "last_return": run.last_return,
+                  "last_score": run.scores[max(run.scores)] if run.scores else None,
+                  "best_score": max(run.scores.values()) if run.scores else None} for run in runs]
+    summary = {"updates": trainer.total_it, "seconds": elapsed, "load_seconds": load_seconds,
+               "eval_seconds": eval_seconds}
+    if stacked:
+        summary["runs"] = summaries
+    else:
+        summary = {"run_dir": summaries[0]["run_dir"], **summary,
+                   **{k: v for k, v in summaries[0].items() if k not in ("run_dir", "seed")}}
+    if all(s["last_score"] is not None for s in summaries):
+        last = [s["last_score"] for s in summaries]
+        score_text = (f"normalized score last {last[0]:.1f}, best {summaries[0]['best_score']:.1f}" if not stacked else
+                      f"normalized score last {np.mean(last):.1f} +- {np.std(last):.1f} over {len(runs)} seeds "
+                      f"({', '.join(f'{v:.1f}' for v in last)})")
+    else:
+        score_text = "no normalized score (no reference returns)"
+    metrics_paths = runs[0].logger.path if not stacked else f"metrics.jsonl of each run dir in {runs[0].dir.parent}"
+    eval_share = 100 * eval_seconds / max(elapsed + load_seconds, 1e-9)
+    print(f"done: {trainer.total_it} updates in {elapsed:.0f} s (evaluation held training up {eval_seconds:.1f} s, "
+          f"{eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), {score_text}; metrics in {metrics_paths}")
+    return summary
 
 
 def train(config: TrainConfig) -> Dict[str, Any]:
@@ -1707,10 +1757,6 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             # refresh=False: shown at the next refresh, with a fresh update count
             bar.set_postfix(score=f"{np.mean(latest):.1f}", refresh=False)
 
-    def last_good_checkpoint(run: Run) -> str:
-        files = checkpoint_files(run.dir)
-        return f"; last good checkpoint: {files[-1]}" if files else ""
-
     for _ in bar:
         update()
         window += 1
@@ -1721,13 +1767,13 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 raise FloatingPointError(
                     f"every update in updates {step - window + 1}..{step} had a non-finite loss or gradient"
                     + (" in some run of the stack" if stacked else "") + " (on_nonfinite=skip)"
-                    + last_good_checkpoint(runs[0]))
+                    + runs[0].last_good_checkpoint())
             for run, means in zip(runs, run_means):
                 for name, value in means.items():
                     if not math.isfinite(value):
                         raise FloatingPointError(
                             f"non-finite {name} ({value}) in updates {step - window + 1}..{step}"
-                            + (f" of the run with seed {run.seed}" if stacked else "") + last_good_checkpoint(run))
+                            + (f" of the run with seed {run.seed}" if stacked else "") + run.last_good_checkpoint())
             for run, means in zip(runs, run_means):
                 run.logger.log(means, step)
             window = 0
@@ -1740,19 +1786,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             for run in runs:
                 log_evaluations(run, run.evaluator.collect())
         if config.checkpoints_path and (step % checkpoint_freq == 0 or step == config.max_timesteps):
-            if not trainer.parameters_finite():  # never overwrite good weights with broken ones
-                raise FloatingPointError(f"non-finite network weights after update {step}"
-                                         + last_good_checkpoint(runs[0]))
-            rng = rng_states()
-            for i, run in enumerate(runs):  # a stack: one ordinary checkpoint per run, all of one update
-                run_state = run.run_state(rng, update.run_metric_sum(i).clone(), window, update.skipped_updates.clone(),
-                                          [r.dir.name for r in runs] if stacked else None)  # siblings to resume with
-                save_checkpoint(run.dir / f"checkpoint_{step}.pt", trainer, state_mean, state_std, run_state,
-                                run=i if stacked else None)
-            for run in runs:  # only once every run has this update's checkpoint
-                files = checkpoint_files(run.dir)
-                for old in files[:-config.keep_checkpoints or None] if config.keep_checkpoints else []:
-                    old.unlink()
+            save_checkpoints(runs, step, trainer, update, window, state_mean, state_std, config.keep_checkpoints)
     eval_start = time.time()
     for run in runs:
         log_evaluations(run, run.evaluator.collect(wait=True))
@@ -1762,29 +1796,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     bar.close()
     for run in runs:
         run.logger.close()
-    elapsed = time.time() - start
-    summaries = [{"run_dir": str(run.dir), "seed": run.seed, "last_return": run.last_return,
-                  "last_score": run.scores[max(run.scores)] if run.scores else None,
-                  "best_score": max(run.scores.values()) if run.scores else None} for run in runs]
-    summary = {"updates": trainer.total_it, "seconds": elapsed, "load_seconds": load_seconds,
-               "eval_seconds": eval_seconds}
-    if stacked:
-        summary["runs"] = summaries
-    else:
-        summary = {"run_dir": summaries[0]["run_dir"], **summary,
-                   **{k: v for k, v in summaries[0].items() if k not in ("run_dir", "seed")}}
-    if all(s["last_score"] is not None for s in summaries):
-        last = [s["last_score"] for s in summaries]
-        score_text = (f"normalized score last {last[0]:.1f}, best {summaries[0]['best_score']:.1f}" if not stacked else
-                      f"normalized score last {np.mean(last):.1f} +- {np.std(last):.1f} over {len(runs)} seeds "
-                      f"({', '.join(f'{v:.1f}' for v in last)})")
-    else:
-        score_text = "no normalized score (no reference returns)"
-    metrics_paths = runs[0].logger.path if not stacked else f"metrics.jsonl of each run dir in {runs[0].dir.parent}"
-    eval_share = 100 * eval_seconds / max(elapsed + load_seconds, 1e-9)
-    print(f"done: {trainer.total_it} updates in {elapsed:.0f} s (evaluation held training up {eval_seconds:.1f} s, "
-          f"{eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), {score_text}; metrics in {metrics_paths}")
-    return summary
+    return summarize(runs, trainer, time.time() - start, load_seconds, eval_seconds)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
