@@ -2268,9 +2268,10 @@ def summarize(runs: List[Run], trainer: CQL, buffer: ReplayBuffer, total: int, e
         score_text = "no evaluation"
     metrics = runs[0].logger.path if not stacked else f"metrics.jsonl of each run dir in {runs[0].dir.parent}"
     each = f" each, {len(runs)} runs" if stacked else ""
-    print(f"done: {total} iterations ({trainer.total_it} updates{each}) in {elapsed:.0f} s (evaluation held training up {eval_seconds:.1f} s, "
-          f"{100 * eval_seconds / max(elapsed + load_seconds, 1e-9):.1f}% of the run; set-up {load_seconds:.0f} s), "
-          f"{score_text}; metrics in {metrics}")
+    eval_share = 100 * eval_seconds / max(elapsed + load_seconds, 1e-9)
+    print(f"done: {total} iterations ({trainer.total_it} updates{each}) in {elapsed:.0f} s (evaluation held training "
+          f"up {eval_seconds:.1f} s, {eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), {score_text}; "
+          f"metrics in {metrics}")
     return summary
 
 
