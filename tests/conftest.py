@@ -1,4 +1,7 @@
 """Shared fixtures: small datasets made on the spot (the tests never download)."""
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,19 @@ def hopper_hdf5(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "hopper-random-tiny.hdf5"
     return write_d4rl_hdf5(path, random_transitions("Hopper-v4", 3000, seed=0),
                            {"env_id": "Hopper-v4", "ref_min_score": -20.272305, "ref_max_score": 3234.3})
+
+
+def kill_when_written(process: subprocess.Popen, run_root: Path, checkpoint: str, runs: int = 1,
+                      settle: float = 0.1) -> None:
+    """SIGKILLs process once `runs` run directories under run_root hold `checkpoint`, `settle` seconds later
+    (somewhere in the interval after that checkpoint); fails if the process ends first."""
+    deadline = time.time() + 300
+    while len(list(run_root.glob(f"*/{checkpoint}"))) < runs and time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    time.sleep(settle)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
 
 
 @pytest.fixture

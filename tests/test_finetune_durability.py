@@ -5,19 +5,17 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import kill_when_written, poison_critic_at_update
 
 import algorithms.finetune.cql as cql
-from conftest import poison_critic_at_update
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "algorithms/finetune/cql.py")
@@ -63,13 +61,7 @@ def run_until(args: list, run_root: Path, checkpoint: str) -> Path:
     """Starts the script, SIGKILLs it once `checkpoint` exists (somewhere in the next interval)."""
     process = subprocess.Popen([sys.executable, SCRIPT, *args], env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list(run_root.glob(f"*/{checkpoint}")) and time.time() < deadline:
-        assert process.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    time.sleep(0.1)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when_written(process, run_root, checkpoint)
     (run_dir,) = run_root.iterdir()
     return run_dir
 
@@ -84,13 +76,7 @@ def test_sigkilled_run_resumes_twice_across_the_switch_to_the_same_weights_and_m
     assert not (killed / "checkpoint_60.pt").exists(), "killed too late to cross the switch after resuming"
     resume = subprocess.Popen([sys.executable, SCRIPT, f"--resume={killed}"], env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint_100.pt").exists() and time.time() < deadline:
-        assert resume.poll() is None, "the resumed run ended before it could be killed"
-        time.sleep(0.02)
-    time.sleep(0.1)
-    resume.send_signal(signal.SIGKILL)
-    resume.wait()
+    kill_when_written(resume, killed.parent, "checkpoint_100.pt")
     assert not (killed / "checkpoint_200.pt").exists(), "killed too late to test anything"
     newest = cql.checkpoint_files(killed)[-1]
     run_state = torch.load(newest, weights_only=False)["run"]
@@ -179,6 +165,25 @@ def test_non_finite_stops_with_exit_3_naming_the_last_good_checkpoint(offline, l
     assert [p.name for p in run_dir.glob("replay_*.pt")] == ["replay_20.pt"]
 
 
+@pytest.mark.parametrize("offline, log_freq, message", [
+    (40, 20, r"non-finite \w+ \(nan\) of seed 3 in iterations 21\.\.40; last good checkpoint: "
+             r".*-3-\w+/checkpoint_20\.pt"),
+    (40, 50, r"non-finite network weights after iteration 40; last good checkpoint: .*-3-\w+/checkpoint_20\.pt"),
+    (20, 50, r"non-finite action \(\[nan nan nan\]\) from the actor of seed 3 in iteration 26; last good "
+             r"checkpoint: .*-3-\w+/checkpoint_20\.pt"),
+], ids=["metrics", "weights", "online action"])
+def test_a_stack_stops_on_non_finite_values_naming_the_seed_and_the_last_good_checkpoint(
+        offline, log_freq, message, hopper_hdf5, tmp_path, monkeypatch, capsys):
+    poison_critic_at_update(cql, monkeypatch, 25)  # every run's critic
+    with pytest.raises(SystemExit) as exit_info:
+        cql.main(run_args(hopper_hdf5, tmp_path, offline=offline, online=60 - offline)
+                 + [f"--log_freq={log_freq}", "--seeds=3,4"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # not tqdm's
+    assert exit_info.value.code == 3 and len(err) == 1 and re.search(message, err[0]), err
+    for run_dir in tmp_path.iterdir():
+        assert [p.name for p in cql.checkpoint_files(run_dir)] == ["checkpoint_20.pt"]
+
+
 # ------------------------------------------------------------------ bad input: exit 2, one line
 @pytest.fixture(scope="module")
 def finished_run(hopper_hdf5, tmp_path_factory) -> Path:
@@ -228,7 +233,8 @@ BAD_INPUTS = [  # (what, argv after the dataset argument, expected message); {ru
     ("ref_min_score above the file's ref_max_score", ["--ref_min_score=4000"],
      "hopper-random-tiny.hdf5: fields 'ref_min_score' \\(4000.0\\) >= 'ref_max_score' \\(3234.3\\) "
      "\\(ref_min_score from the config\\)"),
-    ("on_nonfinite not stop or skip", ["--on_nonfinite=maybe"], "field 'on_nonfinite' must be stop or skip, got 'maybe'"),
+    ("on_nonfinite not stop or skip", ["--on_nonfinite=maybe"],
+     "field 'on_nonfinite' must be stop or skip, got 'maybe'"),
     ("dataset larger than buffer_size", ["--buffer_size=10"], "field 'buffer_size' \\(10\\) is smaller than"),
     ("dimension mismatch with the env", ["--eval_env=HalfCheetah-v4"], "observations have 11 dims, the eval env"),
     ("pure online without online iterations", ["--env=Pendulum-v1", "--offline_iterations=0",

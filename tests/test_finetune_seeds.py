@@ -9,19 +9,17 @@
 * a stack killed with SIGKILL (offline, then online) resumes to an uninterrupted stack's runs.
 """
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import test_finetune_durability as durability
 import torch
+from conftest import kill_when_written, stack_runs, update_inputs
 
 import algorithms.finetune.cql as cql
-import test_finetune_durability as durability
-from conftest import stack_runs, update_inputs
 
 S, A, B, N = 5, 3, 16, 4  # state dim, action dim, batch, cql_n_actions
 SEEDS = [3, 7, 11]
@@ -167,7 +165,7 @@ def _rows(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_seed_run_crosses_the_switch_with_its_own_dirs_metrics_and_episodes(hopper_hdf5, tmp_path):
+def test_two_seed_run_crosses_the_switch_with_its_own_dirs_metrics_and_episodes(hopper_hdf5, tmp_path, capsys):
     argv = ["--env", str(hopper_hdf5), "--seeds=4,9", "--offline_iterations=20", "--online_iterations=40",
             "--eval_freq=30", "--log_freq=10", "--max_episode_steps=10", "--cql_alpha=10", "--cql_alpha_online=2",
             f"--checkpoints_path={tmp_path}", *SMALL]
@@ -176,7 +174,7 @@ def test_two_seed_run_crosses_the_switch_with_its_own_dirs_metrics_and_episodes(
     dirs = [Path(d) for d in summary["run_dirs"]]
     assert len(set(dirs)) == 2 and [d.name.split("-")[-2] for d in dirs] == ["4", "9"]
     episode_returns, online_obs = [], []
-    for run_dir, seed in zip(dirs, (4, 9)):
+    for run_dir in dirs:
         rows = _rows(run_dir)
         train_rows = [r for r in rows if "qf1_loss" in r]
         assert [r["step"] for r in train_rows] == [10, 20, 30, 40, 50, 60]
@@ -203,6 +201,10 @@ def test_two_seed_run_crosses_the_switch_with_its_own_dirs_metrics_and_episodes(
     assert not torch.equal(online_obs[0], online_obs[1])  # each ring holds its own run's transitions
     assert episode_returns[0] != episode_returns[1]  # own env seeds, own actors
     assert summary["runs"][0]["eval_returns"] != summary["runs"][1]["eval_returns"]
+    scores = [run["last_score"] for run in summary["runs"]]  # the summary line names every run's score
+    assert None not in scores and summary["runs"][0]["best_score"] is not None
+    assert (f"normalized score last {np.mean(scores):.1f} +- {np.std(scores):.1f} over 2 seeds "
+            f"({scores[0]:.1f}, {scores[1]:.1f})") in capsys.readouterr().out
 
 
 def test_load_model_starts_every_run_of_a_stack_from_the_one_checkpoint(hopper_hdf5, tmp_path):
@@ -247,16 +249,6 @@ def test_load_model_starts_every_run_of_a_stack_from_the_one_checkpoint(hopper_h
     assert any(not torch.equal(ends[0][k], ends[1][k]) for k in ends[0])  # the runs went their own ways
 
 
-def _kill_when(process, run_root: Path, checkpoint: str) -> None:
-    deadline = time.time() + 300
-    while len(list(run_root.glob(f"*/{checkpoint}"))) < 2 and time.time() < deadline:
-        assert process.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    time.sleep(0.1)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-
-
 def test_sigkilled_stack_resumes_twice_across_the_switch_to_the_same_runs(hopper_hdf5, tmp_path):
     """A 2-seed stack killed offline and again online, resumed from one of its run dirs each time,
     ends with each run's weights, Adam state, replay rows and metrics rows equal to an uninterrupted stack's."""
@@ -266,12 +258,12 @@ def test_sigkilled_stack_resumes_twice_across_the_switch_to_the_same_runs(hopper
     args_b = [*durability.run_args(hopper_hdf5, tmp_path / "b", offline=60, online=80), "--seeds=5,8"]
     first = subprocess.Popen([sys.executable, durability.SCRIPT, *args_b], env=durability.ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _kill_when(first, tmp_path / "b", "checkpoint_20.pt")
+    kill_when_written(first, tmp_path / "b", "checkpoint_20.pt", runs=2)
     killed = sorted((tmp_path / "b").iterdir(), key=lambda d: int(d.name.split("-")[-2]))
     assert not any((d / "checkpoint_60.pt").exists() for d in killed), "killed too late to cross the switch"
     second = subprocess.Popen([sys.executable, durability.SCRIPT, f"--resume={killed[1]}"], env=durability.ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _kill_when(second, tmp_path / "b", "checkpoint_100.pt")
+    kill_when_written(second, tmp_path / "b", "checkpoint_100.pt", runs=2)
     assert not all((d / "checkpoint_140.pt").exists() for d in killed), "killed too late to test anything"
     result = subprocess.run([sys.executable, durability.SCRIPT, f"--resume={killed[0]}"], env=durability.ENV,
                             capture_output=True, text=True, timeout=600)

@@ -123,7 +123,9 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(m
     first = md.parse_args([*TINY, "--train_steps", "150", "--work_dir", str(work), "--out_dir", str(tmp_path / "a"),
                            "--kinds", "full-replay"])
     md.make_datasets(first)
-    assert torch.load(work / "learner.pt", weights_only=False)["progress"]["step"] == 150
+    checkpoint = md.learner_checkpoint(work)  # the finetune script's checkpoint of the learner's run
+    assert checkpoint.name == "checkpoint_150.pt"
+    assert torch.load(checkpoint, weights_only=False)["progress"]["iteration"] == 150
     stream_150 = md.load_stream(work, 150)
     capsys.readouterr()
     second = md.parse_args([*TINY, "--train_steps", "300", "--work_dir", str(work), "--out_dir", str(tmp_path / "b"),
@@ -146,6 +148,34 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(m
         md.make_datasets(md.parse_args([*TINY, "--train_steps", "300", "--work_dir", str(work), "--policy_lr", "1e-3"]))
     with pytest.raises(md.MakeError, match="already trained 300 steps"):
         md.make_datasets(md.parse_args([*TINY, "--train_steps", "200", "--work_dir", str(work)]))
+
+
+def test_a_learner_stopped_between_a_snapshot_and_its_checkpoint_continues_to_the_same_stream(made, tmp_path,
+                                                                                               monkeypatch):
+    """The stream chunk and snapshot of step 200 are written, the learner's checkpoint of 200 is not (a kill
+    there): the next run continues from the checkpoint of 100 and makes them again, the same."""
+    config, rows, tmp = made
+    work = tmp_path / "work"
+    argv = [*TINY, "--train_steps", "300", "--work_dir", str(work), "--out_dir", str(tmp_path),
+            "--kinds", "full-replay"]
+    save = md.finetune.save_checkpoints
+
+    def killed_at_200(runs, step, *args, **kwargs):
+        if step == 200:
+            raise KeyboardInterrupt
+        return save(runs, step, *args, **kwargs)
+
+    monkeypatch.setattr(md.finetune, "save_checkpoints", killed_at_200)
+    with pytest.raises(KeyboardInterrupt):
+        md.make_datasets(md.parse_args(argv))
+    assert (work / "stream" / "100_200.npz").is_file() and md.learner_checkpoint(work).name == "checkpoint_100.pt"
+    assert [s["step"] for s in md.read_snapshots(work)] == [0, 100, 200]
+    monkeypatch.setattr(md.finetune, "save_checkpoints", save)
+    md.make_datasets(md.parse_args(argv))
+    assert [s["step"] for s in md.read_snapshots(work)] == [0, 100, 200, 300]
+    resumed, straight = md.load_stream(work, 300), md.load_stream(tmp / "work", 300)
+    for key in md.COLUMNS:
+        np.testing.assert_array_equal(resumed[key], straight[key])
 
 
 def test_minari_dataset_from_arrays(made, tmp_path, monkeypatch):

@@ -4,12 +4,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import poison_critic_at_update
+from conftest import kill_when_written, poison_critic_at_update
 
 import algorithms.offline.cql as cql
 
@@ -43,13 +42,7 @@ def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(hopper_hdf5, tmp_
     # The same run, killed (SIGKILL) once its second checkpoint exists, somewhere in the next interval.
     process = subprocess.Popen([sys.executable, SCRIPT, *run_args(hopper_hdf5, tmp_path / "b")], env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list((tmp_path / "b").glob("*/checkpoint_60.pt")) and time.time() < deadline:
-        assert process.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    time.sleep(0.3)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when_written(process, tmp_path / "b", "checkpoint_60.pt", settle=0.3)
     (killed,) = (tmp_path / "b").iterdir()
     assert not (killed / "checkpoint_120.pt").exists(), "killed too late to test anything"
 

@@ -9,15 +9,13 @@
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import stack_runs, update_inputs
+from conftest import kill_when_written, stack_runs, update_inputs
 from test_losses import VARIANTS
 
 import algorithms.offline.cql as cql
@@ -250,13 +248,7 @@ def test_sigkilled_stack_resumes_to_the_same_weights_and_metrics_per_seed(hopper
     # The same stack, killed (SIGKILL) once its second checkpoint exists.
     process = subprocess.Popen([sys.executable, SCRIPT, *run_args(hopper_hdf5, tmp_path / "b")], env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while len(list((tmp_path / "b").glob("*/checkpoint_60.pt"))) < 2 and time.time() < deadline:
-        assert process.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    time.sleep(0.3)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when_written(process, tmp_path / "b", "checkpoint_60.pt", runs=2, settle=0.3)
     killed = by_seed(tmp_path / "b")
     assert not (killed[9] / "checkpoint_120.pt").exists(), "killed too late to test anything"
     # As if the kill came between the two runs' checkpoint writes: seed 9 lacks its newest one.

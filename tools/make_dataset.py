@@ -3,9 +3,9 @@
     python tools/make_dataset.py --env Hopper-v4 --train_steps 60000 --kinds medium-replay
     python tools/make_dataset.py --help
 
-1. Train a behaviour policy with the project's own online learner: the finetune script's CQL trainer,
-   actor and replay buffer in pure online mode with the CQL penalty off (that is SAC), acting
-   uniformly at random for warmup_steps. Every snapshot_freq steps (and at step 0 and at the end) the
+1. Train a behaviour policy with the project's own online learner: the finetune script's train() in
+   pure online mode with the CQL penalty off (that is SAC), acting uniformly at random for
+   warmup_steps, driven through its on_iteration hook. Every snapshot_freq steps (and at step 0 and at the end) the
    actor's state_dict is kept with its deterministic evaluation return (eval_episodes episodes), and
    the learner is checkpointed. Every transition the learner sees is kept, in order (the stream).
 2. Cut datasets as D4RL describes them:
@@ -28,16 +28,17 @@
    --max_episode_steps on their command line until they convert it with int(). ref_min_score / ref_max_score are
    the mean episode returns of the random and expert rollouts. Optionally a local Minari dataset too.
 
-Resume: everything lives in work_dir (config.json, learner.pt, stream/, snapshots/, rollouts/). Run
-the same command again (or with a larger train_steps) and it continues from the newest learner
-checkpoint: networks, optimizer, random streams, and the current training episode, which is replayed
-from its seed and recorded actions. A resumed run gives the same stream as an uninterrupted one.
+Resume: everything lives in work_dir (config.json, learner/ (the finetune script's run dir), stream/,
+snapshots/, rollouts/). Run the same command again (or with a larger train_steps) and it continues from
+the newest learner checkpoint with the finetune script's --resume: networks, optimizer, replay buffer,
+random streams and the training env mid-episode. A resumed run gives the same stream as an uninterrupted one.
 Options that change what is learned (env, seed, warmup, learning rates, ...) must stay the same.
 
 Layout: config -> environment helpers -> learner (train) -> rollouts -> datasets and files -> main.
 """
 import json
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -69,7 +70,7 @@ class MakeConfig:
 
     env: str = "Hopper-v4"  # Gymnasium id of a task with a 1-D symmetric Box action space
     seed: int = 0  # seeds the learner, its training episodes, evaluations and rollouts
-    work_dir: Optional[str] = None  # learner checkpoint, stream, snapshots, rollouts; None: runs/make_dataset/<env>-<seed>
+    work_dir: Optional[str] = None  # learner, stream, snapshots, rollouts; None: runs/make_dataset/<env>-<seed>
     out_dir: str = "data"  # where the HDF5 files go
     prefix: Optional[str] = None  # file names <prefix>-<kind>.hdf5; None: the env id in lower case
     kinds: str = "random,medium,medium-replay,expert,medium-expert,full-replay"  # datasets to write, comma-separated
@@ -78,7 +79,7 @@ class MakeConfig:
     snapshot_freq: int = 5_000  # keep the actor, evaluate it and checkpoint the learner every this many steps
     eval_episodes: int = 5  # deterministic evaluation episodes per snapshot
     n_transitions: int = 100_000  # transitions per rollout dataset (random, medium, expert; medium-expert has 2x)
-    target_return: Optional[float] = None  # medium: first snapshot reaching this return; None: random + (final - random) / 3
+    target_return: Optional[float] = None  # medium: first snapshot at this return; None: random + (final - random) / 3
     max_episode_steps: Optional[int] = None  # episode time limit; None: the env's own
     batch_size: int = 256  # learner: transitions per update
     policy_lr: float = 3e-4  # learner: actor and entropy-temperature learning rate
@@ -157,7 +158,7 @@ def check_config(config: MakeConfig) -> None:
     unknown = [k for k in kinds_of(config) if k not in KINDS]
     if unknown or not kinds_of(config):
         raise MakeError(f"option 'kinds': expected some of {', '.join(KINDS)}, got {config.kinds!r}")
-    if not finetune._is_gym_id(config.env):
+    if not finetune.is_gym_id(config.env):
         raise MakeError(f"option 'env': {config.env!r} is not a registered Gymnasium id")
 
 
@@ -186,7 +187,7 @@ def env_facts(config: MakeConfig) -> Tuple[int, int, float, int]:
     """state_dim, action_dim, max_action and the episode time limit of config.env."""
     env = make_env(config)
     try:
-        max_action = finetune._action_bound(env, f"env {config.env}")
+        max_action = finetune.action_bound(env, f"env {config.env}")
     except finetune.DatasetError as e:
         raise MakeError(str(e)) from None
     if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
@@ -236,13 +237,18 @@ def episode_returns(data: Dict[str, np.ndarray]) -> List[float]:
 # ======================================================================================
 # Learner: SAC as the finetune script's pure online mode, with snapshots and a kept stream
 # ======================================================================================
-def learner_config(config: MakeConfig) -> finetune.TrainConfig:
+def learner_config(config: MakeConfig, work: Path) -> finetune.TrainConfig:
+    """The finetune script's pure online mode with the CQL penalty off (SAC), plain eager updates, its
+    checkpoints (the newest only) in <work>/learner every snapshot_freq steps; the tool snapshots itself."""
     return finetune.TrainConfig(
         device=config.device, env=config.env, seed=config.seed, offline_iterations=0,
         online_iterations=config.train_steps, batch_size=config.batch_size, discount=config.discount,
         policy_lr=config.policy_lr, qf_lr=config.qf_lr, cql_alpha=0.0, cql_alpha_online=0.0,
         q_n_hidden_layers=config.q_n_hidden_layers, normalize=False, warmup_steps=config.warmup_steps,
-        max_episode_steps=config.max_episode_steps, wandb_mode="disabled")
+        max_episode_steps=config.max_episode_steps, wandb_mode="disabled", compile=False, cudagraphs=False,
+        background_eval=False, eval_freq=config.train_steps, n_episodes=1, log_freq=config.snapshot_freq,
+        checkpoints_path=str(work / "learner"), checkpoint_freq=config.snapshot_freq, keep_checkpoints=1,
+        name="learner")
 
 
 def check_work_dir(config: MakeConfig, work: Path) -> None:
@@ -290,24 +296,28 @@ def load_actor(work: Path, step: int, state_dim: int, action_dim: int, max_actio
     return actor.eval()
 
 
+def learner_checkpoint(work: Path) -> Optional[Path]:
+    """The newest checkpoint of the learner's run in work_dir, if any; a run killed before its first
+    checkpoint is removed (nothing of it can be continued)."""
+    for run_dir in (work / "learner").glob("learner-*"):
+        if not finetune.checkpoint_files(run_dir):
+            shutil.rmtree(run_dir)
+    runs = sorted((work / "learner").glob("learner-*"))
+    if len(runs) > 1:
+        raise MakeError(f"work dir {work}: holds {len(runs)} learner runs in {work / 'learner'}, expected one")
+    return finetune.checkpoint_files(runs[0])[-1] if runs else None
+
+
 def train_learner(config: MakeConfig, work: Path) -> List[Dict[str, Any]]:
-    """Trains (or continues training) up to config.train_steps; returns the snapshots, oldest first."""
-    state_dim, action_dim, max_action, _ = env_facts(config)
+    """Trains (or continues training) up to config.train_steps with the finetune script's online learner,
+    keeping its transitions and snapshots through train()'s on_iteration; returns the snapshots, oldest first."""
+    state_dim, action_dim, _, _ = env_facts(config)
     device = finetune.resolve_device(config.device)
-    lconfig = learner_config(config)
-    finetune.set_seed(config.seed)
-    trainer = finetune.CQL(lconfig, state_dim, action_dim, max_action, device)
-    trainer.cql_alpha = 0.0  # SAC: the penalty is not computed
-    snapshots = read_snapshots(work)
-    progress = {"step": 0, "episode": 0, "episode_start": 0}
-    checkpoint = work / "learner.pt"
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        trainer.load_state_dict(state["trainer"])
-        progress = state["progress"]
-        torch.set_rng_state(state["torch_rng"])
-        snapshots = [s for s in snapshots if s["step"] <= progress["step"]]
-    start = progress["step"]
+    checkpoint = learner_checkpoint(work)
+    start = 0 if checkpoint is None else torch.load(checkpoint, map_location="cpu",
+                                                    weights_only=False)["progress"]["iteration"]
+    # Snapshots and stream chunks after the checkpoint: a kill came before it; they are made again.
+    snapshots = [s for s in read_snapshots(work) if s["step"] <= start] if start else []
     if start > config.train_steps:
         raise MakeError(f"option 'train_steps' ({config.train_steps}): work dir {work} has already trained "
                         f"{start} steps; use a larger train_steps or another work dir")
@@ -315,82 +325,42 @@ def train_learner(config: MakeConfig, work: Path) -> List[Dict[str, Any]]:
         return snapshots
     if start:
         print(f"continuing the learner in {work} from step {start}")
-
-    stream = load_stream(work, start)
-    buffer = finetune.ReplayBuffer(max(config.train_steps, 1), state_dim, action_dim, device)
-    if start:
-        for key in finetune.BUFFER_FIELDS:
-            buffer.storage[key][:start] = torch.as_tensor(stream[key].astype(np.float32), device=device)
-        buffer.n_added = buffer.size = buffer.pointer = start
-
-    env = make_env(config)
+    for chunk in (work / "stream").glob("*.npz"):
+        if int(chunk.stem.split("_")[0]) >= start:
+            chunk.unlink()
+    lconfig = learner_config(config, work)
+    lconfig.resume = None if checkpoint is None else str(checkpoint.parent)  # exact: env, buffer, random streams
     eval_envs = [make_env(config) for _ in range(config.eval_episodes)]
-    obs: Optional[np.ndarray] = None
-    episode_return = float(stream["rewards"][progress["episode_start"]:start].sum()) if start else 0.0
-    if progress["episode_start"] < start:  # mid-episode: replay it from its seed and recorded actions
-        obs = env.reset(seed=config.seed + progress["episode"])[0]
-        for i in range(progress["episode_start"], start):
-            if not np.allclose(obs, stream["observations"][i], rtol=0, atol=1e-5):
-                raise MakeError(f"work dir {work}: replaying the open episode diverged at step {i}; "
-                                f"the env is not deterministic given its seed and actions")
-            obs = env.step(stream["actions"][i])[0]
-    new = Columns()
-    zero = np.zeros(state_dim)
-    one = np.ones(state_dim)
+    new = Columns()  # the transitions since the last snapshot
+    zero, one = np.zeros(state_dim), np.ones(state_dim)
 
-    def snapshot(step: int) -> None:
-        returns = finetune.evaluate(eval_envs, trainer.actor, config.seed + 10_000, zero, one, device)[0]
-        write_atomic(work / "snapshots" / f"actor_{step}.pt", lambda f: torch.save(trainer.actor.state_dict(), f))
+    def snapshot(step: int, actor: finetune.TanhGaussianActor) -> None:
+        returns = finetune.evaluate(eval_envs, actor, config.seed + 10_000, zero, one, device)[0]
+        write_atomic(work / "snapshots" / f"actor_{step}.pt", lambda f: torch.save(actor.state_dict(), f))
         snapshots.append({"step": step, "eval_return_mean": float(returns.mean()),
                           "eval_return_std": float(returns.std())})
         write_atomic(work / "snapshots.json", lambda f: json.dump(snapshots, f, indent=1), mode="w")
 
-    def save(step: int) -> None:
-        if len(new):
+    def on_iteration(step: int, runs: List[finetune.Run], trainer: finetune.CQL) -> None:
+        """Keeps the step's transition; at a snapshot step writes the stream's new chunk, before the
+        learner's checkpoint of that step: a checkpoint never counts transitions the stream lacks."""
+        if step == start:  # before the first iteration
+            if step == 0:
+                snapshot(0, trainer.actor)
+            return
+        obs, action, reward, next_obs, terminated, truncated = runs[0].last_step
+        new.add(obs, action, reward, next_obs, terminated, truncated and not terminated)
+        if step % config.snapshot_freq == 0 or step == config.train_steps:
+            snapshot(step, trainer.actor)
             arrays = new.arrays(state_dim, action_dim)
             write_atomic(work / "stream" / f"{step - len(new)}_{step}.npz", lambda f: np.savez(f, **arrays))
             new.__init__()
-        progress["step"] = step
-        write_atomic(checkpoint, lambda f: torch.save(
-            {"trainer": trainer.state_dict(), "progress": dict(progress), "torch_rng": torch.get_rng_state()}, f))
 
-    if start == 0:
-        snapshot(0)
-    last_return = float("nan")
-    bar = tqdm(range(start, config.train_steps), desc=f"learner {config.env}", unit="step", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    for t in bar:
-        if obs is None:
-            obs = env.reset(seed=config.seed + progress["episode"])[0]
-            progress["episode_start"] = t
-            episode_return = 0.0
-        if t < config.warmup_steps:
-            action = ((torch.rand(action_dim) * 2.0 - 1.0) * max_action).numpy()
-        else:
-            with torch.no_grad():
-                state = torch.as_tensor(obs[None], dtype=torch.float32, device=device)
-                action = trainer.actor(state, torch.randn(1, action_dim, device=device))[0][0].cpu().numpy()
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        new.add(obs, action, reward, next_obs, terminated, truncated and not terminated)
-        buffer.add(obs.astype(np.float32), action, float(reward), next_obs.astype(np.float32), float(terminated))
-        if t >= config.warmup_steps:
-            trainer.train(buffer.sample(config.batch_size))
-        obs = next_obs
-        episode_return += float(reward)
-        step = t + 1
-        if terminated or truncated:
-            progress["episode"] += 1
-            progress["episode_start"] = step
-            obs = None
-            last_return = episode_return
-        if step % config.snapshot_freq == 0 or step == config.train_steps:
-            snapshot(step)
-            save(step)
-            bar.set_postfix(eval=f"{snapshots[-1]['eval_return_mean']:.0f}", train=f"{last_return:.0f}")
-    bar.close()
-    env.close()
-    for e in eval_envs:
-        e.close()
+    try:
+        finetune.train(lconfig, on_iteration)
+    finally:
+        for e in eval_envs:
+            e.close()
     return snapshots
 
 
@@ -410,7 +380,8 @@ def rollout(config: MakeConfig, actor: finetune.TanhGaussianActor, n: int, seed:
     rows = Columns()
     episode = 0
     obs = env.reset(seed=seed + episode)[0]
-    for _ in tqdm(range(n), desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0):
+    interval = 0.5 if sys.stderr.isatty() else 30.0
+    for _ in tqdm(range(n), desc=desc, unit="step", dynamic_ncols=True, mininterval=interval):
         with torch.no_grad():
             state = torch.as_tensor(obs[None], dtype=torch.float32, device=device)
             action = actor(state, torch.randn(1, action_dim, generator=noise).to(device))[0][0].cpu().numpy()
@@ -530,7 +501,8 @@ def make_datasets(config: MakeConfig) -> List[Dict[str, Any]]:
         if kind in ("random", "medium", "expert"):
             data, policy_step = policy_data(kind), steps[kind]
         elif kind == "medium-expert":
-            data, policy_step = concat([policy_data("medium"), policy_data("expert")]), [steps["medium"], steps["expert"]]
+            data = concat([policy_data("medium"), policy_data("expert")])
+            policy_step = [steps["medium"], steps["expert"]]
         elif kind == "medium-replay":
             data, policy_step = end_episode({k: v[: medium["step"]] for k, v in stream.items()}), medium["step"]
         else:  # full-replay

@@ -1,87 +1,27 @@
 """Conservative Q-Learning (CQL), offline-to-online: pre-train on a dataset, then keep training while acting.
 
-Kumar et al., 2020 (https://arxiv.org/abs/2006.04779), with the options and defaults of CORL's
-finetune CQL, on Gymnasium + MuJoCo, h5py and Minari instead of gym, d4rl and mujoco-py.
+Kumar et al., 2020 (https://arxiv.org/abs/2006.04779), with the options, defaults, initialisation and
+evaluation of CORL's finetune CQL, on Gymnasium + MuJoCo, h5py and Minari instead of gym, d4rl and mujoco-py.
 
     python algorithms/finetune/cql.py --config_path configs/finetune/cql/antmaze/umaze_v2_minari.yaml
+    python algorithms/finetune/cql.py --config_path configs/finetune/cql/antmaze/umaze_v2_minari.yaml --seeds=4
     python algorithms/finetune/cql.py --env Pendulum-v1 --offline_iterations 0 --cql_alpha_online 0  # plain SAC
+    python algorithms/finetune/cql.py --help  # every option, with its meaning and default
 
-Each of the offline_iterations + online_iterations iterations makes one update; an online iteration
-first takes one step in the training env with the stochastic policy and stores the transition in
-the same replay buffer as the data (a ring that overwrites the oldest rows when full). At the
-switch the penalty weight cql_alpha becomes cql_alpha_online.
+offline_iterations updates on the data, then online_iterations iterations of one step in the training
+env with the stochastic policy (into the same replay ring) and one update; at the switch cql_alpha
+becomes cql_alpha_online. The manual is README.md: "Offline-to-online" (metrics, pure online mode,
+how it differs from CORL), "Durable runs, loud mistakes" (checkpoints, --resume, --load_model,
+non-finite values) and "Many seeds in one process".
 
-Pure online mode: with offline_iterations 0, no dataset_path and an `env` that is a registered
-Gymnasium id, there is no dataset; the buffer starts empty, the first warmup_steps iterations act
-uniformly at random without updating, states are not normalized and rewards only get
-reward_scale/reward_bias (when normalize_reward). With cql_alpha_online 0 this is SAC, and the CQL
-penalty is then not computed at all (its metrics read 0).
-
-Metrics (metrics.jsonl, and wandb unless disabled), at step = iterations done: the offline script's
-loss and Q metrics averaged over log_freq updates plus cql_alpha; offline_iter / online_iter (0-based
-within the phase, as CORL logs them: step - 1, online step - 1 - offline_iterations); per finished
-training episode train/episode_return,
-train/episode_length, train/d4rl_normalized_episode_return (raw env rewards); per evaluation, in a
-row of its own at the evaluated step (written when it arrives: in the background after later rows),
-eval_return_mean/std and eval/d4rl_normalized_score (also as d4rl_normalized_score, the offline
-name). On goal tasks (antmaze, maze2d/pointmaze, adroit, or any env whose info reports success):
-train/is_success, train/regret (1 - the success rate of all training episodes so far), and, for the
-online phase's evaluations only (as CORL), eval/success_rate and eval/regret (1 - the mean success
-rate of the online evaluations so far; CORL logs the training regret under that name).
-
-As CORL's finetune script: every layer of the actor and of both critics, output layers included,
-starts orthogonal with gain sqrt(2) and a zero bias when orthogonal_init (the default), else only
-the output layers change (xavier, gain 1e-2) — see init_linear; the offline script keeps CORL
-offline's scheme. Evaluation episode i is seeded seed + i at every evaluation (CORL reseeds its eval
-env with the run's seed before each one), so runs of different seeds see different start states;
-an int eval_seed seeds them eval_seed + i for every run instead. The behaviour-cloning warm-up
-(bc_steps) maximises the log-likelihood of the dataset actions, where CORL's log_prob scores a fresh
-sample of the policy and ignores the actions it is given: a bug not copied.
-
-Checkpoints (every checkpoint_freq iterations, by default at each evaluation, and at the end;
-keep_checkpoints > 0 keeps only the newest that many): checkpoint_<step>.pt holds networks,
-optimizer, alphas, counters, the weights of evaluations still running in the background and the
-run state; replay_<step>.pt beside it holds the online rows of the replay ring (and its pointer),
-and only the newest is kept (disk). --resume <run dir> continues a stopped (even SIGKILLed) run
-exactly from its newest checkpoint: on CPU with the same threads, its final weights and its
-metrics rows equal those of an uninterrupted run. The run state brings back the random streams
-(python, numpy, torch, CUDA), the training env mid-episode (see env_state), the episode's
-return/length/success, the unfinished metric window and the count of metrics.jsonl rows (later
-rows are cut and come again); wandb goes on in the same run id. --load_model instead starts a
-new run from a checkpoint's networks and buffer: a fresh training episode (seeded seed + online
-iterations done), the unfinished evaluations run again, the random streams are not restored.
-Non-finite metrics or weights stop the run (exit code 3) with one line naming the quantity, the
-iterations and the last good checkpoint; no checkpoint is written from non-finite weights. With
-on_nonfinite "skip", an update whose loss or a gradient is non-finite is dropped instead (weights,
-Adam state and target critics stay as they were; it still counts as an update) and the run goes
-on: the metrics of its log window are means over the other updates, and the row adds
-skipped_updates, their count; a window whose every update was skipped stops the run. A seed stack
-drops the update in every run (one Adam step for all), so its runs stay in lockstep. A non-finite
-action online still stops the run.
-
-Speed, as in the offline script: one actor pass per update, the critics' weight gradients as one
-matmul per critic, and, each behind a flag, torch.compile of the losses (--compile), the whole
-update with fused capturable Adam replayed as a CUDA graph (--cudagraphs), evaluation in a worker
-process (--background_eval); evaluation steps a vector env with a CPU copy of the actor.
-The replay ring's size and the penalty weight cql_alpha live in device tensors, so that a graph
-captured offline keeps sampling the growing ring and sees the switch to cql_alpha_online.
-
-Many seeds in one process (--seeds=0,1,2,3 or --seeds=4): as in the offline script, the runs'
-actors, critics, alphas and Adam state are stacked (ActorStack; the critic ensemble folds the seeds
-into its members, critic-major) and updated by one optimizer step; each run samples its own batches
-and noise from its own replay ring (the buffer gains a seed dim), acts in its own training env (reset
-with its seed) through one batched actor call, evaluates on episodes seed + i, and has its own
-run dir, metrics.jsonl and one-run checkpoints. The switch comes at the same iteration for all.
---resume <any run dir of the stack> continues the whole stack exactly (each run from its checkpoint of
-the newest iteration that all runs have); --load_model starts every run of the stack from the one
-checkpoint (networks, Adam state, alphas, iteration count and online replay rows), e.g. several
-online finetunes of one offline-trained model, each with its own seed.
-
-Layout: config -> data -> replay buffer -> networks -> algorithm -> evaluation, logging and
-checkpoints -> train() -> main. The offline phase's data, networks, losses and speed layer are
-those of algorithms/offline/cql.py, copied on purpose: one file per algorithm variant.
+Layout: config -> data -> replay buffer -> networks -> algorithm and its speed layer -> evaluation, logging
+and checkpoints -> training (Run, train()) -> main. The data, networks, losses and speed layer are those of
+algorithms/offline/cql.py, copied on purpose (one file per algorithm variant); tests/test_parity.py
+keeps the shared copies identical.
 """
+import contextlib
 import copy
+import io
 import json
 import math
 import os
@@ -93,7 +33,7 @@ import time
 import urllib.request
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union, get_args, get_origin
 
@@ -122,7 +62,7 @@ class TrainConfig:
     env: str = "halfcheetah-medium-expert-v2"  # D4RL name, Minari id, HDF5 path, or (pure online) a Gymnasium id
     seed: int = 0  # seeds python, numpy, torch and the training env
     seeds: Optional[str] = None  # runs in one process: a list "0,1,2,3" or a count "4" (seed..seed+3); None: one
-    eval_seed: Optional[int] = None  # None: eval episode i is seeded seed + i, as CORL; an int: eval_seed + i for every run
+    eval_seed: Optional[int] = None  # None: eval episode i is seeded seed + i (as CORL); an int: eval_seed + i
     eval_freq: int = 5_000  # evaluate (and checkpoint) every this many iterations
     n_episodes: int = 10  # evaluation episodes, run side by side
     offline_iterations: int = 1_000_000  # updates on the dataset alone
@@ -171,7 +111,7 @@ class TrainConfig:
     checkpoint_freq: Optional[int] = None  # checkpoint every this many iterations; None: at each evaluation
     keep_checkpoints: int = 0  # keep only the newest this many checkpoint files; 0 keeps all
     resume: Optional[str] = None  # run directory of a stopped run: continue exactly from its newest checkpoint
-    on_nonfinite: str = "stop"  # "stop": stop at a non-finite loss or gradient, naming it; "skip": drop that update (weights, Adam state, target untouched; still counted as an update) and go on
+    on_nonfinite: str = "stop"  # at a non-finite loss or gradient: "stop" naming it, or "skip" that update and go on
     log_freq: int = 1_000  # average and log training metrics every this many iterations
     log_dir: str = "runs"  # where run directories go when checkpoints_path is None
     wandb_mode: Optional[str] = None  # online, offline or disabled; None: online if an API key is set, else offline
@@ -635,8 +575,9 @@ def check_env_id(env_id: str) -> None:
         return
     except gym.error.Error:
         pass
-    try:
-        import gymnasium_robotics  # noqa: F401
+    try:  # its import prints a Farama notice to stderr, which would break one-line errors
+        with contextlib.redirect_stderr(io.StringIO()):
+            import gymnasium_robotics  # noqa: F401
     except ImportError:
         pass
     try:
@@ -746,7 +687,7 @@ def load_dataset(config: TrainConfig) -> OfflineData:
     else:
         raise DatasetError(
             f"env {name!r}: not a known D4RL dataset, an existing HDF5 file or a Minari id (namespace/name-vN)"
-            + (" (a Gymnasium env: set offline_iterations=0 to train online from scratch)" if _is_gym_id(name) else ""))
+            + (" (a Gymnasium env: set offline_iterations=0 to train online from scratch)" if is_gym_id(name) else ""))
     raw = read_d4rl_hdf5(path)
     attrs = raw.pop("attrs")
     if is_locomotion is None:
@@ -826,7 +767,7 @@ def return_range(rewards: np.ndarray, terminals: np.ndarray, max_episode_steps: 
     return min(returns), max(returns)
 
 
-def _is_gym_id(name: str) -> bool:
+def is_gym_id(name: str) -> bool:
     try:
         check_env_id(name)
     except DatasetError:  # unknown or malformed ids
@@ -836,7 +777,7 @@ def _is_gym_id(name: str) -> bool:
 
 def is_pure_online(config: TrainConfig) -> bool:
     """No dataset: offline_iterations 0, no dataset_path, and env a registered Gymnasium id."""
-    return config.offline_iterations == 0 and config.dataset_path is None and _is_gym_id(config.env)
+    return config.offline_iterations == 0 and config.dataset_path is None and is_gym_id(config.env)
 
 
 def make_reward_transform(config: TrainConfig, data: Optional[OfflineData],
@@ -943,7 +884,8 @@ class ReplayBuffer:
         if n > self.capacity:
             raise ConfigError(f"field 'buffer_size' ({self.capacity}) is smaller than the dataset ({n} transitions)")
         for key in BUFFER_FIELDS:
-            self.storage[key][self._rows(slice(0, n))] = torch.as_tensor(arrays[key], dtype=torch.float32, device=self.device)
+            rows = torch.as_tensor(arrays[key], dtype=torch.float32, device=self.device)
+            self.storage[key][self._rows(slice(0, n))] = rows
         self.n_data = self.size = n
         self.pointer = n % self.capacity
 
@@ -1232,7 +1174,7 @@ class EnsembleCritic(nn.Module):
         x = (from_state.reshape(members, *obs.shape[run_dims:-1], hidden)
              + from_action.reshape(members, *actions.shape[run_dims:-1], hidden))
         x = x.reshape(members, -1, hidden)
-        for layer, (weight, bias) in enumerate(zip(weights[1:], biases[1:])):
+        for weight, bias in zip(weights[1:], biases[1:]):
             x = EnsembleLinear.apply(torch.relu(x), weight, bias)
         return x.reshape(-1, *actions.shape[:-1])
 
@@ -1559,7 +1501,7 @@ class CQL:
             else:
                 state[part][name] = view(tensor.detach(), run).clone()
         run_adam = {}
-        for j, k, tensor, view in self._adam_indices():
+        for j, k, _, view in self._adam_indices():
             if k in adam["state"]:
                 run_adam[j] = {key: v.clone() if key == "step" else view(v, run).clone()
                                for key, v in adam["state"][k].items()}
@@ -1895,7 +1837,7 @@ class RunLogger:
 
 
 def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer, state_mean: np.ndarray,
-                    state_std: np.ndarray, progress: Dict[str, Any], run_state: Dict[str, Any], keep: int = 0,
+                    state_std: np.ndarray, run_state: "RunState", keep: int = 0,
                     run: Optional[int] = None, prune: bool = True) -> Path:
     """checkpoint_<step>.pt (networks, optimizer, alphas, counters and run_state: what --resume needs,
     with the actor weights of unfinished evaluations by step, as in the offline script's checkpoints)
@@ -1913,9 +1855,10 @@ def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer
     replay = run_dir / f"replay_{step}.pt"
     write_atomic(replay, lambda f: torch.save(buffer.online_state(run), f))
     path = run_dir / f"checkpoint_{step}.pt"
-    state = {**(trainer.state_dict() if run is None else trainer.run_state_dict(run)), "state_mean": state_mean, "state_std": state_std,
-             "config": asdict(trainer.config), "progress": dict(progress, online_transitions=buffer.n_added),
-             "replay_file": replay.name, "run": run_state}
+    state = {**(trainer.state_dict() if run is None else trainer.run_state_dict(run)),
+             "state_mean": state_mean, "state_std": state_std,
+             "config": asdict(trainer.config), "progress": dict(run_state.progress, online_transitions=buffer.n_added),
+             "replay_file": replay.name, "run": run_state.to_dict()}
     write_atomic(path, lambda f: torch.save(state, f))
     if prune:
         prune_checkpoints(run_dir, replay, keep)
@@ -1940,23 +1883,36 @@ def load_checkpoint(path: str, trainer: CQL, buffer: Optional[ReplayBuffer] = No
                     field: str = "load_model") -> Dict[str, Any]:
     """Restores trainer (and buffer's online rows) from a one-run checkpoint, refusing one made for other
     shapes; a stack trainer (seeds) starts every one of its runs from it."""
-    if not Path(path).is_file():
-        raise ConfigError(f"field '{field}': checkpoint file {path} not found")
+    return load_checkpoints([path], trainer, buffer, field)[0]
+
+
+def load_checkpoints(paths: List[str], trainer: CQL, buffer: Optional[ReplayBuffer] = None,
+                     field: str = "load_model") -> List[Dict[str, Any]]:
+    """load_checkpoint for a stack of runs: paths[i] (a one-run checkpoint) into run i; one path into every run."""
     runs = [None] if trainer.seeds is None else list(range(len(trainer.seeds)))
+    paths = paths * len(runs) if len(paths) == 1 else paths
+    loaded: Dict[str, Dict[str, Any]] = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"field '{field}': checkpoint file {path} not found")
+        try:
+            loaded[path] = loaded.get(path) or torch.load(path, map_location=trainer.device, weights_only=False)
+            if "progress" not in loaded[path]:  # a checkpoint of the offline script, say
+                raise KeyError("no 'progress' entry")
+        except (RuntimeError, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as e:
+            raise ConfigError(f"field '{field}': {path} does not fit this config ({str(e).splitlines()[0]})") from None
+    states = [loaded[path] for path in paths]
     try:
-        state = torch.load(path, map_location=trainer.device, weights_only=False)
         if trainer.seeds is None:
-            trainer.load_state_dict(state)
+            trainer.load_state_dict(states[0])
         else:
-            trainer.load_run_state_dicts([state] * len(runs))
-        if "progress" not in state:  # a checkpoint of the offline script, say
-            raise KeyError("no 'progress' entry")
-    except (RuntimeError, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as e:
-        raise ConfigError(f"field '{field}': {path} does not fit this config ({str(e).splitlines()[0]})") from None
+            trainer.load_run_state_dicts(states)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"field '{field}': {paths[0]} does not fit this config ({str(e).splitlines()[0]})") from None
     if buffer is not None:
-        for run in runs:
+        for run, path, state in zip(runs, paths, states):
             load_replay(path, state, buffer, field, run)
-    return state
+    return states
 
 
 def pending_evaluations(state: Dict[str, Any]) -> Dict[int, Dict[str, torch.Tensor]]:
@@ -1964,6 +1920,55 @@ def pending_evaluations(state: Dict[str, Any]) -> Dict[int, Dict[str, torch.Tens
     checkpoints written before 2026-12, at the top level."""
     run_state = state.get("run") or {}
     return run_state.get("pending_evaluations", state.get("pending_evaluations", {}))
+
+
+def new_progress() -> Dict[str, Any]:
+    """A run's counters at its start: the checkpoint's 'progress' entry (with online_transitions added)."""
+    return {"iteration": 0, "train_episodes": 0, "train_successes": 0, "eval_success_rates": [], "scores": []}
+
+
+@dataclass
+class RunState:
+    """What a run's checkpoint holds beside the networks, optimizer and replay buffer: its 'progress'
+    entry and its 'run' entry (what --resume needs to go on as the stopped run would have). The
+    defaults are a fresh run's; to_dict/from_dict keep the checkpoints' keys, so older ones load.
+    The offline script's RunState has the same shape, less what only an online run has."""
+
+    progress: Dict[str, Any] = field(default_factory=new_progress)
+    rng: Optional[Dict[str, Any]] = None  # the global random streams (rng_states()); None: no run state
+    metric_sum: Optional[torch.Tensor] = None  # the metric window's sums ...
+    window: int = 0  # ... and its count of updates
+    skipped_updates: Any = 0.0  # updates skipped in the window (on_nonfinite skip); older checkpoints: none
+    metrics_rows: int = 0  # rows in metrics.jsonl at the checkpoint
+    pending_evaluations: Dict[int, Dict[str, torch.Tensor]] = field(default_factory=dict)  # actor weights by step
+    stack: Optional[List[str]] = None  # a stack's run directory names, to resume with; None: one run
+    goal_task: bool = False
+    last_score: Optional[float] = None
+    eval_returns: List[float] = field(default_factory=list)
+    episode: Tuple[Optional[np.ndarray], float, int, bool] = (None, 0.0, 0, False)  # obs, return, length, success
+    env: Optional[Dict[str, Any]] = None  # env_state() of the training env mid-episode
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The checkpoint's 'run' entry (progress is an entry of its own)."""
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "progress"}
+        if self.stack is None:
+            del state["stack"]
+        return state
+
+    @classmethod
+    def from_dict(cls, run: Dict[str, Any], progress: Optional[Dict[str, Any]] = None) -> "RunState":
+        names = {f.name for f in fields(cls)} - {"progress"}
+        state = cls(**{k: v for k, v in run.items() if k in names})
+        state.episode = tuple(state.episode)
+        state.progress.update({k: copy.deepcopy(v) for k, v in (progress or {}).items() if k in state.progress})
+        return state
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Dict[str, Any]) -> "RunState":
+        """A checkpoint's run state; one without a 'run' entry (rng None) gives its progress and pending evaluations."""
+        state = cls.from_dict(checkpoint.get("run") or {}, checkpoint.get("progress"))
+        state.pending_evaluations = pending_evaluations(checkpoint)
+        return state
 
 
 def load_replay(path: str, state: Dict[str, Any], buffer: ReplayBuffer, field: str, run: Optional[int] = None
@@ -2083,7 +2088,7 @@ def resolve_device(name: str) -> torch.device:
 # ======================================================================================
 # Training
 # ======================================================================================
-def _action_bound(env: gym.Env, what: str) -> float:
+def action_bound(env: gym.Env, what: str) -> float:
     space = env.action_space
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
         raise DatasetError(f"{what}: needs a 1-D Box action space, got {space}")
@@ -2107,8 +2112,288 @@ def evaluation_seed(config: TrainConfig, run_seed: int) -> int:
     return run_seed if config.eval_seed is None else config.eval_seed
 
 
-def train(config: TrainConfig) -> Dict[str, Any]:
-    """Pre-trains offline, then trains online; returns a summary (scores, returns, counts, timings, paths)."""
+@dataclass
+class Run:
+    """One seed's run in train(): its training env and episode in progress, counters, directory, logger,
+    evaluator and evaluation results. One run is a stack of one."""
+
+    seed: int
+    env: gym.Env
+    goal_task: bool = False  # success is logged (a goal task, or the env reported a success)
+    dir: Optional[Path] = None
+    logger: Optional[RunLogger] = None
+    evaluator: Optional[Evaluator] = None
+    obs: Optional[np.ndarray] = None  # the training env's current raw observation; None: reset first
+    episode_return: float = 0.0
+    episode_length: int = 0
+    episode_success: bool = False
+    progress: Dict[str, Any] = field(default_factory=new_progress)
+    last_score: Optional[float] = None
+    eval_returns: List[float] = field(default_factory=list)
+    last_step: Optional[Tuple[np.ndarray, np.ndarray, Any, np.ndarray, bool, bool]] = None  # see step()
+
+    def new_episode(self, obs: Optional[np.ndarray]) -> None:
+        self.obs, self.episode_return, self.episode_length, self.episode_success = obs, 0.0, 0, False
+
+    def step(self, action: np.ndarray, sparse_reward: bool, ref_min: Optional[float], ref_max: Optional[float]
+             ) -> Tuple[np.ndarray, Any, bool, Dict[str, float]]:
+        """One step of the training env, and a reset after an episode's end: the next observation (before
+        any reset), the reward, terminated, and the ended episode's row (empty while the episode goes on).
+        last_step keeps the step as (obs, action, reward, next obs, terminated, truncated), unnormalized."""
+        next_raw, reward, terminated, truncated, info = self.env.step(action)
+        next_obs = flatten_observation(next_raw)
+        self.last_step = (self.obs, action, reward, next_obs, bool(terminated), bool(truncated))
+        success = step_success(float(reward), info, sparse_reward)
+        if success is not None:
+            self.goal_task = True
+            self.episode_success = self.episode_success or success
+        self.episode_return += float(reward)
+        self.episode_length += 1
+        self.obs = next_obs
+        row: Dict[str, float] = {}
+        if terminated or truncated:
+            progress = self.progress
+            progress["train_episodes"] += 1
+            row["train/episode_return"], row["train/episode_length"] = self.episode_return, self.episode_length
+            score = normalized_score(self.episode_return, ref_min, ref_max)
+            if score is not None:
+                row["train/d4rl_normalized_episode_return"] = score
+            if self.goal_task:
+                progress["train_successes"] += int(self.episode_success)
+                row["train/is_success"] = float(self.episode_success)
+                row["train/regret"] = 1.0 - progress["train_successes"] / progress["train_episodes"]
+            self.new_episode(flatten_observation(self.env.reset()[0]))
+        return next_obs, reward, terminated, row
+
+    def log_evaluations(self, finished: List[Tuple[int, np.ndarray, np.ndarray, bool]], ref_min: Optional[float],
+                        ref_max: Optional[float], offline_iterations: int) -> None:
+        for eval_step, returns, successes, reported in finished:  # in the background these may come after later rows
+            self.goal_task = self.goal_task or reported
+            self.last_score = normalized_score(returns, ref_min, ref_max)
+            self.eval_returns.append(float(returns.mean()))
+            row = {"eval_return_mean": float(returns.mean()), "eval_return_std": float(returns.std())}
+            if self.last_score is not None:
+                row["eval/d4rl_normalized_score"] = row["d4rl_normalized_score"] = self.last_score
+                self.progress["scores"].append(self.last_score)
+            if self.goal_task and eval_step > offline_iterations:  # as CORL: online evaluations only
+                rates = self.progress["eval_success_rates"]
+                rates.append(float(successes.mean()))
+                row["eval/success_rate"] = float(successes.mean())
+                row["eval/regret"] = float(np.mean([1.0 - r for r in rates]))
+            self.logger.log({**row, **phase_of(eval_step, offline_iterations)}, eval_step)
+
+    def last_good_checkpoint(self) -> str:
+        files = checkpoint_files(self.dir)
+        return f"; last good checkpoint: {files[-1]}" if files else "; no checkpoint written"
+
+    def run_state(self, rng: Dict[str, Any], metric_sum: torch.Tensor, window: int, skipped_updates: torch.Tensor,
+                  stack: Optional[List[str]]) -> RunState:
+        """This run's state for its checkpoint, with the stack's random streams and metric window."""
+        return RunState(progress=self.progress, rng=rng, metric_sum=metric_sum, window=window,
+                        skipped_updates=skipped_updates, metrics_rows=self.logger.rows,
+                        pending_evaluations=dict(self.evaluator.pending), stack=stack, goal_task=self.goal_task,
+                        last_score=self.last_score, eval_returns=list(self.eval_returns),
+                        episode=(None if self.obs is None else self.obs.copy(), self.episode_return,
+                                 self.episode_length, self.episode_success),
+                        env=None if self.obs is None else env_state(self.env))
+
+    def restore(self, state: RunState, resume: bool) -> None:
+        """Takes a checkpoint's progress and unfinished evaluations (which run again); with resume also its
+        evaluation results and episode in progress, with the training env's state."""
+        self.progress = state.progress
+        for eval_step, weights in sorted(state.pending_evaluations.items()):
+            self.evaluator.submit(eval_step, weights)
+        if not resume:  # load_model: fresh episodes, the random streams not restored
+            return
+        self.goal_task, self.last_score, self.eval_returns = state.goal_task, state.last_score, state.eval_returns
+        self.obs, self.episode_return, self.episode_length, self.episode_success = state.episode
+        if state.env is not None:
+            set_env_state(self.env, state.env)
+        elif self.obs is not None:  # the env's state could not be saved: a fresh episode, as after load_model
+            print(f"the training env of seed {self.seed} was not saved (it does not pickle): the episode of "
+                  f"{self.episode_length} steps in progress at iteration {self.progress['iteration']} is dropped, "
+                  f"a new one starts")
+            self.new_episode(None)
+
+
+def open_runs(config: TrainConfig, runs: List[Run], trainer: CQL, buffer: ReplayBuffer
+              ) -> Tuple[Optional[List[Dict[str, Any]]], bool]:
+    """Gives each run its directory (with the config) and logger, and loads the checkpoints they start from:
+    with resume each run's newest (a stack: of the newest iteration that every run has one of), with
+    load_model the one that every run starts from. Returns those checkpoints, one per run (None: a fresh
+    start), and whether they resume."""
+    if config.resume:
+        files = resume_checkpoints(Path(config.resume), len(runs))
+        for run, path in zip(runs, files):
+            run.dir = path.parent
+            for stale in run.dir.glob(".*.tmp"):  # temporary files of writes that a kill interrupted
+                stale.unlink()
+        states = load_checkpoints([str(f) for f in files], trainer, buffer, field="resume")
+        for run, path, state in zip(runs, files, states):
+            if (state.get("run") or {}).get("rng") is None:
+                raise ConfigError(f"field 'resume': {path} holds no run state (made before --resume existed)")
+            for later in checkpoint_files(run.dir):  # written by a kill before every run had its step's files
+                if int(later.stem.split("_")[1]) > int(path.stem.split("_")[1]):
+                    later.unlink()
+            for orphan in run.dir.glob("replay_*.pt"):  # written by a kill between the replay and checkpoint writes
+                if orphan.name != state["replay_file"]:
+                    orphan.unlink()
+            keep_lines(run.dir / "metrics.jsonl", state["run"]["metrics_rows"])  # rows after the checkpoint come again
+    else:
+        states = load_checkpoints([config.load_model], trainer, buffer) if config.load_model else None
+        for run in runs:
+            run_name = f"{config.name}-{dataset_label(config.env)}-{run.seed}-{uuid.uuid4().hex[:8]}"
+            run.dir = Path(config.checkpoints_path or config.log_dir) / run_name
+    for run in runs:
+        run.dir.mkdir(parents=True, exist_ok=True)  # each holds the stack's config: --resume any of them
+        write_atomic(run.dir / "config.yaml", lambda f: yaml.safe_dump(asdict(config), f, sort_keys=False), mode="w")
+        run.logger = RunLogger(config, run.dir, run.dir.name, resume=bool(config.resume),
+                               seed=None if trainer.seeds is None else run.seed)
+    return states, bool(config.resume)
+
+
+def restore_runs(runs: List[Run], states: Optional[List[Dict[str, Any]]], resumed: bool, update: UpdateStep) -> int:
+    """Puts the checkpoints' run states into the runs (and, resumed, their metric window into the update
+    step, and the random streams last: from here on the runs draw what the stopped ones would have);
+    returns the window's count of updates."""
+    window = 0
+    run_states = [RunState.from_checkpoint(state) for state in states or []]
+    for i, (run, run_state) in enumerate(zip(runs, run_states)):
+        run.restore(run_state, resumed)
+        if resumed:  # the loop goes on as it would have
+            update.run_metric_sum(i).copy_(run_state.metric_sum)
+            update.skipped_updates.copy_(torch.as_tensor(run_state.skipped_updates))
+            window = run_state.window
+    if resumed:
+        set_rng_states(run_states[0].rng)
+    return window
+
+
+def act(trainer: CQL, runs: List[Run], normalize_state: Callable[[np.ndarray], np.ndarray], warmup: bool,
+        it: int) -> np.ndarray:
+    """One action per run (rows): uniformly random in warmup, else all actors in one call, one host sync."""
+    if warmup:
+        return np.stack([run.env.action_space.sample() for run in runs])
+    with torch.no_grad():
+        states = torch.as_tensor(np.stack([normalize_state(run.obs) for run in runs]), device=trainer.device)
+        if trainer.seeds is not None:
+            states = states[:, None]  # each run's actor takes a batch of one
+        noise = torch.randn(*states.shape[:-1], trainer.action_dim, device=trainer.device)
+        actions = trainer.actor(states, noise)[0].reshape(len(runs), -1).cpu().numpy()
+    if not np.isfinite(actions).all():  # broken weights: stop before the env or the buffer sees it
+        bad = int(np.argwhere(~np.isfinite(actions))[0][0])
+        raise FloatingPointError(f"non-finite action ({actions[bad]}) from the actor"
+                                 + (f" of seed {runs[bad].seed}" if trainer.seeds is not None else "")
+                                 + f" in iteration {it + 1}" + runs[bad].last_good_checkpoint())
+    return actions
+
+
+def step_envs(runs: List[Run], actions: np.ndarray, buffer: ReplayBuffer,
+              normalize_state: Callable[[np.ndarray], np.ndarray], reward_transform: Callable[[Any], np.ndarray],
+              sparse_reward: bool, ref_min: Optional[float], ref_max: Optional[float]) -> List[Dict[str, float]]:
+    """Steps every run's env with its action (one after another) and adds the transitions to the buffer
+    (a stack: one to each run's ring); returns each run's row of the ended episode (empty if none ended)."""
+    transitions, rows = [], []
+    for run, action in zip(runs, actions):
+        obs = run.obs
+        next_obs, reward, terminated, row = run.step(action, sparse_reward, ref_min, ref_max)
+        # A time-limit truncation is not a terminal: the target bootstraps through it.
+        transitions.append((normalize_state(obs), action, reward_transform(reward), normalize_state(next_obs),
+                            float(terminated)))
+        rows.append(row)
+    buffer.add(*(np.stack(column) for column in zip(*transitions)))
+    return rows
+
+
+def window_means(update: UpdateStep, runs: List[Run], window: int, step: int) -> List[Dict[str, float]]:
+    """Each run's metric means over the window of `window` updates that ends at iteration `step`; a window
+    with no kept update or a non-finite mean stops training, naming the last good checkpoint."""
+    stacked = update.trainer.seeds is not None
+    run_means = update.take_run_means(window)
+    span = f"{step - window + 1}..{step}"
+    if run_means[0].get("skipped_updates") == window:  # on_nonfinite "skip", and nothing was kept
+        raise FloatingPointError(f"every update in iterations {span} had a non-finite loss or gradient"
+                                 + (" in some run of the stack" if stacked else "") + " (on_nonfinite=skip)"
+                                 + runs[0].last_good_checkpoint())
+    for run, means in zip(runs, run_means):
+        for name, value in means.items():
+            if not math.isfinite(value):
+                raise FloatingPointError(f"non-finite {name} ({value})" + (f" of seed {run.seed}" if stacked else "")
+                                         + f" in iterations {span}" + run.last_good_checkpoint())
+    return run_means
+
+
+def log_evaluations(runs: List[Run], wait: bool, ref_min: Optional[float], ref_max: Optional[float],
+                    offline_iterations: int, bar: Any) -> None:
+    """Logs the evaluations finished since the last call (with wait, all submitted ones) of every run."""
+    finished = [run.evaluator.collect(wait=wait) for run in runs]
+    for run, results in zip(runs, finished):
+        run.log_evaluations(results, ref_min, ref_max, offline_iterations)
+    latest = [run.last_score if run.last_score is not None else run.eval_returns[-1] if run.eval_returns else None
+              for run in runs]
+    if any(finished) and None not in latest:  # a stack shows the mean over its runs
+        bar.set_postfix(score=f"{np.mean(latest):.1f}", refresh=False)  # shown at the next refresh, with a fresh count
+
+
+def save_checkpoints(runs: List[Run], step: int, trainer: CQL, buffer: ReplayBuffer, update: UpdateStep,
+                     window: int, state_mean: np.ndarray, state_std: np.ndarray, keep: int) -> None:
+    """Every run's checkpoint of iteration `step` (a stack: one ordinary checkpoint per run); the old files
+    go only once every run has this iteration's."""
+    if not trainer.parameters_finite():  # never replace good weights with broken ones
+        raise FloatingPointError(f"non-finite network weights after iteration {step}" + runs[0].last_good_checkpoint())
+    stacked = trainer.seeds is not None
+    rng = rng_states()
+    for i, run in enumerate(runs):
+        run.progress["iteration"] = step
+        state = run.run_state(rng, update.run_metric_sum(i).clone(), window, update.skipped_updates.clone(),
+                              [r.dir.name for r in runs] if stacked else None)  # the sibling runs to resume with
+        save_checkpoint(run.dir, step, trainer, buffer, state_mean, state_std, state, run=i if stacked else None,
+                        prune=False)
+    for run in runs:
+        prune_checkpoints(run.dir, run.dir / f"replay_{step}.pt", keep)
+
+
+def summarize(runs: List[Run], trainer: CQL, buffer: ReplayBuffer, total: int, elapsed: float, load_seconds: float,
+              eval_seconds: float) -> Dict[str, Any]:
+    """train()'s summary, printed in one line with every run's normalized score."""
+    stacked = trainer.seeds is not None
+    summaries = [{"seed": run.seed, "run_dir": str(run.dir), "last_score": run.last_score,
+                  "best_score": max(run.progress["scores"]) if run.progress["scores"] else None,
+                  "eval_returns": run.eval_returns, "train_episodes": run.progress["train_episodes"]} for run in runs]
+    summary = {"iterations": total, "updates": trainer.total_it, "seconds": elapsed, "load_seconds": load_seconds,
+               "eval_seconds": eval_seconds, "cql_alpha": float(trainer.cql_alpha),
+               "online_transitions": buffer.n_added}
+    if stacked:
+        summary = {"runs": summaries, "run_dirs": [s["run_dir"] for s in summaries], **summary}
+    else:
+        summary = {"run_dir": summaries[0]["run_dir"], **summary,
+                   **{k: v for k, v in summaries[0].items() if k not in ("seed", "run_dir")}}
+    last = [run.last_score for run in runs]
+    if None not in last and not stacked:
+        score_text = f"normalized score last {last[0]:.1f}, best {summaries[0]['best_score']:.1f}"
+    elif None not in last:
+        score_text = (f"normalized score last {np.mean(last):.1f} +- {np.std(last):.1f} over {len(runs)} seeds "
+                      f"({', '.join(f'{v:.1f}' for v in last)})")
+    elif all(run.eval_returns for run in runs):
+        score_text = "eval return last " + ", ".join(f"{run.eval_returns[-1]:.1f}" for run in runs)
+    else:
+        score_text = "no evaluation"
+    metrics = runs[0].logger.path if not stacked else f"metrics.jsonl of each run dir in {runs[0].dir.parent}"
+    each = f" each, {len(runs)} runs" if stacked else ""
+    eval_share = 100 * eval_seconds / max(elapsed + load_seconds, 1e-9)
+    print(f"done: {total} iterations ({trainer.total_it} updates{each}) in {elapsed:.0f} s (evaluation held training "
+          f"up {eval_seconds:.1f} s, {eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), {score_text}; "
+          f"metrics in {metrics}")
+    return summary
+
+
+def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], CQL], None]] = None
+          ) -> Dict[str, Any]:
+    """Pre-trains offline, then trains online; returns a summary (scores, returns, counts, timings, paths).
+
+    on_iteration(step, runs, trainer), if given, is called before the first iteration (step: the
+    iterations done) and after each, before its checkpoint: tools/make_dataset.py keeps every
+    transition (Run.last_step) and snapshots of the actor with it."""
     begin = time.time()
     device = resolve_device(config.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
@@ -2130,9 +2415,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     probe_env = make_eval_env()
     if data is not None:
         check_dataset_matches_env(data, probe_env)
-    max_action = _action_bound(env, "training env")
-    if _action_bound(probe_env, "eval env") != max_action:
-        raise DatasetError(f"eval env: action bound {_action_bound(probe_env, 'eval env')} differs from the "
+    max_action = action_bound(env, "training env")
+    if action_bound(probe_env, "eval env") != max_action:
+        raise DatasetError(f"eval env: action bound {action_bound(probe_env, 'eval env')} differs from the "
                            f"training env's {max_action}")
     state_dim = flatten_observation(env.observation_space.sample()).shape[-1]
     action_dim = env.action_space.shape[0]
@@ -2157,491 +2442,108 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     # The ring never holds more than the dataset plus every online transition: no larger allocation.
     capacity = max(1, min(config.buffer_size, n_data + config.online_iterations))
     seeds = run_seeds(config)
-    if seeds is not None:
-        return train_stack(config, seeds, {
-            "device": device, "make_train_env": make_train_env, "make_eval_env": make_eval_env, "env": env,
-            "probe_env": probe_env, "state_dim": state_dim, "action_dim": action_dim, "max_action": max_action,
-            "state_mean": state_mean, "state_std": state_std, "reward_transform": reward_transform,
-            "ref_min": ref_min, "ref_max": ref_max, "sparse_reward": sparse_reward, "pure_online": pure_online,
-            "goal_task": goal_task, "capacity": capacity, "source": source,
-            "data": None if data is None else {key: getattr(data, key) for key in BUFFER_FIELDS}})
-    buffer = ReplayBuffer(capacity, state_dim, action_dim, device)
+    stacked = seeds is not None  # a stack of runs: its batches and noise come from the one stream of config.seed
+    runs = [Run(seed, env if i == 0 else make_train_env(), goal_task=goal_task)
+            for i, seed in enumerate(seeds or [config.seed])]
+    buffer = ReplayBuffer(capacity, state_dim, action_dim, device, runs=(len(runs),) if stacked else ())
     if data is not None:
         buffer.load_dataset({key: getattr(data, key) for key in BUFFER_FIELDS})
-
     trainer = CQL(config, state_dim, action_dim, max_action, device,
-                  capturable=config.cudagraphs and device.type == "cuda")
-    progress: Dict[str, Any] = {"iteration": 0, "train_episodes": 0, "train_successes": 0,
-                                "eval_success_rates": [], "scores": []}
-    unfinished: Dict[int, Dict[str, torch.Tensor]] = {}  # evaluations the checkpoint's run had not finished
-    state: Optional[Dict[str, Any]] = None
-    resumed: Optional[Dict[str, Any]] = None  # the run state of the checkpoint that --resume continues from
-    if config.resume:
-        run_dir = Path(config.resume)
-        for stale in run_dir.glob(".*.tmp"):  # temporary files of writes that a kill interrupted
-            stale.unlink()
-        files = checkpoint_files(run_dir)
-        if not files:
-            raise ConfigError(f"field 'resume': {run_dir} has no checkpoint to continue from")
-        state = load_checkpoint(str(files[-1]), trainer, buffer, field="resume")
-        resumed = state.get("run")
-        if resumed is None:
-            raise ConfigError(f"field 'resume': {files[-1]} holds no run state (made before --resume existed)")
-        for orphan in run_dir.glob("replay_*.pt"):  # written by a kill between the replay and checkpoint writes
-            if orphan.name != state["replay_file"]:
-                orphan.unlink()
-        keep_lines(run_dir / "metrics.jsonl", resumed["metrics_rows"])  # rows after the checkpoint come again
-    else:
-        if config.load_model:
-            state = load_checkpoint(config.load_model, trainer, buffer)
-        run_name = f"{config.name}-{dataset_label(config.env)}-{config.seed}-{uuid.uuid4().hex[:8]}"
-        run_dir = Path(config.checkpoints_path or config.log_dir) / run_name
-        run_dir.mkdir(parents=True, exist_ok=True)
-    if state is not None:
-        state_mean, state_std = state["state_mean"], state["state_std"]
-        progress.update({k: v for k, v in state["progress"].items() if k in progress})
-        unfinished = pending_evaluations(state)
-    write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(asdict(config), f, sort_keys=False), mode="w")
-    logger = RunLogger(config, run_dir, run_dir.name, resume=resumed is not None)
-    print(f"CQL on {source}: {buffer.size} transitions in a ring of {capacity}, state {state_dim}, "
-          f"action {action_dim}, device {device}, run dir {run_dir}"
-          + (f", resumed at iteration {progress['iteration']}" if resumed else ""))
+                  capturable=config.cudagraphs and device.type == "cuda", seeds=seeds)
+    states, resumed = open_runs(config, runs, trainer, buffer)
+    if states is not None:
+        state_mean, state_std = states[0]["state_mean"], states[0]["state_std"]
+    where = (f"run dir {runs[0].dir}" if not stacked else f"{len(runs)} runs (seeds "
+             f"{', '.join(str(r.seed) for r in runs)}), run dirs {', '.join(str(r.dir) for r in runs)}")
+    print(f"CQL on {source}: {buffer.size} transitions in a ring of {capacity}{' each' if stacked else ''}, "
+          f"state {state_dim}, action {action_dim}, device {device}, {where}"
+          + (f", resumed at iteration {states[0]['progress']['iteration']}" if resumed else ""))
 
     use_compile = device.type == "cuda" if config.compile is None else config.compile
     update = UpdateStep(trainer, buffer, config.batch_size, use_compile, config.cudagraphs)
     background = device.type == "cuda" if config.background_eval is None else config.background_eval
-    evaluator = Evaluator(probe_env, make_eval_env, config.n_episodes, evaluation_seed(config, config.seed),
-                          state_mean, state_std, trainer.actor, background, sparse_reward)
+    with torch.random.fork_rng(devices=[]):  # a stack's one-run actor for the evaluators, aside from the stream
+        template = TanhGaussianActor(state_dim, action_dim, max_action) if stacked else trainer.actor
+    for run in runs:  # episode j of a run's evaluations is seeded evaluation_seed + j
+        run.evaluator = Evaluator(probe_env, make_eval_env, config.n_episodes, evaluation_seed(config, run.seed),
+                                  state_mean, state_std, template, background, sparse_reward)
     probe_env.close()
+    window = restore_runs(runs, states, resumed, update)
+    total = config.offline_iterations + config.online_iterations
+    start_it = runs[0].progress["iteration"]
+    trainer.cql_alpha = config.cql_alpha if start_it < config.offline_iterations else config.cql_alpha_online
+    checkpoint_freq = config.checkpoint_freq or config.eval_freq
+    start = time.time()
+    load_seconds, eval_seconds = start - begin, 0.0
+    bar = tqdm(range(start_it, total), desc="CQL" + (f" x{len(runs)}" if stacked else ""), unit="it",
+               dynamic_ncols=True, initial=start_it, total=total,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay short when not a terminal
 
     def normalize_state(obs: np.ndarray) -> np.ndarray:
         return ((obs - state_mean) / state_std).astype(np.float32)
 
-    def phase_counter(step: int) -> Dict[str, int]:
-        return phase_of(step, config.offline_iterations)
-
-    total = config.offline_iterations + config.online_iterations
-    start_it = progress["iteration"]
-    trainer.cql_alpha = config.cql_alpha if start_it < config.offline_iterations else config.cql_alpha_online
-    window = 0
-    obs: Optional[np.ndarray] = None  # the training env's current raw observation; None: reset first
-    episode_return, episode_length, episode_success = 0.0, 0, False
-    last_score: Optional[float] = None
-    eval_returns: List[float] = []
-    if resumed is not None:  # the stopped run's state at its checkpoint: the loop goes on as it would have
-        update.metric_sum.copy_(resumed["metric_sum"])
-        # Checkpoints from before on_nonfinite existed have no count: their runs skipped nothing.
-        update.skipped_updates.copy_(torch.as_tensor(resumed.get("skipped_updates", 0.0)))
-        window, goal_task = resumed["window"], resumed["goal_task"]
-        last_score, eval_returns = resumed["last_score"], resumed["eval_returns"]
-        obs, episode_return, episode_length, episode_success = resumed["episode"]
-        if resumed["env"] is not None:
-            set_env_state(env, resumed["env"])
-        elif obs is not None:  # the env's state could not be saved: a fresh episode, as after load_model
-            print(f"the training env's state was not saved (it does not pickle): the episode of "
-                  f"{episode_length} steps in progress at iteration {start_it} is dropped, a new one starts")
-            obs, episode_return, episode_length, episode_success = None, 0.0, 0, False
-    for eval_step, weights in sorted(unfinished.items()):
-        evaluator.submit(eval_step, weights)
-    if resumed is not None:
-        set_rng_states(resumed["rng"])  # last: from here on the run draws what the stopped one would have
-    checkpoint_freq = config.checkpoint_freq or config.eval_freq
-    start = time.time()
-    load_seconds, eval_seconds = start - begin, 0.0
-    bar = tqdm(range(start_it, total), desc="CQL", unit="it", dynamic_ncols=True, initial=start_it, total=total,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay short when not a terminal
-
-    def log_evaluations(finished: List[Tuple[int, np.ndarray, np.ndarray, bool]]) -> None:
-        nonlocal goal_task, last_score
-        for eval_step, returns, successes, reported in finished:  # in the background these may come after later rows
-            goal_task = goal_task or reported
-            last_score = normalized_score(returns, ref_min, ref_max)
-            eval_returns.append(float(returns.mean()))
-            row = {"eval_return_mean": float(returns.mean()), "eval_return_std": float(returns.std())}
-            if last_score is not None:
-                row["eval/d4rl_normalized_score"] = row["d4rl_normalized_score"] = last_score
-                progress["scores"].append(last_score)
-            if goal_task and eval_step > config.offline_iterations:  # as CORL: online evaluations only
-                progress["eval_success_rates"].append(float(successes.mean()))
-                row["eval/success_rate"] = float(successes.mean())
-                row["eval/regret"] = float(np.mean([1.0 - r for r in progress["eval_success_rates"]]))
-            logger.log({**row, **phase_counter(eval_step)}, eval_step)
-            bar.set_postfix(score=f"{last_score:.1f}" if last_score is not None else f"{returns.mean():.1f}",
-                            refresh=False)  # shown at the next refresh, with a fresh count
-
-    def last_good_checkpoint() -> str:
-        files = checkpoint_files(run_dir)
-        return f"; last good checkpoint: {files[-1]}" if files else "; no checkpoint written"
-
+    if on_iteration is not None:
+        on_iteration(start_it, runs, trainer)
     for it in bar:  # `it` iterations are done before this one
-        online = it >= config.offline_iterations
         if it == config.offline_iterations:
             trainer.cql_alpha = config.cql_alpha_online
             bar.write(f"online tuning from iteration {it}: cql_alpha {config.cql_alpha_online}")
-        row: Dict[str, float] = {}
+        rows: List[Dict[str, float]] = [{} for _ in runs]
         update_now = True
-        if online:
+        if it >= config.offline_iterations:
             online_it = it - config.offline_iterations
-            if obs is None:  # the first online iteration, or the first after a resume
-                obs = flatten_observation(env.reset(seed=config.seed + online_it)[0])
-                env.action_space.seed(config.seed + online_it)
-            if pure_online and online_it < config.warmup_steps:
-                action = env.action_space.sample()
-                update_now = False
-            else:  # the one host sync per env step: the action goes to the env
-                with torch.no_grad():
-                    state = torch.as_tensor(normalize_state(obs)[None], device=device)
-                    action = trainer.actor(state, torch.randn(1, action_dim, device=device))[0][0].cpu().numpy()
-                if not np.isfinite(action).all():  # broken weights: stop before the env or the buffer sees it
-                    raise FloatingPointError(f"non-finite action ({action}) from the actor in iteration {it + 1}"
-                                             + last_good_checkpoint())
-            next_obs_raw, reward, terminated, truncated, info = env.step(action)
-            next_obs = flatten_observation(next_obs_raw)
-            success = step_success(float(reward), info, sparse_reward)
-            if success is not None:
-                goal_task = True
-                episode_success = episode_success or success
-            episode_return += float(reward)
-            episode_length += 1
-            # A time-limit truncation is not a terminal: the target bootstraps through it.
-            buffer.add(normalize_state(obs), action, reward_transform(reward), normalize_state(next_obs),
-                       float(terminated))
-            obs = next_obs
-            if terminated or truncated:
-                progress["train_episodes"] += 1
-                row["train/episode_return"] = episode_return
-                row["train/episode_length"] = episode_length
-                score = normalized_score(episode_return, ref_min, ref_max)
-                if score is not None:
-                    row["train/d4rl_normalized_episode_return"] = score
-                if goal_task:
-                    progress["train_successes"] += int(episode_success)
-                    row["train/is_success"] = float(episode_success)
-                    row["train/regret"] = 1.0 - progress["train_successes"] / progress["train_episodes"]
-                obs = flatten_observation(env.reset()[0])
-                episode_return, episode_length, episode_success = 0.0, 0, False
+            for run in runs:
+                if run.obs is None:  # the first online iteration, or the first after a resume
+                    run.obs = flatten_observation(run.env.reset(seed=run.seed + online_it)[0])
+                    run.env.action_space.seed(run.seed + online_it)
+            warmup = pure_online and online_it < config.warmup_steps  # random actions, no update
+            actions = act(trainer, runs, normalize_state, warmup, it)
+            rows = step_envs(runs, actions, buffer, normalize_state, reward_transform, sparse_reward, ref_min, ref_max)
+            update_now = not warmup
         if update_now:
             update()
             window += 1
         step = it + 1
         if (step % config.log_freq == 0 or step == total) and window:
-            means = update.take_means(window)
-            if means.get("skipped_updates") == window:  # on_nonfinite "skip", and nothing was kept
-                raise FloatingPointError(f"every update in iterations {step - window + 1}..{step} had a non-finite "
-                                         f"loss or gradient (on_nonfinite=skip)" + last_good_checkpoint())
-            for name, value in means.items():
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"non-finite {name} ({value}) in iterations {step - window + 1}..{step}"
-                                             + last_good_checkpoint())
-            row.update(means)
-            row["cql_alpha"] = float(trainer.cql_alpha)
+            for row, means in zip(rows, window_means(update, runs, window, step)):
+                row.update(means)
+                row["cql_alpha"] = float(trainer.cql_alpha)
             window = 0
-        if row:
-            logger.log({**row, **phase_counter(step)}, step)
+        for run, row in zip(runs, rows):
+            if row:
+                run.logger.log({**row, **phase_of(step, config.offline_iterations)}, step)
         if step % config.eval_freq == 0 or step == total:
             eval_start = time.time()
-            evaluator.submit(step, actor_weights(trainer.actor))
+            for i, run in enumerate(runs):
+                run.evaluator.submit(step, actor_weights(trainer.actor, i if stacked else None))
             eval_seconds += time.time() - eval_start
-            log_evaluations(evaluator.collect())
-        elif step % config.log_freq == 0:
-            log_evaluations(evaluator.collect())
+        if step % config.eval_freq == 0 or step % config.log_freq == 0 or step == total:
+            log_evaluations(runs, False, ref_min, ref_max, config.offline_iterations, bar)
+        if on_iteration is not None:
+            on_iteration(step, runs, trainer)
         if config.checkpoints_path and (step % checkpoint_freq == 0 or step == total):
-            if not trainer.parameters_finite():  # never replace good weights with broken ones
-                raise FloatingPointError(f"non-finite network weights after iteration {step}" + last_good_checkpoint())
-            progress["iteration"] = step
-            run_state = {"rng": rng_states(), "metric_sum": update.metric_sum.clone(), "window": window,
-                         "skipped_updates": update.skipped_updates.clone(), "metrics_rows": logger.rows,
-                         "goal_task": goal_task, "last_score": last_score, "eval_returns": list(eval_returns),
-                         "episode": (None if obs is None else obs.copy(), episode_return, episode_length,
-                                     episode_success),
-                         "env": None if obs is None else env_state(env),
-                         "pending_evaluations": dict(evaluator.pending)}
-            save_checkpoint(run_dir, step, trainer, buffer, state_mean, state_std, progress, run_state,
-                            config.keep_checkpoints)
+            save_checkpoints(runs, step, trainer, buffer, update, window, state_mean, state_std,
+                             config.keep_checkpoints)
     eval_start = time.time()
-    log_evaluations(evaluator.collect(wait=True))
+    log_evaluations(runs, True, ref_min, ref_max, config.offline_iterations, bar)
     eval_seconds += time.time() - eval_start
-    evaluator.close()
-    env.close()
+    for run in runs:
+        run.evaluator.close()
+        run.env.close()
     bar.close()
-    logger.close()
-    elapsed = time.time() - start
-    scores = progress["scores"]
-    summary = {"run_dir": str(run_dir), "iterations": total, "updates": trainer.total_it, "seconds": elapsed,
-               "load_seconds": load_seconds, "eval_seconds": eval_seconds, "last_score": last_score,
-               "best_score": max(scores) if scores else None, "eval_returns": eval_returns,
-               "cql_alpha": float(trainer.cql_alpha), "train_episodes": progress["train_episodes"],
-               "online_transitions": buffer.n_added}
-    score_text = (f"normalized score last {last_score:.1f}, best {max(scores):.1f}" if last_score is not None
-                  else f"eval return last {eval_returns[-1]:.1f}" if eval_returns else "no evaluation")
-    print(f"done: {total} iterations ({trainer.total_it} updates) in {elapsed:.0f} s (evaluation held training up "
-          f"{eval_seconds:.1f} s, {100 * eval_seconds / max(elapsed + load_seconds, 1e-9):.1f}% of the run; set-up "
-          f"{load_seconds:.0f} s), {score_text}; metrics in {logger.path}")
-    return summary
-
-
-def train_stack(config: TrainConfig, seeds: List[int], setup: Dict[str, Any]) -> Dict[str, Any]:
-    """train() for a stack of runs (--seeds): run i is the one-seed run of seed seeds[i], all in one process.
-
-    Each run has its own training env (reset with seeds[i] + online iterations done), its own ring
-    in the replay buffer (a seed dim), its own eval episodes (seeds[i] + j), run dir, metrics.jsonl
-    and one-run checkpoints; the offline -> online switch comes at the same iteration for all. Online,
-    the actors act in one batched call and the envs step one after another. The batches and noise
-    of all runs come from the one random stream seeded with config.seed.
-    """
-    c, device, n_runs = config, setup["device"], len(seeds)
-    make_train_env, make_eval_env, probe_env = setup["make_train_env"], setup["make_eval_env"], setup["probe_env"]
-    state_dim, action_dim, max_action = setup["state_dim"], setup["action_dim"], setup["max_action"]
-    state_mean, state_std, reward_transform = setup["state_mean"], setup["state_std"], setup["reward_transform"]
-    ref_min, ref_max, sparse_reward, pure_online = setup["ref_min"], setup["ref_max"], setup["sparse_reward"], \
-        setup["pure_online"]
-    goal_tasks = [setup["goal_task"]] * n_runs
-    envs = [setup["env"]] + [make_train_env() for _ in range(n_runs - 1)]
-    buffer = ReplayBuffer(setup["capacity"], state_dim, action_dim, device, runs=(n_runs,))
-    if setup["data"] is not None:
-        buffer.load_dataset(setup["data"])
-    trainer = CQL(c, state_dim, action_dim, max_action, device,
-                  capturable=c.cudagraphs and device.type == "cuda", seeds=seeds)
-    states: Optional[List[Dict[str, Any]]] = None  # each run's checkpoint that --resume continues from
-    loaded: Optional[Dict[str, Any]] = None  # the checkpoint that --load_model starts every run from
-    if c.resume:
-        files = resume_checkpoints(Path(c.resume), n_runs)
-        dirs = [f.parent for f in files]
-        states = []
-        for i, (path, run_dir) in enumerate(zip(files, dirs)):
-            for stale in run_dir.glob(".*.tmp"):  # temporary files of writes that a kill interrupted
-                stale.unlink()
-            try:
-                states.append(torch.load(path, map_location=device, weights_only=False))
-            except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-                raise ConfigError(f"field 'resume': {path} is unreadable ({str(e).splitlines()[0]})") from None
-            if states[-1].get("run") is None or "rng" not in states[-1]["run"]:
-                raise ConfigError(f"field 'resume': {path} holds no run state")
-        try:
-            trainer.load_run_state_dicts(states)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise ConfigError(f"field 'resume': {files[0]} does not fit this config ({str(e).splitlines()[0]})"
-                              ) from None
-        for i, (path, run_dir, state) in enumerate(zip(files, dirs, states)):
-            load_replay(str(path), state, buffer, "resume", run=i)
-            for later in checkpoint_files(run_dir):  # written by a kill before every run had its step's files
-                if int(later.stem.split("_")[1]) > int(path.stem.split("_")[1]):
-                    later.unlink()
-            for orphan in run_dir.glob("replay_*.pt"):
-                if orphan.name != state["replay_file"]:
-                    orphan.unlink()
-            keep_lines(run_dir / "metrics.jsonl", state["run"]["metrics_rows"])  # later rows come again
-        state_mean, state_std = states[0]["state_mean"], states[0]["state_std"]
-    else:
-        if c.load_model:  # every run starts from the one checkpoint, as train() starts one run from it
-            loaded = load_checkpoint(c.load_model, trainer, buffer)
-            state_mean, state_std = loaded["state_mean"], loaded["state_std"]
-        dirs = [Path(c.checkpoints_path or c.log_dir)
-                / f"{c.name}-{dataset_label(c.env)}-{seed}-{uuid.uuid4().hex[:8]}" for seed in seeds]
-    loggers = []
-    for seed, run_dir in zip(seeds, dirs):
-        run_dir.mkdir(parents=True, exist_ok=True)  # each holds the stack's config: --resume any of them
-        write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(asdict(c), f, sort_keys=False), mode="w")
-        loggers.append(RunLogger(c, run_dir, run_dir.name, resume=states is not None, seed=seed))
-    print(f"CQL on {setup['source']}: {n_runs} runs (seeds {', '.join(map(str, seeds))}), {buffer.size} transitions "
-          f"in a ring of {buffer.capacity} each, state {state_dim}, action {action_dim}, device {device}, "
-          f"run dirs {', '.join(str(d) for d in dirs)}"
-          + (f", resumed at iteration {states[0]['progress']['iteration']}" if states else ""))
-    use_compile = device.type == "cuda" if c.compile is None else c.compile
-    update = UpdateStep(trainer, buffer, c.batch_size, use_compile, c.cudagraphs)
-    background = device.type == "cuda" if c.background_eval is None else c.background_eval
-    with torch.random.fork_rng(devices=[]):  # a one-run actor for the evaluators' shapes, aside from the stream
-        template = TanhGaussianActor(state_dim, action_dim, max_action)
-    evaluators = [Evaluator(probe_env, make_eval_env, c.n_episodes, evaluation_seed(c, seed), state_mean, state_std,
-                            template, background, sparse_reward) for seed in seeds]
-    probe_env.close()
-
-    def normalize_state(obs: np.ndarray) -> np.ndarray:
-        return ((obs - state_mean) / state_std).astype(np.float32)
-
-    def phase_counter(step: int) -> Dict[str, int]:
-        return phase_of(step, c.offline_iterations)
-
-    total = c.offline_iterations + c.online_iterations
-    progress = [{"iteration": 0, "train_episodes": 0, "train_successes": 0, "eval_success_rates": [], "scores": []}
-                for _ in seeds]
-    window = 0
-    obs: List[Optional[np.ndarray]] = [None] * n_runs
-    episode = [(0.0, 0, False)] * n_runs  # return, length, success of each run's episode in progress
-    last_scores: List[Optional[float]] = [None] * n_runs
-    eval_returns: List[List[float]] = [[] for _ in seeds]
-    # Each run's checkpoint (resume) or the one every run starts from (load_model), as in train().
-    for i, state in enumerate(states or ([loaded] * n_runs if loaded is not None else [])):
-        progress[i].update({k: copy.deepcopy(v) for k, v in state["progress"].items() if k in progress[i]})
-        for eval_step, weights in sorted(pending_evaluations(state).items()):
-            evaluators[i].submit(eval_step, weights)  # unfinished evaluations run again
-        if states is None:
-            continue  # load_model: fresh episodes, the random streams not restored
-        run = state["run"]  # resume: the loop goes on as it would have
-        update.run_metric_sum(i).copy_(run["metric_sum"])
-        update.skipped_updates.copy_(torch.as_tensor(run.get("skipped_updates", 0.0)))  # see train()
-        window, goal_tasks[i] = run["window"], run["goal_task"]
-        last_scores[i], eval_returns[i] = run["last_score"], run["eval_returns"]
-        obs[i], *episode[i] = run["episode"]
-        episode[i] = tuple(episode[i])
-        if run["env"] is not None:
-            set_env_state(envs[i], run["env"])
-        elif obs[i] is not None:
-            print(f"the training env of seed {seeds[i]} was not saved (it does not pickle): its episode in "
-                  f"progress is dropped, a new one starts")
-            obs[i], episode[i] = None, (0.0, 0, False)
-    start_it = progress[0]["iteration"]
-    trainer.cql_alpha = c.cql_alpha if start_it < c.offline_iterations else c.cql_alpha_online
-    if states is not None:
-        set_rng_states(states[0]["run"]["rng"])  # last: from here on the stack draws what the stopped one would have
-    checkpoint_freq = c.checkpoint_freq or c.eval_freq
-    start = time.time()
-    eval_seconds = 0.0
-    bar = tqdm(range(start_it, total), desc=f"CQL x{n_runs}", unit="it", dynamic_ncols=True, initial=start_it,
-               total=total,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
-
-    def log_evaluations(i: int, finished: List[Tuple[int, np.ndarray, np.ndarray, bool]]) -> None:
-        for eval_step, returns, successes, reported in finished:
-            goal_tasks[i] = goal_tasks[i] or reported
-            last_scores[i] = normalized_score(returns, ref_min, ref_max)
-            eval_returns[i].append(float(returns.mean()))
-            row = {"eval_return_mean": float(returns.mean()), "eval_return_std": float(returns.std())}
-            if last_scores[i] is not None:
-                row["eval/d4rl_normalized_score"] = row["d4rl_normalized_score"] = last_scores[i]
-                progress[i]["scores"].append(last_scores[i])
-            if goal_tasks[i] and eval_step > c.offline_iterations:  # as CORL: online evaluations only
-                progress[i]["eval_success_rates"].append(float(successes.mean()))
-                row["eval/success_rate"] = float(successes.mean())
-                row["eval/regret"] = float(np.mean([1.0 - r for r in progress[i]["eval_success_rates"]]))
-            loggers[i].log({**row, **phase_counter(eval_step)}, eval_step)
-
-    for it in bar:
-        online = it >= c.offline_iterations
-        if it == c.offline_iterations:
-            trainer.cql_alpha = c.cql_alpha_online
-            bar.write(f"online tuning from iteration {it}: cql_alpha {c.cql_alpha_online}")
-        rows: List[Dict[str, float]] = [{} for _ in seeds]
-        update_now = True
-        if online:
-            online_it = it - c.offline_iterations
-            for i, env in enumerate(envs):
-                if obs[i] is None:
-                    obs[i] = flatten_observation(env.reset(seed=seeds[i] + online_it)[0])
-                    env.action_space.seed(seeds[i] + online_it)
-            if pure_online and online_it < c.warmup_steps:
-                actions = np.stack([env.action_space.sample() for env in envs])
-                update_now = False
-            else:  # all actors in one call, one host sync
-                with torch.no_grad():
-                    states = torch.as_tensor(np.stack([normalize_state(o) for o in obs])[:, None], device=device)
-                    actions = trainer.actor(states, torch.randn(n_runs, 1, action_dim, device=device))[0][:, 0]
-                    actions = actions.cpu().numpy()
-                if not np.isfinite(actions).all():
-                    bad = int(np.argwhere(~np.isfinite(actions))[0][0])
-                    raise FloatingPointError(f"non-finite action ({actions[bad]}) from the actor of seed {seeds[bad]} "
-                                             f"in iteration {it + 1}")
-            transitions = []
-            for i, env in enumerate(envs):
-                next_raw, reward, terminated, truncated, info = env.step(actions[i])
-                next_obs = flatten_observation(next_raw)
-                ret, length, succ = episode[i]
-                success = step_success(float(reward), info, sparse_reward)
-                if success is not None:
-                    goal_tasks[i] = True
-                    succ = succ or success
-                ret, length = ret + float(reward), length + 1
-                transitions.append((normalize_state(obs[i]), actions[i], reward_transform(reward),
-                                    normalize_state(next_obs), float(terminated)))
-                obs[i] = next_obs
-                if terminated or truncated:
-                    progress[i]["train_episodes"] += 1
-                    row = rows[i]
-                    row["train/episode_return"], row["train/episode_length"] = ret, length
-                    score = normalized_score(ret, ref_min, ref_max)
-                    if score is not None:
-                        row["train/d4rl_normalized_episode_return"] = score
-                    if goal_tasks[i]:
-                        progress[i]["train_successes"] += int(succ)
-                        row["train/is_success"] = float(succ)
-                        row["train/regret"] = 1.0 - progress[i]["train_successes"] / progress[i]["train_episodes"]
-                    obs[i] = flatten_observation(env.reset()[0])
-                    ret, length, succ = 0.0, 0, False
-                episode[i] = (ret, length, succ)
-            buffer.add(*(np.stack(column) for column in zip(*transitions)))
-        if update_now:
-            update()
-            window += 1
-        step = it + 1
-        if (step % c.log_freq == 0 or step == total) and window:
-            run_means = update.take_run_means(window)
-            if run_means[0].get("skipped_updates") == window:  # on_nonfinite "skip", and nothing was kept
-                raise FloatingPointError(f"every update in iterations {step - window + 1}..{step} had a non-finite "
-                                         f"loss or gradient in some run of the stack (on_nonfinite=skip)")
-            for i, means in enumerate(run_means):
-                for name, value in means.items():
-                    if not math.isfinite(value):
-                        raise FloatingPointError(f"non-finite {name} ({value}) of seed {seeds[i]} in iterations "
-                                                 f"{step - window + 1}..{step}")
-                rows[i].update(means)
-                rows[i]["cql_alpha"] = float(trainer.cql_alpha)
-            window = 0
-        for i, row in enumerate(rows):
-            if row:
-                loggers[i].log({**row, **phase_counter(step)}, step)
-        if step % c.eval_freq == 0 or step == total:
-            eval_start = time.time()
-            for i, evaluator in enumerate(evaluators):
-                evaluator.submit(step, actor_weights(trainer.actor, i))
-            eval_seconds += time.time() - eval_start
-        if step % c.eval_freq == 0 or step % c.log_freq == 0 or step == total:
-            for i, evaluator in enumerate(evaluators):
-                log_evaluations(i, evaluator.collect())
-        if c.checkpoints_path and (step % checkpoint_freq == 0 or step == total):
-            if not trainer.parameters_finite():
-                raise FloatingPointError(f"non-finite network weights after iteration {step}")
-            rng = rng_states()
-            for i, run_dir in enumerate(dirs):  # one ordinary checkpoint per run, all of one iteration
-                progress[i]["iteration"] = step
-                run_state = {"rng": rng, "metric_sum": update.run_metric_sum(i).clone(), "window": window,
-                             "skipped_updates": update.skipped_updates.clone(), "metrics_rows": loggers[i].rows,
-                             "goal_task": goal_tasks[i], "last_score": last_scores[i],
-                             "eval_returns": list(eval_returns[i]),
-                             "episode": (None if obs[i] is None else obs[i].copy(), *episode[i]),
-                             "env": None if obs[i] is None else env_state(envs[i]),
-                             "pending_evaluations": dict(evaluators[i].pending),
-                             "stack": [d.name for d in dirs]}  # the sibling runs to resume with
-                save_checkpoint(run_dir, step, trainer, buffer, state_mean, state_std, progress[i], run_state,
-                                run=i, prune=False)
-            for run_dir in dirs:  # only once every run has this iteration's files
-                prune_checkpoints(run_dir, run_dir / f"replay_{step}.pt", c.keep_checkpoints)
-    for i, evaluator in enumerate(evaluators):
-        log_evaluations(i, evaluator.collect(wait=True))
-        evaluator.close()
-    for env in envs:
-        env.close()
-    bar.close()
-    for logger in loggers:
-        logger.close()
-    elapsed = time.time() - start
-    runs = [{"seed": seed, "run_dir": str(d), "last_score": last_scores[i],
-             "best_score": max(progress[i]["scores"]) if progress[i]["scores"] else None,
-             "eval_returns": eval_returns[i], "train_episodes": progress[i]["train_episodes"]}
-            for i, (seed, d) in enumerate(zip(seeds, dirs))]
-    print(f"done: {n_runs} runs of {total} iterations ({trainer.total_it} updates each) in {elapsed:.0f} s "
-          f"(evaluation held training up {eval_seconds:.1f} s); eval return last "
-          + ", ".join(f"{r[-1]:.1f}" if r else "-" for r in eval_returns))
-    return {"runs": runs, "run_dirs": [str(d) for d in dirs], "iterations": total, "updates": trainer.total_it,
-            "seconds": elapsed, "eval_seconds": eval_seconds, "cql_alpha": float(trainer.cql_alpha),
-            "online_transitions": buffer.n_added}
+    for run in runs:
+        run.logger.close()
+    return summarize(runs, trainer, buffer, total, time.time() - start, load_seconds, eval_seconds)
 
 
 def resume_checkpoints(run_dir: Path, n_runs: int) -> List[Path]:
-    """For a stack of runs (run_dir: any of its run directories), each run's checkpoint of the newest
-    iteration that every run has a checkpoint of."""
+    """The newest checkpoint of a stopped run, or for a stack of runs (run_dir: any of its run
+    directories) of each of its runs: the newest iteration that every run has a checkpoint of."""
     files = checkpoint_files(run_dir)
     if not files:
         raise ConfigError(f"field 'resume': {run_dir} has no checkpoint to continue from")
+    if n_runs == 1:
+        return [files[-1]]
     run = torch.load(files[-1], map_location="cpu", weights_only=False).get("run") or {}
     names = run.get("stack", [])
     if len(names) != n_runs:

@@ -25,11 +25,13 @@ other updates, and the row adds skipped_updates, their count; a window whose eve
 skipped stops the run. A seed stack drops the update in every run (one Adam step for all), so its
 runs stay in lockstep.
 """
+import contextlib
 import copy
+import io
 import json
-import pickle
 import math
 import os
+import pickle
 import random
 import sys
 import tempfile
@@ -112,7 +114,7 @@ class TrainConfig:
     checkpoint_freq: Optional[int] = None  # checkpoint every this many updates; None: at each evaluation
     keep_checkpoints: int = 0  # keep only the newest this many checkpoint files; 0 keeps all
     resume: Optional[str] = None  # run directory of a stopped run: continue from its newest checkpoint
-    on_nonfinite: str = "stop"  # "stop": stop at a non-finite loss or gradient, naming it; "skip": drop that update (weights, Adam state, target untouched; still counted as an update) and go on
+    on_nonfinite: str = "stop"  # at a non-finite loss or gradient: "stop" naming it, or "skip" that update and go on
     log_freq: int = 1_000  # average and log training metrics every this many updates
     log_dir: str = "runs"  # where run directories go when checkpoints_path is None
     wandb_mode: Optional[str] = None  # online, offline or disabled; None: online if an API key is set, else offline
@@ -569,8 +571,9 @@ def check_env_id(env_id: str) -> None:
         return
     except gym.error.Error:
         pass
-    try:
-        import gymnasium_robotics  # noqa: F401
+    try:  # its import prints a Farama notice to stderr, which would break one-line errors
+        with contextlib.redirect_stderr(io.StringIO()):
+            import gymnasium_robotics  # noqa: F401
     except ImportError:
         pass
     try:
@@ -1015,7 +1018,7 @@ class EnsembleCritic(nn.Module):
         x = (from_state.reshape(members, *obs.shape[run_dims:-1], hidden)
              + from_action.reshape(members, *actions.shape[run_dims:-1], hidden))
         x = x.reshape(members, -1, hidden)
-        for layer, (weight, bias) in enumerate(zip(weights[1:], biases[1:])):
+        for weight, bias in zip(weights[1:], biases[1:]):
             x = EnsembleLinear.apply(torch.relu(x), weight, bias)
         return x.reshape(-1, *actions.shape[:-1])
 
@@ -1302,7 +1305,7 @@ class CQL:
             else:
                 state[part][name] = view(tensor.detach(), run).clone()
         run_adam = {}
-        for j, k, tensor, view in self._adam_indices():
+        for j, k, _, view in self._adam_indices():
             if k in adam["state"]:
                 run_adam[j] = {key: v.clone() if key == "step" else view(v, run).clone()
                                for key, v in adam["state"][k].items()}
@@ -1619,11 +1622,12 @@ class RunLogger:
 
 
 def save_checkpoint(path: Path, trainer: CQL, state_mean: np.ndarray, state_std: np.ndarray,
-                    run_state: Optional[Dict[str, Any]] = None, run: Optional[int] = None) -> None:
+                    run_state: Optional["RunState"] = None, run: Optional[int] = None) -> None:
     """Everything needed to continue: trainer (or run `run` of a stack, in the one-run layout),
     normalisation, config and (for resume) run_state."""
     state = {**(trainer.state_dict() if run is None else trainer.run_state_dict(run)),
-             "state_mean": state_mean, "state_std": state_std, "config": asdict(trainer.config), "run": run_state}
+             "state_mean": state_mean, "state_std": state_std, "config": asdict(trainer.config),
+             "run": None if run_state is None else run_state.to_dict()}
     write_atomic(path, lambda f: torch.save(state, f))
 
 
@@ -1719,6 +1723,36 @@ def resolve_device(name: str) -> torch.device:
 # Training
 # ======================================================================================
 @dataclass
+class RunState:
+    """What a run's checkpoint holds beside the networks and optimizer: its 'run' entry, what --resume
+    needs to go on as the stopped run would have (None in a checkpoint for load_model only). The
+    defaults are a fresh run's; to_dict/from_dict keep the checkpoints' keys, so older ones load.
+    The finetune script's RunState has the same shape, plus what only an online run has."""
+
+    rng: Optional[Dict[str, Any]] = None  # the global random streams (rng_states())
+    metric_sum: Optional[torch.Tensor] = None  # the metric window's sums ...
+    window: int = 0  # ... and its count of updates
+    skipped_updates: Any = 0.0  # updates skipped in the window (on_nonfinite skip); older checkpoints: none
+    metrics_rows: int = 0  # rows in metrics.jsonl at the checkpoint
+    pending_evaluations: Dict[int, Dict[str, torch.Tensor]] = field(default_factory=dict)  # actor weights by step
+    stack: Optional[List[str]] = None  # a stack's run directory names, to resume with; None: one run
+    scores: Dict[int, float] = field(default_factory=dict)  # normalized score by update
+    last_return: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The checkpoint's 'run' entry."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.stack is None:
+            del state["stack"]
+        return state
+
+    @classmethod
+    def from_dict(cls, run: Dict[str, Any]) -> "RunState":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in run.items() if k in names})
+
+
+@dataclass
 class Run:
     """One seed's run in train(): its directory, logger, evaluator and evaluation results."""
 
@@ -1728,6 +1762,69 @@ class Run:
     evaluator: Optional[Evaluator] = None
     scores: Dict[int, float] = field(default_factory=dict)  # normalized score by update
     last_return: Optional[float] = None
+
+    def run_state(self, rng: Dict[str, Any], metric_sum: torch.Tensor, window: int, skipped_updates: torch.Tensor,
+                  stack: Optional[List[str]]) -> RunState:
+        """This run's state for its checkpoint, with the stack's random streams and metric window."""
+        return RunState(rng=rng, metric_sum=metric_sum, window=window, skipped_updates=skipped_updates,
+                        metrics_rows=self.logger.rows, pending_evaluations=dict(self.evaluator.pending), stack=stack,
+                        scores=self.scores, last_return=self.last_return)
+
+    def last_good_checkpoint(self) -> str:
+        files = checkpoint_files(self.dir)
+        return f"; last good checkpoint: {files[-1]}" if files else ""
+
+    def restore(self, state: RunState) -> None:
+        """Takes a stopped run's evaluation results; its unfinished evaluations run again."""
+        self.scores, self.last_return = state.scores, state.last_return
+        for eval_step, weights in sorted(state.pending_evaluations.items()):
+            self.evaluator.submit(eval_step, weights)
+
+
+def save_checkpoints(runs: List[Run], step: int, trainer: CQL, update: UpdateStep, window: int,
+                     state_mean: np.ndarray, state_std: np.ndarray, keep: int) -> None:
+    """Every run's checkpoint of update `step` (a stack: one ordinary checkpoint per run, all of one
+    update); old ones go (keep > 0) only once every run has this update's."""
+    if not trainer.parameters_finite():  # never overwrite good weights with broken ones
+        raise FloatingPointError(f"non-finite network weights after update {step}" + runs[0].last_good_checkpoint())
+    stacked = trainer.seeds is not None
+    rng = rng_states()
+    for i, run in enumerate(runs):
+        run_state = run.run_state(rng, update.run_metric_sum(i).clone(), window, update.skipped_updates.clone(),
+                                  [r.dir.name for r in runs] if stacked else None)  # the siblings to resume with
+        save_checkpoint(run.dir / f"checkpoint_{step}.pt", trainer, state_mean, state_std, run_state,
+                        run=i if stacked else None)
+    for run in runs:
+        for old in checkpoint_files(run.dir)[:-keep] if keep else []:
+            old.unlink()
+
+
+def summarize(runs: List[Run], trainer: CQL, elapsed: float, load_seconds: float, eval_seconds: float
+              ) -> Dict[str, Any]:
+    """train()'s summary, printed in one line with every run's normalized score."""
+    stacked = trainer.seeds is not None
+    summaries = [{"run_dir": str(run.dir), "seed": run.seed, "last_return": run.last_return,
+                  "last_score": run.scores[max(run.scores)] if run.scores else None,
+                  "best_score": max(run.scores.values()) if run.scores else None} for run in runs]
+    summary = {"updates": trainer.total_it, "seconds": elapsed, "load_seconds": load_seconds,
+               "eval_seconds": eval_seconds}
+    if stacked:
+        summary["runs"] = summaries
+    else:
+        summary = {"run_dir": summaries[0]["run_dir"], **summary,
+                   **{k: v for k, v in summaries[0].items() if k not in ("run_dir", "seed")}}
+    if all(s["last_score"] is not None for s in summaries):
+        last = [s["last_score"] for s in summaries]
+        score_text = (f"normalized score last {last[0]:.1f}, best {summaries[0]['best_score']:.1f}" if not stacked else
+                      f"normalized score last {np.mean(last):.1f} +- {np.std(last):.1f} over {len(runs)} seeds "
+                      f"({', '.join(f'{v:.1f}' for v in last)})")
+    else:
+        score_text = "no normalized score (no reference returns)"
+    metrics_paths = runs[0].logger.path if not stacked else f"metrics.jsonl of each run dir in {runs[0].dir.parent}"
+    eval_share = 100 * eval_seconds / max(elapsed + load_seconds, 1e-9)
+    print(f"done: {trainer.total_it} updates in {elapsed:.0f} s (evaluation held training up {eval_seconds:.1f} s, "
+          f"{eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), {score_text}; metrics in {metrics_paths}")
+    return summary
 
 
 def train(config: TrainConfig) -> Dict[str, Any]:
@@ -1765,7 +1862,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     # A run per seed (one unless config.seeds): its own directory, metrics, evaluations and checkpoints.
     runs = [Run(seed) for seed in (seeds or [config.seed])]
     stacked = seeds is not None
-    resumed: Optional[List[Dict[str, Any]]] = None  # each run's run state
+    resumed: Optional[List[RunState]] = None  # each run's run state
     if config.resume:
         files = resume_checkpoints(Path(config.resume), len(runs))
         for run, file in zip(runs, files):
@@ -1773,12 +1870,12 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             for stale in run.dir.glob(".*.tmp"):  # temporary files of writes that a kill interrupted
                 stale.unlink()
         states = load_checkpoints([str(f) for f in files], trainer, field="resume")
-        resumed = [state["run"] for state in states]
-        if any(r is None for r in resumed):
+        if any(state["run"] is None for state in states):
             raise ConfigError(f"field 'resume': {files[0]} holds no run state (made by load_model?)")
+        resumed = [RunState.from_dict(state["run"]) for state in states]
         state_mean, state_std = states[0]["state_mean"], states[0]["state_std"]
         for run, run_state in zip(runs, resumed):
-            keep_lines(run.dir / "metrics.jsonl", run_state["metrics_rows"])  # rows after the checkpoint come again
+            keep_lines(run.dir / "metrics.jsonl", run_state.metrics_rows)  # rows after the checkpoint come again
     else:
         if config.load_model:  # a stack starts every run from it
             state = load_checkpoints([config.load_model] * len(runs), trainer)[0]
@@ -1805,15 +1902,12 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     probe_env.close()
     window = 0
     if resumed is not None:
-        window = resumed[0]["window"]
-        # Checkpoints from before on_nonfinite existed have no count: their runs skipped nothing.
-        update.skipped_updates.copy_(torch.as_tensor(resumed[0].get("skipped_updates", 0.0)))
+        window = resumed[0].window
+        update.skipped_updates.copy_(torch.as_tensor(resumed[0].skipped_updates))
         for i, (run, run_state) in enumerate(zip(runs, resumed)):
-            update.run_metric_sum(i).copy_(run_state["metric_sum"])
-            run.scores, run.last_return = run_state["scores"], run_state["last_return"]
-            for eval_step, weights in sorted(run_state["pending_evaluations"].items()):
-                run.evaluator.submit(eval_step, weights)
-        set_rng_states(resumed[0]["rng"])  # last: from here on the run draws what the stopped one would have
+            update.run_metric_sum(i).copy_(run_state.metric_sum)
+            run.restore(run_state)
+        set_rng_states(resumed[0].rng)  # last: from here on the run draws what the stopped one would have
     checkpoint_freq = config.checkpoint_freq or config.eval_freq
     start = time.time()
     load_seconds, eval_seconds = start - begin, 0.0
@@ -1834,10 +1928,6 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             # refresh=False: shown at the next refresh, with a fresh update count
             bar.set_postfix(score=f"{np.mean(latest):.1f}", refresh=False)
 
-    def last_good_checkpoint(run: Run) -> str:
-        files = checkpoint_files(run.dir)
-        return f"; last good checkpoint: {files[-1]}" if files else ""
-
     for _ in bar:
         update()
         window += 1
@@ -1848,13 +1938,13 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 raise FloatingPointError(
                     f"every update in updates {step - window + 1}..{step} had a non-finite loss or gradient"
                     + (" in some run of the stack" if stacked else "") + " (on_nonfinite=skip)"
-                    + last_good_checkpoint(runs[0]))
+                    + runs[0].last_good_checkpoint())
             for run, means in zip(runs, run_means):
                 for name, value in means.items():
                     if not math.isfinite(value):
                         raise FloatingPointError(
                             f"non-finite {name} ({value}) in updates {step - window + 1}..{step}"
-                            + (f" of the run with seed {run.seed}" if stacked else "") + last_good_checkpoint(run))
+                            + (f" of the run with seed {run.seed}" if stacked else "") + run.last_good_checkpoint())
             for run, means in zip(runs, run_means):
                 run.logger.log(means, step)
             window = 0
@@ -1867,23 +1957,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             for run in runs:
                 log_evaluations(run, run.evaluator.collect())
         if config.checkpoints_path and (step % checkpoint_freq == 0 or step == config.max_timesteps):
-            if not trainer.parameters_finite():  # never overwrite good weights with broken ones
-                raise FloatingPointError(f"non-finite network weights after update {step}"
-                                         + last_good_checkpoint(runs[0]))
-            rng = rng_states()
-            for i, run in enumerate(runs):  # a stack: one ordinary checkpoint per run, all of one update
-                run_state = {"rng": rng, "metric_sum": update.run_metric_sum(i).clone(), "window": window,
-                             "skipped_updates": update.skipped_updates.clone(), "scores": run.scores,
-                             "last_return": run.last_return, "metrics_rows": run.logger.rows,
-                             "pending_evaluations": dict(run.evaluator.pending)}
-                if stacked:
-                    run_state["stack"] = [r.dir.name for r in runs]  # the sibling runs to resume with
-                save_checkpoint(run.dir / f"checkpoint_{step}.pt", trainer, state_mean, state_std, run_state,
-                                run=i if stacked else None)
-            for run in runs:  # only once every run has this update's checkpoint
-                files = checkpoint_files(run.dir)
-                for old in files[:-config.keep_checkpoints or None] if config.keep_checkpoints else []:
-                    old.unlink()
+            save_checkpoints(runs, step, trainer, update, window, state_mean, state_std, config.keep_checkpoints)
     eval_start = time.time()
     for run in runs:
         log_evaluations(run, run.evaluator.collect(wait=True))
@@ -1893,29 +1967,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     bar.close()
     for run in runs:
         run.logger.close()
-    elapsed = time.time() - start
-    summaries = [{"run_dir": str(run.dir), "seed": run.seed, "last_return": run.last_return,
-                  "last_score": run.scores[max(run.scores)] if run.scores else None,
-                  "best_score": max(run.scores.values()) if run.scores else None} for run in runs]
-    summary = {"updates": trainer.total_it, "seconds": elapsed, "load_seconds": load_seconds,
-               "eval_seconds": eval_seconds}
-    if stacked:
-        summary["runs"] = summaries
-    else:
-        summary = {"run_dir": summaries[0]["run_dir"], **summary,
-                   **{k: v for k, v in summaries[0].items() if k not in ("run_dir", "seed")}}
-    if all(s["last_score"] is not None for s in summaries):
-        last = [s["last_score"] for s in summaries]
-        score_text = (f"normalized score last {last[0]:.1f}, best {summaries[0]['best_score']:.1f}" if not stacked else
-                      f"normalized score last {np.mean(last):.1f} +- {np.std(last):.1f} over {len(runs)} seeds "
-                      f"({', '.join(f'{v:.1f}' for v in last)})")
-    else:
-        score_text = "no normalized score (no reference returns)"
-    metrics_paths = runs[0].logger.path if not stacked else f"metrics.jsonl of each run dir in {runs[0].dir.parent}"
-    eval_share = 100 * eval_seconds / max(elapsed + load_seconds, 1e-9)
-    print(f"done: {trainer.total_it} updates in {elapsed:.0f} s (evaluation held training up {eval_seconds:.1f} s, "
-          f"{eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), {score_text}; metrics in {metrics_paths}")
-    return summary
+    return summarize(runs, trainer, time.time() - start, load_seconds, eval_seconds)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
