@@ -41,7 +41,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -52,7 +52,6 @@ import gymnasium as gym
 import h5py
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 import algorithms.finetune.cql as finetune
@@ -103,47 +102,12 @@ class MakeError(ValueError):
 
 
 def parse_args(argv: List[str]) -> MakeConfig:
-    """`--key=value` / `--key value` options of MakeConfig, typed as the finetune script types them."""
-    if "-h" in argv or "--help" in argv:
-        import pyrallis
-
-        pyrallis.parse(config_class=MakeConfig, args=["--help"])  # prints the field comments and exits
-    types = {f.name: f.type for f in fields(MakeConfig)}
-    raw: Dict[str, Tuple[Any, str]] = {}  # key -> (value, where it came from)
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if not token.startswith("--"):
-            raise MakeError(f"command line: expected --key=value, got {token!r}")
-        key, has_value, value = token[2:].partition("=")
-        if not has_value:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise MakeError(f"command line: option '--{key}' needs a value")
-            value, i = argv[i + 1], i + 1
-        key = key.replace("-", "_")
-        if key == "config_path":  # a YAML file of options; command-line options override it
-            try:
-                loaded = yaml.safe_load(Path(value).read_text()) or {}
-            except (OSError, yaml.YAMLError) as e:
-                raise MakeError(f"config file {value}: cannot read ({' '.join(str(e).split())})") from None
-            if not isinstance(loaded, dict):
-                raise MakeError(f"config file {value}: expected a mapping of option: value")
-            raw = {**{k: (v, f"config file {value}") for k, v in loaded.items()}, **raw}
-        else:
-            raw[key] = (value, "command line")
-        i += 1
-    values: Dict[str, Any] = {}
-    for key, (value, where) in raw.items():
-        if key not in types:
-            raise MakeError(f"{where}: unknown option '--{key}'" if where == "command line"
-                            else f"{where}: unknown key '{key}'")
-        try:
-            values[key] = finetune.parse_value(key, types[key], value, where)
-        except finetune.ConfigError as e:
-            raise MakeError(str(e)) from None
-    config = MakeConfig(**values)
-    check_config(config)
-    return config
+    """`--config_path file.yaml` and `--key=value` / `--key value` options of MakeConfig, parsed and typed as
+    the finetune script parses its own (command-line options override the file's)."""
+    try:
+        return finetune.parse_config(argv, MakeConfig, check=check_config)
+    except finetune.ConfigError as e:
+        raise MakeError(str(e)) from None
 
 
 def check_config(config: MakeConfig) -> None:

@@ -268,8 +268,10 @@ def run_seeds(config: TrainConfig) -> Optional[List[int]]:
     return seeds
 
 
-def parse_config(argv: List[str], config_class: type = TrainConfig) -> Any:
-    """Strict parsing of `--config_path file.yaml` plus `--key=value` / `--key value` overrides.
+def parse_config(argv: List[str], config_class: type = TrainConfig,
+                 check: Optional[Callable[[Any], None]] = None) -> Any:
+    """Strict parsing of `--config_path file.yaml` plus `--key=value` / `--key value` overrides into
+    config_class, then check (default: check_config); tools/make_dataset.py parses its options so too.
 
     pyrallis draws the `--help` page from the field comments; values are converted here, since
     pyrallis accepts `--normalize=notabool` as True and `--load_model=None` as the text 'None'.
@@ -326,7 +328,7 @@ def parse_config(argv: List[str], config_class: type = TrainConfig) -> Any:
     for key, value in overrides.items():
         values[key] = parse_value(key, types[key], value, "command line")
     config = config_class(**values)
-    check_config(config)
+    (check or check_config)(config)
     return config
 
 
