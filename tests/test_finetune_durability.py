@@ -228,6 +228,8 @@ BAD_INPUTS = [  # (what, argv after the dataset argument, expected message); {ru
     ("checkpoint_freq 0", ["--checkpoint_freq=0"], "field 'checkpoint_freq' must be > 0"),
     ("negative keep_checkpoints", ["--keep_checkpoints=-1"], "field 'keep_checkpoints' must be >= 0"),
     ("max_episode_steps 0", ["--max_episode_steps=0"], "field 'max_episode_steps' must be > 0"),
+    ("negative eval_seed", ["--eval_seed=-5"], "field 'eval_seed' must be in \\[0, 4294967295\\], got -5"),
+    ("negative seed", ["--seed=-1"], "field 'seed' must be in \\[0, 4294967295\\]"),
     ("ref_min_score >= ref_max_score", ["--ref_min_score=5", "--ref_max_score=-5"],
      "fields 'ref_min_score' \\(5.0\\) >= 'ref_max_score' \\(-5.0\\): the return that scores 0 must be below"),
     ("ref_min_score above the file's ref_max_score", ["--ref_min_score=4000"],

@@ -251,6 +251,11 @@ BAD_INPUTS = [  # (what, argv after the dataset argument, expected message); the
     ("dimension mismatch with the env", ["--eval_env=HalfCheetah-v4"], "observations have 11 dims, the eval env"),
     ("unknown eval env id", ["--eval_env=NoSuchEnv-v9"], "'NoSuchEnv-v9': not a registered Gymnasium env"),
     ("checkpoint missing", ["--load_model=/nonexistent/ck.pt"], "field 'load_model': checkpoint file .* not found"),
+    ("negative seed", ["--seed=-1"], "field 'seed' must be in \\[0, 4294967295\\], got -1"),
+    ("seed past numpy's range", ["--seed=4294967296"], "field 'seed' must be in \\[0, 4294967295\\]"),
+    ("a negative seed in a stack", ["--seeds=3,-2"], "field 'seeds' lists a seed outside \\[0, 4294967295\\]: -2"),
+    ("a stack too large for one process", ["--seeds=100000000000"],
+     "field 'seeds': at most 1024 runs in one process, got 100000000000"),
 ]
 
 

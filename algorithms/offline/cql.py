@@ -192,8 +192,8 @@ def check_bounds(config: Any, bounds: Dict[str, Tuple[float, Optional[float], bo
         if value is None or ((value >= low if low_allowed else value > low) and (high is None or value <= high)):
             continue
         if high is None:
-            raise ConfigError(f"field '{name}' must be {'>=' if low_allowed else '>'} {low:g}, got {value!r}")
-        raise ConfigError(f"field '{name}' must be in {'[' if low_allowed else '('}{low:g}, {high:g}], got {value!r}")
+            raise ConfigError(f"field '{name}' must be {'>=' if low_allowed else '>'} {low}, got {value!r}")
+        raise ConfigError(f"field '{name}' must be in {'[' if low_allowed else '('}{low}, {high}], got {value!r}")
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             named = [a for a in allowed if a is not None]
@@ -201,8 +201,11 @@ def check_bounds(config: Any, bounds: Dict[str, Tuple[float, Optional[float], bo
                               f"got {getattr(config, name)!r}")
 
 
+MAX_SEED = 2**32 - 1  # numpy's global seed; Gymnasium refuses negative seeds
+MAX_RUNS = 1024  # runs in one --seeds stack: more is a typo, not an experiment one GPU holds
 # Numeric fields' allowed values: (low, high or None, whether low itself is allowed).
 BOUNDS: Dict[str, Tuple[float, Optional[float], bool]] = {
+    "seed": (0, MAX_SEED, True),
     "eval_freq": (0, None, False),
     "n_episodes": (0, None, False),
     "buffer_size": (0, None, False),
@@ -253,14 +256,21 @@ def run_seeds(config: TrainConfig) -> Optional[List[int]]:
     text = config.seeds.strip()
     expected = f"field 'seeds' expects a count like 4 or a list like 0,1,2,3, got {config.seeds!r}"
     try:
-        seeds = ([int(s) for s in text.split(",") if s.strip()] if "," in text
-                 else list(range(config.seed, config.seed + int(text))))
+        seeds = [int(s) for s in text.split(",") if s.strip()] if "," in text else int(text)
     except ValueError:
         raise ConfigError(expected) from None
+    count = seeds if isinstance(seeds, int) else len(seeds)
+    if count > MAX_RUNS:  # before a count becomes a list
+        raise ConfigError(f"field 'seeds': at most {MAX_RUNS} runs in one process, got {count}")
+    if isinstance(seeds, int):  # a count: seed, seed + 1, ...
+        seeds = list(range(config.seed, config.seed + seeds))
     if not seeds:
         raise ConfigError(expected)
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"field 'seeds' lists a seed twice: {config.seeds!r}")
+    outside = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if outside:
+        raise ConfigError(f"field 'seeds' lists a seed outside [0, {MAX_SEED}]: {outside[0]}")
     return seeds
 
 
