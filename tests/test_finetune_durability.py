@@ -230,6 +230,7 @@ BAD_INPUTS = [  # (what, argv after the dataset argument, expected message); {ru
     ("max_episode_steps 0", ["--max_episode_steps=0"], "field 'max_episode_steps' must be > 0"),
     ("negative eval_seed", ["--eval_seed=-5"], "field 'eval_seed' must be in \\[0, 4294967295\\], got -5"),
     ("negative seed", ["--seed=-1"], "field 'seed' must be in \\[0, 4294967295\\]"),
+    ("log_dir a file", ["--log_dir=/dev/null"], "field 'log_dir': cannot create the run directory /dev/null/"),
     ("ref_min_score >= ref_max_score", ["--ref_min_score=5", "--ref_max_score=-5"],
      "fields 'ref_min_score' \\(5.0\\) >= 'ref_max_score' \\(-5.0\\): the return that scores 0 must be below"),
     ("ref_min_score above the file's ref_max_score", ["--ref_min_score=4000"],

@@ -222,7 +222,7 @@ SHARED = [
     "CQL.draw_noise", "CQL.update_target", "CQL.parameters_finite", "CQL.load_state_dict", "CQL._run_layout",
     "CQL._adam_indices", "CQL.load_run_state_dicts", "UpdateStep.__call__", "UpdateStep.take_means",
     "UpdateStep.run_metric_sum", "UpdateStep.take_run_means", "actor_weights", "Evaluator.close", "write_atomic",
-    "RunLogger.log", "RunLogger.close", "set_rng_states", "checkpoint_files", "keep_lines", "set_seed",
+    "RunLogger.log", "RunLogger.close", "make_run_dir", "set_rng_states", "checkpoint_files", "keep_lines", "set_seed",
     "resolve_device", "main",
 ]
 

@@ -1581,6 +1581,15 @@ def normalized_score(returns: np.ndarray, ref_min: Optional[float], ref_max: Opt
     return float(100.0 * (np.mean(returns) - ref_min) / (ref_max - ref_min))
 
 
+def make_run_dir(path: Path, config: Any) -> None:
+    """Creates a run directory, or a ConfigError naming the field it lies under."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        field = "checkpoints_path" if config.checkpoints_path else "log_dir"
+        raise ConfigError(f"field '{field}': cannot create the run directory {path} ({e.strerror})") from None
+
+
 def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Writes through a temporary file in the same folder and renames: a reader sees old or new."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -1895,7 +1904,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         for run in runs:
             run_name = f"{config.name}-{dataset_label(config.env)}-{run.seed}-{uuid.uuid4().hex[:8]}"
             run.dir = Path(config.checkpoints_path or config.log_dir) / run_name
-            run.dir.mkdir(parents=True, exist_ok=True)
+            make_run_dir(run.dir, config)
     for run in runs:
         write_atomic(run.dir / "config.yaml", lambda f: yaml.safe_dump(asdict(config), f, sort_keys=False), mode="w")
         run.logger = RunLogger(config, run.dir, run.dir.name, resume=resumed is not None,
