@@ -723,7 +723,7 @@ def check_dataset_matches_env(data: OfflineData, env: gym.Env) -> None:
     """The dataset's rows fit the eval env's flattened observations and its actions; else a DatasetError
     that, for a goal Dict env, spells out the state's parts and whether goal_in_state would fit."""
     name = env.spec.id if env.spec else env
-    obs_dim = flatten_observation(env.observation_space.sample()).shape[-1]
+    obs_dim = env.observation_space.shape[0]  # make_env's envs give flat rows (flat_observation_env)
     if data.observations.shape[1] != obs_dim:
         raw, layout = env.unwrapped.observation_space, ""
         if isinstance(raw, gym.spaces.Dict) and set(raw.keys()) == set(GOAL_DICT_KEYS):
@@ -1676,7 +1676,7 @@ def evaluate(envs: Union[gym.vector.VectorEnv, List[gym.Env]], actor: TanhGaussi
         reported = False
         running = np.ones(envs.num_envs, dtype=bool)
         while running.any():
-            state = torch.as_tensor((flatten_observation(obs) - state_mean) / state_std, dtype=torch.float32,
+            state = torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32,
                                     device=device)
             obs, reward, terminated, truncated, info = envs.step(policy.act(state).cpu().numpy())
             for i in np.flatnonzero(running):
@@ -2162,8 +2162,7 @@ class Run:
         """One step of the training env, and a reset after an episode's end: the next observation (before
         any reset), the reward, terminated, and the ended episode's row (empty while the episode goes on).
         last_step keeps the step as (obs, action, reward, next obs, terminated, truncated), unnormalized."""
-        next_raw, reward, terminated, truncated, info = self.env.step(action)
-        next_obs = flatten_observation(next_raw)
+        next_obs, reward, terminated, truncated, info = self.env.step(action)
         self.last_step = (self.obs, action, reward, next_obs, bool(terminated), bool(truncated))
         success = step_success(float(reward), info, sparse_reward)
         if success is not None:
@@ -2184,7 +2183,7 @@ class Run:
                 progress["train_successes"] += int(self.episode_success)
                 row["train/is_success"] = float(self.episode_success)
                 row["train/regret"] = 1.0 - progress["train_successes"] / progress["train_episodes"]
-            self.new_episode(flatten_observation(self.env.reset()[0]))
+            self.new_episode(self.env.reset()[0])
         return next_obs, reward, terminated, row
 
     def log_evaluations(self, finished: List[Tuple[int, np.ndarray, np.ndarray, bool]], ref_min: Optional[float],
@@ -2441,7 +2440,7 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     if action_bound(probe_env, "eval env") != max_action:
         raise DatasetError(f"eval env: action bound {action_bound(probe_env, 'eval env')} differs from the "
                            f"training env's {max_action}")
-    state_dim = flatten_observation(env.observation_space.sample()).shape[-1]
+    state_dim = env.observation_space.shape[0]  # the training env gives flat rows (flat_observation_env)
     action_dim = env.action_space.shape[0]
     env_names = (config.env, config.eval_env, env.spec.id if env.spec else None)
     goal_task = is_goal_task(*env_names)
@@ -2516,7 +2515,7 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
             online_it = it - config.offline_iterations
             for run in runs:
                 if run.obs is None:  # the first online iteration, or the first after a resume
-                    run.obs = flatten_observation(run.env.reset(seed=run.seed + online_it)[0])
+                    run.obs = run.env.reset(seed=run.seed + online_it)[0]
                     run.env.action_space.seed(run.seed + online_it)
             warmup = pure_online and online_it < config.warmup_steps  # random actions, no update
             actions = act(trainer, runs, normalize_state, warmup, it)

@@ -717,7 +717,7 @@ def check_dataset_matches_env(data: OfflineData, env: gym.Env) -> None:
     """The dataset's rows fit the eval env's flattened observations and its actions; else a DatasetError
     that, for a goal Dict env, spells out the state's parts and whether goal_in_state would fit."""
     name = env.spec.id if env.spec else env
-    obs_dim = flatten_observation(env.observation_space.sample()).shape[-1]
+    obs_dim = env.observation_space.shape[0]  # make_env's envs give flat rows (flat_observation_env)
     if data.observations.shape[1] != obs_dim:
         raw, layout = env.unwrapped.observation_space, ""
         if isinstance(raw, gym.spaces.Dict) and set(raw.keys()) == set(GOAL_DICT_KEYS):
@@ -1469,7 +1469,7 @@ def evaluate(envs: gym.vector.VectorEnv, actor: TanhGaussianActor, seed: int, st
         returns = np.zeros(envs.num_envs)
         running = np.ones(envs.num_envs, dtype=bool)
         while running.any():
-            state = torch.as_tensor((flatten_observation(obs) - state_mean) / state_std, dtype=torch.float32)
+            state = torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32)
             obs, reward, terminated, truncated, _ = envs.step(policy.act(state).numpy())
             returns += np.where(running, reward, 0.0)
             running &= ~(terminated | truncated)
