@@ -8,6 +8,7 @@ penalty weight that changes at the offline-to-online switch and a penalty-free S
 at the end); mutating one term of the reference makes the comparison fail (test_a_mutated_term_fails).
 """
 import copy
+import inspect
 import math
 
 import pytest
@@ -240,7 +241,7 @@ def double_noise(trainer):
 
 def fast_losses(trainer, batch, noise, bc=False, penalty=True):
     """The script's losses; the finetune script's take whether the penalty is computed (see CQL.phase)."""
-    if "penalty" in trainer.losses.__code__.co_varnames:
+    if "penalty" in inspect.signature(trainer.losses).parameters:
         return trainer.losses(batch, noise, bc=bc, penalty=penalty)
     assert penalty, "the offline script always computes the penalty"
     return trainer.losses(batch, noise, bc=bc)
