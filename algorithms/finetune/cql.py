@@ -2022,11 +2022,13 @@ def rng_states() -> Dict[str, Any]:
 
 
 def set_rng_states(states: Dict[str, Any]) -> None:
+    """Restores rng_states(); torch wants them as CPU byte tensors, and a checkpoint loaded onto a GPU
+    (map_location) holds them there."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
+    torch.set_rng_state(states["torch"].cpu())
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
 _SIMULATOR_SKIP = ("spec", "_np_random", "action_space", "observation_space")  # restored apart, or fixed
@@ -2222,8 +2224,8 @@ class Run:
         """Takes a checkpoint's progress and unfinished evaluations (which run again); with resume also its
         evaluation results and episode in progress, with the training env's state."""
         self.progress = state.progress
-        for eval_step, weights in sorted(state.pending_evaluations.items()):
-            self.evaluator.submit(eval_step, weights)
+        for eval_step, weights in sorted(state.pending_evaluations.items()):  # CPU copies, as when submitted
+            self.evaluator.submit(eval_step, {k: v.cpu() for k, v in weights.items()})
         if not resume:  # load_model: fresh episodes, the random streams not restored
             return
         self.goal_task, self.last_score, self.eval_returns = state.goal_task, state.last_score, state.eval_returns

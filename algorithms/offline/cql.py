@@ -1660,11 +1660,13 @@ def rng_states() -> Dict[str, Any]:
 
 
 def set_rng_states(states: Dict[str, Any]) -> None:
+    """Restores rng_states(); torch wants them as CPU byte tensors, and a checkpoint loaded onto a GPU
+    (map_location) holds them there."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
+    torch.set_rng_state(states["torch"].cpu())
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
 def checkpoint_files(run_dir: Path) -> List[Path]:
@@ -1798,8 +1800,8 @@ class Run:
     def restore(self, state: RunState) -> None:
         """Takes a stopped run's evaluation results; its unfinished evaluations run again."""
         self.scores, self.last_return = state.scores, state.last_return
-        for eval_step, weights in sorted(state.pending_evaluations.items()):
-            self.evaluator.submit(eval_step, weights)
+        for eval_step, weights in sorted(state.pending_evaluations.items()):  # CPU copies, as when submitted
+            self.evaluator.submit(eval_step, {k: v.cpu() for k, v in weights.items()})
 
 
 def save_checkpoints(runs: List[Run], step: int, trainer: CQL, update: UpdateStep, window: int,
