@@ -1830,7 +1830,9 @@ class Evaluator:
         steps = sorted(self.pending)
         tqdm.write(f"warning: {worker} died ({how}); restarted it" + (  # tqdm's: a line of its own, not after the bar
             f", evaluating update(s) {', '.join(map(str, steps))} again" if steps else ""), file=sys.stderr)
-        self.results.close()
+        self.results.close()  # the dead worker's pipe, queue and process handles: no file descriptors left open
+        self.jobs.close()
+        self.worker.close()
         self.start_worker()
         for step in steps:
             self.jobs.put((step, self.pending[step], self.seed, self.state_mean, self.state_std))
