@@ -186,7 +186,8 @@ def test_two_seed_run_crosses_the_switch_with_its_own_dirs_metrics_and_episodes(
         assert episodes and all(r["step"] > 20 and 0 < r["train/episode_length"] <= 10 for r in episodes)
         episode_returns.append([r["train/episode_return"] for r in episodes])
         assert [r["step"] for r in rows if "eval_return_mean" in r] == [30, 60]
-        assert cql.parse_config(["--config_path", str(run_dir / "config.yaml")]).seeds == "4,9"  # the stack's
+        own = cql.parse_config(["--config_path", str(run_dir / "config.yaml")])  # the run's; stack.yaml: the stack's
+        assert (own.seed, own.seeds) == (int(run_dir.name.split("-")[-2]), None)
         # each run's checkpoint is a one-run checkpoint: a one-seed trainer and ring load it
         assert sorted(p.name for p in run_dir.glob("*.pt")) == ["checkpoint_30.pt", "checkpoint_60.pt",
                                                                  "replay_60.pt"]

@@ -224,6 +224,8 @@ SHARED = [
     "UpdateStep.run_metric_sum", "UpdateStep.take_run_means", "actor_weights", "Evaluator.close", "write_atomic",
     "RunLogger.log", "RunLogger.close", "make_run_dir", "set_rng_states", "checkpoint_files", "keep_lines", "set_seed",
     "resolve_device", "main",
+    "EvaluationWorkerError", "StackRecord", "run_config", "write_run_records", "Evaluator.start_worker",
+    "Evaluator.replace_dead_worker", "Evaluator.receive",
 ]
 
 

@@ -242,6 +242,40 @@ def test_unfinished_last_line_is_skipped(tmp_path, capsys):
     assert "20.0 ± 0.0" in out and "unfinished last line" in err
 
 
+def test_runs_of_a_seed_stack_count_by_their_own_seeds(tmp_path, capsys):
+    """A stack's run directories, as the training script writes their records (the run's own config.yaml
+    and stack.yaml), and as it wrote them before (each config.yaml the whole stack's: seed 0, seeds 3,5,8),
+    are one run per seed: no warning about repeated seeds; two runs of one seed still get it."""
+    import algorithms.offline.cql as offline_cql
+
+    stack = offline_cql.TrainConfig(env="hopper-medium-v2", seed=0, seeds="3,5,8")
+    for layout in ("new", "old"):
+        folders = {seed: write_run(tmp_path / layout, "hopper-medium-v2", seed, [(1000, 5), (2000, 10.0 * seed)])
+                   for seed in (3, 5, 8)}
+        for seed, folder in folders.items():
+            if layout == "new":
+                offline_cql.write_run_records(folder, stack, seed, [f.name for f in folders.values()])
+            else:
+                (folder / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(stack)))
+            assert results.read_run(folder).seed == seed
+        assert results.main([str(tmp_path / layout)]) == 0
+        out, err = capsys.readouterr()
+        assert "| hopper-medium-v2 | locomotion | 53.3 ± 20.5 | 53.3 ± 20.5 | 3 | 2000 |" in out, out
+        assert "more than one run" not in err, err
+
+    renamed = tmp_path / "old" / "my-run"  # an old stack's run whose name was changed: its seed is unknown
+    shutil.move(folders[8], renamed)
+    assert results.main([str(tmp_path / "old")]) == 0
+    err = capsys.readouterr().err
+    assert f"{renamed}: a run of a --seeds stack (3,5,8) whose directory name gives no seed" in err
+    assert "more than one run" not in err
+
+    for copy in ("a", "b"):  # the same seed twice, one run each
+        write_run(tmp_path / "twice" / copy, "hopper-medium-v2", 0, [(1000, 10)])
+    assert results.main([str(tmp_path / "twice")]) == 0
+    assert "offline hopper-medium-v2: seed(s) [0] appear in more than one run" in capsys.readouterr().err
+
+
 def test_help_runs_as_a_script():
     done = subprocess.run([sys.executable, "tools/results.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0 and "--plots" in done.stdout and "np.std" in done.stdout

@@ -16,6 +16,9 @@ Numbers, per dataset, over its runs (one run per seed):
   std   = population std (np.std, ddof=0), as CORL reports it;
   domain average = the mean of the dataset means of that domain (locomotion, antmaze, maze2d, adroit, other).
 The score is "eval/d4rl_normalized_score" in a run that logs it (finetune), else "d4rl_normalized_score".
+A run's seed is its config's `seed` (each run of a --seeds stack has a config.yaml of its own); in run
+directories written before that, whose config.yaml is the whole stack's, the seed in the directory's name
+(<name>-<env>-<seed>-<id>). Two runs of one dataset with one seed get a warning (each counts).
 
 Curves: runs of unequal length or with different evaluation steps are aligned on the steps that every
 run of the dataset evaluated (the intersection; nothing is interpolated) with `--align common`, the
@@ -142,8 +145,22 @@ def read_run(folder: Path) -> Optional[Run]:
         return None
     points = sorted({int(r["step"]): float(r[score_key]) for r in rows if score_key in r}.items())
     steps, scores = (np.array(column) for column in zip(*points))
-    return Run(folder, config["env"], config.get("seed"), "finetune" if finetune else "offline",
+    return Run(folder, config["env"], run_seed(folder, config), "finetune" if finetune else "offline",
                score_key, steps, scores)
+
+
+def run_seed(folder: Path, config: dict) -> Optional[int]:
+    """The run's own seed: its config's `seed`, unless the config is a whole --seeds stack's (run directories
+    written before each run of a stack had its own config.yaml): then the seed in the directory's name
+    <name>-<env>-<seed>-<id>, or None (with a warning) where the name has none."""
+    if config.get("seeds") is None:
+        return config.get("seed")
+    parts = folder.name.rsplit("-", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        return int(parts[1])
+    print(f"warning: {folder}: a run of a --seeds stack ({config['seeds']}) whose directory name gives no seed; "
+          f"not counted in the check for repeated seeds", file=sys.stderr)
+    return None
 
 
 def short_name(env: str) -> str:
@@ -176,7 +193,7 @@ def summarize(runs: List[Run]) -> List[DatasetResult]:
     results = []
     for (kind, env), members in groups.items():
         seeds = [r.seed for r in members]
-        repeated = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
+        repeated = sorted({s for s in seeds if s is not None and seeds.count(s) > 1})
         if repeated:
             print(f"warning: {kind} {env}: seed(s) {repeated} appear in more than one run; each run counts",
                   file=sys.stderr)

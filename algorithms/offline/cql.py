@@ -11,8 +11,9 @@ Layout: config -> data -> networks -> algorithm -> evaluation and logging -> tra
 Several seeds in one process (--seeds=0,1,2,3, or --seeds=4 for seed..seed+3): one trainer holds
 the runs stacked along a leading seed dimension and updates them together; each run samples its
 own batches and noise and is otherwise what a one-seed run is: its own run directory
-<name>-<env>-<seed>-<id> with config.yaml, metrics.jsonl, wandb run (grouped by `group`),
-evaluations (episode i seeded seed + i) and ordinary one-run checkpoints, written for all runs
+<name>-<env>-<seed>-<id> with its own config.yaml (--config_path of it trains that seed alone), the
+stack's stack.yaml, metrics.jsonl, wandb run (grouped by `group`), evaluations (episode i seeded
+seed + i) and ordinary one-run checkpoints, written for all runs
 at the same updates. --resume=<any run directory of the stack> resumes the whole stack, exactly,
 from the newest update that every run has a checkpoint of. A non-finite value in any run stops
 the stack.
@@ -39,9 +40,9 @@ import time
 import urllib.request
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union, get_args, get_origin
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union, get_args, get_origin
 
 import gymnasium as gym
 import h5py
@@ -129,6 +130,11 @@ class ConfigError(ValueError):
 
 class DatasetError(ValueError):
     """A dataset is missing or malformed; the message is one line naming the file."""
+
+
+class EvaluationWorkerError(RuntimeError):
+    """A background evaluation failed, or its worker died again before the evaluations it was restarted
+    for were done: the run stops (exit code 3); the message is one line naming the last good checkpoint."""
 
 
 _NONE_WORDS = {"none", "null", "~"}  # None on the command line and in a YAML file alike
@@ -274,6 +280,26 @@ def run_seeds(config: TrainConfig) -> Optional[List[int]]:
     return seeds
 
 
+STACK_RECORD = "stack.yaml"  # in each run directory of a --seeds stack, beside the run's own config.yaml
+
+
+@dataclass
+class StackRecord:
+    """<run dir>/stack.yaml of each run of a --seeds stack: the stack the run came from. Its config.yaml
+    is the run's own (run_config); --resume of any of the stack's run directories takes seed and seeds
+    from here, so the whole stack resumes."""
+
+    seeds: str  # the stack's seeds field, as given: "0,1,2,3", or a count "4" (seed..seed+3)
+    seed: int  # the stack's seed: where a count starts, and the one stream of its batches and noise
+    runs: List[str]  # the stack's run directory names, in the order of its seeds
+
+
+def run_config(config: Any, seed: int) -> Any:
+    """The config of the run with this seed alone, as its config.yaml and checkpoints record it:
+    --config_path of it trains that seed from the start (no seeds, no resume)."""
+    return replace(config, seed=seed, seeds=None, resume=None)
+
+
 def parse_config(argv: List[str], config_class: type = TrainConfig,
                  check: Optional[Callable[[Any], None]] = None) -> Any:
     """Strict parsing of `--config_path file.yaml` plus `--key=value` / `--key value` overrides into
@@ -308,29 +334,42 @@ def parse_config(argv: List[str], config_class: type = TrainConfig,
             overrides[key] = value
         i += 1
     values: Dict[str, Any] = {}
-    if config_path is None and "resume" in overrides:  # a resumed run keeps its own config
+    sources: List[Tuple[str, str, Set[str], Set[str]]] = []  # YAML files in order: what, path, keys allowed, needed
+    if config_path is None and "resume" in overrides:  # a resumed run keeps its own config ...
         config_path = str(Path(overrides["resume"]) / "config.yaml")
         if not Path(config_path).is_file():
             raise ConfigError(f"field 'resume': {overrides['resume']} is not a run directory (no config.yaml)")
+        stack_path = Path(overrides["resume"]) / STACK_RECORD
+        if stack_path.is_file():  # ... and a run of a stack its stack's seed and seeds: the whole stack resumes
+            record_keys = {f.name for f in fields(StackRecord)}
+            sources.append(("stack record", str(stack_path), record_keys, record_keys))
     if config_path is not None:
+        sources.insert(0, ("config file", config_path, set(types), set()))
+    for what, path, keys, needed in sources:
+        where = f"{what} {path}"
         try:
-            with open(config_path) as f:
+            with open(path) as f:
                 loaded = yaml.safe_load(f)
         except OSError as e:
-            raise ConfigError(f"config file {config_path}: cannot read ({e.strerror})") from None
+            raise ConfigError(f"{where}: cannot read ({e.strerror})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {config_path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {config_path}: expected a mapping of field: value")
+            raise ConfigError(f"{where}: expected a mapping of field: value")
+        missing = sorted(needed - set(loaded))
+        if missing:
+            raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
         for key, value in loaded.items():
-            if key not in types:
-                raise ConfigError(f"config file {config_path}: unknown key '{key}'")
+            if key not in keys:
+                raise ConfigError(f"{where}: unknown key '{key}'")
+            if key not in types:  # a stack record's run directory names: the checkpoints name them too
+                continue
             if key == "seeds" and isinstance(value, (int, list)) and not isinstance(value, bool):
                 value = ",".join(map(str, value)) + ("," if len(value) == 1 else "") if isinstance(value, list) \
                     else str(value)  # YAML `seeds: 4` or `seeds: [0, 1]`
-            values[key] = parse_value(key, types[key], value, f"config file {config_path}")
+            values[key] = parse_value(key, types[key], value, where)
     for key, value in overrides.items():
         values[key] = parse_value(key, types[key], value, "command line")
     config = config_class(**values)
@@ -1488,10 +1527,10 @@ def _evaluation_worker(env_spec: Any, n_episodes: int, actor_shape: Tuple[int, i
         while (job := jobs.get()) is not None:
             step, weights, seed, state_mean, state_std = job
             actor.load_state_dict(weights)
-            results.put((step, evaluate(envs, actor, seed, state_mean, state_std)))
+            results.send((step, evaluate(envs, actor, seed, state_mean, state_std)))
         envs.close()
     except Exception as e:  # reported to the trainer, which stops with it
-        results.put((None, f"{type(e).__name__}: {' '.join(str(e).split())}"))  # one line
+        results.send((None, f"{type(e).__name__}: {' '.join(str(e).split())}"))  # one line
 
 
 def actor_weights(actor: Union[TanhGaussianActor, ActorStack], run: Optional[int] = None) -> Dict[str, torch.Tensor]:
@@ -1508,28 +1547,31 @@ class Evaluator:
     In the background the update loop only copies the actor's weights (~0.3 MB) at each
     evaluation; results come back a few seconds later and are logged at their own step. Weights
     of evaluations still running are kept (`pending`), so that a checkpoint can carry them.
+
+    A worker that dies (SIGKILL, the OOM killer) is replaced with a one-line warning, and the evaluations it
+    had pending run again in the new one; if that one dies too before they are done, the run stops
+    (EvaluationWorkerError, exit code 3) naming the last good checkpoint, whose pending evaluations a
+    --resume runs again. Nothing waits on a dead worker: its answers come through a pipe whose only writing
+    end it holds, so its death reads as the pipe's end, and its job queue is never joined at exit.
     """
 
     def __init__(self, env: gym.Env, make_env: Callable[[], gym.Env], n_episodes: int, seed: int,
                  state_mean: np.ndarray, state_std: np.ndarray, actor: Union[TanhGaussianActor, ActorStack],
-                 background: bool):
+                 background: bool, label: str = "", last_good_checkpoint: Callable[[], str] = lambda: ""):
         self.seed, self.state_mean, self.state_std = seed, state_mean, state_std
+        self.label, self.last_good_checkpoint = label, last_good_checkpoint  # for messages: the run's name
         self.pending: Dict[int, Dict[str, torch.Tensor]] = {}
+        self.resubmitted: Set[int] = set()  # steps whose evaluation a replaced worker's successor runs again
         self.finished: List[Tuple[int, np.ndarray]] = []
         self.worker = None
         state_dim = actor.net[0].in_features if isinstance(actor, TanhGaussianActor) else actor.weights[0].shape[1]
         shape = (state_dim, actor.action_dim, actor.max_action)
         if background:
-            import multiprocessing
-
             if env.spec is None:
                 raise ConfigError("field 'background_eval': the eval env has no Gymnasium spec to rebuild it from "
                                   "in a worker process; set background_eval false")
-            context = multiprocessing.get_context("spawn")  # never fork a process holding a CUDA context
-            self.jobs, self.results = context.Queue(), context.Queue()
-            self.worker = context.Process(target=_evaluation_worker, daemon=True,
-                                          args=(env.spec, n_episodes, shape, self.jobs, self.results))
-            self.worker.start()
+            self.worker_args = (env.spec, n_episodes, shape)
+            self.start_worker()
         else:
             self.envs = gym.vector.SyncVectorEnv([make_env] * n_episodes)
             if isinstance(actor, TanhGaussianActor):
@@ -1546,23 +1588,70 @@ class Evaluator:
         self.jobs.put((step, weights, self.seed, self.state_mean, self.state_std))
         self.pending[step] = weights
 
+    def start_worker(self) -> None:
+        """A worker process with a job queue and an answer pipe of its own: a dead worker's are never reused,
+        as it may have died holding the queue's lock or half-way through a message."""
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # never fork a process holding a CUDA context
+        self.jobs = context.Queue()
+        self.jobs.cancel_join_thread()  # at exit, never wait to feed jobs to a worker that is gone
+        self.results, answers = context.Pipe(duplex=False)
+        self.worker = context.Process(target=_evaluation_worker, daemon=True,
+                                      args=(*self.worker_args, self.jobs, answers))
+        self.worker.start()
+        answers.close()  # the worker holds the only writing end: its death reads as the pipe's end
+
+    def replace_dead_worker(self) -> None:
+        """Called once every answer of a dead worker is read: one line, and a new worker that runs the pending
+        evaluations again; an EvaluationWorkerError if some of them were already run again once."""
+        import signal
+
+        self.worker.join()
+        code = self.worker.exitcode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        worker = f"the evaluation worker{f' of {self.label}' if self.label else ''} (pid {self.worker.pid})"
+        again = sorted(self.resubmitted & set(self.pending))
+        if again:
+            raise EvaluationWorkerError(f"{worker}, restarted to run the evaluation of update {again[0]} again, died "
+                                        f"too ({how}); stopping" + self.last_good_checkpoint())
+        steps = sorted(self.pending)
+        tqdm.write(f"warning: {worker} died ({how}); restarted it" + (  # tqdm's: a line of its own, not after the bar
+            f", evaluating update(s) {', '.join(map(str, steps))} again" if steps else ""), file=sys.stderr)
+        self.results.close()  # the dead worker's pipe, queue and process handles: no file descriptors left open
+        self.jobs.close()
+        self.worker.close()
+        self.start_worker()
+        for step in steps:
+            self.jobs.put((step, self.pending[step], self.seed, self.state_mean, self.state_std))
+        self.resubmitted.update(steps)
+
+    def receive(self, wait: bool) -> Optional[Tuple[Any, ...]]:
+        """The worker's next answer; None if there is none yet (with wait: after a second); a dead worker is
+        replaced (replace_dead_worker) once its answers are read, and gives None."""
+        try:
+            if not self.results.poll(1.0 if wait else 0.0):
+                if self.worker.is_alive():
+                    return None
+                if not self.results.poll(1.0):  # dead: its pipe reads as ended at once, or it is taken as such
+                    raise EOFError
+            answer = self.results.recv()
+        except (EOFError, OSError):  # its pipe's end (or a message cut off by its death): all it sent was read
+            self.replace_dead_worker()
+            return None
+        if answer[0] is None:
+            raise EvaluationWorkerError(f"evaluation failed in the worker: {answer[1]}" + self.last_good_checkpoint())
+        return answer
+
     def collect(self, wait: bool = False) -> List[Tuple[int, np.ndarray]]:
         """Evaluations finished since the last call, oldest first; with wait, all submitted ones."""
-        import queue
-
         while self.pending:
-            try:
-                step, returns = self.results.get(timeout=1.0) if wait else self.results.get_nowait()
-            except queue.Empty:
-                if self.worker.is_alive() and not wait:
-                    break
-                if not self.worker.is_alive():
-                    raise RuntimeError(f"evaluation worker exited (code {self.worker.exitcode})") from None
-                continue
-            if step is None:
-                raise RuntimeError(f"evaluation failed in the worker: {returns}")
-            self.finished.append((step, returns))
-            del self.pending[step]
+            answer = self.receive(wait)
+            if answer is None and not wait:
+                break
+            if answer is not None:
+                self.finished.append(answer)
+                del self.pending[answer[0]]
         finished, self.finished = self.finished, []
         return finished
 
@@ -1570,6 +1659,10 @@ class Evaluator:
         if self.worker is not None:
             self.jobs.put(None)
             self.worker.join(timeout=30)
+            if self.worker.is_alive():  # stuck past its last job: not worth a hang
+                self.worker.kill()
+                self.worker.join()
+            self.results.close()
         else:
             self.envs.close()
 
@@ -1588,6 +1681,16 @@ def make_run_dir(path: Path, config: Any) -> None:
     except OSError as e:
         field = "checkpoints_path" if config.checkpoints_path else "log_dir"
         raise ConfigError(f"field '{field}': cannot create the run directory {path} ({e.strerror})") from None
+
+
+def write_run_records(run_dir: Path, config: Any, seed: int, stack: Optional[List[str]] = None) -> None:
+    """A run's config.yaml (its own config, run_config) and, for a run of a stack (stack: its run directory
+    names), stack.yaml (StackRecord) first: a run directory with the new config.yaml always has its record."""
+    if stack is not None:
+        record = StackRecord(seeds=config.seeds, seed=config.seed, runs=stack)
+        write_atomic(run_dir / STACK_RECORD, lambda f: yaml.safe_dump(asdict(record), f, sort_keys=False), mode="w")
+    own = asdict(run_config(config, seed))
+    write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(own, f, sort_keys=False), mode="w")
 
 
 def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -1647,7 +1750,8 @@ def save_checkpoint(path: Path, trainer: CQL, state_mean: np.ndarray, state_std:
     """Everything needed to continue: trainer (or run `run` of a stack, in the one-run layout),
     normalisation, config and (for resume) run_state."""
     state = {**(trainer.state_dict() if run is None else trainer.run_state_dict(run)),
-             "state_mean": state_mean, "state_std": state_std, "config": asdict(trainer.config),
+             "state_mean": state_mean, "state_std": state_std,
+             "config": asdict(trainer.config if run is None else run_config(trainer.config, trainer.seeds[run])),
              "run": None if run_state is None else run_state.to_dict()}
     write_atomic(path, lambda f: torch.save(state, f))
 
@@ -1907,8 +2011,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             run_name = f"{config.name}-{dataset_label(config.env)}-{run.seed}-{uuid.uuid4().hex[:8]}"
             run.dir = Path(config.checkpoints_path or config.log_dir) / run_name
             make_run_dir(run.dir, config)
-    for run in runs:
-        write_atomic(run.dir / "config.yaml", lambda f: yaml.safe_dump(asdict(config), f, sort_keys=False), mode="w")
+    for run in runs:  # each run's own config, and a stack's record: --resume any of them resumes the stack
+        write_run_records(run.dir, config, run.seed, [r.dir.name for r in runs] if stacked else None)
         run.logger = RunLogger(config, run.dir, run.dir.name, resume=resumed is not None,
                                seed=run.seed if stacked else None)
     where = (f"run dir {runs[0].dir}" if not stacked
@@ -1921,7 +2025,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     background = device.type == "cuda" if config.background_eval is None else config.background_eval
     for run in runs:  # episode i of run k is seeded seeds[k] + i
         run.evaluator = Evaluator(probe_env, data.make_env, config.n_episodes, run.seed, state_mean, state_std,
-                                  trainer.actor, background)
+                                  trainer.actor, background, run.dir.name, run.last_good_checkpoint)
     probe_env.close()
     window = 0
     if resumed is not None:
@@ -2000,7 +2104,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except FloatingPointError as e:
+    except (FloatingPointError, EvaluationWorkerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
 
