@@ -131,6 +131,11 @@ class DatasetError(ValueError):
     """A dataset is missing or malformed; the message is one line naming the file."""
 
 
+class RunFault(RuntimeError):
+    """A fault that stops a run (beside non-finite values, FloatingPointError): the message is one line
+    naming what happened and the last good checkpoint."""
+
+
 _NONE_WORDS = {"none", "null", "~"}  # None on the command line and in a YAML file alike
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
@@ -1998,7 +2003,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except FloatingPointError as e:
+    except (FloatingPointError, RunFault) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
 
