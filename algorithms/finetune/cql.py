@@ -1959,8 +1959,7 @@ def pending_evaluations(state: Dict[str, Any]) -> Dict[int, Dict[str, torch.Tens
 
 def new_progress() -> Dict[str, Any]:
     """A run's counters at its start: the checkpoint's 'progress' entry (with online_transitions added)."""
-    return {"iteration": 0, "train_episodes": 0, "train_successes": 0, "eval_success_rates": [], "scores": [],
-            "env_errors": 0, "env_errors_in_a_row": 0}  # failed training-env steps: all, and the latest in a row
+    return {"iteration": 0, "train_episodes": 0, "train_successes": 0, "eval_success_rates": [], "scores": []}
 
 
 @dataclass
@@ -1983,19 +1982,22 @@ class RunState:
     eval_returns: List[float] = field(default_factory=list)
     episode: Tuple[Optional[np.ndarray], float, int, bool] = (None, 0.0, 0, False)  # obs, return, length, success
     env: Optional[Dict[str, Any]] = None  # env_state() of the training env mid-episode
+    env_errors: Tuple[int, int] = (0, 0)  # failed training-env steps: all, and the latest in a row
 
     def to_dict(self) -> Dict[str, Any]:
         """The checkpoint's 'run' entry (progress is an entry of its own)."""
         state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "progress"}
         if self.stack is None:
             del state["stack"]
+        if not any(self.env_errors):  # written once a step failed: other checkpoints keep their keys
+            del state["env_errors"]
         return state
 
     @classmethod
     def from_dict(cls, run: Dict[str, Any], progress: Optional[Dict[str, Any]] = None) -> "RunState":
         names = {f.name for f in fields(cls)} - {"progress"}
         state = cls(**{k: v for k, v in run.items() if k in names})
-        state.episode = tuple(state.episode)
+        state.episode, state.env_errors = tuple(state.episode), tuple(state.env_errors)
         state.progress.update({k: copy.deepcopy(v) for k, v in (progress or {}).items() if k in state.progress})
         return state
 
@@ -2311,6 +2313,8 @@ class Run:
     eval_returns: List[float] = field(default_factory=list)
     last_step: Optional[Tuple[np.ndarray, np.ndarray, Any, np.ndarray, bool, bool]] = None  # see finish_step()
     worker: Optional[EnvWorker] = None  # the env worker holding the training env (env_workers)
+    env_errors: int = 0  # failed steps of the training env (step_env) ...
+    env_errors_in_a_row: int = 0  # ... and the latest of them in a row
     pending: Optional[EnvStep] = None  # a step taken here by send_step, for finish_step
 
     def new_episode(self, obs: Optional[np.ndarray]) -> None:
@@ -2328,10 +2332,13 @@ class Run:
 
     def reset_env(self, seed: int) -> None:
         """A new episode, the env and its action space seeded with `seed`."""
+        if self.worker is not None:
+            self.new_episode(self.env_call("reset", seed))
+            return
         try:
-            obs = reset_env(self.env, seed) if self.worker is None else self.env_call("reset", seed)
-        except ValueError as e:
-            raise self.fault(f"failed: reset {e}") from None
+            obs = reset_env(self.env, seed)
+        except Exception as e:  # any env may raise anything
+            raise self.fault(f"failed: {one_line(e)}") from None
         self.new_episode(obs)
 
     def sample_action(self) -> np.ndarray:
@@ -2368,20 +2375,19 @@ class Run:
                 result = self.worker.receive()
             except RunFault as e:
                 raise self.fault(f"failed: {e}") from None
-        progress = self.progress
         if result.error is not None:
-            progress["env_errors"] += 1
-            progress["env_errors_in_a_row"] += 1
-            if progress["env_errors_in_a_row"] >= errors_in_a_row:
-                raise self.fault(f"failed {progress['env_errors_in_a_row']} steps in a row (the last in iteration "
+            self.env_errors += 1
+            self.env_errors_in_a_row += 1
+            if self.env_errors_in_a_row >= errors_in_a_row:
+                raise self.fault(f"failed {self.env_errors_in_a_row} steps in a row (the last in iteration "
                                  f"{step}: {result.error}; env_errors_in_a_row {errors_in_a_row})")
-            if progress["env_errors"] == 1:
+            if self.env_errors == 1:
                 tqdm.write(f"warning: the training env of seed {self.seed} failed in iteration {step} "
                            f"({result.error}): the episode ends there as truncated, the step is not stored; "
                            f"later failures are counted in train/env_errors", file=sys.stderr)
             self.last_step = None
         else:
-            progress["env_errors_in_a_row"] = 0
+            self.env_errors_in_a_row = 0
             self.last_step = (self.obs, action, result.reward, result.next_obs, result.terminated, result.truncated)
             if result.success is not None:
                 self.goal_task = True
@@ -2402,7 +2408,7 @@ class Run:
                 row["train/is_success"] = float(self.episode_success)
                 row["train/regret"] = 1.0 - progress["train_successes"] / progress["train_episodes"]
             if result.error is not None:
-                row["train/env_errors"] = progress["env_errors"]
+                row["train/env_errors"] = self.env_errors
             self.new_episode(result.reset_obs)
         return result, row
 
@@ -2436,7 +2442,8 @@ class Run:
                         last_score=self.last_score, eval_returns=list(self.eval_returns),
                         episode=(None if self.obs is None else self.obs.copy(), self.episode_return,
                                  self.episode_length, self.episode_success),
-                        env=None if self.obs is None else self.take_env_state())
+                        env=None if self.obs is None else self.take_env_state(),
+                        env_errors=(self.env_errors, self.env_errors_in_a_row))
 
     def restore(self, state: RunState, resume: bool) -> None:
         """Takes a checkpoint's progress and unfinished evaluations (which run again); with resume also its
@@ -2448,6 +2455,7 @@ class Run:
             return
         self.goal_task, self.last_score, self.eval_returns = state.goal_task, state.last_score, state.eval_returns
         self.obs, self.episode_return, self.episode_length, self.episode_success = state.episode
+        self.env_errors, self.env_errors_in_a_row = state.env_errors
         if state.env is not None:
             self.put_env_state(state.env)
         elif self.obs is not None:  # the env's state could not be saved: a fresh episode, as after load_model
@@ -2632,7 +2640,7 @@ def summarize(runs: List[Run], trainer: CQL, buffer: ReplayBuffer, total: int, e
     summaries = [{"seed": run.seed, "run_dir": str(run.dir), "last_score": run.last_score,
                   "best_score": max(run.progress["scores"]) if run.progress["scores"] else None,
                   "eval_returns": run.eval_returns, "train_episodes": run.progress["train_episodes"],
-                  "env_errors": run.progress.get("env_errors", 0)} for run in runs]
+                  "env_errors": run.env_errors} for run in runs]
     summary = {"iterations": total, "updates": trainer.total_it, "seconds": elapsed, "load_seconds": load_seconds,
                "eval_seconds": eval_seconds, "cql_alpha": float(trainer.cql_alpha),
                "online_transitions": buffer.n_added}
