@@ -215,7 +215,7 @@ def top_level_sources(path: Path) -> dict:
 # Copied on purpose (one file per algorithm variant) and meant to stay the same text.
 SHARED = [
     "ConfigError", "DatasetError", "_read_scalar", "parse_value", "check_bounds", "run_seeds", "parse_config",
-    "OfflineData", "d4rl_cache_dir",
+    "RunFault", "OfflineData", "d4rl_cache_dir",
     "download_file", "read_d4rl_hdf5", "qlearning_transitions", "flatten_observation", "_make_gym_env",
     "_load_minari", "check_dataset_matches_env", "return_range", "TanhGaussianActor", "EnsembleLinear",
     "ActorStack.__init__", "ActorStack.mean_log_std", "ActorStack.member", "EnsembleCritic",

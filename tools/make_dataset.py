@@ -212,7 +212,7 @@ def learner_config(config: MakeConfig, work: Path) -> finetune.TrainConfig:
         max_episode_steps=config.max_episode_steps, wandb_mode="disabled", compile=False, cudagraphs=False,
         background_eval=False, eval_freq=config.train_steps, n_episodes=1, log_freq=config.snapshot_freq,
         checkpoints_path=str(work / "learner"), checkpoint_freq=config.snapshot_freq, keep_checkpoints=1,
-        name="learner")
+        name="learner", env_errors_in_a_row=1)  # the stream keeps one transition a step: a failed env step stops
 
 
 def check_work_dir(config: MakeConfig, work: Path) -> None:

@@ -119,6 +119,8 @@ class TrainConfig:
     compile: Optional[bool] = None  # torch.compile the losses (same math); None: on for cuda, off for cpu
     cudagraphs: bool = True  # on cuda, replay the whole update (sampling, losses, backward, Adam) as a CUDA graph
     tf32: bool = False  # allow TF32 matmuls on cuda: faster, ~1e-3 relative precision instead of fp32's
+    env_workers: Optional[bool] = None  # step a stack's training envs side by side in processes; None: if cores allow
+    env_errors_in_a_row: int = 5  # failed training-env steps in a row that stop the run; a rarer one ends its episode
 
 
 class ConfigError(ValueError):
@@ -129,9 +131,14 @@ class DatasetError(ValueError):
     """A dataset is missing or malformed; the message is one line naming the file."""
 
 
-class EvaluationWorkerError(RuntimeError):
+class RunFault(RuntimeError):
+    """A fault that stops a run (beside non-finite values, FloatingPointError): the message is one line
+    naming what happened and the last good checkpoint (exit code 3)."""
+
+
+class EvaluationWorkerError(RunFault):
     """A background evaluation failed, or its worker died again before the evaluations it was restarted
-    for were done: the run stops (exit code 3); the message is one line naming the last good checkpoint."""
+    for were done."""
 
 
 _NONE_WORDS = {"none", "null", "~"}  # None on the command line and in a YAML file alike
@@ -233,6 +240,7 @@ BOUNDS: Dict[str, Tuple[float, Optional[float], bool]] = {
     "checkpoint_freq": (0, None, False),
     "keep_checkpoints": (0, None, True),
     "max_episode_steps": (0, None, False),
+    "env_errors_in_a_row": (0, None, False),
 }
 CHOICES: Dict[str, Tuple[Optional[str], ...]] = {"wandb_mode": (None, "online", "offline", "disabled"),
                                               "on_nonfinite": ("stop", "skip")}
@@ -966,6 +974,11 @@ class ReplayBuffer:
             return tuple(self.storage[key][index] for key in BUFFER_FIELDS)
         run = torch.arange(runs[0], device=self.device)[:, None]
         return tuple(self.storage[key][run, index] for key in BUFFER_FIELDS)
+
+    def newest(self, run: int) -> Tuple[np.ndarray, ...]:
+        """The newest row of run `run`'s ring, as add() takes it (normalized, transformed)."""
+        i = (self.pointer - 1) % self.capacity
+        return tuple(self.storage[key][run, i].cpu().numpy() for key in BUFFER_FIELDS)
 
     def online_rows(self) -> np.ndarray:
         """Row indices holding online transitions, oldest first."""
@@ -2072,19 +2085,22 @@ class RunState:
     eval_returns: List[float] = field(default_factory=list)
     episode: Tuple[Optional[np.ndarray], float, int, bool] = (None, 0.0, 0, False)  # obs, return, length, success
     env: Optional[Dict[str, Any]] = None  # env_state() of the training env mid-episode
+    env_errors: Tuple[int, int] = (0, 0)  # failed training-env steps: all, and the latest in a row
 
     def to_dict(self) -> Dict[str, Any]:
         """The checkpoint's 'run' entry (progress is an entry of its own)."""
         state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "progress"}
         if self.stack is None:
             del state["stack"]
+        if not any(self.env_errors):  # written once a step failed: other checkpoints keep their keys
+            del state["env_errors"]
         return state
 
     @classmethod
     def from_dict(cls, run: Dict[str, Any], progress: Optional[Dict[str, Any]] = None) -> "RunState":
         names = {f.name for f in fields(cls)} - {"progress"}
         state = cls(**{k: v for k, v in run.items() if k in names})
-        state.episode = tuple(state.episode)
+        state.episode, state.env_errors = tuple(state.episode), tuple(state.env_errors)
         state.progress.update({k: copy.deepcopy(v) for k, v in (progress or {}).items() if k in state.progress})
         return state
 
@@ -2191,6 +2207,149 @@ def set_env_state(env: gym.Env, state: Dict[str, Any]) -> None:
     env.action_space._np_random = state["action_space"]
 
 
+# MuJoCo at an unstable state ("Nan, Inf or huge value in QACC ...") prints a warning, resets the simulation
+# and goes on: the step returns a finite observation of a fresh simulation. Only these counters tell it.
+_MUJOCO_INSTABILITY = ("mjWARN_BADQPOS", "mjWARN_BADQVEL", "mjWARN_BADQACC")
+
+
+@dataclass
+class EnvStep:
+    """One step of a training env (step_env). A failed step has `error` (its one-line reason), no
+    next_obs, and ends its episode as truncated; an ended episode's reset observation is reset_obs."""
+
+    next_obs: Optional[np.ndarray]
+    reward: Any
+    terminated: bool
+    truncated: bool
+    success: Optional[bool] = None  # step_success: None if the env tells none
+    reset_obs: Optional[np.ndarray] = None
+    error: Optional[str] = None
+
+
+def one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def reset_env(env: gym.Env, seed: Optional[int] = None) -> np.ndarray:
+    """The first observation of a new episode (seeded: the action space too); a non-finite one raises."""
+    obs = env.reset(seed=seed)[0] if seed is not None else env.reset()[0]
+    if seed is not None:
+        env.action_space.seed(seed)
+    if not np.isfinite(obs).all():
+        raise ValueError(f"reset gave a non-finite observation ({obs})")
+    return obs
+
+
+def step_env(env: gym.Env, action: np.ndarray, sparse_reward: bool) -> EnvStep:
+    """One step of a training env and, at an episode's end, its reset; the same in the trainer and in an
+    env worker. A step that raises, gives a non-finite observation or reward, or makes MuJoCo find its
+    simulation unstable is a failed step: the episode ends there, as truncated (not terminal). A failed
+    reset raises: there is no observation to go on from."""
+    mujoco = sys.modules.get("mujoco")
+    data = getattr(env.unwrapped, "data", None)
+    counters = []
+    if mujoco is not None and isinstance(data, mujoco.MjData):
+        counters = [(name, data.warning[getattr(mujoco.mjtWarning, name)]) for name in _MUJOCO_INSTABILITY]
+        for _, counter in counters:  # counted per step; the counters are no part of the simulation's state
+            counter.number = 0
+    try:
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        unstable = [name for name, counter in counters if counter.number]
+        if unstable:
+            error = f"MuJoCo found the simulation unstable ({unstable[0][7:]}: Nan, Inf or huge value)"
+        elif not np.isfinite(next_obs).all():
+            error = f"non-finite observation ({' '.join(str(next_obs).split())})"
+        elif not np.isfinite(reward):
+            error = f"non-finite reward ({reward})"
+        else:
+            error = None
+            result = EnvStep(next_obs, reward, bool(terminated), bool(truncated),
+                             step_success(float(reward), info, sparse_reward))
+    except Exception as e:  # any env may raise anything in step
+        error = one_line(e)
+    if error is not None:
+        result = EnvStep(None, 0.0, False, True, error=error)
+    if result.terminated or result.truncated:
+        try:
+            result.reset_obs = reset_env(env)
+        except Exception as e:
+            raise RuntimeError(f"reset failed ({one_line(e)})") from None
+    return result
+
+
+def _env_worker(env_spec: Any, pipe: Any) -> None:
+    """Env worker process: owns one run's training env, made from its spec, and answers each command
+    from the trainer with (True, answer) or (False, reason); ends at "close" or when the trainer is gone."""
+    try:
+        env = gym.make(env_spec)
+    except Exception as e:
+        pipe.send((False, f"cannot be made in the env worker ({one_line(e)})"))
+        return
+    commands: Dict[str, Callable[[Any], Any]] = {
+        "step": lambda argument: step_env(env, *argument), "reset": lambda seed: reset_env(env, seed),
+        "sample": lambda _: env.action_space.sample(), "get_state": lambda _: env_state(env),
+        "set_state": lambda state: set_env_state(env, state)}
+    while True:
+        try:
+            command, argument = pipe.recv()
+        except (EOFError, OSError):  # the trainer is gone
+            break
+        if command == "close":
+            break
+        try:
+            pipe.send((True, commands[command](argument)))
+        except (ConfigError, DatasetError) as e:  # bad input: the trainer raises it as it is
+            pipe.send((False, e))
+        except Exception as e:
+            pipe.send((False, one_line(e)))
+    env.close()
+
+
+class EnvWorker:
+    """A run's training env in a worker process (spawned; a daemon: it dies with the trainer), driven
+    through a pipe: send() a command, later receive() its answer, so that several envs step at once.
+    The worker makes its env from the training env's spec, as the background evaluator does."""
+
+    def __init__(self, env_spec: Any):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # never fork a process holding a CUDA context
+        self.pipe, child = context.Pipe()
+        self.process = context.Process(target=_env_worker, args=(env_spec, child), daemon=True)
+        self.process.start()
+        child.close()
+
+    def send(self, command: str, argument: Any = None) -> None:
+        try:
+            self.pipe.send((command, argument))
+        except OSError:  # a dead worker: receive() tells it
+            pass
+
+    def receive(self) -> Any:
+        """The answer to the oldest command sent; a RunFault if the worker failed it or is gone."""
+        try:
+            while not self.pipe.poll(1.0):
+                if not self.process.is_alive():
+                    raise EOFError
+            ok, answer = self.pipe.recv()
+        except (EOFError, OSError):
+            self.process.join(timeout=1.0)
+            raise RunFault(f"worker process exited (code {self.process.exitcode})") from None
+        if not ok:
+            raise answer if isinstance(answer, Exception) else RunFault(answer)
+        return answer
+
+    def call(self, command: str, argument: Any = None) -> Any:
+        self.send(command, argument)
+        return self.receive()
+
+    def close(self) -> None:
+        self.send("close")
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+
+
 def keep_lines(path: Path, n: int) -> None:
     """Keeps the first n lines of a text file (atomically); a torn last line goes too."""
     lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
@@ -2241,11 +2400,11 @@ def evaluation_seed(config: TrainConfig, run_seed: int) -> int:
 
 @dataclass
 class Run:
-    """One seed's run in train(): its training env and episode in progress, counters, directory, logger,
-    evaluator and evaluation results. One run is a stack of one."""
+    """One seed's run in train(): its training env (here, or in an env worker) and episode in progress,
+    counters, directory, logger, evaluator and evaluation results. One run is a stack of one."""
 
     seed: int
-    env: gym.Env
+    env: Optional[gym.Env]  # None: the env lives in `worker`
     goal_task: bool = False  # success is logged (a goal task, or the env reported a success)
     dir: Optional[Path] = None
     logger: Optional[RunLogger] = None
@@ -2257,27 +2416,92 @@ class Run:
     progress: Dict[str, Any] = field(default_factory=new_progress)
     last_score: Optional[float] = None
     eval_returns: List[float] = field(default_factory=list)
-    last_step: Optional[Tuple[np.ndarray, np.ndarray, Any, np.ndarray, bool, bool]] = None  # see step()
+    last_step: Optional[Tuple[np.ndarray, np.ndarray, Any, np.ndarray, bool, bool]] = None  # see finish_step()
+    worker: Optional[EnvWorker] = None  # the env worker holding the training env (env_workers)
+    env_errors: int = 0  # failed steps of the training env (step_env) ...
+    env_errors_in_a_row: int = 0  # ... and the latest of them in a row
+    pending: Optional[EnvStep] = None  # a step taken here by send_step, for finish_step
 
     def new_episode(self, obs: Optional[np.ndarray]) -> None:
         self.obs, self.episode_return, self.episode_length, self.episode_success = obs, 0.0, 0, False
 
-    def step(self, action: np.ndarray, sparse_reward: bool, ref_min: Optional[float], ref_max: Optional[float]
-             ) -> Tuple[np.ndarray, Any, bool, Dict[str, float]]:
-        """One step of the training env, and a reset after an episode's end: the next observation (before
-        any reset), the reward, terminated, and the ended episode's row (empty while the episode goes on).
-        last_step keeps the step as (obs, action, reward, next obs, terminated, truncated), unnormalized."""
-        next_obs, reward, terminated, truncated, info = self.env.step(action)
-        self.last_step = (self.obs, action, reward, next_obs, bool(terminated), bool(truncated))
-        success = step_success(float(reward), info, sparse_reward)
-        if success is not None:
-            self.goal_task = True
-            self.episode_success = self.episode_success or success
-        self.episode_return += float(reward)
-        self.episode_length += 1
-        self.obs = next_obs
+    def fault(self, what: str) -> RunFault:
+        return RunFault(f"the training env of seed {self.seed} {what}" + self.last_good_checkpoint())
+
+    def env_call(self, command: str, argument: Any = None) -> Any:
+        """A command to the env worker, answered; its failure a RunFault naming the run's last good checkpoint."""
+        try:
+            return self.worker.call(command, argument)
+        except RunFault as e:
+            raise self.fault(f"failed: {e}") from None
+
+    def reset_env(self, seed: int) -> None:
+        """A new episode, the env and its action space seeded with `seed`."""
+        if self.worker is not None:
+            self.new_episode(self.env_call("reset", seed))
+            return
+        try:
+            obs = reset_env(self.env, seed)
+        except Exception as e:  # any env may raise anything
+            raise self.fault(f"failed: {one_line(e)}") from None
+        self.new_episode(obs)
+
+    def sample_action(self) -> np.ndarray:
+        return self.env.action_space.sample() if self.worker is None else self.env_call("sample")
+
+    def take_env_state(self) -> Optional[Dict[str, Any]]:
+        return env_state(self.env) if self.worker is None else self.env_call("get_state")
+
+    def put_env_state(self, state: Dict[str, Any]) -> None:
+        set_env_state(self.env, state) if self.worker is None else self.env_call("set_state", state)
+
+    def close_env(self) -> None:
+        self.env.close() if self.worker is None else self.worker.close()
+
+    def send_step(self, action: np.ndarray, sparse_reward: bool) -> None:
+        """Starts a step of the training env (step_env): in the env worker, or here (done at once)."""
+        if self.worker is not None:
+            self.worker.send("step", (action, sparse_reward))
+            return
+        try:
+            self.pending = step_env(self.env, action, sparse_reward)
+        except RuntimeError as e:  # the reset after an episode's end
+            raise self.fault(f"failed: {e}") from None
+
+    def finish_step(self, action: np.ndarray, ref_min: Optional[float], ref_max: Optional[float], step: int,
+                    errors_in_a_row: int) -> Tuple[EnvStep, Dict[str, float]]:
+        """The step that send_step started, and the ended episode's row (empty while the episode goes on).
+        last_step keeps the step as (obs, action, reward, next obs, terminated, truncated), unnormalized;
+        None for a failed step, which is counted (the run stops at errors_in_a_row of them in a row)."""
+        if self.worker is None:
+            result, self.pending = self.pending, None
+        else:
+            try:
+                result = self.worker.receive()
+            except RunFault as e:
+                raise self.fault(f"failed: {e}") from None
+        if result.error is not None:
+            self.env_errors += 1
+            self.env_errors_in_a_row += 1
+            if self.env_errors_in_a_row >= errors_in_a_row:
+                raise self.fault(f"failed {self.env_errors_in_a_row} steps in a row (the last in iteration "
+                                 f"{step}: {result.error}; env_errors_in_a_row {errors_in_a_row})")
+            if self.env_errors == 1:
+                tqdm.write(f"warning: the training env of seed {self.seed} failed in iteration {step} "
+                           f"({result.error}): the episode ends there as truncated, the step is not stored; "
+                           f"later failures are counted in train/env_errors", file=sys.stderr)
+            self.last_step = None
+        else:
+            self.env_errors_in_a_row = 0
+            self.last_step = (self.obs, action, result.reward, result.next_obs, result.terminated, result.truncated)
+            if result.success is not None:
+                self.goal_task = True
+                self.episode_success = self.episode_success or result.success
+            self.episode_return += float(result.reward)
+            self.episode_length += 1
+            self.obs = result.next_obs
         row: Dict[str, float] = {}
-        if terminated or truncated:
+        if result.terminated or result.truncated:
             progress = self.progress
             progress["train_episodes"] += 1
             row["train/episode_return"], row["train/episode_length"] = self.episode_return, self.episode_length
@@ -2288,8 +2512,10 @@ class Run:
                 progress["train_successes"] += int(self.episode_success)
                 row["train/is_success"] = float(self.episode_success)
                 row["train/regret"] = 1.0 - progress["train_successes"] / progress["train_episodes"]
-            self.new_episode(self.env.reset()[0])
-        return next_obs, reward, terminated, row
+            if result.error is not None:
+                row["train/env_errors"] = self.env_errors
+            self.new_episode(result.reset_obs)
+        return result, row
 
     def log_evaluations(self, finished: List[Tuple[int, np.ndarray, np.ndarray, bool]], ref_min: Optional[float],
                         ref_max: Optional[float], offline_iterations: int) -> None:
@@ -2321,7 +2547,8 @@ class Run:
                         last_score=self.last_score, eval_returns=list(self.eval_returns),
                         episode=(None if self.obs is None else self.obs.copy(), self.episode_return,
                                  self.episode_length, self.episode_success),
-                        env=None if self.obs is None else env_state(self.env))
+                        env=None if self.obs is None else self.take_env_state(),
+                        env_errors=(self.env_errors, self.env_errors_in_a_row))
 
     def restore(self, state: RunState, resume: bool) -> None:
         """Takes a checkpoint's progress and unfinished evaluations (which run again); with resume also its
@@ -2333,13 +2560,29 @@ class Run:
             return
         self.goal_task, self.last_score, self.eval_returns = state.goal_task, state.last_score, state.eval_returns
         self.obs, self.episode_return, self.episode_length, self.episode_success = state.episode
+        self.env_errors, self.env_errors_in_a_row = state.env_errors
         if state.env is not None:
-            set_env_state(self.env, state.env)
+            self.put_env_state(state.env)
         elif self.obs is not None:  # the env's state could not be saved: a fresh episode, as after load_model
             print(f"the training env of seed {self.seed} was not saved (it does not pickle): the episode of "
                   f"{self.episode_length} steps in progress at iteration {self.progress['iteration']} is dropped, "
                   f"a new one starts")
             self.new_episode(None)
+
+
+def use_env_workers(config: TrainConfig, env: gym.Env, n_runs: int) -> bool:
+    """config.env_workers resolved. None: on for a stack of runs whose training env has a Gymnasium spec to
+    rebuild it from in a worker, on a machine with a core for each run's env beside the trainer's (the
+    stack's env steps then take about one env's time); off for one run (a lone env gains nothing from
+    another process and pays a pipe round trip per step) and with fewer cores (the envs would only take
+    turns on them, the round trips on top: benchmarks/env_step.py)."""
+    if config.env_workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return 1 < n_runs < cores and env.spec is not None
+    if config.env_workers and env.spec is None:
+        raise ConfigError("field 'env_workers': the training env has no Gymnasium spec to rebuild it from in a "
+                          "worker process; set env_workers false")
+    return config.env_workers
 
 
 def open_runs(config: TrainConfig, runs: List[Run], trainer: CQL, buffer: ReplayBuffer
@@ -2399,7 +2642,7 @@ def act(trainer: CQL, runs: List[Run], normalize_state: Callable[[np.ndarray], n
         it: int) -> np.ndarray:
     """One action per run (rows): uniformly random in warmup, else all actors in one call, one host sync."""
     if warmup:
-        return np.stack([run.env.action_space.sample() for run in runs])
+        return np.stack([run.sample_action() for run in runs])
     with torch.no_grad():
         states = torch.as_tensor(np.stack([normalize_state(run.obs) for run in runs]), device=trainer.device)
         if trainer.seeds is not None:
@@ -2416,17 +2659,33 @@ def act(trainer: CQL, runs: List[Run], normalize_state: Callable[[np.ndarray], n
 
 def step_envs(runs: List[Run], actions: np.ndarray, buffer: ReplayBuffer,
               normalize_state: Callable[[np.ndarray], np.ndarray], reward_transform: Callable[[Any], np.ndarray],
-              sparse_reward: bool, ref_min: Optional[float], ref_max: Optional[float]) -> List[Dict[str, float]]:
-    """Steps every run's env with its action (one after another) and adds the transitions to the buffer
-    (a stack: one to each run's ring); returns each run's row of the ended episode (empty if none ended)."""
-    transitions, rows = [], []
+              sparse_reward: bool, ref_min: Optional[float], ref_max: Optional[float], step: int = 0,
+              errors_in_a_row: int = 5) -> List[Dict[str, float]]:
+    """Steps every run's env with its action and adds the transitions to the buffer (a stack: one to each
+    run's ring); returns each run's row of the ended episode (empty if none ended). Envs in env workers
+    step side by side (every action is sent before any result is read), envs here one after another.
+
+    A failed step (step_env) stores nothing of its own: a one-run ring adds no row; a stack's rings move
+    together, so the failed run's row repeats its newest transition (one real transition counts twice),
+    unless the rings are still empty (the stack's first online step, with no dataset): then none adds one."""
+    for run, action in zip(runs, actions):
+        run.send_step(action, sparse_reward)
+    transitions: List[Optional[Tuple[Any, ...]]] = []
+    rows = []
     for run, action in zip(runs, actions):
         obs = run.obs
-        next_obs, reward, terminated, row = run.step(action, sparse_reward, ref_min, ref_max)
-        # A time-limit truncation is not a terminal: the target bootstraps through it.
-        transitions.append((normalize_state(obs), action, reward_transform(reward), normalize_state(next_obs),
-                            float(terminated)))
+        result, row = run.finish_step(action, ref_min, ref_max, step, errors_in_a_row)
         rows.append(row)
+        if result.error is not None:
+            transitions.append(None)
+            continue
+        # A time-limit truncation is not a terminal: the target bootstraps through it.
+        transitions.append((normalize_state(obs), action, reward_transform(result.reward),
+                            normalize_state(result.next_obs), float(result.terminated)))
+    if any(t is None for t in transitions):
+        if not buffer.runs or not buffer.size:
+            return rows
+        transitions = [buffer.newest(i) if t is None else t for i, t in enumerate(transitions)]
     buffer.add(*(np.stack(column) for column in zip(*transitions)))
     return rows
 
@@ -2485,7 +2744,8 @@ def summarize(runs: List[Run], trainer: CQL, buffer: ReplayBuffer, total: int, e
     stacked = trainer.seeds is not None
     summaries = [{"seed": run.seed, "run_dir": str(run.dir), "last_score": run.last_score,
                   "best_score": max(run.progress["scores"]) if run.progress["scores"] else None,
-                  "eval_returns": run.eval_returns, "train_episodes": run.progress["train_episodes"]} for run in runs]
+                  "eval_returns": run.eval_returns, "train_episodes": run.progress["train_episodes"],
+                  "env_errors": run.env_errors} for run in runs]
     summary = {"iterations": total, "updates": trainer.total_it, "seconds": elapsed, "load_seconds": load_seconds,
                "eval_seconds": eval_seconds, "cql_alpha": float(trainer.cql_alpha),
                "online_transitions": buffer.n_added}
@@ -2507,8 +2767,11 @@ def summarize(runs: List[Run], trainer: CQL, buffer: ReplayBuffer, total: int, e
     metrics = runs[0].logger.path if not stacked else f"metrics.jsonl of each run dir in {runs[0].dir.parent}"
     each = f" each, {len(runs)} runs" if stacked else ""
     eval_share = 100 * eval_seconds / max(elapsed + load_seconds, 1e-9)
+    env_errors = [s["env_errors"] for s in summaries]
+    failed = (f"; the training env failed {' + '.join(map(str, env_errors))} steps (their episodes ended as "
+              f"truncated, see train/env_errors)" if any(env_errors) else "")
     print(f"done: {total} iterations ({trainer.total_it} updates{each}) in {elapsed:.0f} s (evaluation held training "
-          f"up {eval_seconds:.1f} s, {eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), {score_text}; "
+          f"up {eval_seconds:.1f} s, {eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), {score_text}{failed}; "
           f"metrics in {metrics}")
     return summary
 
@@ -2569,8 +2832,12 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     capacity = max(1, min(config.buffer_size, n_data + config.online_iterations))
     seeds = run_seeds(config)
     stacked = seeds is not None  # a stack of runs: its batches and noise come from the one stream of config.seed
-    runs = [Run(seed, env if i == 0 else make_train_env(), goal_task=goal_task)
-            for i, seed in enumerate(seeds or [config.seed])]
+    if use_env_workers(config, env, len(seeds or [config.seed])):  # started now: they load while we do
+        runs = [Run(seed, None, goal_task=goal_task, worker=EnvWorker(env.spec)) for seed in seeds or [config.seed]]
+        env.close()
+    else:
+        runs = [Run(seed, env if i == 0 else make_train_env(), goal_task=goal_task)
+                for i, seed in enumerate(seeds or [config.seed])]
     buffer = ReplayBuffer(capacity, state_dim, action_dim, device, runs=(len(runs),) if stacked else ())
     if data is not None:
         buffer.load_dataset({key: getattr(data, key) for key in BUFFER_FIELDS})
@@ -2621,11 +2888,11 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
             online_it = it - config.offline_iterations
             for run in runs:
                 if run.obs is None:  # the first online iteration, or the first after a resume
-                    run.obs = run.env.reset(seed=run.seed + online_it)[0]
-                    run.env.action_space.seed(run.seed + online_it)
+                    run.reset_env(run.seed + online_it)
             warmup = pure_online and online_it < config.warmup_steps  # random actions, no update
             actions = act(trainer, runs, normalize_state, warmup, it)
-            rows = step_envs(runs, actions, buffer, normalize_state, reward_transform, sparse_reward, ref_min, ref_max)
+            rows = step_envs(runs, actions, buffer, normalize_state, reward_transform, sparse_reward, ref_min, ref_max,
+                             it + 1, config.env_errors_in_a_row)
             update_now = not warmup
         if update_now:
             update()
@@ -2656,7 +2923,7 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     eval_seconds += time.time() - eval_start
     for run in runs:
         run.evaluator.close()
-        run.env.close()
+        run.close_env()
     bar.close()
     for run in runs:
         run.logger.close()
@@ -2690,7 +2957,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (FloatingPointError, EvaluationWorkerError) as e:
+    except (FloatingPointError, RunFault) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
 

@@ -132,9 +132,14 @@ class DatasetError(ValueError):
     """A dataset is missing or malformed; the message is one line naming the file."""
 
 
-class EvaluationWorkerError(RuntimeError):
+class RunFault(RuntimeError):
+    """A fault that stops a run (beside non-finite values, FloatingPointError): the message is one line
+    naming what happened and the last good checkpoint (exit code 3)."""
+
+
+class EvaluationWorkerError(RunFault):
     """A background evaluation failed, or its worker died again before the evaluations it was restarted
-    for were done: the run stops (exit code 3); the message is one line naming the last good checkpoint."""
+    for were done."""
 
 
 _NONE_WORDS = {"none", "null", "~"}  # None on the command line and in a YAML file alike
@@ -2104,7 +2109,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (FloatingPointError, EvaluationWorkerError) as e:
+    except (FloatingPointError, RunFault) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
 
