@@ -224,6 +224,7 @@ SHARED = [
     "UpdateStep.run_metric_sum", "UpdateStep.take_run_means", "actor_weights", "Evaluator.close", "write_atomic",
     "RunLogger.log", "RunLogger.close", "make_run_dir", "set_rng_states", "checkpoint_files", "keep_lines", "set_seed",
     "resolve_device", "main",
+    "WriteError", "write_error", "lock_run_dir", "releasing_run_dir_locks", "WandbGuard",
 ]
 
 
