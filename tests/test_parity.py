@@ -226,6 +226,7 @@ SHARED = [
     "resolve_device", "main",
     "EvaluationWorkerError", "StackRecord", "run_config", "write_run_records", "Evaluator.start_worker",
     "Evaluator.replace_dead_worker", "Evaluator.receive",
+    "WriteError", "write_error", "lock_run_dir", "releasing_run_dir_locks", "WandbGuard",
 ]
 
 

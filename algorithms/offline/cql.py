@@ -28,6 +28,9 @@ runs stay in lockstep.
 """
 import contextlib
 import copy
+import errno
+import fcntl
+import functools
 import io
 import json
 import math
@@ -1688,6 +1691,19 @@ def make_run_dir(path: Path, config: Any) -> None:
         raise ConfigError(f"field '{field}': cannot create the run directory {path} ({e.strerror})") from None
 
 
+class WriteError(RunFault):
+    """A file of the run could not be written (disk full, over quota, I/O error, read-only disk): the run
+    stops (exit code 3); the message is one line naming the file and the last good checkpoint."""
+
+
+def write_error(path: Path, error: OSError) -> WriteError:
+    """The WriteError of a failed write of `path`, a file of a run directory."""
+    what = "disk full writing" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
+    files = checkpoint_files(path.parent)
+    last = f"; last good checkpoint: {files[-1]}" if files else "; no checkpoint written"
+    return WriteError(f"{what} {path} ({error.strerror or error}){last}")
+
+
 def write_run_records(run_dir: Path, config: Any, seed: int, stack: Optional[List[str]] = None) -> None:
     """A run's config.yaml (its own config, run_config) and, for a run of a stack (stack: its run directory
     names), stack.yaml (StackRecord) first: a run directory with the new config.yaml always has its record."""
@@ -1699,24 +1715,104 @@ def write_run_records(run_dir: Path, config: Any, seed: int, stack: Optional[Lis
 
 
 def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Writes through a temporary file in the same folder and renames: a reader sees old or new."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Writes through a temporary file in the same folder and renames: a reader sees old or new. A write that
+    fails (any OSError: a full disk as much as a failing one) removes the temporary file: a WriteError."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        cause = e if isinstance(e, Exception) else None  # a kill-like BaseException goes on as it is
+        while cause is not None and not isinstance(cause, OSError):  # torch.save: a RuntimeError over the OSError
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise write_error(path, cause) from None
+
+
+_RUN_DIR_LOCKS: Dict[Path, int] = {}  # run directory -> its open .lock file, held until train() ends
+
+
+def lock_run_dir(run_dir: Path, config: Any) -> None:
+    """Takes the run directory's advisory lock (flock of <run_dir>/.lock, which records the holder's pid) until
+    train() ends: a second process that would train in the directory stops with a ConfigError. The kernel drops
+    the lock of a process that dies, so a killed run's lock never blocks its --resume."""
+    if run_dir in _RUN_DIR_LOCKS:
+        return
+    field = "resume" if config.resume else "checkpoints_path" if config.checkpoints_path else "log_dir"
+    path = run_dir / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"field '{field}': cannot open the lock file {path} ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise ConfigError(f"field '{field}': run directory {run_dir} is in use by another process"
+                          f"{f' (pid {holder})' if holder else ''}, which holds {path}; two processes must not "
+                          f"train in one run directory") from None
+    except OSError as e:  # a file system without flock: train unguarded rather than not at all
+        os.close(fd)
+        print(f"warning: cannot lock {path} ({e.strerror}): nothing stops a second process in {run_dir}",
+              file=sys.stderr)
+        return
+    with contextlib.suppress(OSError):  # the pid only makes the message above more helpful
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _RUN_DIR_LOCKS[run_dir] = fd
+
+
+def releasing_run_dir_locks(train: Callable[..., Any]) -> Callable[..., Any]:
+    """train() that releases the run directory locks it took (lock_run_dir) when it returns or raises, so that
+    a later train() of the same process (a test, a tool) can take them again."""
+
+    @functools.wraps(train)
+    def locked_train(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return train(*args, **kwargs)
+        finally:
+            while _RUN_DIR_LOCKS:
+                os.close(_RUN_DIR_LOCKS.popitem()[1])
+
+    return locked_train
+
+
+class WandbGuard:
+    """The wandb calls of a process's runs: the first one that fails (no server, wandb raising) prints one
+    warning line and ends wandb for every run of the process; metrics.jsonl goes on with every row."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def call(self, what: str, function: Callable[..., Any], *args: Any) -> Any:
+        """function(*args), or None once a wandb call has failed."""
+        if self.failed:
+            return None
+        try:
+            return function(*args)
+        except Exception as e:  # wandb's errors are many and change; none may stop training
+            self.failed = True
+            reason = (str(e).splitlines() or [""])[0]
+            tqdm.write(f"warning: wandb {what} failed ({type(e).__name__}: {reason}); training goes on without "
+                       f"wandb, every row still goes to metrics.jsonl", file=sys.stderr)  # on a line of its own
+            return None
 
 
 class RunLogger:
     """Every logged row goes to <run_dir>/metrics.jsonl and, unless disabled, to wandb."""
 
     def __init__(self, config: TrainConfig, run_dir: Path, run_name: str, resume: bool = False,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, guard: Optional[WandbGuard] = None):
         self.path = run_dir / "metrics.jsonl"
         self.rows = sum(1 for _ in open(self.path)) if self.path.exists() else 0
         self.file = open(self.path, "a")
@@ -1725,29 +1821,42 @@ class RunLogger:
         mode = config.wandb_mode or (env_mode if env_mode in ("online", "offline", "disabled") else None) or (
             "online" if os.environ.get("WANDB_API_KEY") else "offline")
         self.wandb = None
+        self.guard = guard or WandbGuard()  # one for the runs of a stack: one warning, one timeout at most
         if mode != "disabled":
             import wandb  # imported only when used
 
             stacked = seed is not None  # one of several runs of this process: each its own wandb run
-            self.wandb = wandb.init(project=config.project, group=config.group, name=run_name, mode=mode,
-                                    config={**asdict(config), **({"seed": seed} if stacked else {})},
-                                    dir=str(run_dir), id=run_name.rsplit("-", 1)[-1],
-                                    resume="allow" if resume else None, **({"reinit": "create_new"} if stacked else {}))
-            # x-axis "update" instead of wandb's own step: evaluations may arrive after later rows
-            self.wandb.define_metric("update")
-            self.wandb.define_metric("*", step_metric="update")
+
+            def start() -> Any:
+                run = wandb.init(project=config.project, group=config.group, name=run_name, mode=mode,
+                                 config={**asdict(config), **({"seed": seed} if stacked else {})},
+                                 dir=str(run_dir), id=run_name.rsplit("-", 1)[-1],
+                                 resume="allow" if resume else None, **({"reinit": "create_new"} if stacked else {}))
+                # x-axis "update" instead of wandb's own step: evaluations may arrive after later rows
+                run.define_metric("update")
+                run.define_metric("*", step_metric="update")
+                return run
+
+            self.wandb = self.guard.call("init", start)
 
     def log(self, row: Dict[str, float], step: int) -> None:
-        self.file.write(json.dumps({"step": step, **row}) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps({"step": step, **row}) + "\n")
+            self.file.flush()
+        except OSError as e:  # disk full or failing: the run stops, and leaves no torn last row behind
+            with contextlib.suppress(OSError):
+                self.file.close()
+                written = self.path.read_bytes()
+                os.truncate(self.path, written.rfind(b"\n") + 1)
+            raise write_error(self.path, e) from None
         self.rows += 1
         if self.wandb is not None:
-            self.wandb.log({"update": step, **row})
+            self.guard.call("log", self.wandb.log, {"update": step, **row})
 
     def close(self) -> None:
         self.file.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.guard.call("finish", self.wandb.finish)
 
 
 def save_checkpoint(path: Path, trainer: CQL, state_mean: np.ndarray, state_std: np.ndarray,
@@ -1959,6 +2068,7 @@ def summarize(runs: List[Run], trainer: CQL, elapsed: float, load_seconds: float
     return summary
 
 
+@releasing_run_dir_locks
 def train(config: TrainConfig) -> Dict[str, Any]:
     """Trains CQL on config's dataset; returns a summary (last and best normalized score, paths)."""
     begin = time.time()
@@ -1999,6 +2109,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         files = resume_checkpoints(Path(config.resume), len(runs))
         for run, file in zip(runs, files):
             run.dir = file.parent
+            lock_run_dir(run.dir, config)  # before anything in it changes: a second process stops here
             for stale in run.dir.glob(".*.tmp"):  # temporary files of writes that a kill interrupted
                 stale.unlink()
         states = load_checkpoints([str(f) for f in files], trainer, field="resume")
@@ -2016,10 +2127,12 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             run_name = f"{config.name}-{dataset_label(config.env)}-{run.seed}-{uuid.uuid4().hex[:8]}"
             run.dir = Path(config.checkpoints_path or config.log_dir) / run_name
             make_run_dir(run.dir, config)
+            lock_run_dir(run.dir, config)
+    wandb_guard = WandbGuard()
     for run in runs:  # each run's own config, and a stack's record: --resume any of them resumes the stack
         write_run_records(run.dir, config, run.seed, [r.dir.name for r in runs] if stacked else None)
         run.logger = RunLogger(config, run.dir, run.dir.name, resume=resumed is not None,
-                               seed=run.seed if stacked else None)
+                               seed=run.seed if stacked else None, guard=wandb_guard)
     where = (f"run dir {runs[0].dir}" if not stacked
              else f"{len(runs)} runs (seeds {', '.join(str(r.seed) for r in runs)}) in {runs[0].dir.parent}")
     print(f"CQL on {data.source}: {buffer.size} transitions, state {state_dim}, action {action_dim}, "
