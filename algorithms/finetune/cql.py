@@ -2694,6 +2694,17 @@ def use_env_workers(config: TrainConfig, env: gym.Env, n_runs: int) -> bool:
     return config.env_workers
 
 
+def make_runs(config: TrainConfig, seeds: List[int], env: gym.Env, make_train_env: Callable[[], gym.Env],
+              goal_task: bool) -> List[Run]:
+    """A run per seed, each with its training env: `env` and more made like it, or each in an env worker
+    (use_env_workers; started now, so that they load while the trainer is built), `env` then closed."""
+    if use_env_workers(config, env, len(seeds)):
+        runs = [Run(seed, None, goal_task=goal_task, worker=EnvWorker(env.spec)) for seed in seeds]
+        env.close()
+        return runs
+    return [Run(seed, env if i == 0 else make_train_env(), goal_task=goal_task) for i, seed in enumerate(seeds)]
+
+
 def open_runs(config: TrainConfig, runs: List[Run], trainer: CQL, buffer: ReplayBuffer
               ) -> Tuple[Optional[List[Dict[str, Any]]], bool]:
     """Gives each run its directory (with the config) and logger, and loads the checkpoints they start from:
@@ -2945,12 +2956,7 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     capacity = max(1, min(config.buffer_size, n_data + config.online_iterations))
     seeds = run_seeds(config)
     stacked = seeds is not None  # a stack of runs: its batches and noise come from the one stream of config.seed
-    if use_env_workers(config, env, len(seeds or [config.seed])):  # started now: they load while we do
-        runs = [Run(seed, None, goal_task=goal_task, worker=EnvWorker(env.spec)) for seed in seeds or [config.seed]]
-        env.close()
-    else:
-        runs = [Run(seed, env if i == 0 else make_train_env(), goal_task=goal_task)
-                for i, seed in enumerate(seeds or [config.seed])]
+    runs = make_runs(config, seeds or [config.seed], env, make_train_env, goal_task)
     buffer = ReplayBuffer(capacity, state_dim, action_dim, device, runs=(len(runs),) if stacked else ())
     if data is not None:
         buffer.load_dataset({key: getattr(data, key) for key in BUFFER_FIELDS})
