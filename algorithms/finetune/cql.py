@@ -945,7 +945,8 @@ def make_reward_transform(config: TrainConfig, data: Optional[OfflineData],
     scale, bias = (config.reward_scale, config.reward_bias) if config.normalize_reward else (1.0, 0.0)
 
     def transform(reward: Any) -> np.ndarray:
-        return (np.asarray(reward, dtype=np.float64) * factor * scale + bias).astype(np.float32)
+        with np.errstate(over="ignore"):  # an overflow is train's error on the dataset, not a warning on stderr
+            return (np.asarray(reward, dtype=np.float64) * factor * scale + bias).astype(np.float32)
 
     return transform
 

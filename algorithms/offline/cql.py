@@ -912,7 +912,8 @@ def normalize_rewards(data: OfflineData, config: TrainConfig, max_episode_steps:
             raise DatasetError(f"{data.source}: every episode has return {high}; cannot rescale rewards "
                                f"by the return range (set normalize_reward false)")
         data.rewards = data.rewards / (high - low) * max_episode_steps
-    data.rewards = (data.rewards * config.reward_scale + config.reward_bias).astype(np.float32)
+    with np.errstate(over="ignore"):  # an overflow is the error below, not a warning on stderr
+        data.rewards = (data.rewards * config.reward_scale + config.reward_bias).astype(np.float32)
     if not np.isfinite(data.rewards).all():
         raise ConfigError(f"fields 'reward_scale' ({config.reward_scale:g}) and 'reward_bias' "
                           f"({config.reward_bias:g}): {data.source}'s rewards overflow float32 once scaled by them")
