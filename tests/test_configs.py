@@ -13,6 +13,7 @@
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -398,3 +399,61 @@ def test_a_string_field_keeps_command_line_text(kind, tmp_path):
     yaml_file.write_text("name: 5\n")
     with pytest.raises(module.ConfigError, match="field 'name' expects a string, got 5"):
         module.parse_config(["--config_path", str(yaml_file)])
+
+
+# YAML that is valid but ambiguous or of the wrong kind: a one-line ConfigError naming the file (and the key).
+BAD_YAML = [  # (what, file contents, expected message after "config file <path>: ")
+    ("key twice", "batch_size: 8\nseed: 1\nbatch_size: 16\n", r"key 'batch_size' given twice \(lines 1 and 3\)"),
+    ("key twice in a flow mapping", "{seed: 1, seed: 2}\n", r"key 'seed' given twice \(lines 1 and 1\)"),
+    ("key merged and set again", "<<: {batch_size: 8}\nbatch_size: 16\n",
+     r"key 'batch_size' given twice \(lines 1 and 2\)"),
+    ("key twice in a nested mapping", "name: {a: 1, a: 2}\n", r"key 'a' given twice \(lines 1 and 1\)"),
+    ("two documents", "seed: 1\n---\nseed: 2\n", r"not valid YAML \(expected a single document in the stream\)"),
+    ("python tag", "name: !!python/object:os.system {}\n", r"not valid YAML \(could not determine a constructor"),
+    ("tab indentation", "seed:\t1\n\tbatch_size: 2\n", r"not valid YAML \("),
+    ("not UTF-8", b"name: caf\xe9\n", r"not UTF-8 text \(byte 9\)"),
+    ("integer key", "1: x\n", r"unknown key '1'"),
+    ("null key", "null: x\n", r"unknown key 'None'"),
+    ("unhashable key", "? [a]\n: 1\n", r"not valid YAML \(while constructing a mapping\)"),
+    ("mapping for a string", "name: {a: 1}\n", r"field 'name' expects a string, got \{'a': 1\}"),
+    ("list for an integer", "batch_size: [8]\n", r"field 'batch_size' expects an integer, got \[8\]"),
+    ("date for an integer", "seed: 2020-01-01\n", r"field 'seed' expects an integer, got datetime.date"),
+    ("binary for a string", "name: !!binary aGVsbG8=\n", r"field 'name' expects a string, got b'hello'"),
+    ("NUL in a string", 'log_dir: "runs\\0x"\n', r"field 'log_dir' expects a string without NUL characters"),
+    ("infinite float", "qf_lr: .inf\n", r"field 'qf_lr' expects a finite number within float32's range"),
+    ("integer past int64", f"batch_size: {2**64}\n", r"field 'batch_size' must be at most 1048576"),
+]
+
+
+@pytest.mark.parametrize("kind", ["offline", "finetune"])
+@pytest.mark.parametrize("what,text,message", BAD_YAML, ids=[b[0] for b in BAD_YAML])
+def test_bad_yaml_is_a_one_line_error_naming_the_file(kind, what, text, message, tmp_path):
+    module = MODULES[kind]
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(module.ConfigError) as info:
+        module.parse_config(["--config_path", str(path)])
+    error = str(info.value)
+    assert "\n" not in error and re.search(message, error), error
+    assert error.startswith(f"config file {path}: ") or "must be at most" in error, error  # limits: after parsing
+
+
+@pytest.mark.parametrize("kind", ["offline", "finetune"])
+def test_yaml_anchors_and_merges_without_a_repeat_are_read(kind, tmp_path):
+    """Anchors, aliases and merges are YAML that means one thing: read as SafeLoader reads them."""
+    path = tmp_path / "c.yaml"
+    path.write_text("\ufeff<<: {batch_size: 8}\nseed: &s 3\neval_seed: *s\n" if kind == "finetune"
+                    else "\ufeff<<: {batch_size: 8}\nseed: &s 3\nbc_steps: *s\n")  # with a byte order mark
+    config = MODULES[kind].parse_config(["--config_path", str(path)])
+    assert config.batch_size == 8 and config.seed == 3
+
+
+@pytest.mark.parametrize("kind,path", [p for p in ALL_CONFIGS if "hopper/medium_v2" in p.id or "umaze_v2" in p.id])
+def test_shipped_config_with_a_key_repeated_is_refused(kind, path, tmp_path):
+    lines = path.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+    repeated = tmp_path / path.name
+    repeated.write_text("\n".join(lines + [lines[first]]) + "\n")
+    key, where = lines[first].split(":")[0], f"lines {first + 1} and {len(lines) + 1}"
+    with pytest.raises(MODULES[kind].ConfigError, match=f"key '{key}' given twice \\({where}\\)"):
+        MODULES[kind].parse_config(["--config_path", str(repeated)])

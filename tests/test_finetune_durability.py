@@ -261,6 +261,39 @@ BAD_INPUTS = [  # (what, argv after the dataset argument, expected message); {ru
     ("resume: torn checkpoint", ["--resume={run}", "#torn checkpoint"], "field 'resume': .* does not fit"),
     ("resume: torn replay file", ["--resume={run}", "#torn replay"], "field 'resume': replay file .* unreadable"),
     ("resume: bad saved config", ["--resume={run}", "#bad config"], "config.yaml: field 'batch_size' expects an"),
+    # numbers that parse but overflow int64 or make no sense downstream: upper limits (LIMITS)
+    ("batch_size 1e100", ["--batch_size=1e100"], "field 'batch_size' must be at most 1048576, got 1000000000000"),
+    ("offline_iterations past int64", [f"--offline_iterations={2**63}"],
+     "field 'offline_iterations' must be at most 1000000000000, got 9223372036854775808"),
+    ("online_iterations 1e100", ["--online_iterations=1e100"], "field 'online_iterations' must be at most"),
+    ("warmup_steps past int64", ["--warmup_steps=1e19"], "field 'warmup_steps' must be at most 1000000000000"),
+    ("buffer_size 1e12", ["--buffer_size=1e12"], "field 'buffer_size' must be at most 1000000000, got 1000000000000"),
+    ("cql_n_actions past memory", ["--cql_n_actions=1e9"], "field 'cql_n_actions' must be at most 10000"),
+    ("n_episodes past int64", ["--n_episodes=1e19"], "field 'n_episodes' must be at most 10000"),
+    ("q_n_hidden_layers a million", ["--q_n_hidden_layers=1e6"], "field 'q_n_hidden_layers' must be at most 100"),
+    ("eval_freq past int64", [f"--eval_freq={2**64}"], "field 'eval_freq' must be at most 1000000000000"),
+    ("max_episode_steps 1e100", ["--max_episode_steps=1e100"], "field 'max_episode_steps' must be at most"),
+    ("learning rate above 1", ["--qf_lr=3"], "field 'qf_lr' must be at most 1, got 3.0"),
+    ("replay ring too large for memory", ["--env=Ant-v4", "--offline_iterations=0", "--buffer_size=1e9",
+                                          "--online_iterations=1e9", "--seeds=8"],  # 8 rings: 1.9 TiB, on any host
+     "field 'buffer_size': a replay ring of 1000000000 transitions \\(1907.3 GiB\\) does not fit in cpu's memory"),
+    # floats that are infinite or past float32 where that means nothing
+    ("infinite cql_alpha_online", ["--cql_alpha_online=inf"], "field 'cql_alpha_online' expects a finite number"),
+    ("cql_alpha past float32", ["--cql_alpha=1e308"], "field 'cql_alpha' expects a finite number within float32"),
+    ("infinite policy_lr", ["--policy_lr=inf"], "field 'policy_lr' expects a finite number"),
+    ("infinite reward_bias", ["--reward_bias=-inf"], "field 'reward_bias' expects a finite number"),
+    ("infinite ref_max_score", ["--ref_max_score=inf"], "field 'ref_max_score' expects a finite number"),
+    ("rewards that overflow float32 once scaled", ["--normalize_reward=true", "--reward_scale=1e38"],
+     "fields 'reward_scale' \\(1e\\+38\\) and 'reward_bias' \\(0\\): dataset file .*hopper-random-tiny.hdf5's "
+     "rewards overflow float32"),
+    # strings with characters that cannot work downstream
+    ("name with '/'", ["--name=a/b"], "field 'name' starts the run directory's name .*: no '/', got 'a/b'"),
+    ("wandb project with ':'", ["--project=cql:v2"], "field 'project': a wandb project name cannot hold :"),
+    ("device meta", ["--device=meta"], "field 'device' must be auto, cpu, cuda or cuda:N, got 'meta'"),
+    # output paths that cannot be created
+    ("checkpoints_path under /proc", ["--checkpoints_path=/proc/cql-runs"],
+     "field 'checkpoints_path': cannot create the run directory /proc/cql-runs/CQL-"),
+    ("log_dir under /sys", ["--log_dir=/sys/cql-runs"], "field 'log_dir': cannot create the run directory /sys/cql-r"),
 ]
 
 

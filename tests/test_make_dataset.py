@@ -213,6 +213,35 @@ def test_bad_options_name_the_option():
         md.parse_args(["--train_steps", "0"])
 
 
+BAD_OPTIONS = [  # (argv, message): numbers past their limits or int64, infinite floats, a key twice in a file
+    (["--train_steps=1e100"], "option 'train_steps' must be at most 1000000000000, got 1000000000000"),
+    ([f"--n_transitions={2**63}"], "option 'n_transitions' must be at most 1000000000, got 9223372036854775808"),
+    (["--eval_episodes=1e9"], "option 'eval_episodes' must be at most 10000"),
+    (["--threads=1e6"], "option 'threads' must be at most 4096"),
+    (["--seed=-1"], "option 'seed' must be >= 0, got -1"),
+    (["--seed=1e19"], "option 'seed' must be at most 4294967295"),
+    (["--max_episode_steps=-5"], "option 'max_episode_steps' must be >= 1, got -5"),
+    (["--discount=5"], "option 'discount' must be in \\[0, 1\\], got 5.0"),
+    (["--qf_lr=2"], "option 'qf_lr' must be in \\(0, 1\\], got 2.0"),
+    (["--policy_lr=inf"], "field 'policy_lr' expects a finite number within float32's range"),
+    (["--target_return=-1e300"], "field 'target_return' expects a finite number within float32's range"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_OPTIONS, ids=[a[0] for a, _ in BAD_OPTIONS])
+def test_hostile_options_name_the_option_in_one_line(argv, message):
+    with pytest.raises(md.MakeError, match=message) as error:
+        md.parse_args(argv)
+    assert "\n" not in str(error.value)
+
+
+def test_config_file_with_a_key_twice_is_refused(tmp_path):
+    path = tmp_path / "make.yaml"
+    path.write_text("env: Pendulum-v1\ntrain_steps: 300\ntrain_steps: 400\n")
+    with pytest.raises(md.MakeError, match=f"config file {path}: key 'train_steps' given twice \\(lines 2 and 3\\)"):
+        md.parse_args(["--config_path", str(path)])
+
+
 def test_config_file_options_and_command_line_overrides(tmp_path):
     path = tmp_path / "make.yaml"
     path.write_text("env: Pendulum-v1\ntrain_steps: 300\nkinds: random,expert\n")

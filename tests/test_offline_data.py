@@ -1,14 +1,16 @@
 """Dataset sources of the offline script: D4RL HDF5 rows, the download path, Minari, rewards."""
 import http.server
 import os
+import re
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import algorithms.finetune.cql as finetune_cql
 import algorithms.offline.cql as cql
-from tools.rollouts import random_episodes, random_transitions, write_minari_dataset
+from tools.rollouts import random_episodes, random_transitions, write_d4rl_hdf5, write_minari_dataset
 
 
 def test_qlearning_transitions_match_hand_computed_rows():
@@ -183,3 +185,124 @@ def test_hdf5_path_with_metadata_gives_env_and_scores(hopper_hdf5):
     assert data.ref_max_score == pytest.approx(3234.3) and data.is_locomotion
     arrays = random_transitions("Hopper-v4", 3000, seed=0)
     assert len(data.rewards) == 3000 - 1 - int(arrays["timeouts"][:-1].sum())
+
+
+# --------------------------------------------------------------------------- actions outside the env's bound
+def _outside_line(source: str, n_outside: int, n_rows: int, largest: str) -> str:
+    return (f"{source}: {n_outside} of {n_rows} rows have actions outside the env's [-1, 1] (largest |a| {largest}): "
+            "the behaviour-cloning log-likelihood (bc_steps) clamps them to the bound; the critics train on them as "
+            "they are; the policy's own actions stay within the bound")
+
+
+SHORT_RUN = {  # a few updates with the behaviour-cloning warm-up, one evaluation episode
+    "offline": ["--max_timesteps=4", "--bc_steps=2", "--eval_freq=4", "--log_freq=2", "--max_episode_steps=5"],
+    "finetune": ["--offline_iterations=2", "--online_iterations=2", "--bc_steps=1", "--eval_freq=2", "--log_freq=2",
+                 "--max_episode_steps=5"],
+}
+
+
+@pytest.mark.parametrize("script", ["offline", "finetune"])
+@pytest.mark.parametrize("seeds", [[], ["--seeds=2"]], ids=["one run", "stack"])
+def test_actions_outside_the_bound_are_reported_once_and_the_run_completes(script, seeds, tmp_path, capsys):
+    module = cql if script == "offline" else finetune_cql
+    arrays = random_transitions("Hopper-v4", 300, seed=3, max_episode_steps=50)
+    arrays["actions"][:12] *= 1.5  # |a| up to 1.5; D4RL's and Minari's Adroit files hold such rows
+    arrays["actions"][5, 1] = -1.37 * 1.5
+    arrays["actions"][12] = [1.0, -1.0, 1.0 + 1e-7]  # on the bound, up to float32 rounding: inside
+    path = write_d4rl_hdf5(tmp_path / "outside.hdf5", arrays, {"env_id": "Hopper-v4"})
+    n_rows = len(module.load_dataset(module.TrainConfig(env=str(path))).rewards)
+    n_outside = int((np.abs(arrays["actions"][:12]).max(1) > 1).sum())
+    capsys.readouterr()
+    module.main([f"--env={path}", *SHORT_RUN[script], *seeds, "--batch_size=8", "--n_episodes=1",
+                 "--wandb_mode=disabled", f"--log_dir={tmp_path / 'runs'}"])
+    out = capsys.readouterr().out.splitlines()
+    assert out.count(_outside_line(f"dataset file {path}", n_outside, n_rows, "2.055")) == 1, out
+    assert sum("outside the env's" in line for line in out) == 1
+    assert any(line.startswith("done: ") for line in out)
+
+
+@pytest.mark.parametrize("script", ["offline", "finetune"])
+def test_actions_within_the_bound_print_no_line(script, hopper_hdf5):
+    module = cql if script == "offline" else finetune_cql
+    data = module.load_dataset(module.TrainConfig(env=str(hopper_hdf5)))
+    assert module.actions_outside_line(data, 1.0) is None
+    assert module.actions_outside_line(data, 0.5).startswith(f"dataset file {hopper_hdf5}: ")  # a tighter env
+    data.actions = np.zeros((len(data.rewards), 0), np.float32)  # no action dims: nothing outside
+    assert module.actions_outside_line(data, 1.0) is None
+
+
+def test_minari_dataset_with_actions_outside_the_bound_runs(tmp_path, monkeypatch, capsys):
+    import gymnasium as gym
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    env = gym.make("Hopper-v4", max_episode_steps=30)
+    episodes = random_episodes(env, 3, seed=0)
+    episodes[1].actions[:4] = 1.25
+    write_minari_dataset("cqltest/hopper-outside-v0", episodes, env)
+    n_rows = sum(len(e.rewards) for e in episodes)
+    capsys.readouterr()
+    cql.main(["--env=cqltest/hopper-outside-v0", *SHORT_RUN["offline"], "--batch_size=8", "--n_episodes=1",
+              "--wandb_mode=disabled", f"--log_dir={tmp_path / 'runs'}"])
+    out = capsys.readouterr().out.splitlines()
+    assert out.count(_outside_line("Minari dataset cqltest/hopper-outside-v0", 4, n_rows, "1.25")) == 1, out
+
+
+# --------------------------------------------------------------------------- malformed dataset files
+def _malformed(tmp_path: Path) -> list:
+    arrays = random_transitions("Hopper-v4", 200, seed=2, max_episode_steps=50)
+    n = len(arrays["rewards"])
+    hopper = {"env_id": "Hopper-v4"}
+
+    def variant(name, attrs=hopper, **columns):
+        return write_d4rl_hdf5(tmp_path / f"{name}.hdf5", {**arrays, **columns}, attrs)
+
+    huge = arrays["observations"].astype(np.float64)
+    huge[3, 2] = 1e300  # finite in the file, inf in the float32 buffer
+    return [  # (what, file, expected message after "dataset file <path>: ")
+        ("text observations", variant("text", observations=np.full((n, 11), b"a")),
+         r"'observations' must hold real numbers, got dtype \|S1"),
+        ("complex actions", variant("complex", actions=arrays["actions"].astype(np.complex64)),
+         r"'actions' must hold real numbers, got dtype complex64"),
+        ("rewards of 3 columns", variant("rewards3", rewards=np.stack([arrays["rewards"]] * 3, 1)),
+         rf"'rewards' must hold one value per row, shape \(rows,\), got shape \({n}, 3\)"),
+        ("terminals of 0.5", variant("half", terminals=np.full(n, 0.5)),
+         r"'terminals' must be 0 or 1, got 0.5 at row 0"),
+        ("NaN terminals", variant("nanterm", terminals=np.where(np.arange(n) == 7, np.nan, 0.0)),
+         r"'terminals' must be 0 or 1, got nan at row 7"),
+        ("timeouts of 2", variant("two", timeouts=np.full(n, 2)), r"'timeouts' must be 0 or 1, got 2 at row 0"),
+        ("values past float32", variant("huge", observations=huge),
+         r"'observations' has values beyond float32's range \(first at row 3\)"),
+        ("every row a timeout", variant("alltimeouts", timeouts=np.ones(n, bool)),
+         r"no transitions left once the rows that end an episode by time limit are dropped"),
+        ("max_episode_steps attribute text", variant("stepstext", {**hopper, "max_episode_steps": "abc"}),
+         r"attribute 'max_episode_steps' must be an integer in \[1, 1000000000000\], got 'abc'"),
+        ("max_episode_steps attribute negative", variant("stepsneg", {**hopper, "max_episode_steps": -5}),
+         r"attribute 'max_episode_steps' must be an integer in \[1, 1000000000000\], got .*-5"),
+        ("env_id attribute a number", variant("envnum", {"env_id": 5}),
+         r"attribute 'env_id' must be a Gymnasium id \(text\), got .*5"),
+        ("ref_min_score attribute text", variant("reftext", {**hopper, "ref_min_score": "x", "ref_max_score": 1.0}),
+         r"attribute 'ref_min_score' must be a finite number, got 'x'"),
+        ("ref_max_score attribute infinite",
+         variant("refinf", {**hopper, "ref_min_score": 0.0, "ref_max_score": np.inf}),
+         r"attribute 'ref_max_score' must be a finite number, got .*inf"),
+    ]
+
+
+@pytest.mark.parametrize("script", ["offline", "finetune"])
+def test_malformed_dataset_files_exit_2_with_one_line_naming_the_file(script, tmp_path, capsys):
+    module = cql if script == "offline" else finetune_cql
+    for what, path, message in _malformed(tmp_path):
+        with pytest.raises(SystemExit) as exit_info:  # one that slipped through would train a few updates
+            module.main([f"--env={path}", *SHORT_RUN[script], "--batch_size=8", "--n_episodes=1",
+                         "--wandb_mode=disabled", f"--log_dir={tmp_path / 'runs'}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1, (what, err)
+        assert re.search(f"^error: dataset file {re.escape(str(path))}: {message}", err[0]), (what, err[0])
+
+
+def test_integer_observations_are_numbers_and_train(tmp_path):
+    arrays = random_transitions("Hopper-v4", 200, seed=2, max_episode_steps=50)
+    arrays["observations"] = np.round(arrays["observations"] * 100).astype(np.int32)
+    path = write_d4rl_hdf5(tmp_path / "int.hdf5", arrays, {"env_id": "Hopper-v4"})
+    data = cql.load_dataset(cql.TrainConfig(env=str(path)))
+    assert data.observations.dtype == np.float32 and data.observations[0, 0] == arrays["observations"][0, 0]

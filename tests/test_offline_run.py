@@ -1,9 +1,12 @@
 """A short offline run end to end, checkpoints, and every bad input's one-line error."""
+import errno
 import importlib
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +262,45 @@ BAD_INPUTS = [  # (what, argv after the dataset argument, expected message); the
     ("a negative seed in a stack", ["--seeds=3,-2"], "field 'seeds' lists a seed outside \\[0, 4294967295\\]: -2"),
     ("a stack too large for one process", ["--seeds=100000000000"],
      "field 'seeds': at most 1024 runs in one process, got 100000000000"),
+    # numbers that parse but overflow int64 or make no sense downstream: upper limits (LIMITS)
+    ("batch_size 1e100", ["--batch_size=1e100"], "field 'batch_size' must be at most 1048576, got 1000000000000"),
+    ("buffer_size past int64", [f"--buffer_size={2**63}"],
+     "field 'buffer_size' must be at most 1000000000, got 9223372036854775808"),
+    ("cql_n_actions past memory", ["--cql_n_actions=1e9"], "field 'cql_n_actions' must be at most 10000, got"),
+    ("n_episodes past int64", ["--n_episodes=1e19"], "field 'n_episodes' must be at most 10000, got"),
+    ("q_n_hidden_layers a million", ["--q_n_hidden_layers=1_000_000"], "field 'q_n_hidden_layers' must be at most 100"),
+    ("max_timesteps past int64", ["--max_timesteps=1e19"], "field 'max_timesteps' must be at most 1000000000000"),
+    ("eval_freq 1e100", ["--eval_freq=1e100"], "field 'eval_freq' must be at most 1000000000000"),
+    ("log_freq past int64", [f"--log_freq={2**64}"], "field 'log_freq' must be at most 1000000000000"),
+    ("checkpoint_freq 1e13", ["--checkpoint_freq=1e13"], "field 'checkpoint_freq' must be at most 1000000000000"),
+    ("keep_checkpoints 1e100", ["--keep_checkpoints=1e100"], "field 'keep_checkpoints' must be at most"),
+    ("max_episode_steps 1e100", ["--max_episode_steps=1e100"], "field 'max_episode_steps' must be at most"),
+    ("target_update_period 1e100", ["--target_update_period=1e100"], "field 'target_update_period' must be at most"),
+    ("bc_steps past int64", ["--bc_steps=1e19"], "field 'bc_steps' must be at most 1000000000000"),
+    ("learning rate above 1", ["--policy_lr=2"], "field 'policy_lr' must be at most 1, got 2.0"),
+    # floats that are infinite or past float32 where that means nothing (the clip bounds may be inf)
+    ("infinite learning rate", ["--qf_lr=inf"], "field 'qf_lr' expects a finite number within float32's range"),
+    ("cql_alpha past float32", ["--cql_alpha=1e39"], "field 'cql_alpha' expects a finite number within float32"),
+    ("infinite cql_temp", ["--cql_temp=.inf"], "field 'cql_temp' expects a finite number"),
+    ("infinite reward_scale", ["--reward_scale=-inf"], "field 'reward_scale' expects a finite number"),
+    ("reward_bias 1e308", ["--reward_bias=1e308"], "field 'reward_bias' expects a finite number"),
+    ("infinite cql_target_action_gap", ["--cql_target_action_gap=inf"], "field 'cql_target_action_gap' expects a fin"),
+    ("infinite alpha_multiplier", ["--alpha_multiplier=inf"], "field 'alpha_multiplier' expects a finite number"),
+    ("policy_log_std_multiplier 1e300", ["--policy_log_std_multiplier=-1e300"],
+     "field 'policy_log_std_multiplier' expects a finite number"),
+    ("infinite ref_min_score", ["--ref_min_score=-inf"], "field 'ref_min_score' expects a finite number"),
+    ("rewards that overflow float32 once scaled", ["--normalize_reward=true", "--reward_scale=1e38"],
+     "fields 'reward_scale' \\(1e\\+38\\) and 'reward_bias' \\(-1\\): dataset file .*hopper-random-tiny.hdf5's "
+     "rewards overflow float32"),
+    # strings with characters that cannot work downstream
+    ("name with '/'", ["--name=me/cql"], "field 'name' starts the run directory's name .*: no '/', got 'me/cql'"),
+    ("wandb project with '/'", ["--project=me/cql"], "field 'project': a wandb project name cannot hold /"),
+    ("device meta", ["--device=meta"], "field 'device' must be auto, cpu, cuda or cuda:N, got 'meta'"),
+    ("device mps", ["--device=mps"], "field 'device' must be auto, cpu, cuda or cuda:N, got 'mps'"),
+    # output paths that cannot be created
+    ("checkpoints_path under /proc", ["--checkpoints_path=/proc/cql-runs"],
+     "field 'checkpoints_path': cannot create the run directory /proc/cql-runs/CQL-"),
+    ("log_dir under /sys", ["--log_dir=/sys/cql-runs"], "field 'log_dir': cannot create the run directory /sys/cql-r"),
 ]
 
 
@@ -323,3 +365,27 @@ def test_wandb_mode_env_disabled_needs_no_wandb_package(script, tmp_path, monkey
     monkeypatch.setenv("WANDB_MODE", "offline")
     with pytest.raises(ImportError):
         module.RunLogger(config, tmp_path, "run-0")
+
+
+@pytest.mark.parametrize("script", ["offline", "finetune"])
+@pytest.mark.parametrize("field", ["log_dir", "checkpoints_path"])
+def test_run_directory_that_takes_no_file_is_a_one_line_error(script, field, hopper_hdf5, tmp_path, monkeypatch,
+                                                              capsys):
+    """The run directory is made, but config.yaml cannot be written in it (a read-only file system, a full
+    disk; root's chmod cannot show it, so the write is refused as such a file system refuses it)."""
+    module = importlib.import_module(f"algorithms.{script}.cql")
+    make_temporary = tempfile.mkstemp
+
+    def read_only(*args, prefix=None, **kwargs):
+        if prefix and prefix.startswith(".config.yaml."):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return make_temporary(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    short = ["--max_timesteps=1"] if script == "offline" else ["--offline_iterations=1", "--online_iterations=0"]
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([f"--env={hopper_hdf5}", "--wandb_mode=disabled", f"--{field}={tmp_path / 'runs'}", *short])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert re.fullmatch(f"error: field '{field}': cannot write {re.escape(str(tmp_path / 'runs'))}/CQL-[^/]+/"
+                        r"config.yaml \(Read-only file system\)", err[0]), err[0]

@@ -223,7 +223,7 @@ SHARED = [
     "CQL._adam_indices", "CQL.load_run_state_dicts", "UpdateStep.__call__", "UpdateStep.take_means",
     "UpdateStep.run_metric_sum", "UpdateStep.take_run_means", "actor_weights", "Evaluator.close", "write_atomic",
     "RunLogger.log", "RunLogger.close", "make_run_dir", "set_rng_states", "checkpoint_files", "keep_lines", "set_seed",
-    "resolve_device", "main",
+    "resolve_device", "main", "StrictLoader", "check_limits", "check_d4rl_attrs", "actions_outside_line",
     "EvaluationWorkerError", "StackRecord", "run_config", "write_run_records", "Evaluator.start_worker",
     "Evaluator.replace_dead_worker", "Evaluator.receive",
     "WriteError", "write_error", "lock_run_dir", "releasing_run_dir_locks", "WandbGuard",

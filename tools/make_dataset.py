@@ -110,6 +110,14 @@ def parse_args(argv: List[str]) -> MakeConfig:
         raise MakeError(str(e)) from None
 
 
+# Upper limits of the counts, the finetune script's where it has the option (a larger value is a typo).
+MAKE_LIMITS = {"train_steps": finetune.MAX_STEPS, "snapshot_freq": finetune.MAX_STEPS,
+               "eval_episodes": finetune.MAX_EPISODES, "n_transitions": finetune.MAX_ROWS,
+               "batch_size": finetune.MAX_BATCH, "q_n_hidden_layers": finetune.MAX_HIDDEN_LAYERS,
+               "threads": 4096, "warmup_steps": finetune.MAX_STEPS, "max_episode_steps": finetune.MAX_STEPS,
+               "seed": finetune.MAX_SEED}
+
+
 def check_config(config: MakeConfig) -> None:
     for name in ("train_steps", "snapshot_freq", "eval_episodes", "n_transitions", "batch_size", "q_n_hidden_layers",
                  "policy_lr", "qf_lr", "threads"):
@@ -117,6 +125,18 @@ def check_config(config: MakeConfig) -> None:
             raise MakeError(f"option '{name}' must be > 0, got {getattr(config, name)!r}")
     if config.warmup_steps < 0:
         raise MakeError(f"option 'warmup_steps' must be >= 0, got {config.warmup_steps}")
+    if config.seed < 0:
+        raise MakeError(f"option 'seed' must be >= 0, got {config.seed}")
+    if config.max_episode_steps is not None and config.max_episode_steps < 1:
+        raise MakeError(f"option 'max_episode_steps' must be >= 1, got {config.max_episode_steps}")
+    for name, limit in MAKE_LIMITS.items():
+        if getattr(config, name) is not None and getattr(config, name) > limit:
+            raise MakeError(f"option '{name}' must be at most {limit}, got {getattr(config, name)!r}")
+    if not 0 <= config.discount <= 1:
+        raise MakeError(f"option 'discount' must be in [0, 1], got {config.discount}")
+    for name in ("policy_lr", "qf_lr"):  # as the finetune script's
+        if getattr(config, name) > 1:
+            raise MakeError(f"option '{name}' must be in (0, 1], got {getattr(config, name)}")
     if not 0 <= config.compression <= 9:
         raise MakeError(f"option 'compression' must be a gzip level 0-9, got {config.compression}")
     unknown = [k for k in kinds_of(config) if k not in KINDS]

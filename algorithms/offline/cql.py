@@ -145,8 +145,32 @@ class EvaluationWorkerError(RunFault):
     for were done."""
 
 
+INFINITE_ALLOWED = ("cql_clip_diff_min", "cql_clip_diff_max")  # +-inf: no clip, their defaults
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 _NONE_WORDS = {"none", "null", "~"}  # None on the command line and in a YAML file alike
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, at any depth (SafeLoader keeps the last),
+    with a ConfigError naming the file, the key and both lines; a key that a merge (<<) brings in and the
+    mapping sets again counts as twice too."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        self.flatten_mapping(node)  # merged keys first, as SafeLoader takes them
+        lines: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                twice = key in lines
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if twice:
+                raise ConfigError(f"config file {self.name}: key '{key}' given twice (lines {lines[key]} and {line})")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def _read_scalar(text: str) -> Any:
@@ -163,7 +187,9 @@ def parse_value(name: str, annotation: Any, value: Any, where: str) -> Any:
 
     Command-line values are typed as YAML types them (a string field keeps its text), so both sources
     follow one rule: bools are YAML's (true/false, yes/no, on/off), integers may be written 1e6 or
-    1_000_000, numbers may not be NaN, and none/null/~ is None for Optional fields only.
+    1_000_000, numbers may not be NaN, and none/null/~ is None for Optional fields only. A float must lie
+    within float32's range, which the networks compute in (but those of INFINITE_ALLOWED: no learning rate,
+    weight, reward scale or score means anything at inf), and a string holds no NUL (no name or path can).
     """
     optional = get_origin(annotation) is Union and type(None) in get_args(annotation)
     base = next(a for a in get_args(annotation) if a is not type(None)) if optional else annotation
@@ -190,6 +216,10 @@ def parse_value(name: str, annotation: Any, value: Any, where: str) -> Any:
     number = isinstance(parsed, (int, float)) and not isinstance(parsed, bool)
     if base is float and number and math.isnan(parsed):
         raise fail("a number, not NaN")
+    if base is float and number and not abs(parsed) <= FLOAT32_MAX and name not in INFINITE_ALLOWED:
+        raise fail(f"a finite number within float32's range (|value| <= {FLOAT32_MAX:.4g})")
+    if base is str and isinstance(parsed, str) and "\0" in parsed:
+        raise fail("a string without NUL characters")
     if base is int and number and not (math.isfinite(parsed) and parsed == int(parsed)):
         raise fail("an integer")
     if not (isinstance(parsed, bool) if base is bool else number if base in (int, float) else isinstance(parsed, str)):
@@ -217,6 +247,14 @@ def check_bounds(config: Any, bounds: Dict[str, Tuple[float, Optional[float], bo
 
 MAX_SEED = 2**32 - 1  # numpy's global seed; Gymnasium refuses negative seeds
 MAX_RUNS = 1024  # runs in one --seeds stack: more is a typo, not an experiment one GPU holds
+# Upper limits of counts: generous, but each well past any run one GPU makes (a larger value is a typo, and
+# past 2^63 it does not even fit the int64 that torch and numpy take).
+MAX_STEPS = 10**12  # updates, iterations, episode steps, frequencies: 30 years at 1000 updates/s
+MAX_ROWS = 10**9  # transitions in a replay buffer: 100+ GB even for a 10-dim task, more than one GPU holds
+MAX_BATCH = 2**20  # transitions per update; times cql_n_actions critic rows, so a million already fills a GPU
+MAX_SAMPLED_ACTIONS = 10_000  # cql_n_actions: CORL uses 10
+MAX_EPISODES = 10_000  # evaluation episodes, run side by side: each its own simulator
+MAX_HIDDEN_LAYERS = 100  # of 256 units per critic: CORL uses 2 to 5
 # Numeric fields' allowed values: (low, high or None, whether low itself is allowed).
 BOUNDS: Dict[str, Tuple[float, Optional[float], bool]] = {
     "seed": (0, MAX_SEED, True),
@@ -241,13 +279,41 @@ BOUNDS: Dict[str, Tuple[float, Optional[float], bool]] = {
     "keep_checkpoints": (0, None, True),
     "max_episode_steps": (0, None, False),
 }
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # wandb.init refuses a project name with any of these
+# Upper limits of numeric fields (check_limits), apart from BOUNDS so that their messages stay as they were.
+LIMITS: Dict[str, float] = {
+    "eval_freq": MAX_STEPS,
+    "n_episodes": MAX_EPISODES,
+    "buffer_size": MAX_ROWS,
+    "batch_size": MAX_BATCH,
+    "target_update_period": MAX_STEPS,
+    "cql_n_actions": MAX_SAMPLED_ACTIONS,
+    "q_n_hidden_layers": MAX_HIDDEN_LAYERS,
+    "log_freq": MAX_STEPS,
+    "max_timesteps": MAX_STEPS,
+    "bc_steps": MAX_STEPS,
+    "checkpoint_freq": MAX_STEPS,
+    "keep_checkpoints": MAX_STEPS,
+    "max_episode_steps": MAX_STEPS,
+    "policy_lr": 1,  # Adam moves each weight by about lr per update: past 1 it only wrecks them
+    "qf_lr": 1,
+}
 CHOICES: Dict[str, Tuple[Optional[str], ...]] = {"wandb_mode": (None, "online", "offline", "disabled"),
                                               "on_nonfinite": ("stop", "skip")}
+
+
+def check_limits(config: Any, limits: Dict[str, float]) -> None:
+    """A ConfigError for the first field above its upper limit; a None value of an Optional field is not checked."""
+    for name, limit in limits.items():
+        value = getattr(config, name)
+        if value is not None and value > limit:
+            raise ConfigError(f"field '{name}' must be at most {limit}, got {value!r}")
 
 
 def check_config(config: TrainConfig) -> None:
     """Rejects impossible values with a one-line ConfigError naming the field."""
     check_bounds(config, BOUNDS, CHOICES)
+    check_limits(config, LIMITS)
     if config.cql_clip_diff_min > config.cql_clip_diff_max:
         raise ConfigError(f"fields 'cql_clip_diff_min' ({config.cql_clip_diff_min}) > "
                           f"'cql_clip_diff_max' ({config.cql_clip_diff_max})")
@@ -258,9 +324,18 @@ def check_config(config: TrainConfig) -> None:
     run_seeds(config)  # a bad seeds value fails here, not after the data is loaded
     if config.device != "auto":
         try:
-            torch.device(config.device)
+            device_type = torch.device(config.device).type
         except RuntimeError:
-            raise ConfigError(f"field 'device' must be auto, cpu, cuda or cuda:N, got {config.device!r}") from None
+            device_type = None
+        if device_type not in ("cpu", "cuda"):  # torch knows meta, mps, xpu, ...: the scripts run on these two
+            raise ConfigError(f"field 'device' must be auto, cpu, cuda or cuda:N, got {config.device!r}")
+    if "/" in config.name:  # else the run directory would land in a folder of that name
+        raise ConfigError(f"field 'name' starts the run directory's name <name>-<env>-<seed>-<id>: no '/', "
+                          f"got {config.name!r}")
+    forbidden = [c for c in WANDB_PROJECT_FORBIDDEN if c in config.project]
+    if forbidden:
+        raise ConfigError(f"field 'project': a wandb project name cannot hold {' '.join(forbidden)}, "
+                          f"got {config.project!r}")
 
 
 def run_seeds(config: TrainConfig) -> Optional[List[int]]:
@@ -357,9 +432,11 @@ def parse_config(argv: List[str], config_class: type = TrainConfig,
         where = f"{what} {path}"
         try:
             with open(path) as f:
-                loaded = yaml.safe_load(f)
+                loaded = yaml.load(f, Loader=StrictLoader)
         except OSError as e:
             raise ConfigError(f"{where}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{where}: not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
         if loaded is None:
@@ -383,6 +460,8 @@ def parse_config(argv: List[str], config_class: type = TrainConfig,
     config = config_class(**values)
     (check or check_config)(config)
     return config
+
+
 
 
 # ======================================================================================
@@ -508,6 +587,15 @@ def read_d4rl_hdf5(path: Union[str, Path]) -> Dict[str, np.ndarray]:
             data["attrs"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     except (OSError, KeyError) as e:
         raise DatasetError(f"dataset file {path}: not a readable HDF5 file ({e})") from None
+    arrays = [key for key in ("observations", "actions", "rewards", "terminals", "timeouts") if key in data]
+    for key in arrays:  # text, compound or complex values would fail in numpy below, not name the file
+        if data[key].dtype != bool and not (np.issubdtype(data[key].dtype, np.integer)
+                                            or np.issubdtype(data[key].dtype, np.floating)):
+            raise DatasetError(f"dataset file {path}: '{key}' must hold real numbers, got dtype {data[key].dtype}")
+    for key in ("rewards", "terminals", "timeouts"):
+        if key in data and not (data[key].ndim == 1 or data[key].shape[1:] == (1,)):
+            raise DatasetError(f"dataset file {path}: '{key}' must hold one value per row, shape (rows,), "
+                               f"got shape {data[key].shape}")
     n = len(data["rewards"])
     for key in ("observations", "actions", "rewards", "terminals", "timeouts"):
         if key in data and len(data[key]) != n:
@@ -520,9 +608,36 @@ def read_d4rl_hdf5(path: Union[str, Path]) -> Dict[str, np.ndarray]:
         if bad.any():
             row = int(np.argwhere(bad)[0][0])
             raise DatasetError(f"dataset file {path}: '{key}' has non-finite values (first at row {row})")
+        big = np.abs(data[key]) > np.finfo(np.float32).max  # the buffer holds float32: these would be inf
+        if big.any():
+            row = int(np.argwhere(big)[0][0])
+            raise DatasetError(f"dataset file {path}: '{key}' has values beyond float32's range (first at row {row})")
+    for key in ("terminals", "timeouts"):
+        flags = data[key].reshape(-1) if key in data else np.zeros(0)
+        if not np.isin(flags, (0, 1)).all():  # astype(bool) would read 0.5 or NaN as true
+            row = int(np.flatnonzero(~np.isin(flags, (0, 1)))[0])
+            raise DatasetError(f"dataset file {path}: '{key}' must be 0 or 1, got {flags[row]} at row {row}")
+    check_d4rl_attrs(data["attrs"], path)
     if n < 2:
         raise DatasetError(f"dataset file {path}: needs at least 2 rows, has {n}")
     return data
+
+
+def check_d4rl_attrs(attrs: Dict[str, Any], path: Path) -> None:
+    """A DatasetError unless the file's metadata that load_dataset reads has the type it needs."""
+    if "env_id" in attrs and not isinstance(attrs["env_id"], str):
+        raise DatasetError(f"dataset file {path}: attribute 'env_id' must be a Gymnasium id (text), "
+                           f"got {attrs['env_id']!r}")
+    steps = attrs.get("max_episode_steps")
+    if steps is not None and not (isinstance(steps, (int, np.integer)) and not isinstance(steps, (bool, np.bool_))
+                                  and 0 < steps <= MAX_STEPS):
+        raise DatasetError(f"dataset file {path}: attribute 'max_episode_steps' must be an integer in "
+                           f"[1, {MAX_STEPS}], got {steps!r}")
+    for key in ("ref_min_score", "ref_max_score"):
+        value = attrs.get(key)
+        if value is not None and not (isinstance(value, (int, float, np.integer, np.floating))
+                                      and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)):
+            raise DatasetError(f"dataset file {path}: attribute '{key}' must be a finite number, got {value!r}")
 
 
 def qlearning_transitions(data: Dict[str, np.ndarray], max_episode_steps: int = 1000) -> Dict[str, np.ndarray]:
@@ -764,6 +879,9 @@ def check_dataset_matches_env(data: OfflineData, env: gym.Env) -> None:
     """The dataset's rows fit the eval env's flattened observations and its actions; else a DatasetError
     that, for a goal Dict env, spells out the state's parts and whether goal_in_state would fit."""
     name = env.spec.id if env.spec else env
+    if not len(data.rewards):  # e.g. every row a timeout: D4RL's layout has no next observation for those
+        raise DatasetError(f"{data.source}: no transitions left once the rows that end an episode by time limit "
+                           f"are dropped")
     obs_dim = env.observation_space.shape[0]  # make_env's envs give flat rows (flat_observation_env)
     if data.observations.shape[1] != obs_dim:
         raw, layout = env.unwrapped.observation_space, ""
@@ -777,6 +895,19 @@ def check_dataset_matches_env(data: OfflineData, env: gym.Env) -> None:
     if data.actions.shape[1] != env.action_space.shape[0]:
         raise DatasetError(f"{data.source}: actions have {data.actions.shape[1]} dims, "
                            f"the eval env {name} has {env.action_space.shape[0]}")
+
+
+def actions_outside_line(data: OfflineData, max_action: float) -> Optional[str]:
+    """The start line on dataset rows whose actions lie outside the env's [-max_action, max_action] (some D4RL
+    and Minari files have them); None when there are none. They stay as they are: the line says what uses them."""
+    magnitude = np.abs(data.actions).max(axis=1, initial=0.0)
+    outside = magnitude > max_action * (1 + 1e-6)  # a tiny tolerance: float32 rounding of values on the bound
+    if not outside.any():
+        return None
+    return (f"{data.source}: {int(outside.sum())} of {len(outside)} rows have actions outside the env's "
+            f"[-{max_action:g}, {max_action:g}] (largest |a| {magnitude.max():.4g}): the behaviour-cloning "
+            f"log-likelihood (bc_steps) clamps them to the bound; the critics train on them as they are; "
+            f"the policy's own actions stay within the bound")
 
 
 def reference_scores_line(config: TrainConfig, source: str, ref_min: Optional[float], ref_max: Optional[float],
@@ -830,7 +961,11 @@ def normalize_rewards(data: OfflineData, config: TrainConfig, max_episode_steps:
             raise DatasetError(f"{data.source}: every episode has return {high}; cannot rescale rewards "
                                f"by the return range (set normalize_reward false)")
         data.rewards = data.rewards / (high - low) * max_episode_steps
-    data.rewards = (data.rewards * config.reward_scale + config.reward_bias).astype(np.float32)
+    with np.errstate(over="ignore"):  # an overflow is the error below, not a warning on stderr
+        data.rewards = (data.rewards * config.reward_scale + config.reward_bias).astype(np.float32)
+    if not np.isfinite(data.rewards).all():
+        raise ConfigError(f"fields 'reward_scale' ({config.reward_scale:g}) and 'reward_bias' "
+                          f"({config.reward_bias:g}): {data.source}'s rewards overflow float32 once scaled by them")
 
 
 class ReplayBuffer:
@@ -1695,23 +1830,34 @@ class WriteError(RunFault):
     """A file of the run could not be written (disk full, over quota, I/O error, read-only disk): the run
     stops (exit code 3); the message is one line naming the file and the last good checkpoint."""
 
+    def __init__(self, message: str, path: Path, reason: str):
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
 
 def write_error(path: Path, error: OSError) -> WriteError:
     """The WriteError of a failed write of `path`, a file of a run directory."""
     what = "disk full writing" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
     files = checkpoint_files(path.parent)
     last = f"; last good checkpoint: {files[-1]}" if files else "; no checkpoint written"
-    return WriteError(f"{what} {path} ({error.strerror or error}){last}")
+    reason = error.strerror or str(error)
+    return WriteError(f"{what} {path} ({reason}){last}", path, reason)
 
 
 def write_run_records(run_dir: Path, config: Any, seed: int, stack: Optional[List[str]] = None) -> None:
     """A run's config.yaml (its own config, run_config) and, for a run of a stack (stack: its run directory
-    names), stack.yaml (StackRecord) first: a run directory with the new config.yaml always has its record."""
-    if stack is not None:
-        record = StackRecord(seeds=config.seeds, seed=config.seed, runs=stack)
-        write_atomic(run_dir / STACK_RECORD, lambda f: yaml.safe_dump(asdict(record), f, sort_keys=False), mode="w")
+    names), stack.yaml (StackRecord) first: a run directory with the new config.yaml always has its record.
+    A directory that takes no file (a read-only file system, a full disk) is a ConfigError naming the field it
+    comes from: nothing has run yet."""
     own = asdict(run_config(config, seed))
-    write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(own, f, sort_keys=False), mode="w")
+    try:
+        if stack is not None:
+            record = asdict(StackRecord(seeds=config.seeds, seed=config.seed, runs=stack))
+            write_atomic(run_dir / STACK_RECORD, lambda f: yaml.safe_dump(record, f, sort_keys=False), mode="w")
+        write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(own, f, sort_keys=False), mode="w")
+    except WriteError as e:
+        field = "resume" if config.resume else "checkpoints_path" if config.checkpoints_path else "log_dir"
+        raise ConfigError(f"field '{field}': cannot write {e.path} ({e.reason})") from None
 
 
 def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -1957,6 +2103,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"field 'device': {name} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"field 'device': {name} requested but there are {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -2083,6 +2231,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     if not np.allclose(space.high, space.high[0]) or not np.allclose(space.low, -space.high):
         raise DatasetError(f"eval env: actions must lie in a symmetric box [-m, m], got [{space.low}, {space.high}]")
     max_action = float(space.high[0])
+    outside_line = actions_outside_line(data, max_action)
+    if outside_line:
+        print(outside_line)
     if len(data.rewards) > config.buffer_size:
         raise ConfigError(f"field 'buffer_size' ({config.buffer_size}) is smaller than the dataset "
                           f"({len(data.rewards)} transitions)")
