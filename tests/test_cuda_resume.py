@@ -6,6 +6,12 @@ The resumed process makes its first updates eagerly (compiled, not yet captured)
 one replays its graph: the same kernels on the same random stream, so the test also shows that eager and
 replayed updates agree bit for bit. Evaluations finish in a worker process and are logged when they come
 back, so evaluation rows are compared by update, training rows in order.
+
+The three processes share one compile cache of their own, which the uninterrupted run fills first:
+Inductor benchmarks a few launch configurations of some kernels the first time it runs them and keeps
+its choice in the cache, and a process choosing afresh (on a busy GPU, or from a cache other runs write
+at the same time) may take another, whose rounding differs from the first update on. Resume then reads
+the choice the run made, as a resume on the machine and cache the run started from does.
 Run on a GPU machine with `python -m pytest -q tests/test_cuda_resume.py`."""
 import json
 import os
@@ -63,16 +69,17 @@ def assert_same_run(want_dir: Path, got_dir: Path, step: int) -> None:
 @pytest.mark.parametrize("script", ["offline", "finetune"])
 def test_sigkilled_cuda_run_resumes_to_the_same_weights_and_metrics(script, seeds, hopper_hdf5, tmp_path):
     path, _, kill_at, last = SCRIPTS[script]
+    env = {**ENV, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile_cache")}
     runs = 2 if seeds else 1
     reference = subprocess.run([sys.executable, str(path), *run_args(hopper_hdf5, script, tmp_path / "a", seeds)],
-                               env=ENV, capture_output=True, text=True, timeout=900)
+                               env=env, capture_output=True, text=True, timeout=900)
     assert reference.returncode == 0, reference.stderr[-3000:]
     process = subprocess.Popen([sys.executable, str(path), *run_args(hopper_hdf5, script, tmp_path / "b", seeds)],
-                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when_written(process, tmp_path / "b", f"checkpoint_{kill_at}.pt", runs=runs, settle=0.2)
     killed = sorted((tmp_path / "b").iterdir())
     assert not any((d / f"checkpoint_{last}.pt").exists() for d in killed), "killed too late to test anything"
-    resumed = subprocess.run([sys.executable, str(path), f"--resume={killed[0]}"], env=ENV, capture_output=True,
+    resumed = subprocess.run([sys.executable, str(path), f"--resume={killed[0]}"], env=env, capture_output=True,
                              text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at" in resumed.stdout

@@ -122,7 +122,7 @@ class TrainConfig:
     compile: Optional[bool] = None  # torch.compile the losses (same math); None: on for cuda, off for cpu
     cudagraphs: bool = True  # on cuda, replay the whole update (sampling, losses, backward, Adam) as a CUDA graph
     tf32: bool = False  # allow TF32 matmuls on cuda: faster, ~1e-3 relative precision instead of fp32's
-    env_workers: Optional[bool] = None  # step a stack's training envs side by side in processes; None: if cores allow
+    env_workers: bool = False  # step a stack's training envs side by side in processes (pays for slow envs only)
     env_errors_in_a_row: int = 5  # failed training-env steps in a row that stop the run; a rarer one ends its episode
 
 
@@ -2834,18 +2834,13 @@ class Run:
 
 
 def use_env_workers(config: TrainConfig, env: gym.Env, n_runs: int) -> bool:
-    """config.env_workers resolved. None: on for a stack of runs whose training env has a Gymnasium spec to
-    rebuild it from in a worker, on a machine with a core for each run's env beside the trainer's (the
-    stack's env steps then take about one env's time); off for one run (a lone env gains nothing from
-    another process and pays a pipe round trip per step) and with fewer cores (the envs would only take
-    turns on them, the round trips on top: benchmarks/env_step.py)."""
-    if config.env_workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return 1 < n_runs < cores and env.spec is not None
+    """Whether a stack's training envs go into env workers: asked for, and more than one run. Off by default:
+    a worker pays a pipe round trip per step, which costs more than a MuJoCo locomotion step saves
+    (benchmarks/env_step.py on an H200 host, 16 cores: 4 Hopper-v4 runs 0.68x, 4 Humanoid-v4 runs 1.21x)."""
     if config.env_workers and env.spec is None:
         raise ConfigError("field 'env_workers': the training env has no Gymnasium spec to rebuild it from in a "
                           "worker process; set env_workers false")
-    return config.env_workers
+    return config.env_workers and n_runs > 1
 
 
 def make_runs(config: TrainConfig, seeds: List[int], env: gym.Env, make_train_env: Callable[[], gym.Env],
