@@ -31,6 +31,18 @@ def kill_when_written(process: subprocess.Popen, run_root: Path, checkpoint: str
     process.wait()
 
 
+def assert_same_training_state(want: dict, got: dict) -> None:
+    """Two checkpoints (torch.load'ed) hold bitwise the same networks, target critics, alphas and Adam state."""
+    for part in ("actor", "critic", "target_critic"):
+        for name in want[part]:
+            assert torch.equal(want[part][name], got[part][name]), (part, name)
+    for name in ("log_alpha", "log_alpha_prime"):
+        assert torch.equal(want[name], got[name]), name
+    for index, state in want["optimizer"]["state"].items():
+        for key in state:
+            assert torch.equal(state[key].cpu(), got["optimizer"]["state"][index][key].cpu()), (index, key)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: on a small, busy CPU two threads contend and updates get many times slower."""

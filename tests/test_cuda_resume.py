@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_when_written
+from conftest import assert_same_training_state, kill_when_written
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -54,14 +54,7 @@ def split_rows(run_dir: Path):
 def assert_same_run(want_dir: Path, got_dir: Path, step: int) -> None:
     want = torch.load(want_dir / f"checkpoint_{step}.pt", weights_only=False, map_location="cpu")
     got = torch.load(got_dir / f"checkpoint_{step}.pt", weights_only=False, map_location="cpu")
-    for part in ("actor", "critic", "target_critic"):
-        for name in want[part]:
-            assert torch.equal(want[part][name], got[part][name]), (part, name)
-    for name in ("log_alpha", "log_alpha_prime"):
-        assert torch.equal(want[name], got[name]), name
-    for index, state in want["optimizer"]["state"].items():
-        for key in state:
-            assert torch.equal(state[key].cpu(), got["optimizer"]["state"][index][key].cpu()), (index, key)
+    assert_same_training_state(want, got)
     assert split_rows(got_dir) == split_rows(want_dir)
 
 

@@ -13,7 +13,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import kill_when_written, poison_critic_at_update
+from conftest import assert_same_training_state, kill_when_written, poison_critic_at_update
 
 import algorithms.finetune.cql as cql
 
@@ -40,14 +40,7 @@ def assert_same_run(want_dir: Path, got_dir: Path, step: int) -> None:
     """Final weights, Adam state, alphas, counters, replay rows and every metrics row are identical."""
     want = torch.load(want_dir / f"checkpoint_{step}.pt", weights_only=False)
     got = torch.load(got_dir / f"checkpoint_{step}.pt", weights_only=False)
-    for part in ("actor", "critic", "target_critic"):
-        for name in want[part]:
-            assert torch.equal(want[part][name], got[part][name]), (part, name)
-    for name in ("log_alpha", "log_alpha_prime"):
-        assert torch.equal(want[name], got[name]), name
-    for index, state in want["optimizer"]["state"].items():
-        for key in state:
-            assert torch.equal(state[key], got["optimizer"]["state"][index][key]), (index, key)
+    assert_same_training_state(want, got)
     assert (want["total_it"], want["cql_alpha"], want["progress"]) == (got["total_it"], got["cql_alpha"],
                                                                        got["progress"])
     want_replay = torch.load(want_dir / f"replay_{step}.pt", weights_only=False)
