@@ -1,7 +1,11 @@
 """tools/make_dataset.py (GitHub issue 5): every dataset kind on a tiny budget, the offline script
 training on its output, resume, Minari output, and the shipped quickstart file and config."""
+import errno
 import hashlib
 import json
+import os
+import re
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -192,6 +196,25 @@ def test_minari_dataset_from_arrays(made, tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.concatenate([e.terminations for e in episodes]), data["terminals"])
     np.testing.assert_array_equal(np.concatenate([e.observations[:-1] for e in episodes]), data["observations"])
     assert dataset.storage.metadata["ref_max_score"] == pytest.approx(attrs["ref_max_score"])
+
+
+def test_a_failed_write_stops_with_exit_3_in_one_line(tmp_path, monkeypatch, capsys):
+    """A full disk while the tool writes its learner's actor snapshots: one line naming the file, exit 3."""
+    make_temporary = tempfile.mkstemp
+
+    def full_disk(*args, prefix=None, **kwargs):
+        if prefix and prefix.startswith(".actor_"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return make_temporary(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        md.main([*TINY, "--train_steps", "50", "--work_dir", str(tmp_path / "work"), "--out_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 3 and len(err) == 1, err
+    # (the learner's progress bar, which has no newline of its own, stands before it on that line)
+    assert re.search(r"error: disk full writing \S+/snapshots/actor_\d+\.pt \(No space left on device\); no checkpoint",
+                     err[0]), err[0]
 
 
 def test_medium_is_the_first_trained_snapshot_reaching_a_third_of_the_way():

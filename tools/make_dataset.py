@@ -533,6 +533,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     except MakeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (FloatingPointError, finetune.RunFault) as e:  # the learner's run stopped (a failed write, ...)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":
