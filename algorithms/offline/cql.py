@@ -5,26 +5,14 @@ offline CQL, on Gymnasium + MuJoCo, h5py and Minari instead of gym, d4rl and muj
 
     python algorithms/offline/cql.py --config_path configs/offline/cql/hopper/medium_v2.yaml --seed=3
     python algorithms/offline/cql.py --config_path configs/offline/cql/hopper/medium_v2.yaml --seeds=0,1,2,3
+    python algorithms/offline/cql.py --help  # every option, with its meaning and default
 
-Layout: config -> data -> networks -> algorithm -> evaluation and logging -> train() -> main.
+The manual is README.md: "Data", "Durable runs, loud mistakes" (checkpoints, --resume, non-finite
+values, bad input), "Speed" and "Many seeds in one process" (--seeds: runs stacked along a seed
+dimension, one run directory each).
 
-Several seeds in one process (--seeds=0,1,2,3, or --seeds=4 for seed..seed+3): one trainer holds
-the runs stacked along a leading seed dimension and updates them together; each run samples its
-own batches and noise and is otherwise what a one-seed run is: its own run directory
-<name>-<env>-<seed>-<id> with its own config.yaml (--config_path of it trains that seed alone), the
-stack's stack.yaml, metrics.jsonl, wandb run (grouped by `group`), evaluations (episode i seeded
-seed + i) and ordinary one-run checkpoints, written for all runs
-at the same updates. --resume=<any run directory of the stack> resumes the whole stack, exactly,
-from the newest update that every run has a checkpoint of. A non-finite value in any run stops
-the stack.
-
-A non-finite metric or weight stops the run (exit code 3) with one line naming the quantity, the
-updates and the last good checkpoint. With on_nonfinite "skip", an update whose loss or a gradient
-is non-finite is dropped instead (weights, Adam state and target critics stay as they were; it
-still counts as an update) and the run goes on: the metrics of its log window are means over the
-other updates, and the row adds skipped_updates, their count; a window whose every update was
-skipped stops the run. A seed stack drops the update in every run (one Adam step for all), so its
-runs stay in lockstep.
+Layout: config -> data -> networks -> algorithm and its speed layer -> evaluation, logging and
+checkpoints -> training (Run, train()) -> main.
 """
 import contextlib
 import copy
