@@ -585,51 +585,46 @@ def download_file(url: str, dest: Path, timeout: float = 60.0) -> Path:
 def read_d4rl_hdf5(path: Union[str, Path]) -> Dict[str, np.ndarray]:
     """Reads the arrays of a D4RL-format HDF5 file and checks their shapes and values."""
     path = Path(path)
+    where = f"dataset file {path}"
     if not path.is_file():
-        raise DatasetError(f"dataset file {path}: not found")
+        raise DatasetError(f"{where}: not found")
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
             if missing:
-                raise DatasetError(f"dataset file {path}: missing key(s) {', '.join(missing)}")
+                raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}")
             data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k in f}
-            data["attrs"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     except (OSError, KeyError) as e:
-        raise DatasetError(f"dataset file {path}: not a readable HDF5 file ({e})") from None
-    arrays = [key for key in ("observations", "actions", "rewards", "terminals", "timeouts") if key in data]
-    for key in arrays:  # text, compound or complex values would fail in numpy below, not name the file
-        if data[key].dtype != bool and not (np.issubdtype(data[key].dtype, np.integer)
-                                            or np.issubdtype(data[key].dtype, np.floating)):
-            raise DatasetError(f"dataset file {path}: '{key}' must hold real numbers, got dtype {data[key].dtype}")
+        raise DatasetError(f"{where}: not a readable HDF5 file ({e})") from None
+    for key, values in data.items():  # text, compound or complex values would fail in numpy below, not name the file
+        if values.dtype.kind not in "biuf":  # bool, integers or floats
+            raise DatasetError(f"{where}: '{key}' must hold real numbers, got dtype {values.dtype}")
     for key in ("rewards", "terminals", "timeouts"):
         if key in data and not (data[key].ndim == 1 or data[key].shape[1:] == (1,)):
-            raise DatasetError(f"dataset file {path}: '{key}' must hold one value per row, shape (rows,), "
+            raise DatasetError(f"{where}: '{key}' must hold one value per row, shape (rows,), "
                                f"got shape {data[key].shape}")
     n = len(data["rewards"])
-    for key in ("observations", "actions", "rewards", "terminals", "timeouts"):
-        if key in data and len(data[key]) != n:
-            raise DatasetError(f"dataset file {path}: '{key}' has {len(data[key])} rows, rewards has {n}")
+    for key, values in data.items():
+        if len(values) != n:
+            raise DatasetError(f"{where}: '{key}' has {len(values)} rows, rewards has {n}")
     for key in ("observations", "actions"):
         if data[key].ndim != 2:
-            raise DatasetError(f"dataset file {path}: '{key}' must be 2-D (rows, dim), got shape {data[key].shape}")
-    for key in ("observations", "actions", "rewards"):
-        bad = ~np.isfinite(data[key])
-        if bad.any():
-            row = int(np.argwhere(bad)[0][0])
-            raise DatasetError(f"dataset file {path}: '{key}' has non-finite values (first at row {row})")
-        big = np.abs(data[key]) > np.finfo(np.float32).max  # the buffer holds float32: these would be inf
-        if big.any():
-            row = int(np.argwhere(big)[0][0])
-            raise DatasetError(f"dataset file {path}: '{key}' has values beyond float32's range (first at row {row})")
+            raise DatasetError(f"{where}: '{key}' must be 2-D (rows, dim), got shape {data[key].shape}")
+    for key in ("observations", "actions", "rewards"):  # the buffer holds float32: beyond its range would be inf
+        for what, bad in (("non-finite values", ~np.isfinite(data[key])),
+                          ("values beyond float32's range", np.abs(data[key]) > FLOAT32_MAX)):
+            if bad.any():
+                raise DatasetError(f"{where}: '{key}' has {what} (first at row {int(np.argwhere(bad)[0][0])})")
     for key in ("terminals", "timeouts"):
         flags = data[key].reshape(-1) if key in data else np.zeros(0)
         if not np.isin(flags, (0, 1)).all():  # astype(bool) would read 0.5 or NaN as true
             row = int(np.flatnonzero(~np.isin(flags, (0, 1)))[0])
-            raise DatasetError(f"dataset file {path}: '{key}' must be 0 or 1, got {flags[row]} at row {row}")
-    check_d4rl_attrs(data["attrs"], path)
+            raise DatasetError(f"{where}: '{key}' must be 0 or 1, got {flags[row]} at row {row}")
+    check_d4rl_attrs(attrs, path)
     if n < 2:
-        raise DatasetError(f"dataset file {path}: needs at least 2 rows, has {n}")
-    return data
+        raise DatasetError(f"{where}: needs at least 2 rows, has {n}")
+    return {**data, "attrs": attrs}
 
 
 def check_d4rl_attrs(attrs: Dict[str, Any], path: Path) -> None:
@@ -789,21 +784,19 @@ def _load_minari(config: TrainConfig) -> OfflineData:
         raise DatasetError(f"Minari dataset {config.env}: cannot load ({str(e).splitlines()[0]})") from None
     check_observation_space(dataset.observation_space, f"Minari dataset {config.env}")
     goal_in_state = resolve_goal_in_state(config, hdf5=False)
-    keys = ("observations", "actions", "rewards", "next_observations", "terminals", "episode_ends")
-    columns: Dict[str, List[np.ndarray]] = {k: [] for k in keys}
+    episodes = []
     for episode in dataset.iterate_episodes():
         # Minari keeps every episode's last observation: a truncated episode's last row has its real s'
         # and is not terminal (D4RL's files lack that s', so qlearning_transitions drops such rows).
         obs = flatten_observation(episode.observations, goal_in_state).astype(np.float32)
-        columns["observations"].append(obs[:-1])
-        columns["next_observations"].append(obs[1:])
-        columns["actions"].append(np.asarray(episode.actions, dtype=np.float32))
-        columns["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
-        columns["terminals"].append(np.asarray(episode.terminations, dtype=np.float32))
-        columns["episode_ends"].append(np.arange(len(episode.rewards)) == len(episode.rewards) - 1)
-    if not columns["rewards"]:
+        episodes.append({"observations": obs[:-1], "next_observations": obs[1:],
+                         "actions": np.asarray(episode.actions, dtype=np.float32),
+                         "rewards": np.asarray(episode.rewards, dtype=np.float32),
+                         "terminals": np.asarray(episode.terminations, dtype=np.float32),
+                         "episode_ends": np.arange(len(episode.rewards)) == len(episode.rewards) - 1})
+    if not episodes:
         raise DatasetError(f"Minari dataset {config.env}: has no episodes")
-    arrays = {k: np.concatenate(v) for k, v in columns.items()}
+    arrays = {k: np.concatenate([e[k] for e in episodes]) for k in episodes[0]}
     metadata = dataset.storage.metadata
     if config.eval_env is not None:
         check_env_id(config.eval_env)
