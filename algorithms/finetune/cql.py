@@ -715,14 +715,9 @@ def flatten_observation(obs: Any, goal_in_state: bool = True) -> np.ndarray:
     """A goal Dict observation (or a batch of them) as state rows; a Box observation as it is.
 
     The row is achieved_goal ++ desired_goal ++ observation, or without desired_goal when not
-    goal_in_state. In AntMaze `observation` is the ant without its torso x/y, which is
-    `achieved_goal`, so x/y come first; achieved_goal ++ observation of AntMaze-v4 is qpos[:15] ++
-    qvel[:14], D4RL's AntMaze observation column for column. The goal is in the state by default
-    for Minari datasets and Gymnasium envs: their sparse reward is 1 within 0.45 of the episode's
-    desired_goal, which moves between episodes (diverse/play data) and resets (goal noise), so
-    without it the reward is no function of the state. D4RL's AntMaze files hold no goal (their
-    rewards are for the task's one evaluation goal): an HDF5 file's default leaves it out. The envs
-    of make_env give rows flattened the same way already (flat_observation_env).
+    goal_in_state (AntMaze-v4's is then qpos[:15] ++ qvel[:14], D4RL's AntMaze observation); README
+    "Goal-conditioned observations" says why the goal is in the state by default, but not for HDF5
+    files. The envs of make_env give rows flattened the same way already (flat_observation_env).
     """
     if isinstance(obs, dict):
         return np.concatenate([np.asarray(obs[key]) for key in state_keys(goal_in_state)], axis=-1)

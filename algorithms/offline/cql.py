@@ -244,47 +244,23 @@ MAX_SAMPLED_ACTIONS = 10_000  # cql_n_actions: CORL uses 10
 MAX_EPISODES = 10_000  # evaluation episodes, run side by side: each its own simulator
 MAX_HIDDEN_LAYERS = 100  # of 256 units per critic: CORL uses 2 to 5
 # Numeric fields' allowed values: (low, high or None, whether low itself is allowed).
+POSITIVE, NON_NEGATIVE = (0, None, False), (0, None, True)
 BOUNDS: Dict[str, Tuple[float, Optional[float], bool]] = {
-    "seed": (0, MAX_SEED, True),
-    "eval_freq": (0, None, False),
-    "n_episodes": (0, None, False),
-    "buffer_size": (0, None, False),
-    "batch_size": (0, None, False),
-    "target_update_period": (0, None, False),
-    "cql_n_actions": (0, None, False),
-    "q_n_hidden_layers": (0, None, False),
-    "log_freq": (0, None, False),
-    "policy_lr": (0, None, False),
-    "qf_lr": (0, None, False),
-    "cql_temp": (0, None, False),
-    "max_timesteps": (0, None, True),
-    "bc_steps": (0, None, True),
-    "cql_alpha": (0, None, True),
-    "alpha_multiplier": (0, None, True),
-    "discount": (0, 1, True),
-    "soft_target_update_rate": (0, 1, False),
-    "checkpoint_freq": (0, None, False),
-    "keep_checkpoints": (0, None, True),
-    "max_episode_steps": (0, None, False),
+    "seed": (0, MAX_SEED, True), "eval_freq": POSITIVE, "n_episodes": POSITIVE, "buffer_size": POSITIVE,
+    "batch_size": POSITIVE, "target_update_period": POSITIVE, "cql_n_actions": POSITIVE,
+    "q_n_hidden_layers": POSITIVE, "log_freq": POSITIVE, "policy_lr": POSITIVE, "qf_lr": POSITIVE,
+    "cql_temp": POSITIVE, "max_timesteps": NON_NEGATIVE, "bc_steps": NON_NEGATIVE, "cql_alpha": NON_NEGATIVE,
+    "alpha_multiplier": NON_NEGATIVE, "discount": (0, 1, True), "soft_target_update_rate": (0, 1, False),
+    "checkpoint_freq": POSITIVE, "keep_checkpoints": NON_NEGATIVE, "max_episode_steps": POSITIVE,
 }
 WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # wandb.init refuses a project name with any of these
 # Upper limits of numeric fields (check_limits), apart from BOUNDS so that their messages stay as they were.
 LIMITS: Dict[str, float] = {
-    "eval_freq": MAX_STEPS,
-    "n_episodes": MAX_EPISODES,
-    "buffer_size": MAX_ROWS,
-    "batch_size": MAX_BATCH,
-    "target_update_period": MAX_STEPS,
-    "cql_n_actions": MAX_SAMPLED_ACTIONS,
-    "q_n_hidden_layers": MAX_HIDDEN_LAYERS,
-    "log_freq": MAX_STEPS,
-    "max_timesteps": MAX_STEPS,
-    "bc_steps": MAX_STEPS,
-    "checkpoint_freq": MAX_STEPS,
-    "keep_checkpoints": MAX_STEPS,
-    "max_episode_steps": MAX_STEPS,
-    "policy_lr": 1,  # Adam moves each weight by about lr per update: past 1 it only wrecks them
-    "qf_lr": 1,
+    "eval_freq": MAX_STEPS, "n_episodes": MAX_EPISODES, "buffer_size": MAX_ROWS, "batch_size": MAX_BATCH,
+    "target_update_period": MAX_STEPS, "cql_n_actions": MAX_SAMPLED_ACTIONS, "q_n_hidden_layers": MAX_HIDDEN_LAYERS,
+    "log_freq": MAX_STEPS, "max_timesteps": MAX_STEPS, "bc_steps": MAX_STEPS, "checkpoint_freq": MAX_STEPS,
+    "keep_checkpoints": MAX_STEPS, "max_episode_steps": MAX_STEPS,
+    "policy_lr": 1, "qf_lr": 1,  # Adam moves each weight by about lr per update: past 1 it only wrecks them
 }
 CHOICES: Dict[str, Tuple[Optional[str], ...]] = {"wandb_mode": (None, "online", "offline", "disabled"),
                                               "on_nonfinite": ("stop", "skip")}
@@ -694,14 +670,9 @@ def flatten_observation(obs: Any, goal_in_state: bool = True) -> np.ndarray:
     """A goal Dict observation (or a batch of them) as state rows; a Box observation as it is.
 
     The row is achieved_goal ++ desired_goal ++ observation, or without desired_goal when not
-    goal_in_state. In AntMaze `observation` is the ant without its torso x/y, which is
-    `achieved_goal`, so x/y come first; achieved_goal ++ observation of AntMaze-v4 is qpos[:15] ++
-    qvel[:14], D4RL's AntMaze observation column for column. The goal is in the state by default
-    for Minari datasets and Gymnasium envs: their sparse reward is 1 within 0.45 of the episode's
-    desired_goal, which moves between episodes (diverse/play data) and resets (goal noise), so
-    without it the reward is no function of the state. D4RL's AntMaze files hold no goal (their
-    rewards are for the task's one evaluation goal): an HDF5 file's default leaves it out. The envs
-    of make_env give rows flattened the same way already (flat_observation_env).
+    goal_in_state (AntMaze-v4's is then qpos[:15] ++ qvel[:14], D4RL's AntMaze observation); README
+    "Goal-conditioned observations" says why the goal is in the state by default, but not for HDF5
+    files. The envs of make_env give rows flattened the same way already (flat_observation_env).
     """
     if isinstance(obs, dict):
         return np.concatenate([np.asarray(obs[key]) for key in state_keys(goal_in_state)], axis=-1)
@@ -1220,10 +1191,8 @@ class CQL:
     right after torch.manual_seed(seeds[i]) has, i.e. those of a one-seed run with seed seeds[i].
 
     With config.on_nonfinite "skip", apply_update sets `found_inf`, a device scalar, to 1 when the
-    loss or a gradient is non-finite (0 otherwise), with no host sync; Adam (then fused, the one
-    implementation that reads optimizer.found_inf, as AMP's GradScaler uses it) leaves weights,
-    moments and step counts as they were, and the target critics do not move. There is one
-    found_inf for a stack: a non-finite value in one run skips the update of every run.
+    loss or a gradient is non-finite, and fused Adam (the one that reads optimizer.found_inf) and
+    update_target then change nothing; one found_inf for a stack skips the update of every run.
     """
 
     def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
@@ -1671,12 +1640,7 @@ class Evaluator:
     In the background the update loop only copies the actor's weights (~0.3 MB) at each
     evaluation; results come back a few seconds later and are logged at their own step. Weights
     of evaluations still running are kept (`pending`), so that a checkpoint can carry them.
-
-    A worker that dies (SIGKILL, the OOM killer) is replaced with a one-line warning, and the evaluations it
-    had pending run again in the new one; if that one dies too before they are done, the run stops
-    (EvaluationWorkerError, exit code 3) naming the last good checkpoint, whose pending evaluations a
-    --resume runs again. Nothing waits on a dead worker: its answers come through a pipe whose only writing
-    end it holds, so its death reads as the pipe's end, and its job queue is never joined at exit.
+    A worker that dies is replaced once (README, "Durable runs, loud mistakes"; replace_dead_worker).
     """
 
     def __init__(self, env: gym.Env, make_env: Callable[[], gym.Env], n_episodes: int, seed: int,
