@@ -406,25 +406,20 @@ def parse_config(argv: List[str], config_class: type = TrainConfig,
         pyrallis.parse(config_class=config_class, args=["--help"])  # prints the help and exits
     types = {f.name: f.type for f in fields(config_class)}
     overrides: Dict[str, str] = {}
-    config_path = None
-    i = 0
-    while i < len(argv):
-        token = argv[i]
+    tokens = iter(argv)
+    for token in tokens:
         if not token.startswith("--") or token == "--":
             raise ConfigError(f"command line: expected --key=value, got {token!r}")
         key, has_value, value = token[2:].partition("=")
         if not has_value:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+            value = next(tokens, "--")
+            if value.startswith("--"):
                 raise ConfigError(f"command line: option '--{key}' needs a value")
-            value, i = argv[i + 1], i + 1
         key = key.replace("-", "_")
-        if key == "config_path":
-            config_path = value
-        elif key not in types:
+        if key not in types and key != "config_path":
             raise ConfigError(f"command line: unknown option '--{key}'")
-        else:
-            overrides[key] = value
-        i += 1
+        overrides[key] = value
+    config_path = overrides.pop("config_path", None)
     values: Dict[str, Any] = {}
     sources: List[Tuple[str, str, Set[str], Set[str]]] = []  # YAML files in order: what, path, keys allowed, needed
     if config_path is None and "resume" in overrides:  # a resumed run keeps its own config ...
@@ -460,9 +455,10 @@ def parse_config(argv: List[str], config_class: type = TrainConfig,
                 raise ConfigError(f"{where}: unknown key '{key}'")
             if key not in types:  # a stack record's run directory names: the checkpoints name them too
                 continue
-            if key == "seeds" and isinstance(value, (int, list)) and not isinstance(value, bool):
-                value = ",".join(map(str, value)) + ("," if len(value) == 1 else "") if isinstance(value, list) \
-                    else str(value)  # YAML `seeds: 4` or `seeds: [0, 1]`
+            if key == "seeds" and isinstance(value, list):  # YAML `seeds: [0, 1]` (a list of one keeps its comma)
+                value = ",".join(map(str, value)) + ("," if len(value) == 1 else "")
+            elif key == "seeds" and isinstance(value, int) and not isinstance(value, bool):  # YAML `seeds: 4`
+                value = str(value)
             values[key] = parse_value(key, types[key], value, where)
     for key, value in overrides.items():
         values[key] = parse_value(key, types[key], value, "command line")
