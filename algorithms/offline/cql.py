@@ -1499,9 +1499,7 @@ class UpdateStep:
     update, from sampling to the Adam step and the metric sum, once per phase (behaviour cloning
     or not, target update or not) after a few eager warm-up updates, then replays it: one launch
     per update instead of hundreds. All are the same math on the same random streams' kinds.
-
-    With on_nonfinite "skip", a skipped update (trainer.found_inf 1) adds nothing to the sums and
-    one to `skipped_updates`, and the means are over the updates that were not skipped.
+    With on_nonfinite "skip", a skipped update adds nothing to the sums (take_run_means).
     """
 
     WARMUP = 3  # eager updates before capture: lazy init of Adam state, cuBLAS and compilation
@@ -2172,8 +2170,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     if not np.allclose(space.high, space.high[0]) or not np.allclose(space.low, -space.high):
         raise DatasetError(f"eval env: actions must lie in a symmetric box [-m, m], got [{space.low}, {space.high}]")
     max_action = float(space.high[0])
-    outside_line = actions_outside_line(data, max_action)
-    if outside_line:
+    if outside_line := actions_outside_line(data, max_action):
         print(outside_line)
     if len(data.rewards) > config.buffer_size:
         raise ConfigError(f"field 'buffer_size' ({config.buffer_size}) is smaller than the dataset "
