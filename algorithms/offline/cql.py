@@ -1457,7 +1457,6 @@ class CQL:
         """Loads one one-run state_dict per run of the stack (checkpoints of one-seed runs fit too)."""
         if len(states) != len(self.seeds):
             raise ValueError(f"{len(states)} run states for a stack of {len(self.seeds)} runs")
-        layout = self._run_layout()
 
         def gather(tensor: torch.Tensor, view: Callable, values: List[torch.Tensor]) -> torch.Tensor:
             stacked = torch.empty_like(tensor)
@@ -1470,7 +1469,7 @@ class CQL:
             return stacked
 
         with torch.no_grad():
-            for part, name, tensor, view in layout:
+            for part, name, tensor, view in self._run_layout():
                 values = [s[part] if part in ("log_alpha", "log_alpha_prime") else s[part][name] for s in states]
                 tensor.copy_(gather(tensor, view, [torch.as_tensor(v).to(tensor.device) for v in values]))
         adam = self.optimizer.state_dict()
