@@ -2176,15 +2176,13 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                           f"({len(data.rewards)} transitions)")
     if config.normalize_reward:
         normalize_rewards(data, config)
+    state_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
+    state_mean, state_std = np.zeros(state_dim), np.ones(state_dim)
     if config.normalize:
-        state_mean = data.observations.mean(0)
-        state_std = data.observations.std(0) + 1e-3
-    else:
-        state_mean, state_std = np.zeros(data.observations.shape[1]), np.ones(data.observations.shape[1])
+        state_mean, state_std = data.observations.mean(0), data.observations.std(0) + 1e-3
     data.observations = ((data.observations - state_mean) / state_std).astype(np.float32)
     data.next_observations = ((data.next_observations - state_mean) / state_std).astype(np.float32)
     buffer = ReplayBuffer(data, device)
-    state_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
 
     seeds = run_seeds(config)
     trainer = CQL(config, state_dim, action_dim, max_action, device,
