@@ -1033,19 +1033,13 @@ BUFFER_FIELDS = ("observations", "actions", "rewards", "next_observations", "ter
 
 
 class ReplayBuffer:
-    """A ring of device tensors: the dataset in rows [0, n_data), then online transitions.
+    """A ring of device tensors: the dataset in rows [0, n_data), then online transitions at `pointer`,
+    which wraps at capacity (the oldest row, dataset rows first, goes). The filled count is also the device
+    tensor `size_tensor`, written in place, so that an update captured once as a CUDA graph samples the whole,
+    growing ring with no host sync. A checkpoint keeps online_state(): the online rows, pointer, size, counts.
 
-    Online rows go to `pointer`, which wraps at capacity, so once the ring is full each new
-    transition replaces the oldest one (dataset rows first). Batches are drawn on the device with
-    no host sync and no Python number that changes: the count of filled rows is also kept in a
-    device tensor (`size_tensor`, written in place whenever `size` changes), so that an update
-    captured once as a CUDA graph keeps sampling the whole, growing ring. `online_state()` is what
-    a checkpoint keeps: the rows written online, oldest first, plus pointer, size and counts; the
-    dataset rows are re-read from the dataset on resume.
-
-    With runs = (n_seeds,) the ring holds one ring per run of a seed stack: storage (n_seeds,
-    capacity, ...), each run's own copy of the dataset and its own online rows. The runs add one
-    transition each per online iteration, so pointer and size are the same for all of them.
+    With runs = (n_seeds,), one ring per run of a seed stack (storage (n_seeds, capacity, ...)); every run
+    adds one transition per online iteration, so pointer and size are shared.
     """
 
     def __init__(self, capacity: int, state_dim: int, action_dim: int, device: torch.device,
@@ -1401,25 +1395,18 @@ METRIC_NAMES = (  # CORL's names, in the order losses() returns them
 class CQL:
     """SAC with the CQL(H) critic penalty. train(batch) makes one update and returns device metrics.
 
-    `cql_alpha` is the penalty weight in use: config.cql_alpha offline, config.cql_alpha_online
-    after the switch (train() sets it). The losses read it from `cql_alpha_tensor`, a device
-    tensor that setting cql_alpha writes in place, so a captured CUDA graph sees the switch. When
-    it is 0 and cql_lagrange is off the penalty adds nothing to any gradient, so it is not
-    computed (SAC speed; a phase of its own, see phase()); its metrics are then 0.
+    `cql_alpha` (config.cql_alpha offline, cql_alpha_online after train()'s switch) is read by the losses
+    from `cql_alpha_tensor`, written in place, so a captured CUDA graph sees the switch. At 0 without
+    cql_lagrange the penalty reaches no gradient, so it is not computed (a phase of its own; metrics 0).
 
-    With seeds, one trainer holds len(seeds) independent runs, as in the offline script: every
-    network, alpha and Adam state gets a leading run dimension (the critic ensemble folds it into
-    its members, critic-major), batches and noise are (n_seeds, batch, ...), and the losses and
-    metrics are per run, shape run_shape = (n_seeds,). The runs share no parameter and Adam is
-    element-wise, so the summed loss and the one optimizer step are exactly n_seeds separate
-    updates. Run i starts from the weights of a one-seed run with seed seeds[i]; all runs share
-    cql_alpha (the switch comes at the same iteration for all).
+    With seeds, one trainer holds len(seeds) independent runs, as in the offline script: a leading run
+    dimension on every network, alpha and Adam state (critic-major in the critic ensemble), so the summed
+    loss and one element-wise Adam step are exactly n_seeds separate updates; run i starts from the one-seed
+    run of seeds[i]; all share cql_alpha.
 
-    With config.on_nonfinite "skip", apply_update sets `found_inf`, a device scalar, to 1 when the
-    loss or a gradient is non-finite (0 otherwise), with no host sync; Adam (then fused, the one
-    implementation that reads optimizer.found_inf, as AMP's GradScaler uses it) leaves weights,
-    moments and step counts as they were, and the target critics do not move. There is one
-    found_inf for a stack: a non-finite value in one run skips the update of every run.
+    With on_nonfinite "skip", apply_update sets the device scalar `found_inf` (no host sync) when the loss
+    or a gradient is non-finite; fused Adam (the one that reads optimizer.found_inf, as AMP's GradScaler)
+    then leaves weights, moments and step counts, and the targets stay. One found_inf skips a whole stack.
     """
 
     def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
@@ -1758,16 +1745,13 @@ class CQL:
 class UpdateStep:
     """Draws a batch, updates, and adds the metrics to a device-side running sum.
 
-    With every speed flag off this is `trainer.train(buffer.sample(batch_size))`, the plain eager
-    update. `compile` wraps the losses in torch.compile; `cudagraphs` (cuda only) records the whole
-    update, from sampling to the Adam step and the metric sum, once per phase (behaviour cloning
-    or not, target update or not, penalty or not) after a few eager warm-up updates, then replays
-    it: one launch per update instead of hundreds. A replay reads the ring's size and cql_alpha
-    from the device tensors that add() and the offline -> online switch write in place. All are
-    the same math on the same random streams' kinds.
+    With every speed flag off this is `trainer.train(buffer.sample(batch_size))`. `compile` wraps the losses
+    in torch.compile; `cudagraphs` (cuda only) records the whole update, sampling to Adam step and metric sum,
+    once per phase (bc, target update, penalty) after a few eager updates, then replays it: one launch
+    instead of hundreds, reading the ring's size and cql_alpha from device tensors written in place.
 
-    With on_nonfinite "skip", a skipped update (trainer.found_inf 1) adds nothing to the sums and
-    one to `skipped_updates`, and the means are over the updates that were not skipped.
+    With on_nonfinite "skip", a skipped update (trainer.found_inf 1) adds nothing to the sums and one to
+    `skipped_updates`; the means are over the updates kept.
     """
 
     WARMUP = 3  # eager updates before capture: lazy init of Adam state, cuBLAS and compilation
@@ -1915,15 +1899,11 @@ def actor_weights(actor: Union[TanhGaussianActor, ActorStack], run: Optional[int
 class Evaluator:
     """Evaluates actor snapshots: here and now, or in a worker process while training goes on.
 
-    In the background the update loop only copies the actor's weights (~0.3 MB) at each
-    evaluation; results come back a few seconds later and are logged at their own step. The
-    weights of evaluations still running are kept (`pending`), so that a checkpoint can carry them.
-
-    A worker that dies (SIGKILL, the OOM killer) is replaced with a one-line warning, and the evaluations it
-    had pending run again in the new one; if that one dies too before they are done, the run stops
-    (EvaluationWorkerError, exit code 3) naming the last good checkpoint, whose pending evaluations a
-    --resume runs again. Nothing waits on a dead worker: its answers come through a pipe whose only writing
-    end it holds, so its death reads as the pipe's end, and its job queue is never joined at exit.
+    In the background the loop only copies the actor's weights (~0.3 MB); results are logged at their own
+    step, and the weights of evaluations still running (`pending`) go into checkpoints. A worker that dies is
+    replaced with a one-line warning and its pending evaluations run again; if the new one dies too first,
+    the run stops (EvaluationWorkerError) naming the last good checkpoint. Nothing waits on a dead worker:
+    it holds the only writing end of its answer pipe, so its death reads as the pipe's end.
     """
 
     def __init__(self, env: gym.Env, make_env: Callable[[], gym.Env], n_episodes: int, seed: int,
@@ -2237,18 +2217,12 @@ class RunLogger:
 def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer, state_mean: np.ndarray,
                     state_std: np.ndarray, run_state: "RunState", keep: int = 0,
                     run: Optional[int] = None, prune: bool = True) -> Path:
-    """checkpoint_<step>.pt (networks, optimizer, alphas, counters and run_state: what --resume needs,
-    with the actor weights of unfinished evaluations by step, as in the offline script's checkpoints)
-    and replay_<step>.pt beside it.
-
-    The replay file holds the buffer's online rows (up to buffer_size transitions), so only the
-    newest one is kept: older checkpoints still load for their networks, but a run continues
-    with its replay buffer only from its newest checkpoint. Both files are written atomically,
-    the replay file first; older replay files (and, with keep > 0, all but the newest `keep`
-    checkpoints) are removed only after both are in place. A kill at any moment thus leaves the
-    newest checkpoint with its own replay file (at most an orphan, newer replay file beside it).
-    With run (a stack), the files hold run `run` in the one-run layout; with prune False the old
-    files stay until prune_checkpoints, which a stack calls once every run has this step's files.
+    """checkpoint_<step>.pt (networks, optimizer, alphas, counters, run_state: what --resume needs) and
+    replay_<step>.pt (the online rows: large, so only the newest is kept; older checkpoints load for their
+    networks only). Both are written atomically, the replay file first, and old files go (prune_checkpoints)
+    only after both are in place: a kill at any moment leaves the newest checkpoint with its replay file.
+    With run (a stack), run `run` in the one-run layout; with prune False a stack prunes once every run has
+    this step's files.
     """
     replay = run_dir / f"replay_{step}.pt"
     write_atomic(replay, lambda f: torch.save(buffer.online_state(run), f))
@@ -2417,13 +2391,10 @@ _SIMULATOR_SKIP = ("spec", "_np_random", "action_space", "observation_space")  #
 def env_state(env: gym.Env) -> Optional[Dict[str, Any]]:
     """Everything that decides the training env's next steps, mid-episode; None if it cannot be taken.
 
-    Pickling a Gymnasium MuJoCo env does not keep its state (EzPickle rebuilds it from the
-    constructor's arguments), so the parts are taken one by one: each wrapper's plain scalars
-    (TimeLimit's elapsed steps, OrderEnforcing's has-reset flag), the env's own np_random and the
-    action space's generator, and the simulator: for MuJoCo the full integration state
-    (mj_getState with mjSTATE_INTEGRATION: time, qpos, qvel, act, warm-start accelerations, controls,
-    applied forces, ...), which replays bit for bit; for other envs (Pendulum, classic control,
-    toy envs) a pickle of the env's own attributes. An env whose attributes do not pickle gives None.
+    Pickling a Gymnasium MuJoCo env does not keep its state (EzPickle rebuilds it from the constructor's
+    arguments), so the parts are taken one by one: each wrapper's plain scalars (TimeLimit's elapsed steps,
+    ...), the env's and the action space's generators, and MuJoCo's full integration state (mj_getState,
+    mjSTATE_INTEGRATION: replays bit for bit) or, for other envs, a pickle of the env's own attributes.
     """
     base = env.unwrapped
     wrappers = []
@@ -2654,13 +2625,6 @@ def phase_of(step: int, offline_iterations: int) -> Dict[str, int]:
     return {"offline_iter": step - 1}
 
 
-def evaluation_seed(config: TrainConfig, run_seed: int) -> int:
-    """The seed of a run's first evaluation episode (episode i gets it + i, at every evaluation):
-    the run's own seed, as CORL finetune reseeds its eval env with `seed` before each evaluation,
-    unless eval_seed fixes the episodes for every run."""
-    return run_seed if config.eval_seed is None else config.eval_seed
-
-
 @dataclass
 class Run:
     """One seed's run in train(): its training env (here, or in an env worker) and episode in progress,
@@ -2691,10 +2655,11 @@ class Run:
     def fault(self, what: str) -> RunFault:
         return RunFault(f"the training env of seed {self.seed} {what}" + self.last_good_checkpoint())
 
-    def env_call(self, command: str, argument: Any = None) -> Any:
-        """A command to the env worker, answered; its failure a RunFault naming the run's last good checkpoint."""
+    def env_call(self, command: Optional[str], argument: Any = None) -> Any:
+        """A command to the env worker (None: only the answer to the one sent), answered; its failure a
+        RunFault naming the run's last good checkpoint."""
         try:
-            return self.worker.call(command, argument)
+            return self.worker.receive() if command is None else self.worker.call(command, argument)
         except RunFault as e:
             raise self.fault(f"failed: {e}") from None
 
@@ -2739,10 +2704,7 @@ class Run:
         if self.worker is None:
             result, self.pending = self.pending, None
         else:
-            try:
-                result = self.worker.receive()
-            except RunFault as e:
-                raise self.fault(f"failed: {e}") from None
+            result = self.env_call(None)
         if result.error is not None:
             self.env_errors += 1
             self.env_errors_in_a_row += 1
@@ -2833,21 +2795,16 @@ class Run:
             self.new_episode(None)
 
 
-def use_env_workers(config: TrainConfig, env: gym.Env, n_runs: int) -> bool:
-    """Whether a stack's training envs go into env workers: asked for, and more than one run. Off by default:
-    a worker pays a pipe round trip per step, which costs more than a MuJoCo locomotion step saves
+def make_runs(config: TrainConfig, seeds: List[int], env: gym.Env, make_train_env: Callable[[], gym.Env],
+              goal_task: bool) -> List[Run]:
+    """A run per seed, each with its training env: `env` and more made like it, or, with env_workers and
+    several runs, each in an env worker (started now, to load while the trainer is built), `env` then closed.
+    env_workers is off by default: a pipe round trip per step costs more than a MuJoCo locomotion step saves
     (benchmarks/env_step.py on an H200 host, 16 cores: 4 Hopper-v4 runs 0.68x, 4 Humanoid-v4 runs 1.21x)."""
     if config.env_workers and env.spec is None:
         raise ConfigError("field 'env_workers': the training env has no Gymnasium spec to rebuild it from in a "
                           "worker process; set env_workers false")
-    return config.env_workers and n_runs > 1
-
-
-def make_runs(config: TrainConfig, seeds: List[int], env: gym.Env, make_train_env: Callable[[], gym.Env],
-              goal_task: bool) -> List[Run]:
-    """A run per seed, each with its training env: `env` and more made like it, or each in an env worker
-    (use_env_workers; started now, so that they load while the trainer is built), `env` then closed."""
-    if use_env_workers(config, env, len(seeds)):
+    if config.env_workers and len(seeds) > 1:
         runs = [Run(seed, None, goal_task=goal_task, worker=EnvWorker(env.spec)) for seed in seeds]
         env.close()
         return runs
@@ -3131,8 +3088,9 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     background = device.type == "cuda" if config.background_eval is None else config.background_eval
     with torch.random.fork_rng(devices=[]):  # a stack's one-run actor for the evaluators, aside from the stream
         template = TanhGaussianActor(state_dim, action_dim, max_action) if stacked else trainer.actor
-    for run in runs:  # episode j of a run's evaluations is seeded evaluation_seed + j
-        run.evaluator = Evaluator(probe_env, make_eval_env, config.n_episodes, evaluation_seed(config, run.seed),
+    for run in runs:  # episode j of every evaluation is seeded the run's seed + j (as CORL reseeds), or eval_seed + j
+        eval_seed = run.seed if config.eval_seed is None else config.eval_seed
+        run.evaluator = Evaluator(probe_env, make_eval_env, config.n_episodes, eval_seed,
                                   state_mean, state_std, template, background, sparse_reward, run.dir.name,
                                   run.last_good_checkpoint)
     probe_env.close()
