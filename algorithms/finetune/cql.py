@@ -977,14 +977,10 @@ def is_pure_online(config: TrainConfig) -> bool:
 
 def make_reward_transform(config: TrainConfig, data: Optional[OfflineData],
                           max_episode_steps: int = 1000) -> Callable[[Any], np.ndarray]:
-    """CORL's modify_reward and modify_reward_online as one function of raw rewards.
-
-    It is made once from the dataset and applied both to the dataset's rewards and to every reward
-    the training env returns, so online rows are on the dataset's scale: locomotion rewards are
-    multiplied by max_episode_steps / (max - min dataset episode return), then every reward by
-    reward_scale and plus reward_bias; all only when normalize_reward. Without a dataset there is
-    no return range: only scale and bias.
-    """
+    """CORL's modify_reward and modify_reward_online as one function of raw rewards, made once from the
+    dataset so that online rows are on the dataset's scale. Only when normalize_reward: locomotion rewards
+    times max_episode_steps / (max - min dataset episode return) (no dataset: no range), then every reward
+    times reward_scale plus reward_bias."""
     factor = 1.0
     if config.normalize_reward and data is not None and data.is_locomotion:
         low, high = return_range(data.rewards, data.terminals if data.episode_ends is None else data.episode_ends,
@@ -1695,11 +1691,9 @@ class CQL:
                 state[part] = view(tensor.detach(), run).clone()
             else:
                 state[part][name] = view(tensor.detach(), run).clone()
-        run_adam = {}
-        for j, k, _, view in self._adam_indices():
-            if k in adam["state"]:
-                run_adam[j] = {key: v.clone() if key == "step" else view(v, run).clone()
-                               for key, v in adam["state"][k].items()}
+        adam_state = adam["state"]
+        run_adam = {j: {key: v.clone() if key == "step" else view(v, run).clone() for key, v in adam_state[k].items()}
+                    for j, k, _, view in self._adam_indices() if k in adam_state}
         state["optimizer"] = {"state": run_adam, "param_groups": adam["param_groups"]}
         state["total_it"], state["cql_alpha"] = self.total_it, float(self.cql_alpha)
         return state
@@ -1855,8 +1849,7 @@ def evaluate(envs: Union[gym.vector.VectorEnv, List[gym.Env]], actor: TanhGaussi
         reported = False
         running = np.ones(envs.num_envs, dtype=bool)
         while running.any():
-            state = torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32,
-                                    device=device)
+            state = torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32, device=device)
             obs, reward, terminated, truncated, info = envs.step(policy.act(state).cpu().numpy())
             for i in np.flatnonzero(running):
                 env_info = {key: info[key][i] for key in SUCCESS_KEYS if key in info and info[f"_{key}"][i]}
@@ -1930,9 +1923,8 @@ class Evaluator:
         """Evaluates the actor weights (see actor_weights) of update `step`."""
         if self.worker is None:
             self.actor.load_state_dict(weights)
-            returns, successes, reported = evaluate(self.envs, self.actor, self.seed, self.state_mean,
-                                                    self.state_std, sparse_reward=self.sparse_reward)
-            self.finished.append((step, returns, successes, reported))
+            self.finished.append((step, *evaluate(self.envs, self.actor, self.seed, self.state_mean, self.state_std,
+                                                  sparse_reward=self.sparse_reward)))
             return
         self.jobs.put((step, weights, self.seed, self.state_mean, self.state_std))
         self.pending[step] = weights
