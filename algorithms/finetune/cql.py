@@ -2897,12 +2897,10 @@ def step_envs(runs: List[Run], actions: np.ndarray, buffer: ReplayBuffer,
         obs = run.obs
         result, row = run.finish_step(action, ref_min, ref_max, step, errors_in_a_row)
         rows.append(row)
-        if result.error is not None:
-            transitions.append(None)
-            continue
         # A time-limit truncation is not a terminal: the target bootstraps through it.
-        transitions.append((normalize_state(obs), action, reward_transform(result.reward),
-                            normalize_state(result.next_obs), float(result.terminated)))
+        transitions.append(None if result.error is not None else (
+            normalize_state(obs), action, reward_transform(result.reward), normalize_state(result.next_obs),
+            float(result.terminated)))
     if any(t is None for t in transitions):
         if not buffer.runs or not buffer.size:
             return rows
@@ -3107,18 +3105,17 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
             trainer.cql_alpha = config.cql_alpha_online
             bar.write(f"online tuning from iteration {it}: cql_alpha {config.cql_alpha_online}")
         rows: List[Dict[str, float]] = [{} for _ in runs]
-        update_now = True
+        warmup = False  # pure online mode's first warmup_steps iterations: random actions, no update
         if it >= config.offline_iterations:
             online_it = it - config.offline_iterations
             for run in runs:
                 if run.obs is None:  # the first online iteration, or the first after a resume
                     run.reset_env(run.seed + online_it)
-            warmup = pure_online and online_it < config.warmup_steps  # random actions, no update
+            warmup = pure_online and online_it < config.warmup_steps
             actions = act(trainer, runs, normalize_state, warmup, it)
             rows = step_envs(runs, actions, buffer, normalize_state, reward_transform, sparse_reward, ref_min, ref_max,
                              it + 1, config.env_errors_in_a_row)
-            update_now = not warmup
-        if update_now:
+        if not warmup:
             update()
             window += 1
         step = it + 1
