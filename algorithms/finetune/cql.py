@@ -1004,13 +1004,10 @@ SUCCESS_KEYS = ("success", "is_success", "goal_achieved")
 
 
 def is_goal_task(*names: Optional[str]) -> bool:
-    """Whether any of the names (dataset, env id) is a goal task, by its leading word."""
-    for name in names:
-        if name:
-            words = name.lower().replace("\\", "/").split("/")  # Minari ids: D4RL/antmaze/..., paths
-            if any(word.startswith(GOAL_TASKS) for word in words):
-                return True
-    return False
+    """Whether any of the names (dataset, env id) is a goal task, by the leading word of a part of its path
+    (Minari ids: D4RL/antmaze/..., file paths)."""
+    words = [word for name in names if name for word in name.lower().replace("\\", "/").split("/")]
+    return any(word.startswith(GOAL_TASKS) for word in words)
 
 
 def step_success(reward: float, info: Dict[str, Any], sparse_reward: bool) -> Optional[bool]:
@@ -2882,12 +2879,10 @@ def step_envs(runs: List[Run], actions: np.ndarray, buffer: ReplayBuffer,
               normalize_state: Callable[[np.ndarray], np.ndarray], reward_transform: Callable[[Any], np.ndarray],
               sparse_reward: bool, ref_min: Optional[float], ref_max: Optional[float], step: int = 0,
               errors_in_a_row: int = 5) -> List[Dict[str, float]]:
-    """Steps every run's env with its action and adds the transitions to the buffer (a stack: one to each
-    run's ring); returns each run's row of the ended episode (empty if none ended). Envs in env workers
-    step side by side (every action is sent before any result is read), envs here one after another.
-
-    A failed step (step_env) stores nothing of its own: a one-run ring adds no row; a stack's rings move
-    together, so the failed run's row repeats its newest transition (one real transition counts twice),
+    """Steps every run's env with its action (env workers side by side: every action is sent before any result
+    is read) and adds the transitions to the buffer (a stack: one to each run's ring); returns each run's row
+    of the ended episode (empty if none ended). A failed step (step_env) stores nothing of its own: a one-run
+    ring adds no row; a stack's rings move together, so the failed run's row repeats its newest transition,
     unless the rings are still empty (the stack's first online step, with no dataset): then none adds one."""
     for run, action in zip(runs, actions):
         run.send_step(action, sparse_reward)
