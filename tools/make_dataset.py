@@ -22,11 +22,9 @@
 3. Write <out_dir>/<prefix>-<kind>.hdf5 in D4RL's layout (observations, actions, rewards,
    next_observations as float32; terminals, timeouts as bool) with metadata attrs that
    algorithms/offline/cql.py reads (env_id, ref_min_score, ref_max_score) plus time_limit, kind,
-   policy_step, behaviour_return, ...; written atomically. max_episode_steps is written only when it
-   differs from the env's registered limit: the offline and finetune scripts hand the attr to gym.make
-   as h5py returns it (numpy.int64) and TimeLimit raises a TypeError, so such a file needs
-   --max_episode_steps on their command line until they convert it with int(). ref_min_score / ref_max_score are
-   the mean episode returns of the random and expert rollouts. Optionally a local Minari dataset too.
+   policy_step, behaviour_return, ...; written atomically; max_episode_steps only when it differs from
+   the env's registered limit. ref_min_score / ref_max_score are the mean episode returns of the random
+   and expert rollouts. Optionally a local Minari dataset too.
 
 Resume: everything lives in work_dir (config.json, learner/ (the finetune script's run dir), stream/,
 snapshots/, rollouts/). Run the same command again (or with a larger train_steps) and it continues from
@@ -123,12 +121,9 @@ def check_config(config: MakeConfig) -> None:
                  "policy_lr", "qf_lr", "threads"):
         if not getattr(config, name) > 0:
             raise MakeError(f"option '{name}' must be > 0, got {getattr(config, name)!r}")
-    if config.warmup_steps < 0:
-        raise MakeError(f"option 'warmup_steps' must be >= 0, got {config.warmup_steps}")
-    if config.seed < 0:
-        raise MakeError(f"option 'seed' must be >= 0, got {config.seed}")
-    if config.max_episode_steps is not None and config.max_episode_steps < 1:
-        raise MakeError(f"option 'max_episode_steps' must be >= 1, got {config.max_episode_steps}")
+    for name, low in (("warmup_steps", 0), ("seed", 0), ("max_episode_steps", 1)):
+        if getattr(config, name) is not None and getattr(config, name) < low:
+            raise MakeError(f"option '{name}' must be >= {low}, got {getattr(config, name)}")
     for name, limit in MAKE_LIMITS.items():
         if getattr(config, name) is not None and getattr(config, name) > limit:
             raise MakeError(f"option '{name}' must be at most {limit}, got {getattr(config, name)!r}")
@@ -502,9 +497,7 @@ def make_datasets(config: MakeConfig) -> List[Dict[str, Any]]:
             "train_steps": config.train_steps, "n_transitions": config.n_transitions,
             "tool": "tools/make_dataset.py", "tool_config": json.dumps(asdict(config)),
         }
-        if limit != registered_limit:
-            # Only when it differs from the env's own: algorithms/{offline,finetune}/cql.py pass this attr
-            # to gym.make as read (a numpy integer, which TimeLimit refuses); see the module docstring.
+        if limit != registered_limit:  # only then: the env's own limit is what a reader gets without it
             attrs["max_episode_steps"] = limit
         path = Path(config.out_dir) / f"{prefix}-{kind}.hdf5"
         write_hdf5(path, data, attrs, config.compression)

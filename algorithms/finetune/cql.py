@@ -961,14 +961,10 @@ def is_pure_online(config: TrainConfig) -> bool:
 
 def make_reward_transform(config: TrainConfig, data: Optional[OfflineData],
                           max_episode_steps: int = 1000) -> Callable[[Any], np.ndarray]:
-    """CORL's modify_reward and modify_reward_online as one function of raw rewards.
-
-    It is made once from the dataset and applied both to the dataset's rewards and to every reward
-    the training env returns, so online rows are on the dataset's scale: locomotion rewards are
-    multiplied by max_episode_steps / (max - min dataset episode return), then every reward by
-    reward_scale and plus reward_bias; all only when normalize_reward. Without a dataset there is
-    no return range: only scale and bias.
-    """
+    """CORL's modify_reward and modify_reward_online as one function of raw rewards, made once from the
+    dataset so that online rows are on the dataset's scale. Only when normalize_reward: locomotion rewards
+    times max_episode_steps / (max - min dataset episode return) (no dataset: no range), then every reward
+    times reward_scale plus reward_bias."""
     factor = 1.0
     if config.normalize_reward and data is not None and data.is_locomotion:
         low, high = return_range(data.rewards, data.terminals if data.episode_ends is None else data.episode_ends,
@@ -992,13 +988,10 @@ SUCCESS_KEYS = ("success", "is_success", "goal_achieved")
 
 
 def is_goal_task(*names: Optional[str]) -> bool:
-    """Whether any of the names (dataset, env id) is a goal task, by its leading word."""
-    for name in names:
-        if name:
-            words = name.lower().replace("\\", "/").split("/")  # Minari ids: D4RL/antmaze/..., paths
-            if any(word.startswith(GOAL_TASKS) for word in words):
-                return True
-    return False
+    """Whether any of the names (dataset, env id) is a goal task, by the leading word of a part of its path
+    (Minari ids: D4RL/antmaze/..., file paths)."""
+    words = [word for name in names if name for word in name.lower().replace("\\", "/").split("/")]
+    return any(word.startswith(GOAL_TASKS) for word in words)
 
 
 def step_success(reward: float, info: Dict[str, Any], sparse_reward: bool) -> Optional[bool]:
@@ -1017,19 +1010,13 @@ BUFFER_FIELDS = ("observations", "actions", "rewards", "next_observations", "ter
 
 
 class ReplayBuffer:
-    """A ring of device tensors: the dataset in rows [0, n_data), then online transitions.
+    """A ring of device tensors: the dataset in rows [0, n_data), then online transitions at `pointer`,
+    which wraps at capacity (the oldest row, dataset rows first, goes). The filled count is also the device
+    tensor `size_tensor`, written in place, so that an update captured once as a CUDA graph samples the whole,
+    growing ring with no host sync. A checkpoint keeps online_state(): the online rows, pointer, size, counts.
 
-    Online rows go to `pointer`, which wraps at capacity, so once the ring is full each new
-    transition replaces the oldest one (dataset rows first). Batches are drawn on the device with
-    no host sync and no Python number that changes: the count of filled rows is also kept in a
-    device tensor (`size_tensor`, written in place whenever `size` changes), so that an update
-    captured once as a CUDA graph keeps sampling the whole, growing ring. `online_state()` is what
-    a checkpoint keeps: the rows written online, oldest first, plus pointer, size and counts; the
-    dataset rows are re-read from the dataset on resume.
-
-    With runs = (n_seeds,) the ring holds one ring per run of a seed stack: storage (n_seeds,
-    capacity, ...), each run's own copy of the dataset and its own online rows. The runs add one
-    transition each per online iteration, so pointer and size are the same for all of them.
+    With runs = (n_seeds,), one ring per run of a seed stack (storage (n_seeds, capacity, ...)); every run
+    adds one transition per online iteration, so pointer and size are shared.
     """
 
     def __init__(self, capacity: int, state_dim: int, action_dim: int, device: torch.device,
@@ -1385,25 +1372,18 @@ METRIC_NAMES = (  # CORL's names, in the order losses() returns them
 class CQL:
     """SAC with the CQL(H) critic penalty. train(batch) makes one update and returns device metrics.
 
-    `cql_alpha` is the penalty weight in use: config.cql_alpha offline, config.cql_alpha_online
-    after the switch (train() sets it). The losses read it from `cql_alpha_tensor`, a device
-    tensor that setting cql_alpha writes in place, so a captured CUDA graph sees the switch. When
-    it is 0 and cql_lagrange is off the penalty adds nothing to any gradient, so it is not
-    computed (SAC speed; a phase of its own, see phase()); its metrics are then 0.
+    `cql_alpha` (config.cql_alpha offline, cql_alpha_online after train()'s switch) is read by the losses
+    from `cql_alpha_tensor`, written in place, so a captured CUDA graph sees the switch. At 0 without
+    cql_lagrange the penalty reaches no gradient, so it is not computed (a phase of its own; metrics 0).
 
-    With seeds, one trainer holds len(seeds) independent runs, as in the offline script: every
-    network, alpha and Adam state gets a leading run dimension (the critic ensemble folds it into
-    its members, critic-major), batches and noise are (n_seeds, batch, ...), and the losses and
-    metrics are per run, shape run_shape = (n_seeds,). The runs share no parameter and Adam is
-    element-wise, so the summed loss and the one optimizer step are exactly n_seeds separate
-    updates. Run i starts from the weights of a one-seed run with seed seeds[i]; all runs share
-    cql_alpha (the switch comes at the same iteration for all).
+    With seeds, one trainer holds len(seeds) independent runs, as in the offline script: a leading run
+    dimension on every network, alpha and Adam state (critic-major in the critic ensemble), so the summed
+    loss and one element-wise Adam step are exactly n_seeds separate updates; run i starts from the one-seed
+    run of seeds[i]; all share cql_alpha.
 
-    With config.on_nonfinite "skip", apply_update sets `found_inf`, a device scalar, to 1 when the
-    loss or a gradient is non-finite (0 otherwise), with no host sync; Adam (then fused, the one
-    implementation that reads optimizer.found_inf, as AMP's GradScaler uses it) leaves weights,
-    moments and step counts as they were, and the target critics do not move. There is one
-    found_inf for a stack: a non-finite value in one run skips the update of every run.
+    With on_nonfinite "skip", apply_update sets the device scalar `found_inf` (no host sync) when the loss
+    or a gradient is non-finite; fused Adam (the one that reads optimizer.found_inf, as AMP's GradScaler)
+    then leaves weights, moments and step counts, and the targets stay. One found_inf skips a whole stack.
     """
 
     def __init__(self, config: TrainConfig, state_dim: int, action_dim: int, max_action: float,
@@ -1692,11 +1672,9 @@ class CQL:
                 state[part] = view(tensor.detach(), run).clone()
             else:
                 state[part][name] = view(tensor.detach(), run).clone()
-        run_adam = {}
-        for j, k, _, view in self._adam_indices():
-            if k in adam["state"]:
-                run_adam[j] = {key: v.clone() if key == "step" else view(v, run).clone()
-                               for key, v in adam["state"][k].items()}
+        adam_state = adam["state"]
+        run_adam = {j: {key: v.clone() if key == "step" else view(v, run).clone() for key, v in adam_state[k].items()}
+                    for j, k, _, view in self._adam_indices() if k in adam_state}
         state["optimizer"] = {"state": run_adam, "param_groups": adam["param_groups"]}
         state["total_it"], state["cql_alpha"] = self.total_it, float(self.cql_alpha)
         return state
@@ -1741,16 +1719,13 @@ class CQL:
 class UpdateStep:
     """Draws a batch, updates, and adds the metrics to a device-side running sum.
 
-    With every speed flag off this is `trainer.train(buffer.sample(batch_size))`, the plain eager
-    update. `compile` wraps the losses in torch.compile; `cudagraphs` (cuda only) records the whole
-    update, from sampling to the Adam step and the metric sum, once per phase (behaviour cloning
-    or not, target update or not, penalty or not) after a few eager warm-up updates, then replays
-    it: one launch per update instead of hundreds. A replay reads the ring's size and cql_alpha
-    from the device tensors that add() and the offline -> online switch write in place. All are
-    the same math on the same random streams' kinds.
+    With every speed flag off this is `trainer.train(buffer.sample(batch_size))`. `compile` wraps the losses
+    in torch.compile; `cudagraphs` (cuda only) records the whole update, sampling to Adam step and metric sum,
+    once per phase (bc, target update, penalty) after a few eager updates, then replays it: one launch
+    instead of hundreds, reading the ring's size and cql_alpha from device tensors written in place.
 
-    With on_nonfinite "skip", a skipped update (trainer.found_inf 1) adds nothing to the sums and
-    one to `skipped_updates`, and the means are over the updates that were not skipped.
+    With on_nonfinite "skip", a skipped update (trainer.found_inf 1) adds nothing to the sums and one to
+    `skipped_updates`; the means are over the updates kept.
     """
 
     WARMUP = 3  # eager updates before capture: lazy init of Adam state, cuBLAS and compilation
@@ -1854,8 +1829,7 @@ def evaluate(envs: Union[gym.vector.VectorEnv, List[gym.Env]], actor: TanhGaussi
         reported = False
         running = np.ones(envs.num_envs, dtype=bool)
         while running.any():
-            state = torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32,
-                                    device=device)
+            state = torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32, device=device)
             obs, reward, terminated, truncated, info = envs.step(policy.act(state).cpu().numpy())
             for i in np.flatnonzero(running):
                 env_info = {key: info[key][i] for key in SUCCESS_KEYS if key in info and info[f"_{key}"][i]}
@@ -1898,15 +1872,11 @@ def actor_weights(actor: Union[TanhGaussianActor, ActorStack], run: Optional[int
 class Evaluator:
     """Evaluates actor snapshots: here and now, or in a worker process while training goes on.
 
-    In the background the update loop only copies the actor's weights (~0.3 MB) at each
-    evaluation; results come back a few seconds later and are logged at their own step. The
-    weights of evaluations still running are kept (`pending`), so that a checkpoint can carry them.
-
-    A worker that dies (SIGKILL, the OOM killer) is replaced with a one-line warning, and the evaluations it
-    had pending run again in the new one; if that one dies too before they are done, the run stops
-    (EvaluationWorkerError, exit code 3) naming the last good checkpoint, whose pending evaluations a
-    --resume runs again. Nothing waits on a dead worker: its answers come through a pipe whose only writing
-    end it holds, so its death reads as the pipe's end, and its job queue is never joined at exit.
+    In the background the loop only copies the actor's weights (~0.3 MB); results are logged at their own
+    step, and the weights of evaluations still running (`pending`) go into checkpoints. A worker that dies is
+    replaced with a one-line warning and its pending evaluations run again; if the new one dies too first,
+    the run stops (EvaluationWorkerError) naming the last good checkpoint. Nothing waits on a dead worker:
+    it holds the only writing end of its answer pipe, so its death reads as the pipe's end.
     """
 
     def __init__(self, env: gym.Env, make_env: Callable[[], gym.Env], n_episodes: int, seed: int,
@@ -1933,9 +1903,8 @@ class Evaluator:
         """Evaluates the actor weights (see actor_weights) of update `step`."""
         if self.worker is None:
             self.actor.load_state_dict(weights)
-            returns, successes, reported = evaluate(self.envs, self.actor, self.seed, self.state_mean,
-                                                    self.state_std, sparse_reward=self.sparse_reward)
-            self.finished.append((step, returns, successes, reported))
+            self.finished.append((step, *evaluate(self.envs, self.actor, self.seed, self.state_mean, self.state_std,
+                                                  sparse_reward=self.sparse_reward)))
             return
         self.jobs.put((step, weights, self.seed, self.state_mean, self.state_std))
         self.pending[step] = weights
@@ -2220,18 +2189,12 @@ class RunLogger:
 def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer, state_mean: np.ndarray,
                     state_std: np.ndarray, run_state: "RunState", keep: int = 0,
                     run: Optional[int] = None, prune: bool = True) -> Path:
-    """checkpoint_<step>.pt (networks, optimizer, alphas, counters and run_state: what --resume needs,
-    with the actor weights of unfinished evaluations by step, as in the offline script's checkpoints)
-    and replay_<step>.pt beside it.
-
-    The replay file holds the buffer's online rows (up to buffer_size transitions), so only the
-    newest one is kept: older checkpoints still load for their networks, but a run continues
-    with its replay buffer only from its newest checkpoint. Both files are written atomically,
-    the replay file first; older replay files (and, with keep > 0, all but the newest `keep`
-    checkpoints) are removed only after both are in place. A kill at any moment thus leaves the
-    newest checkpoint with its own replay file (at most an orphan, newer replay file beside it).
-    With run (a stack), the files hold run `run` in the one-run layout; with prune False the old
-    files stay until prune_checkpoints, which a stack calls once every run has this step's files.
+    """checkpoint_<step>.pt (networks, optimizer, alphas, counters, run_state: what --resume needs) and
+    replay_<step>.pt (the online rows: large, so only the newest is kept; older checkpoints load for their
+    networks only). Both are written atomically, the replay file first, and old files go (prune_checkpoints)
+    only after both are in place: a kill at any moment leaves the newest checkpoint with its replay file.
+    With run (a stack), run `run` in the one-run layout; with prune False a stack prunes once every run has
+    this step's files.
     """
     replay = run_dir / f"replay_{step}.pt"
     write_atomic(replay, lambda f: torch.save(buffer.online_state(run), f))
@@ -2400,13 +2363,10 @@ _SIMULATOR_SKIP = ("spec", "_np_random", "action_space", "observation_space")  #
 def env_state(env: gym.Env) -> Optional[Dict[str, Any]]:
     """Everything that decides the training env's next steps, mid-episode; None if it cannot be taken.
 
-    Pickling a Gymnasium MuJoCo env does not keep its state (EzPickle rebuilds it from the
-    constructor's arguments), so the parts are taken one by one: each wrapper's plain scalars
-    (TimeLimit's elapsed steps, OrderEnforcing's has-reset flag), the env's own np_random and the
-    action space's generator, and the simulator: for MuJoCo the full integration state
-    (mj_getState with mjSTATE_INTEGRATION: time, qpos, qvel, act, warm-start accelerations, controls,
-    applied forces, ...), which replays bit for bit; for other envs (Pendulum, classic control,
-    toy envs) a pickle of the env's own attributes. An env whose attributes do not pickle gives None.
+    Pickling a Gymnasium MuJoCo env does not keep its state (EzPickle rebuilds it from the constructor's
+    arguments), so the parts are taken one by one: each wrapper's plain scalars (TimeLimit's elapsed steps,
+    ...), the env's and the action space's generators, and MuJoCo's full integration state (mj_getState,
+    mjSTATE_INTEGRATION: replays bit for bit) or, for other envs, a pickle of the env's own attributes.
     """
     base = env.unwrapped
     wrappers = []
@@ -2637,13 +2597,6 @@ def phase_of(step: int, offline_iterations: int) -> Dict[str, int]:
     return {"offline_iter": step - 1}
 
 
-def evaluation_seed(config: TrainConfig, run_seed: int) -> int:
-    """The seed of a run's first evaluation episode (episode i gets it + i, at every evaluation):
-    the run's own seed, as CORL finetune reseeds its eval env with `seed` before each evaluation,
-    unless eval_seed fixes the episodes for every run."""
-    return run_seed if config.eval_seed is None else config.eval_seed
-
-
 @dataclass
 class Run:
     """One seed's run in train(): its training env (here, or in an env worker) and episode in progress,
@@ -2674,10 +2627,11 @@ class Run:
     def fault(self, what: str) -> RunFault:
         return RunFault(f"the training env of seed {self.seed} {what}" + self.last_good_checkpoint())
 
-    def env_call(self, command: str, argument: Any = None) -> Any:
-        """A command to the env worker, answered; its failure a RunFault naming the run's last good checkpoint."""
+    def env_call(self, command: Optional[str], argument: Any = None) -> Any:
+        """A command to the env worker (None: only the answer to the one sent), answered; its failure a
+        RunFault naming the run's last good checkpoint."""
         try:
-            return self.worker.call(command, argument)
+            return self.worker.receive() if command is None else self.worker.call(command, argument)
         except RunFault as e:
             raise self.fault(f"failed: {e}") from None
 
@@ -2722,10 +2676,7 @@ class Run:
         if self.worker is None:
             result, self.pending = self.pending, None
         else:
-            try:
-                result = self.worker.receive()
-            except RunFault as e:
-                raise self.fault(f"failed: {e}") from None
+            result = self.env_call(None)
         if result.error is not None:
             self.env_errors += 1
             self.env_errors_in_a_row += 1
@@ -2816,21 +2767,16 @@ class Run:
             self.new_episode(None)
 
 
-def use_env_workers(config: TrainConfig, env: gym.Env, n_runs: int) -> bool:
-    """Whether a stack's training envs go into env workers: asked for, and more than one run. Off by default:
-    a worker pays a pipe round trip per step, which costs more than a MuJoCo locomotion step saves
+def make_runs(config: TrainConfig, seeds: List[int], env: gym.Env, make_train_env: Callable[[], gym.Env],
+              goal_task: bool) -> List[Run]:
+    """A run per seed, each with its training env: `env` and more made like it, or, with env_workers and
+    several runs, each in an env worker (started now, to load while the trainer is built), `env` then closed.
+    env_workers is off by default: a pipe round trip per step costs more than a MuJoCo locomotion step saves
     (benchmarks/env_step.py on an H200 host, 16 cores: 4 Hopper-v4 runs 0.68x, 4 Humanoid-v4 runs 1.21x)."""
     if config.env_workers and env.spec is None:
         raise ConfigError("field 'env_workers': the training env has no Gymnasium spec to rebuild it from in a "
                           "worker process; set env_workers false")
-    return config.env_workers and n_runs > 1
-
-
-def make_runs(config: TrainConfig, seeds: List[int], env: gym.Env, make_train_env: Callable[[], gym.Env],
-              goal_task: bool) -> List[Run]:
-    """A run per seed, each with its training env: `env` and more made like it, or each in an env worker
-    (use_env_workers; started now, so that they load while the trainer is built), `env` then closed."""
-    if use_env_workers(config, env, len(seeds)):
+    if config.env_workers and len(seeds) > 1:
         runs = [Run(seed, None, goal_task=goal_task, worker=EnvWorker(env.spec)) for seed in seeds]
         env.close()
         return runs
@@ -2916,12 +2862,10 @@ def step_envs(runs: List[Run], actions: np.ndarray, buffer: ReplayBuffer,
               normalize_state: Callable[[np.ndarray], np.ndarray], reward_transform: Callable[[Any], np.ndarray],
               sparse_reward: bool, ref_min: Optional[float], ref_max: Optional[float], step: int = 0,
               errors_in_a_row: int = 5) -> List[Dict[str, float]]:
-    """Steps every run's env with its action and adds the transitions to the buffer (a stack: one to each
-    run's ring); returns each run's row of the ended episode (empty if none ended). Envs in env workers
-    step side by side (every action is sent before any result is read), envs here one after another.
-
-    A failed step (step_env) stores nothing of its own: a one-run ring adds no row; a stack's rings move
-    together, so the failed run's row repeats its newest transition (one real transition counts twice),
+    """Steps every run's env with its action (env workers side by side: every action is sent before any result
+    is read) and adds the transitions to the buffer (a stack: one to each run's ring); returns each run's row
+    of the ended episode (empty if none ended). A failed step (step_env) stores nothing of its own: a one-run
+    ring adds no row; a stack's rings move together, so the failed run's row repeats its newest transition,
     unless the rings are still empty (the stack's first online step, with no dataset): then none adds one."""
     for run, action in zip(runs, actions):
         run.send_step(action, sparse_reward)
@@ -2931,12 +2875,10 @@ def step_envs(runs: List[Run], actions: np.ndarray, buffer: ReplayBuffer,
         obs = run.obs
         result, row = run.finish_step(action, ref_min, ref_max, step, errors_in_a_row)
         rows.append(row)
-        if result.error is not None:
-            transitions.append(None)
-            continue
         # A time-limit truncation is not a terminal: the target bootstraps through it.
-        transitions.append((normalize_state(obs), action, reward_transform(result.reward),
-                            normalize_state(result.next_obs), float(result.terminated)))
+        transitions.append(None if result.error is not None else (
+            normalize_state(obs), action, reward_transform(result.reward), normalize_state(result.next_obs),
+            float(result.terminated)))
     if any(t is None for t in transitions):
         if not buffer.runs or not buffer.size:
             return rows
@@ -3114,8 +3056,9 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     background = device.type == "cuda" if config.background_eval is None else config.background_eval
     with torch.random.fork_rng(devices=[]):  # a stack's one-run actor for the evaluators, aside from the stream
         template = TanhGaussianActor(state_dim, action_dim, max_action) if stacked else trainer.actor
-    for run in runs:  # episode j of a run's evaluations is seeded evaluation_seed + j
-        run.evaluator = Evaluator(probe_env, make_eval_env, config.n_episodes, evaluation_seed(config, run.seed),
+    for run in runs:  # episode j of every evaluation is seeded the run's seed + j (as CORL reseeds), or eval_seed + j
+        eval_seed = run.seed if config.eval_seed is None else config.eval_seed
+        run.evaluator = Evaluator(probe_env, make_eval_env, config.n_episodes, eval_seed,
                                   state_mean, state_std, template, background, sparse_reward, run.dir.name,
                                   run.last_good_checkpoint)
     probe_env.close()
@@ -3140,18 +3083,17 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
             trainer.cql_alpha = config.cql_alpha_online
             bar.write(f"online tuning from iteration {it}: cql_alpha {config.cql_alpha_online}")
         rows: List[Dict[str, float]] = [{} for _ in runs]
-        update_now = True
+        warmup = False  # pure online mode's first warmup_steps iterations: random actions, no update
         if it >= config.offline_iterations:
             online_it = it - config.offline_iterations
             for run in runs:
                 if run.obs is None:  # the first online iteration, or the first after a resume
                     run.reset_env(run.seed + online_it)
-            warmup = pure_online and online_it < config.warmup_steps  # random actions, no update
+            warmup = pure_online and online_it < config.warmup_steps
             actions = act(trainer, runs, normalize_state, warmup, it)
             rows = step_envs(runs, actions, buffer, normalize_state, reward_transform, sparse_reward, ref_min, ref_max,
                              it + 1, config.env_errors_in_a_row)
-            update_now = not warmup
-        if update_now:
+        if not warmup:
             update()
             window += 1
         step = it + 1
