@@ -2767,6 +2767,28 @@ class Run:
             self.new_episode(None)
 
 
+def prepare_data(config: TrainConfig, data: Optional[OfflineData], reward_transform: Callable[[Any], np.ndarray],
+                 state_dim: int) -> Tuple[int, np.ndarray, np.ndarray]:
+    """Transforms the dataset's rewards and normalises its states in place (no dataset: pure online);
+    returns its size and the state normalisation (mean, std), which the online states get too."""
+    state_mean, state_std = np.zeros(state_dim), np.ones(state_dim)
+    if data is None:
+        return 0, state_mean, state_std
+    if len(data.rewards) > config.buffer_size:
+        raise ConfigError(f"field 'buffer_size' ({config.buffer_size}) is smaller than the dataset "
+                          f"({len(data.rewards)} transitions)")
+    data.rewards = reward_transform(data.rewards)
+    if not np.isfinite(data.rewards).all():
+        raise ConfigError(f"fields 'reward_scale' ({config.reward_scale:g}) and 'reward_bias' "
+                          f"({config.reward_bias:g}): {data.source}'s rewards overflow float32 once scaled by them")
+    if config.normalize:
+        state_mean = data.observations.mean(0)
+        state_std = data.observations.std(0) + 1e-3
+    data.observations = ((data.observations - state_mean) / state_std).astype(np.float32)
+    data.next_observations = ((data.next_observations - state_mean) / state_std).astype(np.float32)
+    return len(data.rewards), state_mean, state_std
+
+
 def make_runs(config: TrainConfig, seeds: List[int], env: gym.Env, make_train_env: Callable[[], gym.Env],
               goal_task: bool) -> List[Run]:
     """A run per seed, each with its training env: `env` and more made like it, or, with env_workers and
@@ -3016,22 +3038,7 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     sparse_reward = any(name and "antmaze" in name.lower() for name in env_names)
 
     reward_transform = make_reward_transform(config, data)
-    n_data = 0
-    state_mean, state_std = np.zeros(state_dim), np.ones(state_dim)
-    if data is not None:
-        n_data = len(data.rewards)
-        if n_data > config.buffer_size:
-            raise ConfigError(f"field 'buffer_size' ({config.buffer_size}) is smaller than the dataset "
-                              f"({n_data} transitions)")
-        data.rewards = reward_transform(data.rewards)
-        if not np.isfinite(data.rewards).all():
-            raise ConfigError(f"fields 'reward_scale' ({config.reward_scale:g}) and 'reward_bias' "
-                              f"({config.reward_bias:g}): {data.source}'s rewards overflow float32 once scaled by them")
-        if config.normalize:
-            state_mean = data.observations.mean(0)
-            state_std = data.observations.std(0) + 1e-3
-        data.observations = ((data.observations - state_mean) / state_std).astype(np.float32)
-        data.next_observations = ((data.next_observations - state_mean) / state_std).astype(np.float32)
+    n_data, state_mean, state_std = prepare_data(config, data, reward_transform, state_dim)
     # The ring never holds more than the dataset plus every online transition: no larger allocation.
     capacity = max(1, min(config.buffer_size, n_data + config.online_iterations))
     seeds = run_seeds(config)
