@@ -226,7 +226,8 @@ SHARED = [
     "resolve_device", "main", "StrictLoader", "check_limits", "check_d4rl_attrs", "actions_outside_line",
     "EvaluationWorkerError", "StackRecord", "run_config", "write_run_records", "Evaluator.start_worker",
     "Evaluator.replace_dead_worker", "Evaluator.receive",
-    "WriteError", "write_error", "lock_run_dir", "releasing_run_dir_locks", "WandbGuard",
+    "WriteError", "write_error", "lock_run_dir", "releasing_run_dir_locks", "WandbGuard", "run_dir_field",
+    "last_checkpoint_note",
 ]
 
 

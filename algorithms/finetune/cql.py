@@ -1997,13 +1997,18 @@ def normalized_score(returns: Union[np.ndarray, float], ref_min: Optional[float]
     return float(100.0 * (np.mean(returns) - ref_min) / (ref_max - ref_min))
 
 
+def run_dir_field(config: Any) -> str:
+    """The config field a run's directory comes from, for messages about it."""
+    return "resume" if config.resume else "checkpoints_path" if config.checkpoints_path else "log_dir"
+
+
 def make_run_dir(path: Path, config: Any) -> None:
     """Creates a run directory, or a ConfigError naming the field it lies under."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        field = "checkpoints_path" if config.checkpoints_path else "log_dir"
-        raise ConfigError(f"field '{field}': cannot create the run directory {path} ({e.strerror})") from None
+        raise ConfigError(f"field '{run_dir_field(config)}': cannot create the run directory {path} "
+                          f"({e.strerror})") from None
 
 
 class WriteError(RunFault):
@@ -2015,13 +2020,17 @@ class WriteError(RunFault):
         self.path, self.reason = path, reason
 
 
+def last_checkpoint_note(run_dir: Path, none: str = "; no checkpoint written") -> str:
+    """The end of a message that stops a run: its newest checkpoint file, or `none` if it has none yet."""
+    files = checkpoint_files(run_dir)
+    return f"; last good checkpoint: {files[-1]}" if files else none
+
+
 def write_error(path: Path, error: OSError) -> WriteError:
     """The WriteError of a failed write of `path`, a file of a run directory."""
     what = "disk full writing" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
-    files = checkpoint_files(path.parent)
-    last = f"; last good checkpoint: {files[-1]}" if files else "; no checkpoint written"
     reason = error.strerror or str(error)
-    return WriteError(f"{what} {path} ({reason}){last}", path, reason)
+    return WriteError(f"{what} {path} ({reason}){last_checkpoint_note(path.parent)}", path, reason)
 
 
 def write_run_records(run_dir: Path, config: Any, seed: int, stack: Optional[List[str]] = None) -> None:
@@ -2036,8 +2045,7 @@ def write_run_records(run_dir: Path, config: Any, seed: int, stack: Optional[Lis
             write_atomic(run_dir / STACK_RECORD, lambda f: yaml.safe_dump(record, f, sort_keys=False), mode="w")
         write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(own, f, sort_keys=False), mode="w")
     except WriteError as e:
-        field = "resume" if config.resume else "checkpoints_path" if config.checkpoints_path else "log_dir"
-        raise ConfigError(f"field '{field}': cannot write {e.path} ({e.reason})") from None
+        raise ConfigError(f"field '{run_dir_field(config)}': cannot write {e.path} ({e.reason})") from None
 
 
 def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -2073,7 +2081,7 @@ def lock_run_dir(run_dir: Path, config: Any) -> None:
     the lock of a process that dies, so a killed run's lock never blocks its --resume."""
     if run_dir in _RUN_DIR_LOCKS:
         return
-    field = "resume" if config.resume else "checkpoints_path" if config.checkpoints_path else "log_dir"
+    field = run_dir_field(config)
     path = run_dir / ".lock"
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -2732,8 +2740,7 @@ class Run:
             self.logger.log({**row, **phase_of(eval_step, offline_iterations)}, eval_step)
 
     def last_good_checkpoint(self) -> str:
-        files = checkpoint_files(self.dir)
-        return f"; last good checkpoint: {files[-1]}" if files else "; no checkpoint written"
+        return last_checkpoint_note(self.dir)
 
     def run_state(self, rng: Dict[str, Any], metric_sum: torch.Tensor, window: int, skipped_updates: torch.Tensor,
                   stack: Optional[List[str]]) -> RunState:
