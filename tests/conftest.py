@@ -1,6 +1,8 @@
 """Shared fixtures: small datasets made on the spot (the tests never download)."""
+import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +31,19 @@ def kill_when_written(process: subprocess.Popen, run_root: Path, checkpoint: str
     time.sleep(settle)
     process.send_signal(signal.SIGKILL)
     process.wait()
+
+
+def refuse_temporary_files(monkeypatch, prefix: str, error_number: int) -> None:
+    """Makes tempfile.mkstemp fail with error_number for files whose name starts with prefix (the scripts'
+    write_atomic makes ".<name>." files), as a full or read-only file system refuses them; root's chmod cannot."""
+    make_temporary = tempfile.mkstemp
+
+    def refusing(*args, **kwargs):
+        if kwargs.get("prefix", "").startswith(prefix):
+            raise OSError(error_number, os.strerror(error_number))
+        return make_temporary(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refusing)
 
 
 def assert_same_training_state(want: dict, got: dict) -> None:

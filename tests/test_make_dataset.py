@@ -3,15 +3,14 @@ training on its output, resume, Minari output, and the shipped quickstart file a
 import errno
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import refuse_temporary_files
 
 import algorithms.offline.cql as offline_cql
 import tools.make_dataset as md
@@ -200,14 +199,7 @@ def test_minari_dataset_from_arrays(made, tmp_path, monkeypatch):
 
 def test_a_failed_write_stops_with_exit_3_in_one_line(tmp_path, monkeypatch, capsys):
     """A full disk while the tool writes its learner's actor snapshots: one line naming the file, exit 3."""
-    make_temporary = tempfile.mkstemp
-
-    def full_disk(*args, prefix=None, **kwargs):
-        if prefix and prefix.startswith(".actor_"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return make_temporary(*args, prefix=prefix, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", full_disk)
+    refuse_temporary_files(monkeypatch, ".actor_", errno.ENOSPC)
     with pytest.raises(SystemExit) as exit_info:
         md.main([*TINY, "--train_steps", "50", "--work_dir", str(tmp_path / "work"), "--out_dir", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()

@@ -2,16 +2,15 @@
 import errno
 import importlib
 import json
-import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import refuse_temporary_files
 
 import algorithms.offline.cql as cql
 from tools.rollouts import random_transitions, write_d4rl_hdf5
@@ -374,14 +373,7 @@ def test_run_directory_that_takes_no_file_is_a_one_line_error(script, field, hop
     """The run directory is made, but config.yaml cannot be written in it (a read-only file system, a full
     disk; root's chmod cannot show it, so the write is refused as such a file system refuses it)."""
     module = importlib.import_module(f"algorithms.{script}.cql")
-    make_temporary = tempfile.mkstemp
-
-    def read_only(*args, prefix=None, **kwargs):
-        if prefix and prefix.startswith(".config.yaml."):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-        return make_temporary(*args, prefix=prefix, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    refuse_temporary_files(monkeypatch, ".config.yaml.", errno.EROFS)
     short = ["--max_timesteps=1"] if script == "offline" else ["--offline_iterations=1", "--online_iterations=0"]
     with pytest.raises(SystemExit) as exit_info:
         module.main([f"--env={hopper_hdf5}", "--wandb_mode=disabled", f"--{field}={tmp_path / 'runs'}", *short])
