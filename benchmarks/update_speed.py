@@ -16,6 +16,7 @@ rows then report seed-updates/s (updates/s x N) and peak GPU memory per seed (th
 buffer, shared by all runs, left out). A list (1,4,16) times each stack size in turn.
 """
 import argparse
+import gc
 import resource
 import sys
 import time
@@ -187,6 +188,8 @@ def main(argv: List[str]) -> None:
             error = None
             if compile or cudagraphs:
                 error = check_against_plain(config, device, compile, cudagraphs, args.check_updates, n_seeds)
+                torch._dynamo.reset()  # compiled code holds the check's trainers: free them before measuring memory
+                gc.collect()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()

@@ -26,6 +26,7 @@ import fcntl
 import functools
 import io
 import json
+import logging
 import math
 import os
 import pickle
@@ -1429,6 +1430,7 @@ class CQL:
         self.unit_scale = torch.ones((), device=device)  # the non-finite check's "unscale": by 1
         if self.skip_nonfinite:
             self.optimizer.found_inf = self.found_inf  # Adam.step hands it to the fused step
+        self.step_optimizer = self.optimizer.step  # compile_optimizer_step() compiles it
         self.total_it = 0
         self.cql_alpha_tensor = torch.zeros((), device=device)
         self.cql_alpha = config.cql_alpha
@@ -1586,10 +1588,21 @@ class CQL:
             grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
             torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self.unit_scale)
             self.found_inf.copy_(torch.maximum(self.found_inf, (~total.isfinite()).float()))
-        self.optimizer.step()  # with found_inf 1: no change to weights, moments or step counts
+        self.step_optimizer()  # with found_inf 1: no change to weights, moments or step counts
         if update_target:
             self.update_target()
         return metrics
+
+    def compile_optimizer_step(self) -> None:
+        """Adam's step as foreach Adam under torch.compile, which fuses it into a few kernels: one run's
+        step takes 12 us instead of fused Adam's 68 (H200), 8% more updates/s. A stack keeps fused Adam (at 16
+        seeds 59 us against 101, but 1% faster for 12 MiB more GPU memory per seed); so does on_nonfinite
+        "skip", whose fused step reads found_inf."""
+        for group in self.optimizer.param_groups:
+            group["fused"], group["foreach"] = False, True
+        self.step_optimizer = torch.compile(self.optimizer.step)
+        # Dynamo says once that it leaves Optimizer.step's profiler range out: nothing a user can act on
+        logging.getLogger("torch._dynamo.variables.ctx_manager").setLevel(logging.ERROR)
 
     @torch.no_grad()
     def update_target(self) -> None:
@@ -1623,13 +1636,13 @@ class CQL:
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
             self.log_alpha_prime.copy_(state["log_alpha_prime"])
-        flavour = [(group["capturable"], group["fused"]) for group in self.optimizer.param_groups]
+        flavour = [(group["capturable"], group["fused"], group["foreach"]) for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        # Adam takes the saved run's capturable/fused flags with its state; keep this run's (a CPU
-        # checkpoint may go on under CUDA graphs, a "stop" run's with on_nonfinite "skip", and back),
-        # step counts where this flavour keeps them.
-        for group, (capturable, fused) in zip(self.optimizer.param_groups, flavour):
-            group["capturable"], group["fused"] = capturable, fused
+        # Adam takes the saved run's capturable/fused/foreach flags with its state; keep this run's (a CPU
+        # checkpoint may go on under CUDA graphs, a "stop" run's with on_nonfinite "skip", a compiled step's
+        # without, and back), step counts where this flavour keeps them.
+        for group, (capturable, fused, foreach) in zip(self.optimizer.param_groups, flavour):
+            group["capturable"], group["fused"], group["foreach"] = capturable, fused, foreach
             for param in group["params"]:
                 param_state = self.optimizer.state.get(param, {})
                 if "step" in param_state:
@@ -1720,9 +1733,10 @@ class UpdateStep:
     """Draws a batch, updates, and adds the metrics to a device-side running sum.
 
     With every speed flag off this is `trainer.train(buffer.sample(batch_size))`. `compile` wraps the losses
-    in torch.compile; `cudagraphs` (cuda only) records the whole update, sampling to Adam step and metric sum,
-    once per phase (bc, target update, penalty) after a few eager updates, then replays it: one launch
-    instead of hundreds, reading the ring's size and cql_alpha from device tensors written in place.
+    (and one run's Adam step) in torch.compile; `cudagraphs` (cuda only) records the whole update, sampling
+    to Adam step and metric sum, once per phase (bc, target update, penalty) after a few eager updates, then
+    replays it: one launch instead of hundreds, reading the ring's size and cql_alpha from device tensors
+    written in place.
 
     With on_nonfinite "skip", a skipped update (trainer.found_inf 1) adds nothing to the sums and one to
     `skipped_updates`; the means are over the updates kept.
@@ -1736,6 +1750,8 @@ class UpdateStep:
         self.cudagraphs = cudagraphs and trainer.device.type == "cuda"
         if compile:
             trainer.losses = torch.compile(trainer.losses)  # shadows the method on this instance
+            if trainer.seeds is None and not trainer.skip_nonfinite:
+                trainer.compile_optimizer_step()
         self.metric_names: List[str] = list(METRIC_NAMES)
         self.metric_sum = torch.zeros(len(self.metric_names), *trainer.run_shape, device=trainer.device)
         self.skipped_updates = torch.zeros((), device=trainer.device)  # skipped updates in the window (all runs')
