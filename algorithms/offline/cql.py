@@ -111,7 +111,7 @@ class TrainConfig:
     log_freq: int = 1_000  # average and log training metrics every this many updates
     log_dir: str = "runs"  # where run directories go when checkpoints_path is None
     wandb_mode: Optional[str] = None  # online, offline or disabled; None: online if an API key is set, else offline
-    compile: Optional[bool] = None  # torch.compile the losses (same math); None: on for cuda, off for cpu
+    compile: Optional[bool] = None  # torch.compile the losses and one run's Adam step (same math); None: on for cuda
     cudagraphs: bool = True  # on cuda, replay the whole update (sampling, losses, backward, Adam) as a CUDA graph
     tf32: bool = False  # allow TF32 matmuls on cuda: faster, ~1e-3 relative precision instead of fp32's
 
