@@ -1,4 +1,5 @@
 """Shared fixtures: small datasets made on the spot (the tests never download)."""
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,11 @@ def hopper_hdf5(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "hopper-random-tiny.hdf5"
     return write_d4rl_hdf5(path, random_transitions("Hopper-v4", 3000, seed=0),
                            {"env_id": "Hopper-v4", "ref_min_score": -20.272305, "ref_max_score": 3234.3})
+
+
+def metrics_rows(run_dir) -> list:
+    """The rows of a run directory's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def kill_when_written(process: subprocess.Popen, run_root: Path, checkpoint: str, runs: int = 1,

@@ -6,7 +6,6 @@ D4RL's AntMaze observation, qpos[:15] ++ qvel[:14]. Local Minari datasets are ma
 actions in a temporary MINARI_DATASETS_PATH; nothing is downloaded.
 """
 import inspect
-import json
 import re
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import metrics_rows
 
 import algorithms.finetune.cql as finetune
 import algorithms.offline.cql as offline
@@ -70,9 +70,6 @@ def antmaze(minari_root, monkeypatch):
     return episodes
 
 
-def _rows(summary) -> list:
-    return [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-
 
 # ------------------------------------------------------------------ the state's columns
 @pytest.mark.parametrize("cql", SCRIPTS, ids=["offline", "finetune"])
@@ -125,7 +122,7 @@ def test_offline_trains_and_evaluates_on_a_minari_antmaze_dataset(antmaze, tmp_p
                                    f"--checkpoints_path={tmp_path}", "--background_eval=true", *TINY])
     summary = offline.train(config)  # the background worker rebuilds the flattening env from env.spec
     assert summary["updates"] == 30
-    evals = [r for r in _rows(summary) if "eval_return_mean" in r]
+    evals = [r for r in metrics_rows(summary["run_dir"]) if "eval_return_mean" in r]
     assert [r["step"] for r in evals] == [15, 30]
     assert all(r["eval_return_mean"] == 0.0 for r in evals)  # random data: the goal is never reached
     checkpoint = torch.load(Path(summary["run_dir"]) / "checkpoint_30.pt", weights_only=False)
@@ -136,7 +133,7 @@ def _finetune(tmp_path, dataset, *extra):
     config = finetune.parse_config([f"--env={dataset}", "--offline_iterations=20", "--online_iterations=40",
                                     "--eval_freq=20", "--log_freq=20", f"--log_dir={tmp_path}", *TINY, *extra])
     summary = finetune.train(config)
-    rows = _rows(summary)
+    rows = metrics_rows(summary["run_dir"])
     return ([r for r in rows if "eval/success_rate" in r], [r for r in rows if "train/is_success" in r], summary)
 
 
@@ -191,7 +188,7 @@ def test_finetune_pure_online_on_a_gymnasium_robotics_id(tmp_path):
     assert summary["updates"] == 10
     checkpoint = torch.load(Path(summary["run_dir"]) / "checkpoint_30.pt", weights_only=False)
     assert checkpoint["state_mean"].shape == (31,)
-    episodes = [r for r in _rows(summary) if "train/is_success" in r]
+    episodes = [r for r in metrics_rows(summary["run_dir"]) if "train/is_success" in r]
     assert [r["train/episode_length"] for r in episodes] == [10, 10, 10]
 
 

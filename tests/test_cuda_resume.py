@@ -13,7 +13,6 @@ its choice in the cache, and a process choosing afresh (on a busy GPU, or from a
 at the same time) may take another, whose rounding differs from the first update on. Resume then reads
 the choice the run made, as a resume on the machine and cache the run started from does.
 Run on a GPU machine with `python -m pytest -q tests/test_cuda_resume.py`."""
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_training_state, kill_when_written
+from conftest import assert_same_training_state, kill_when_written, metrics_rows
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -45,7 +44,7 @@ def run_args(hopper_hdf5: Path, script: str, checkpoints: Path, seeds: str) -> l
 
 def split_rows(run_dir: Path):
     """Training rows in order; evaluation rows (those with eval_return_mean) by update."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run_dir)
     train = [r for r in rows if "eval_return_mean" not in r]
     evals = sorted((r for r in rows if "eval_return_mean" in r), key=lambda r: r["step"])
     return train, evals

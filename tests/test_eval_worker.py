@@ -8,7 +8,6 @@
   line naming the last good checkpoint, and --resume from it logs every evaluation once.
 """
 import importlib
-import json
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import metrics_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
@@ -130,7 +130,7 @@ def run_args(script: str, data: Path, checkpoints: Path) -> list:
 def rows(root: Path) -> tuple:
     """(training rows in order, evaluation rows by step) of the one run directory under root."""
     (run_dir,) = [d for d in root.iterdir() if d.is_dir()]
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = metrics_rows(run_dir)
     evaluations = [r for r in lines if "eval_return_mean" in r]
     by_step = {r["step"]: r for r in evaluations}
     assert len(by_step) == len(evaluations), "an evaluation logged twice"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import metrics_rows
 from test_finetune_durability import assert_same_run
 from test_finetune_durability import run_args as finetune_args
 from test_offline_durability import final_weights
@@ -42,10 +43,6 @@ def final_step(script: str) -> int:
     return 120 if script == "offline" else 80
 
 
-def rows(run_dir: Path) -> list:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def assert_same_as(script: str, reference: Path, run_dir: Path) -> None:
     """The same final weights, Adam state (finetune: replay rows and counters) and every metrics row."""
     if script == "finetune":
@@ -58,7 +55,7 @@ def assert_same_as(script: str, reference: Path, run_dir: Path) -> None:
     for index, state in want["optimizer"].items():
         for key in state:
             assert torch.equal(state[key], got["optimizer"][index][key]), (index, key)
-    assert rows(run_dir) == rows(reference)
+    assert metrics_rows(run_dir) == metrics_rows(reference)
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +227,7 @@ def test_a_full_disk_stops_with_exit_3_keeps_the_last_checkpoint_and_resume_cont
     module = MODULES[script]
     with monkeypatch.context() as patch:
         if what == "metrics":  # the n-th write is the first row after update `where`
-            steps = [row["step"] for row in rows(references[script])]
+            steps = [row["step"] for row in metrics_rows(references[script])]
             torn_metrics_at(module, patch, next(i for i, s in enumerate(steps) if s > where) + 1)
         else:
             full_disk_for(patch, where)
@@ -335,16 +332,16 @@ def test_a_failing_wandb_is_one_warning_and_training_and_metrics_go_on(script, f
     assert len(run_dirs) == (2 if seeds else 1)
     if not seeds:
         assert_same_as(script, references[script], run_dirs[0])  # every row, and the run itself, as without wandb
-    training_steps = [row["step"] for row in rows(references[script]) if "policy_loss" in row]
+    training_steps = [row["step"] for row in metrics_rows(references[script]) if "policy_loss" in row]
     for run_dir in run_dirs:  # a stack's runs: a training row at every log_freq, as the reference
-        assert [row["step"] for row in rows(run_dir) if "policy_loss" in row] == training_steps
+        assert [row["step"] for row in metrics_rows(run_dir) if "policy_loss" in row] == training_steps
     # No wandb call after the failure, for any run of the process.
     assert wandb.calls == {"init": {"init": 1, "log": 0, "finish": 0},
                            "log": {"init": len(run_dirs), "log": 3, "finish": 0},
-                           "finish": {"init": 1, "log": len(rows(run_dirs[0])), "finish": 1}}[fails]
+                           "finish": {"init": 1, "log": len(metrics_rows(run_dirs[0])), "finish": 1}}[fails]
     sent = [{k: v for k, v in row.items() if k != "update"} for row in wandb.rows]
     if not seeds:  # what wandb got before it failed is what metrics.jsonl has
-        assert sent == [{k: v for k, v in row.items() if k != "step"} for row in rows(run_dirs[0])][:len(sent)]
+        assert sent == [{k: v for k, v in row.items() if k != "step"} for row in metrics_rows(run_dirs[0])][:len(sent)]
 
 
 def test_wandb_online_without_a_reachable_server_is_one_warning(hopper_hdf5, tmp_path):
@@ -361,4 +358,4 @@ def test_wandb_online_without_a_reachable_server_is_one_warning(hopper_hdf5, tmp
     assert len(ours) == 1 and ours[0].startswith("warning: wandb init failed (CommError: "), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert [row["step"] for row in rows(run_dir)] == [20, 40, 40]  # training rows at 20, 40; the evaluation at 40
+    assert [row["step"] for row in metrics_rows(run_dir)] == [20, 40, 40]  # training rows at 20, 40; evaluation at 40

@@ -1,6 +1,5 @@
 """algorithms/finetune/cql.py: the offline-to-online switch, the replay ring, online rewards and
 terminals, success and regret on a scripted goal task, pure online SAC learning, bad input."""
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import metrics_rows
 
 import algorithms.finetune.cql as cql
 import algorithms.offline.cql as offline_cql
@@ -16,9 +16,6 @@ import algorithms.offline.cql as offline_cql
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--batch_size=32", "--cql_n_actions=2", "--n_episodes=2", "--wandb_mode=disabled"]
 
-
-def _rows(summary):
-    return [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
@@ -61,7 +58,7 @@ def test_switch_changes_cql_alpha_and_logs_both_phases_then_resumes(hopper_hdf5,
                                "--eval_freq=50", "--log_freq=10", "--max_episode_steps=30", "--cql_alpha=10",
                                "--cql_alpha_online=2", f"--checkpoints_path={tmp_path}", *SMALL])
     summary = cql.train(config)
-    rows = _rows(summary)
+    rows = metrics_rows(summary["run_dir"])
     train_rows = [r for r in rows if "qf1_loss" in r]
     assert [r["step"] for r in train_rows] == list(range(10, 101, 10))
     for r in train_rows:  # not Lagrange: penalty = cql_alpha * (logsumexp Q - data Q), per logged window
@@ -92,7 +89,8 @@ def test_switch_changes_cql_alpha_and_logs_both_phases_then_resumes(hopper_hdf5,
                              *SMALL])
     resumed = cql.train(more)
     assert resumed["updates"] == 120 and resumed["online_transitions"] == 80 and resumed["cql_alpha"] == 2.0
-    assert [(r["step"], r["online_iter"]) for r in _rows(resumed) if "qf1_loss" in r] == [(110, 69), (120, 79)]
+    training = [(r["step"], r["online_iter"]) for r in metrics_rows(resumed["run_dir"]) if "qf1_loss" in r]
+    assert training == [(110, 69), (120, 79)]
     # An older checkpoint's replay file is gone (only the newest is kept): refused, not silently emptied.
     older = cql.TrainConfig(**{**vars(more), "load_model": str(run_dir / "checkpoint_50.pt")})
     with pytest.raises(cql.ConfigError, match="needs its replay file .*replay_50.pt"):
@@ -201,7 +199,7 @@ def test_goal_task_success_regret_and_stored_terminals(tmp_path):
                                "--normalize_reward=true", "--reward_scale=2", "--reward_bias=-1", "--seed=3",
                                f"--checkpoints_path={tmp_path}", *SMALL])
     summary = cql.train(config)
-    rows = _rows(summary)
+    rows = metrics_rows(summary["run_dir"])
     episodes = [r for r in rows if "train/episode_return" in r]
     # Episodes of 5 (success), 8 (truncated) and 3 (terminated) steps: 9 episodes in 48 steps.
     assert [r["train/episode_length"] for r in episodes] == [5, 8, 3] * 3
@@ -251,7 +249,7 @@ def test_pure_online_sac_improves_pendulum(tmp_path):
     assert len(summary["eval_returns"]) == 4 and summary["updates"] == 3000
     assert first < -900  # an untrained policy swings nowhere
     assert last > -450 and last > first + 600, summary["eval_returns"]
-    rows = [r for r in _rows(summary) if "qf1_loss" in r]
+    rows = [r for r in metrics_rows(summary["run_dir"]) if "qf1_loss" in r]
     assert all(r["cql_min_qf1_loss"] == 0 and r["cql_q1_rand"] == 0 for r in rows)  # penalty skipped
     assert all("online_iter" in r and "offline_iter" not in r for r in rows)
 

@@ -1,7 +1,6 @@
 """algorithms/finetune/cql.py runs survive kills and lose nothing: exact resume across the offline ->
 online switch (the training env mid-episode included), checkpoints kept consistent with their
 replay files, non-finite values stop the run, bad input exits 2 with one line."""
-import json
 import os
 import re
 import shutil
@@ -13,7 +12,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_training_state, kill_when_written, poison_critic_at_update
+from conftest import assert_same_training_state, kill_when_written, metrics_rows, poison_critic_at_update
 
 import algorithms.finetune.cql as cql
 
@@ -32,10 +31,6 @@ def run_args(hopper_hdf5: Path, checkpoints: Path, offline: int = 60, online: in
             "--device=cpu", f"--checkpoints_path={checkpoints}"]
 
 
-def rows(run_dir: Path) -> list:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def assert_same_run(want_dir: Path, got_dir: Path, step: int) -> None:
     """Final weights, Adam state, alphas, counters, replay rows and every metrics row are identical."""
     want = torch.load(want_dir / f"checkpoint_{step}.pt", weights_only=False)
@@ -47,7 +42,7 @@ def assert_same_run(want_dir: Path, got_dir: Path, step: int) -> None:
     got_replay = torch.load(got_dir / f"replay_{step}.pt", weights_only=False)
     for key in cql.BUFFER_FIELDS:
         assert torch.equal(want_replay[key], got_replay[key]), key
-    assert rows(got_dir) == rows(want_dir)  # every row once, the same values, in the same order
+    assert metrics_rows(got_dir) == metrics_rows(want_dir)  # every row once, the same values, in the same order
 
 
 def run_until(args: list, run_root: Path, checkpoint: str) -> Path:

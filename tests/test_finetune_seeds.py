@@ -8,7 +8,6 @@
   checkpoint is an ordinary one-run checkpoint;
 * a stack killed with SIGKILL (offline, then online) resumes to an uninterrupted stack's runs.
 """
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import test_finetune_durability as durability
 import torch
-from conftest import kill_when_written, stack_runs, update_inputs
+from conftest import kill_when_written, metrics_rows, stack_runs, update_inputs
 
 import algorithms.finetune.cql as cql
 
@@ -161,10 +160,6 @@ def test_each_run_has_its_own_replay_ring():
         assert torch.equal(one.storage["rewards"], buffer.storage["rewards"][run])
 
 
-def _rows(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_two_seed_run_crosses_the_switch_with_its_own_dirs_metrics_and_episodes(hopper_hdf5, tmp_path, capsys):
     argv = ["--env", str(hopper_hdf5), "--seeds=4,9", "--offline_iterations=20", "--online_iterations=40",
             "--eval_freq=30", "--log_freq=10", "--max_episode_steps=10", "--cql_alpha=10", "--cql_alpha_online=2",
@@ -175,7 +170,7 @@ def test_two_seed_run_crosses_the_switch_with_its_own_dirs_metrics_and_episodes(
     assert len(set(dirs)) == 2 and [d.name.split("-")[-2] for d in dirs] == ["4", "9"]
     episode_returns, online_obs = [], []
     for run_dir in dirs:
-        rows = _rows(run_dir)
+        rows = metrics_rows(run_dir)
         train_rows = [r for r in rows if "qf1_loss" in r]
         assert [r["step"] for r in train_rows] == [10, 20, 30, 40, 50, 60]
         for r in train_rows:
@@ -244,7 +239,7 @@ def test_load_model_starts_every_run_of_a_stack_from_the_one_checkpoint(hopper_h
     dirs = [Path(d) for d in summary["run_dirs"]]
     assert [d.name.split("-")[-2] for d in dirs] == ["2", "5"]
     for run_dir in dirs:
-        assert [r["step"] for r in _rows(run_dir) if "qf1_loss" in r] == [50, 60]  # on from iteration 40
+        assert [r["step"] for r in metrics_rows(run_dir) if "qf1_loss" in r] == [50, 60]  # on from iteration 40
         assert sorted(p.name for p in run_dir.glob("*.pt")) == ["checkpoint_60.pt", "replay_60.pt"]
     ends = [torch.load(d / "checkpoint_60.pt", map_location="cpu", weights_only=False)["actor"] for d in dirs]
     assert any(not torch.equal(ends[0][k], ends[1][k]) for k in ends[0])  # the runs went their own ways

@@ -2,13 +2,13 @@
 across the offline -> online switch, compile is the same math, the ring's size and cql_alpha are read
 from the device, background evaluation equals foreground evaluation, checkpoints carry what it needs."""
 import copy
-import json
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import metrics_rows
 
 import algorithms.finetune.cql as cql
 
@@ -214,10 +214,6 @@ def test_background_evaluation_returns_what_foreground_evaluation_returns():
     assert info["success"] and results[False][0][1][2] == pytest.approx(ret, rel=1e-6)
 
 
-def _rows(summary):
-    return [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-
-
 def _goal_run(tmp_path, *extra):
     config = cql.parse_config([f"--env={GOAL_ENV}", "--offline_iterations=0", "--online_iterations=24",
                                "--warmup_steps=12", "--eval_freq=8", "--log_freq=8", "--cql_alpha_online=0",
@@ -229,7 +225,7 @@ def _goal_run(tmp_path, *extra):
 def test_background_evaluation_in_a_run_logs_the_rows_of_a_foreground_run(tmp_path):
     fg = _goal_run(tmp_path / "fg", "--background_eval=false")
     bg = _goal_run(tmp_path / "bg", "--background_eval=true")
-    evals = {name: sorted((r for r in _rows(s) if "eval_return_mean" in r), key=lambda r: r["step"])
+    evals = {name: sorted((r for r in metrics_rows(s["run_dir"]) if "eval_return_mean" in r), key=lambda r: r["step"])
              for name, s in [("fg", fg), ("bg", bg)]}
     assert [r["step"] for r in evals["fg"]] == [8, 16, 24]
     assert evals["bg"] == evals["fg"]  # returns, success rates (kinds 0, 1, 2: 1/3), regret, counters
@@ -262,7 +258,7 @@ def test_resume_runs_the_evaluations_a_checkpoint_had_not_finished(tmp_path, lay
     state, as the offline script's; older checkpoints kept them at the top level and still load); a run
     that continues from it evaluates them first, so that scores and regret miss nothing."""
     first = _goal_run(tmp_path / "first", f"--checkpoints_path={tmp_path / 'ck'}", "--background_eval=false")
-    evals = {r["step"]: r for r in _rows(first) if "eval_return_mean" in r}
+    evals = {r["step"]: r for r in metrics_rows(first["run_dir"]) if "eval_return_mean" in r}
     # As if the evaluation at step 24 had still been running when checkpoint_24.pt was written.
     path = Path(first["run_dir"]) / "checkpoint_24.pt"
     state = torch.load(path, weights_only=False)
@@ -276,7 +272,7 @@ def test_resume_runs_the_evaluations_a_checkpoint_had_not_finished(tmp_path, lay
     state["progress"]["eval_success_rates"] = state["progress"]["eval_success_rates"][:-1]
     torch.save(state, path)
     resumed = _goal_run(tmp_path / "resumed", f"--load_model={path}", "--online_iterations=32")
-    resumed_evals = {r["step"]: r for r in _rows(resumed) if "eval_return_mean" in r}
+    resumed_evals = {r["step"]: r for r in metrics_rows(resumed["run_dir"]) if "eval_return_mean" in r}
     assert sorted(resumed_evals) == [24, 32]
     assert resumed_evals[24] == evals[24]  # the same weights, the same episodes, the same regret
     assert resumed_evals[32]["eval/regret"] == pytest.approx(2 / 3) and resumed["updates"] == 20

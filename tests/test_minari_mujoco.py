@@ -1,12 +1,12 @@
 """Minari's MuJoCo locomotion datasets (mujoco/<task>/<level>-v0 on Gymnasium's v5 envs), made here from
 random episodes under the real ids: D4RL's reference returns, CORL's reward normalisation, every episode's
 last transition kept, the configs train, a dataset without references logs raw returns; both scripts."""
-import json
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
+from conftest import metrics_rows
 
 import algorithms.finetune.cql as finetune_cql
 import algorithms.offline.cql as offline_cql
@@ -38,7 +38,7 @@ def make_dataset(dataset_id: str, env_id: str, n_episodes: int, max_episode_step
 
 
 def eval_rows(run_dir: Path, key: str) -> list:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run_dir)
     return [r for r in rows if key in r]
 
 
@@ -197,7 +197,7 @@ def test_dataset_without_references_says_so_once_and_logs_the_raw_return(script,
     said = ("Minari dataset mujoco/invertedpendulum/medium-v0: no reference return (ref_min_score and "
             "ref_max_score), so no normalized score: evaluations log the raw return (eval_return_mean)")
     assert out.count(said) == 1 and out.index(said) < out.index("CQL on")  # once, at the start
-    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(summary["run_dir"])
     returns = [r for r in rows if "eval_return_mean" in r]
     assert [r["step"] for r in returns] == [20, 40]
     assert not any("d4rl_normalized_score" in k for r in rows for k in r)

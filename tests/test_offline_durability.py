@@ -1,5 +1,4 @@
 """Runs survive kills and lose nothing: exact resume, atomic writes, non-finite values stop the run."""
-import json
 import os
 import signal
 import subprocess
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_when_written, poison_critic_at_update
+from conftest import kill_when_written, metrics_rows, poison_critic_at_update
 
 import algorithms.offline.cql as cql
 
@@ -21,10 +20,6 @@ def run_args(hopper_hdf5: Path, checkpoints: Path, updates: int = 120) -> list:
     return [f"--env={hopper_hdf5}", f"--max_timesteps={updates}", "--eval_freq=60", "--log_freq=20",
             "--checkpoint_freq=30", "--batch_size=32", "--cql_n_actions=4", "--n_episodes=2",
             "--max_episode_steps=30", "--wandb_mode=disabled", "--device=cpu", f"--checkpoints_path={checkpoints}"]
-
-
-def rows(run_dir: Path) -> list:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def final_weights(run_dir: Path, step: int) -> dict:
@@ -58,7 +53,7 @@ def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(hopper_hdf5, tmp_
     for index, state in want["optimizer"].items():
         for key in state:
             assert torch.equal(state[key], got["optimizer"][index][key]), (index, key)
-    assert rows(killed) == rows(reference)  # every row once, the same values, in the same order
+    assert metrics_rows(killed) == metrics_rows(reference)  # every row once, the same values, in the same order
 
 
 def test_kill_inside_an_atomic_write_leaves_the_old_file(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import refuse_temporary_files
+from conftest import metrics_rows, refuse_temporary_files
 
 import algorithms.offline.cql as cql
 from tools.rollouts import random_transitions, write_d4rl_hdf5
@@ -25,7 +25,7 @@ def test_short_run_writes_metrics_checkpoint_and_score_and_the_checkpoint_loads(
     summary = cql.train(config)
     run_dir = Path(summary["run_dir"])
     assert summary["eval_seconds"] > 0 and summary["load_seconds"] > 0
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run_dir)
     train_rows = [r for r in rows if "qf1_loss" in r]
     eval_rows = [r for r in rows if "d4rl_normalized_score" in r]
     assert [r["step"] for r in train_rows] == [50, 100, 150, 200]

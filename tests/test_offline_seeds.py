@@ -7,7 +7,6 @@
   to the weights and metrics rows of an uninterrupted stack.
 """
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_when_written, stack_runs, update_inputs
+from conftest import kill_when_written, metrics_rows, stack_runs, update_inputs
 from test_losses import VARIANTS
 
 import algorithms.offline.cql as cql
@@ -217,10 +216,6 @@ def run_args(hopper_hdf5: Path, checkpoints: Path, updates: int = 120) -> list:
             "--seeds=4,9", "--q_n_hidden_layers=2"]
 
 
-def rows(run_dir: Path) -> list:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def by_seed(folder: Path) -> dict:
     return {int(d.name.split("-")[-2]): d for d in folder.iterdir()}
 
@@ -236,14 +231,14 @@ def test_sigkilled_stack_resumes_to_the_same_weights_and_metrics_per_seed(hopper
     for seed, run_dir in reference.items():
         assert run_dir.name.startswith(f"CQL-hopper-random-tiny-{seed}-")
         assert [p.name for p in cql.checkpoint_files(run_dir)] == [f"checkpoint_{s}.pt" for s in (30, 60, 90, 120)]
-        got = rows(run_dir)
+        got = metrics_rows(run_dir)
         assert [r["step"] for r in got if "qf1_loss" in r] == [20, 40, 60, 80, 100, 120]
         assert [r["step"] for r in got if "d4rl_normalized_score" in r] == [60, 120]
         # Each checkpoint is an ordinary one-run checkpoint.
         one = cql.CQL(cql.TrainConfig(q_n_hidden_layers=2), 11, 3, 1.0, torch.device("cpu"))
         cql.load_checkpoint(str(run_dir / "checkpoint_120.pt"), one)
         assert one.total_it == 120
-    assert rows(reference[4]) != rows(reference[9])
+    assert metrics_rows(reference[4]) != metrics_rows(reference[9])
 
     # The same stack, killed (SIGKILL) once its second checkpoint exists.
     process = subprocess.Popen([sys.executable, SCRIPT, *run_args(hopper_hdf5, tmp_path / "b")], env=ENV,
@@ -268,7 +263,7 @@ def test_sigkilled_stack_resumes_to_the_same_weights_and_metrics_per_seed(hopper
         for index, state in want["optimizer"]["state"].items():
             for key in state:
                 assert torch.equal(state[key], got["optimizer"]["state"][index][key]), (seed, index, key)
-        assert rows(killed[seed]) == rows(reference[seed]), seed  # every row once, same values and order
+        assert metrics_rows(killed[seed]) == metrics_rows(reference[seed]), seed  # every row once, same values, order
 
 
 def test_foreground_evaluator_of_a_stack_run_draws_no_random_numbers():

@@ -8,7 +8,6 @@
 * the helpers that both scripts carry are the same text, and the copies that had drifted agree.
 """
 import ast
-import json
 import math
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import metrics_rows
 from test_finetune import GOAL_ENV  # a scripted goal task: success in info
 
 import algorithms.finetune.cql as finetune_cql
@@ -152,8 +152,7 @@ def echo_return(seed: int, n_episodes: int) -> float:
 
 
 def eval_means(summary_or_dir):
-    path = Path(summary_or_dir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = metrics_rows(summary_or_dir)
     return [r["eval_return_mean"] for r in rows if "eval_return_mean" in r]
 
 
@@ -188,7 +187,7 @@ def test_success_rate_is_logged_in_the_online_phase_only(tmp_path):
                                         "--eval_freq=8", "--log_freq=8", "--n_episodes=2", "--batch_size=8",
                                         "--cql_n_actions=2", "--wandb_mode=disabled", f"--log_dir={tmp_path}"])
     summary = finetune_cql.train(config)
-    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(summary["run_dir"])
     evals = [r for r in rows if "eval_return_mean" in r]
     assert [r["step"] for r in evals] == [8, 16, 24, 32]
     assert ["eval/success_rate" in r for r in evals] == [False, False, True, True]

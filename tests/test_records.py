@@ -9,7 +9,6 @@
 * a damaged stack.yaml is a one-line error.
 """
 import copy
-import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import metrics_rows
 
 import algorithms.finetune.cql as finetune_cql
 import algorithms.offline.cql as offline_cql
@@ -101,10 +101,6 @@ def test_each_run_of_a_stack_records_its_own_config_and_trains_alone_from_it(scr
     assert yaml.safe_load((alone / "config.yaml").read_text())["seed"] == 9
 
 
-def rows(run_dir: Path) -> list:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("script", ["offline", "finetune"])
 def test_old_run_directories_of_a_stack_still_resume_exactly(script, hopper_hdf5, tmp_path, capsys):
     """Run directories written before stack.yaml (each config.yaml the stack's) resume the whole stack as
@@ -126,7 +122,8 @@ def test_old_run_directories_of_a_stack_still_resume_exactly(script, hopper_hdf5
         got = torch.load(old[seed] / "checkpoint_60.pt", weights_only=False)
         assert_same_networks(got, want)
         assert torch.equal(got["log_alpha"], want["log_alpha"])
-        assert rows(old[seed]) == rows(new[seed]) and [r["step"] for r in rows(new[seed])][-1] == 60
+        assert metrics_rows(old[seed]) == metrics_rows(new[seed])
+        assert [r["step"] for r in metrics_rows(new[seed])][-1] == 60
         assert got["config"]["seed"] == seed and got["config"]["seeds"] is None
         assert yaml.safe_load((old[seed] / "stack.yaml").read_text()) == {
             "seeds": "4,9", "seed": 0, "runs": [old[s].name for s in SEEDS]}

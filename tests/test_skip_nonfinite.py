@@ -12,14 +12,13 @@
   averages the other updates; resume keeps the count; a window of only bad updates stops (exit 3).
 """
 import copy
-import json
 import math
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import nan_rewards, poison_batch_at_updates, update_inputs
+from conftest import metrics_rows, nan_rewards, poison_batch_at_updates, update_inputs
 from test_finetune_durability import run_args as finetune_args
 from test_offline_durability import run_args as offline_args
 
@@ -215,12 +214,8 @@ def args(kind: str, hopper_hdf5: Path, root: Path, seeds=None) -> list:
         ([f"--seeds={seeds}"] if seeds else [])
 
 
-def rows(run_dir: Path) -> list:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def training_rows(run_dir: Path) -> list:
-    return [row for row in rows(run_dir) if "qf1_loss" in row]
+    return [row for row in metrics_rows(run_dir) if "qf1_loss" in row]
 
 
 @pytest.mark.parametrize("seeds", [None, "2"], ids=["one run", "2-seed stack"])
@@ -267,7 +262,7 @@ def test_resume_mid_window_keeps_the_skipped_count(kind, hopper_hdf5, tmp_path, 
     (killed,) = (tmp_path / "b").iterdir()
     module.main([f"--resume={killed}"])
     assert [row["skipped_updates"] for row in training_rows(killed)] == [0, 1, 0]
-    assert rows(killed) == rows(reference)  # every row once, the same values, in the same order
+    assert metrics_rows(killed) == metrics_rows(reference)  # every row once, the same values, in the same order
     want = torch.load(reference / "checkpoint_60.pt", weights_only=False)
     got = torch.load(killed / "checkpoint_60.pt", weights_only=False)
     for part in ("actor", "critic", "target_critic"):

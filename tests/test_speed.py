@@ -22,11 +22,12 @@ def small_buffer(n: int = 500, seed: int = 0) -> cql.ReplayBuffer:
     return cql.ReplayBuffer(data, torch.device("cpu"))
 
 
-def make(overrides: dict) -> cql.CQL:
+def make(overrides: dict, module=cql) -> cql.CQL:
+    """A small one-run trainer of the module's script (the offline one by default) on the CPU."""
     torch.manual_seed(0)
-    config = cql.TrainConfig(cql_n_actions=4, q_n_hidden_layers=2, batch_size=16, bc_steps=2,
-                             target_update_period=2, **overrides)
-    return cql.CQL(config, 5, 3, 1.0, torch.device("cpu"))
+    config = module.TrainConfig(cql_n_actions=4, q_n_hidden_layers=2, batch_size=16, bc_steps=2,
+                                target_update_period=2, **overrides)
+    return module.CQL(config, 5, 3, 1.0, torch.device("cpu"))
 
 
 def test_every_flag_off_is_the_plain_update_exactly():
@@ -86,13 +87,6 @@ def test_ensemble_linear_gradients_match_numerical_ones():
 
 
 # ------------------------------------------------------------------ compiled Adam (one run, on_nonfinite stop)
-def adam_trainer(module, **overrides):
-    torch.manual_seed(0)
-    config = module.TrainConfig(cql_n_actions=4, q_n_hidden_layers=2, batch_size=16, bc_steps=2,
-                                target_update_period=2, **overrides)
-    return module.CQL(config, 5, 3, 1.0, torch.device("cpu"))
-
-
 def update_deltas(trainer, updates: int = 1) -> torch.Tensor:
     """Every trained parameter's change over `updates` updates (CQL.apply_update) on fixed batches and noise."""
     gen = torch.Generator().manual_seed(4)
@@ -126,7 +120,7 @@ def test_compiled_adam_step_makes_the_plain_steps_updates(module):
     """compile_optimizer_step (foreach Adam under torch.compile) moves every weight as eager Adam does, up to
     float rounding; a 1% change of one learning rate is far outside that bound."""
     module = cql if module == "offline" else finetune
-    plain, compiled, mutated = adam_trainer(module), adam_trainer(module), adam_trainer(module)
+    plain, compiled, mutated = make({}, module), make({}, module), make({}, module)
     compiled.compile_optimizer_step()
     assert compiled.step_optimizer is not compiled.optimizer.step
     assert all(g["foreach"] and not g["fused"] for g in compiled.optimizer.param_groups)
@@ -142,7 +136,7 @@ def test_compile_compiles_adam_only_for_one_run_that_stops_at_non_finite_values(
     """A stack keeps (fused) Adam uncompiled: compiled, it costs more GPU memory per seed than it saves time;
     on_nonfinite "skip" needs fused Adam's found_inf. Checkpoints keep this run's flavour either way."""
     module = cql if module == "offline" else finetune
-    one_run, skipping = adam_trainer(module), adam_trainer(module, on_nonfinite="skip")
+    one_run, skipping = make({}, module), make({"on_nonfinite": "skip"}, module)
     torch.manual_seed(0)
     stack = module.CQL(one_run.config, 5, 3, 1.0, torch.device("cpu"), seeds=[0, 1])
     for trainer in (one_run, skipping, stack):
@@ -150,10 +144,10 @@ def test_compile_compiles_adam_only_for_one_run_that_stops_at_non_finite_values(
         module.UpdateStep(trainer, None, 16, compile=True)
     assert getattr(one_run, "compiled", False)
     assert not getattr(skipping, "compiled", False) and not getattr(stack, "compiled", False)
-    compiled = adam_trainer(module)
+    compiled = make({}, module)
     compiled.compile_optimizer_step()
     assert update_deltas(compiled).abs().max() > 0  # apply_update steps through the compiled step
-    plain = adam_trainer(module)
+    plain = make({}, module)
     plain.load_state_dict(compiled.state_dict())
     assert all(g["foreach"] is None and g["fused"] is None for g in plain.optimizer.param_groups)
     compiled.load_state_dict(plain.state_dict())
