@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import test_finetune_durability as durability
 import torch
-from conftest import kill_when_written
+from conftest import kill_when_written, metrics_rows
 
 import algorithms.finetune.cql as cql
 
@@ -67,7 +67,7 @@ def test_a_failing_env_step_ends_its_episode_is_counted_and_stays_out_of_the_buf
     stacked = bool(argv)
     dirs = [Path(d) for d in summary["run_dirs"]] if stacked else [Path(summary["run_dir"])]
     for i, run_dir in enumerate(dirs):
-        episodes = [r for r in durability.rows(run_dir) if "train/episode_return" in r]
+        episodes = [r for r in metrics_rows(run_dir) if "train/episode_return" in r]
         # calls 1-10, 11-12 (13 fails), 14-23, 24-26 (27 fails), 28-37: the failed steps end their episodes
         assert [(r["step"], r["train/episode_length"]) for r in episodes] == [(10, 10), (13, 2), (23, 10), (27, 3),
                                                                               (37, 10)]
@@ -162,5 +162,5 @@ def test_env_workers_are_the_sequential_stack_bit_for_bit_across_episode_ends_an
     assert result.returncode == 0, result.stderr[-2000:]
     for want, got in zip(sorted(map(Path, reference["run_dirs"]), key=lambda d: int(d.name.split("-")[-2])), killed):
         durability.assert_same_run(want, got, 120)
-        episodes = [r for r in durability.rows(got) if "train/episode_return" in r]
+        episodes = [r for r in metrics_rows(got) if "train/episode_return" in r]
         assert len(episodes) >= 3, "episodes should end (and reset in the worker) before and after the kill"

@@ -268,7 +268,7 @@ def test_sigkilled_stack_resumes_twice_across_the_switch_to_the_same_runs(hopper
     for want, got in zip(reference, killed):
         durability.assert_same_run(want, got, 140)
         assert not list(got.glob(".*.tmp")) and [p.name for p in got.glob("replay_*.pt")] == ["replay_140.pt"]
-    assert durability.rows(killed[0]) != durability.rows(killed[1])
+    assert metrics_rows(killed[0]) != metrics_rows(killed[1])
 
 
 # Runs the finetune script, but the process dies (os._exit: no clean-up, as SIGKILL) when the stack is
