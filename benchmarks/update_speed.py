@@ -55,7 +55,7 @@ def sync(device: torch.device) -> None:
 
 
 def check_against_plain(config: cql.TrainConfig, device: torch.device, compile: bool, cudagraphs: bool,
-                        updates: int, n_seeds: int = 0) -> float:
+                        updates: int, n_seeds: int = 0, one_pass: bool = False) -> float:
     """Largest relative difference of all gradients together (one vector), fast vs plain, over
     `updates` updates.
 
@@ -65,6 +65,7 @@ def check_against_plain(config: cql.TrainConfig, device: torch.device, compile: 
     """
     plain = make(config, device, False, n_seeds)
     fast = make(config, device, cudagraphs, n_seeds)
+    fast.critic.one_pass = one_pass and not n_seeds  # as UpdateStep sets it: one run only
     losses = torch.compile(fast.losses) if compile else fast.losses
     gen = torch.Generator(device=device).manual_seed(1)
     b, n, a = (*plain.run_shape, config.batch_size), config.cql_n_actions, 6
@@ -119,10 +120,12 @@ def check_against_plain(config: cql.TrainConfig, device: torch.device, compile: 
 
 
 def time_variant(config: cql.TrainConfig, buffer: cql.ReplayBuffer, device: torch.device, compile: bool,
-                 cudagraphs: bool, corl_sync: bool, warmup: int, updates: int, n_seeds: int = 0
-                 ) -> Tuple[float, float]:
+                 cudagraphs: bool, corl_sync: bool, warmup: int, updates: int, n_seeds: int = 0,
+                 one_pass: bool = False) -> Tuple[float, float]:
     trainer = make(config, device, cudagraphs, n_seeds)
     step = cql.UpdateStep(trainer, buffer, config.batch_size, compile=compile, cudagraphs=cudagraphs)
+    if not one_pass:  # UpdateStep turns it on for one run under compile; the two-pass variant turns it off
+        trainer.critic.one_pass = False
     start = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -174,20 +177,23 @@ def main(argv: List[str]) -> None:
           f"arrays while loading); peak host RSS so far "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (from {rss_before:.0f})")
 
-    variants = {
-        "plain": (False, False, False), "corl_style": (False, False, True), "compile": (True, False, False),
-        "cudagraphs": (False, True, False), "compile+cudagraphs": (True, True, False),
+    variants = {  # (compile, cudagraphs, CORL's host syncs, the actor's objective in the penalty pass)
+        "plain": (False, False, False, False), "corl_style": (False, False, True, False),
+        "compile": (True, False, False, True), "cudagraphs": (False, True, False, False),
+        "compile+cudagraphs": (True, True, False, True),
+        "compile+cudagraphs-two_passes": (True, True, False, False),  # before EnsembleCritic.one_pass
     }
     rows = []
     for n_seeds in [int(n) for n in args.seeds.split(",")]:
         runs = max(n_seeds, 1)
         for label in args.variants.split(","):
-            compile, cudagraphs, corl_sync = variants[label]
+            compile, cudagraphs, corl_sync, one_pass = variants[label]
             if cudagraphs and device.type != "cuda":
                 continue
             error = None
             if compile or cudagraphs:
-                error = check_against_plain(config, device, compile, cudagraphs, args.check_updates, n_seeds)
+                error = check_against_plain(config, device, compile, cudagraphs, args.check_updates, n_seeds,
+                                            one_pass)
                 torch._dynamo.reset()  # compiled code holds the check's trainers: free them before measuring memory
                 gc.collect()
             if device.type == "cuda":
@@ -195,7 +201,7 @@ def main(argv: List[str]) -> None:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             ups, warm = time_variant(config, buffer, device, compile, cudagraphs, corl_sync, args.warmup,
-                                     args.updates, n_seeds)
+                                     args.updates, n_seeds, one_pass)
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
             rows.append((n_seeds, label, ups, warm, error, peak))
             print(f"  seeds {n_seeds:<3} {label:<20} {ups:9.1f} updates/s, {ups * runs:9.1f} seed-updates/s "

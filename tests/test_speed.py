@@ -86,6 +86,71 @@ def test_ensemble_linear_gradients_match_numerical_ones():
         torch.testing.assert_close(cql.EnsembleLinear.apply(x, weight, None), torch.bmm(x.expand(2, -1, -1), weight))
 
 
+def test_a_batch_is_the_datasets_rows_at_the_drawn_indices():
+    """ReplayBuffer keeps the five fields as one tensor and gathers once: the batch is still each field's rows."""
+    rng = np.random.default_rng(7)
+    fields = {"observations": rng.standard_normal((50, 5), dtype=np.float32),
+              "actions": rng.uniform(-1, 1, (50, 3)).astype(np.float32), "rewards": rng.standard_normal(50),
+              "next_observations": rng.standard_normal((50, 5)), "terminals": (rng.random(50) < 0.3).astype(bool)}
+    buffer = cql.ReplayBuffer(cql.OfflineData(**fields, make_env=None, ref_min_score=None, ref_max_score=None,
+                                              is_locomotion=False, source="test"), torch.device("cpu"))
+    for runs in ((), (2,)):
+        torch.manual_seed(3)
+        batch = buffer.sample(7, runs)
+        torch.manual_seed(3)
+        index = torch.randint(0, 50, (*runs, 7)).numpy()
+        for got, want in zip(batch, fields.values()):
+            assert got.dtype == torch.float32 and got.shape == want[index].shape
+            np.testing.assert_array_equal(got.numpy(), want[index].astype(np.float32))
+    np.testing.assert_array_equal(buffer.rewards.numpy(), fields["rewards"].astype(np.float32))
+
+
+# ------------------------------------------------------------------ one pass: the actor's objective in the penalty pass
+def gradients_and_metrics(trainer, bc: bool, penalty: bool):
+    """Every parameter's gradient (one vector) and the metrics of one losses() on a fixed batch and noise."""
+    gen = torch.Generator().manual_seed(6)
+    b = (*trainer.run_shape, 16)
+    batch = (torch.randn(*b, 5, generator=gen), torch.rand(*b, 3, generator=gen) * 1.8 - 0.9,
+             torch.randn(*b, generator=gen), torch.randn(*b, 5, generator=gen),
+             (torch.rand(*b, generator=gen) < 0.2).float())
+    torch.manual_seed(6)
+    noise = trainer.draw_noise(16)
+    args = (batch, noise, bc) if trainer.losses.__code__.co_argcount == 4 else (batch, noise, bc, penalty)
+    total, metrics = trainer.losses(*args)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]), metrics
+
+
+@pytest.mark.parametrize("module", ["offline", "finetune"])
+@pytest.mark.parametrize("seeds", [None, [0, 1]], ids=["one run", "2-seed stack"])
+def test_one_pass_gives_the_two_passes_gradients(module, seeds, monkeypatch):
+    """EnsembleCritic.one_pass scores the policy's actions in the critic loss's batched pass, leaving their rows
+    out of the weight gradients: the same gradients and metrics as the separate pass with detached weights, in
+    every phase. Without the rows left out, the actor's objective reaches the critics and the bound fails."""
+    module = cql if module == "offline" else finetune
+    def trainer(one_pass: bool):
+        torch.manual_seed(0)
+        made = module.CQL(make({}, module).config, 5, 3, 1.0, torch.device("cpu"), seeds=seeds)
+        made.critic.one_pass = one_pass
+        return made
+
+    phases = [(False, True), (True, True)] + ([(False, False), (True, False)] if module is finetune else [])
+    for bc, penalty in phases:
+        want, want_metrics = gradients_and_metrics(trainer(False), bc, penalty)
+        got, got_metrics = gradients_and_metrics(trainer(True), bc, penalty)
+        assert float((got - want).norm() / want.norm()) < 1e-6, (bc, penalty)  # measured 0: the same sums
+        for name, value in want_metrics.items():
+            torch.testing.assert_close(got_metrics[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    forward = module.EnsembleLinear.forward  # the mutation: every row trains the weights
+    monkeypatch.setattr(module.EnsembleLinear, "forward",
+                        staticmethod(lambda ctx, x, weight, bias, weight_rows=None: forward(ctx, x, weight, bias)))
+    want, _ = gradients_and_metrics(trainer(False), False, True)
+    wrong, _ = gradients_and_metrics(trainer(True), False, True)
+    assert float((wrong - want).norm() / want.norm()) > 1e-3
+
+
 # ------------------------------------------------------------------ compiled Adam (one run, on_nonfinite stop)
 def update_deltas(trainer, updates: int = 1) -> torch.Tensor:
     """Every trained parameter's change over `updates` updates (CQL.apply_update) on fixed batches and noise."""
@@ -144,6 +209,10 @@ def test_compile_compiles_adam_only_for_one_run_that_stops_at_non_finite_values(
         module.UpdateStep(trainer, None, 16, compile=True)
     assert getattr(one_run, "compiled", False)
     assert not getattr(skipping, "compiled", False) and not getattr(stack, "compiled", False)
+    assert one_run.critic.one_pass and skipping.critic.one_pass and not stack.critic.one_pass  # one pass: one run
+    plain = make({}, module)
+    module.UpdateStep(plain, None, 16, compile=False)
+    assert not plain.critic.one_pass
     compiled = make({}, module)
     compiled.compile_optimizer_step()
     assert update_deltas(compiled).abs().max() > 0  # apply_update steps through the compiled step

@@ -1219,7 +1219,8 @@ PER_MEMBER_GRAD_UP_TO = 2  # ensemble members up to which EnsembleLinear's weigh
 class EnsembleLinear(torch.autograd.Function):
     """y[e] = x[e % len(x)] @ weight[e] + bias[e] for every member e: x shared by all members when
     its first dim is 1, one x per member, or (seed stacks, members ordered critic-major) one x per seed.
-    bias may be None.
+    bias may be None. With weight_rows k, only the first k rows of each member reach the weight and bias
+    gradients (the rest, policy rows of EnsembleCritic's one pass, pass their gradient to x only).
 
     The same as torch.baddbmm, but faster on a GPU: bmm then a bias add (that torch.compile fuses
     with the following relu), as baddbmm first copies the bias into every output row and then runs
@@ -1230,8 +1231,10 @@ class EnsembleLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                weight_rows: Optional[int] = None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
+        ctx.weight_rows = weight_rows
         members, inputs = weight.shape[0], x.shape[0]
         if inputs == 1:
             x = x.expand(members, -1, -1)
@@ -1249,6 +1252,8 @@ class EnsembleLinear(torch.autograd.Function):
             grad_x = torch.bmm(grad_y, weight.transpose(1, 2))
             if inputs < members:  # the members that share an input add their gradients
                 grad_x = grad_x.unflatten(0, (members // inputs, inputs)).sum(0)
+        if ctx.weight_rows is not None:
+            x, grad_y = x[:, :ctx.weight_rows], grad_y[:, :ctx.weight_rows]
         if ctx.needs_input_grad[1] and members <= PER_MEMBER_GRAD_UP_TO:
             grad_weight = torch.stack([x[e % inputs].T @ grad_y[e] for e in range(members)])
         elif ctx.needs_input_grad[1]:
@@ -1256,7 +1261,7 @@ class EnsembleLinear(torch.autograd.Function):
             grad_weight = torch.bmm(per_member_x.transpose(1, 2), grad_y)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.sum(1, keepdim=True)
-        return grad_x, grad_weight, grad_bias
+        return grad_x, grad_weight, grad_bias, None
 
 
 class ActorStack(nn.Module):
@@ -1323,6 +1328,7 @@ class EnsembleCritic(nn.Module):
             self.weights.append(nn.Parameter(torch.stack([m.weight.detach().T for m in members])))
             self.biases.append(nn.Parameter(torch.stack([m.bias.detach()[None] for m in members])))
         self.n_seeds = 1
+        self.one_pass = False  # score forward's policy_actions in the same batched pass (UpdateStep's compile)
 
     @staticmethod
     def stack(critics: List["EnsembleCritic"]) -> "EnsembleCritic":
@@ -1336,10 +1342,18 @@ class EnsembleCritic(nn.Module):
                 getattr(stacked, name)[layer] = nn.Parameter(members.flatten(0, 1))
         return stacked
 
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_params: bool = False,
+                policy_actions: Optional[torch.Tensor] = None) -> Any:
         """Q-values of shape (n_critics, *batch) for actions (*batch, A) at obs (*obs_batch, S), where
         obs_batch broadcasts to batch (one state against several actions: (B, 1) against (B, k)); for
-        a stack of runs, both start with n_seeds and each run's rows meet only its own critics."""
+        a stack of runs, both start with n_seeds and each run's rows meet only its own critics.
+
+        policy_actions (*obs_batch, A), one per state, are scored too and returned second, as
+        forward(obs, policy_actions, detach_params=True) scores them (the actor's objective: the gradient
+        reaches the actions only). With one_pass they join the same batched pass as rows whose weight
+        gradients are left out: 4 fewer matmuls of 256 rows forward and back, the same math."""
+        if policy_actions is not None and not self.one_pass:
+            return self(obs, actions, detach_params), self(obs, policy_actions, detach_params=True)
         weights, biases = list(self.weights), list(self.biases)
         if detach_params:  # gradient flows to the inputs only (the actor's objective)
             weights, biases = [w.detach() for w in weights], [b.detach() for b in biases]
@@ -1354,9 +1368,17 @@ class EnsembleCritic(nn.Module):
         x = (from_state.reshape(members, *obs.shape[run_dims:-1], hidden)
              + from_action.reshape(members, *actions.shape[run_dims:-1], hidden))
         x = x.reshape(members, -1, hidden)
+        rows = x.shape[1]  # the rows that train the weights
+        if policy_actions is not None:  # the policy rows go last, through detached first-layer weights
+            policy_part = EnsembleLinear.apply(policy_actions.reshape(self.n_seeds, -1, actions.shape[-1]),
+                                               weights[0][:, state_dim:].detach(), None)
+            x = torch.cat([x, from_state.detach() + policy_part], dim=1)
         for weight, bias in zip(weights[1:], biases[1:]):
-            x = EnsembleLinear.apply(torch.relu(x), weight, bias)
-        return x.reshape(-1, *actions.shape[:-1])
+            x = EnsembleLinear.apply(torch.relu(x), weight, bias, None if policy_actions is None else rows)
+        q = x.reshape(members, -1)
+        if policy_actions is None:
+            return q.reshape(-1, *actions.shape[:-1])
+        return q[:, :rows].reshape(-1, *actions.shape[:-1]), q[:, rows:].reshape(-1, *policy_actions.shape[:-1])
 
 
 # ======================================================================================
@@ -1482,11 +1504,8 @@ class CQL:
             alpha_loss = obs.new_zeros(runs)
             alpha = obs.new_full(runs, c.alpha_multiplier)
         alpha_row = alpha[..., None]  # each run's alpha against its batch rows
-        if bc:
-            policy_loss = (alpha_row * log_pi - self.actor.action_log_prob(mean_s, log_std_s, actions)).mean(-1)
-        else:
-            q_new = self.critic(obs, new_actions, detach_params=True).min(0).values
-            policy_loss = (alpha_row * log_pi - q_new).mean(-1)
+        if bc:  # the warm-up's objective: the data actions' log-likelihood (after it: Q, scored below)
+            policy_objective = self.actor.action_log_prob(mean_s, log_std_s, actions)
 
         # TD target
         with torch.no_grad():
@@ -1502,8 +1521,13 @@ class CQL:
                 target_q = target_q - alpha_row * next_log_pi
             td_target = rewards + (1.0 - dones) * c.discount * target_q
 
-        if not penalty:  # plain SAC critic loss
-            q_data = self.critic(obs, actions)  # (2, *runs, B)
+        if not penalty:  # plain SAC critic loss; after the warm-up the actor's objective in the same pass
+            if bc:
+                q_data = self.critic(obs, actions)  # (2, *runs, B)
+            else:
+                q_data, q_policy = self.critic(obs, actions, policy_actions=new_actions)
+                policy_objective = q_policy.min(0).values
+            policy_loss = (alpha_row * log_pi - policy_objective).mean(-1)
             qf_losses = ((q_data - td_target) ** 2).mean(-1)
             zero = obs.new_zeros(runs)
             zeros2 = obs.new_zeros(2, *runs)
@@ -1516,10 +1540,17 @@ class CQL:
             current_actions, current_log_pi = self.actor.sample(mean_s, log_std_s, noise["cql_current"])
             next_state_actions, next_state_log_pi = self.actor.sample(mean_next, log_std_next, noise["cql_next"])
 
-        # All critic evaluations of the critic loss in one batched pass: data, random, current, next.
+        # All critic evaluations of the critic loss in one batched pass: data, random, current, next;
+        # and after the warm-up the actor's objective, min Q(s, a ~ pi(s)), its gradient reaching the actor only.
         n = c.cql_n_actions
         sampled = torch.cat([noise["cql_random"], current_actions, next_state_actions], dim=-2)  # (*runs, B, 3n, A)
-        q_all = self.critic(obs.unsqueeze(-2), torch.cat([actions.unsqueeze(-2), sampled], dim=-2))  # (2,*runs,B,1+3n)
+        penalty_actions = torch.cat([actions.unsqueeze(-2), sampled], dim=-2)
+        if bc:
+            q_all = self.critic(obs.unsqueeze(-2), penalty_actions)  # (2, *runs, B, 1 + 3n)
+        else:
+            q_all, q_policy = self.critic(obs.unsqueeze(-2), penalty_actions, policy_actions=new_actions.unsqueeze(-2))
+            policy_objective = q_policy[..., 0].min(0).values
+        policy_loss = (alpha_row * log_pi - policy_objective).mean(-1)
         q_data = q_all[..., 0]
         q_rand, q_current, q_next = q_all[..., 1:].split(n, dim=-1)
         qf_losses = ((q_data - td_target) ** 2).mean(-1)  # (2, *runs)
@@ -1733,7 +1764,8 @@ class UpdateStep:
     """Draws a batch, updates, and adds the metrics to a device-side running sum.
 
     With every speed flag off this is `trainer.train(buffer.sample(batch_size))`. `compile` wraps the losses
-    (and one run's Adam step) in torch.compile; `cudagraphs` (cuda only) records the whole update, sampling
+    (and one run's Adam step) in torch.compile and, for one run, scores the actor's objective in the critics'
+    batched pass (EnsembleCritic.one_pass); `cudagraphs` (cuda only) records the whole update, sampling
     to Adam step and metric sum, once per phase (bc, target update, penalty) after a few eager updates, then
     replays it: one launch instead of hundreds, reading the ring's size and cql_alpha from device tensors
     written in place.
@@ -1750,6 +1782,9 @@ class UpdateStep:
         self.cudagraphs = cudagraphs and trainer.device.type == "cuda"
         if compile:
             trainer.losses = torch.compile(trainer.losses)  # shadows the method on this instance
+            # One run: the actor's objective in the penalty pass, 5% more updates/s (H200). A stack: +1% for
+            # 7 MiB more GPU memory per seed, so not.
+            trainer.critic.one_pass = trainer.seeds is None
             if trainer.seeds is None and not trainer.skip_nonfinite:
                 trainer.compile_optimizer_step()
         self.metric_names: List[str] = list(METRIC_NAMES)
