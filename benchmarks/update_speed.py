@@ -21,7 +21,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ def sync(device: torch.device) -> None:
 
 
 def check_against_plain(config: cql.TrainConfig, device: torch.device, compile: bool, cudagraphs: bool,
-                        updates: int, n_seeds: int = 0, one_pass: bool = False) -> float:
+                        updates: int, n_seeds: int = 0, critic_layers: Optional[Dict[str, bool]] = None) -> float:
     """Largest relative difference of all gradients together (one vector), fast vs plain, over
     `updates` updates.
 
@@ -65,7 +65,10 @@ def check_against_plain(config: cql.TrainConfig, device: torch.device, compile: 
     """
     plain = make(config, device, False, n_seeds)
     fast = make(config, device, cudagraphs, n_seeds)
-    fast.critic.one_pass = one_pass and not n_seeds  # as UpdateStep sets it: one run only
+    if compile:  # the critic's compiled formulation as UpdateStep sets it, less what the variant turns off
+        fast.critic.one_pass, fast.critic.sum_output = not n_seeds, True
+        for name, value in (critic_layers or {}).items():
+            setattr(fast.critic, name, value)
     losses = torch.compile(fast.losses) if compile else fast.losses
     gen = torch.Generator(device=device).manual_seed(1)
     b, n, a = (*plain.run_shape, config.batch_size), config.cql_n_actions, 6
@@ -121,11 +124,11 @@ def check_against_plain(config: cql.TrainConfig, device: torch.device, compile: 
 
 def time_variant(config: cql.TrainConfig, buffer: cql.ReplayBuffer, device: torch.device, compile: bool,
                  cudagraphs: bool, corl_sync: bool, warmup: int, updates: int, n_seeds: int = 0,
-                 one_pass: bool = False) -> Tuple[float, float]:
+                 critic_layers: Optional[Dict[str, bool]] = None) -> Tuple[float, float]:
     trainer = make(config, device, cudagraphs, n_seeds)
     step = cql.UpdateStep(trainer, buffer, config.batch_size, compile=compile, cudagraphs=cudagraphs)
-    if not one_pass:  # UpdateStep turns it on for one run under compile; the two-pass variant turns it off
-        trainer.critic.one_pass = False
+    for name, value in (critic_layers or {}).items():  # a variant without one of UpdateStep's compiled layers
+        setattr(trainer.critic, name, value)
     start = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -177,23 +180,24 @@ def main(argv: List[str]) -> None:
           f"arrays while loading); peak host RSS so far "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (from {rss_before:.0f})")
 
-    variants = {  # (compile, cudagraphs, CORL's host syncs, the actor's objective in the penalty pass)
-        "plain": (False, False, False, False), "corl_style": (False, False, True, False),
-        "compile": (True, False, False, True), "cudagraphs": (False, True, False, False),
-        "compile+cudagraphs": (True, True, False, True),
-        "compile+cudagraphs-two_passes": (True, True, False, False),  # before EnsembleCritic.one_pass
+    variants = {  # (compile, cudagraphs, CORL's host syncs, EnsembleCritic layers turned off)
+        "plain": (False, False, False, {}), "corl_style": (False, False, True, {}),
+        "compile": (True, False, False, {}), "cudagraphs": (False, True, False, {}),
+        "compile+cudagraphs": (True, True, False, {}),
+        "compile+cudagraphs-two_passes": (True, True, False, {"one_pass": False}),
+        "compile+cudagraphs-matmul_output": (True, True, False, {"sum_output": False}),
     }
     rows = []
     for n_seeds in [int(n) for n in args.seeds.split(",")]:
         runs = max(n_seeds, 1)
         for label in args.variants.split(","):
-            compile, cudagraphs, corl_sync, one_pass = variants[label]
+            compile, cudagraphs, corl_sync, critic_layers = variants[label]
             if cudagraphs and device.type != "cuda":
                 continue
             error = None
             if compile or cudagraphs:
                 error = check_against_plain(config, device, compile, cudagraphs, args.check_updates, n_seeds,
-                                            one_pass)
+                                            critic_layers)
                 torch._dynamo.reset()  # compiled code holds the check's trainers: free them before measuring memory
                 gc.collect()
             if device.type == "cuda":
@@ -201,7 +205,7 @@ def main(argv: List[str]) -> None:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             ups, warm = time_variant(config, buffer, device, compile, cudagraphs, corl_sync, args.warmup,
-                                     args.updates, n_seeds, one_pass)
+                                     args.updates, n_seeds, critic_layers)
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
             rows.append((n_seeds, label, ups, warm, error, peak))
             print(f"  seeds {n_seeds:<3} {label:<20} {ups:9.1f} updates/s, {ups * runs:9.1f} seed-updates/s "

@@ -125,29 +125,34 @@ def gradients_and_metrics(trainer, bc: bool, penalty: bool):
 
 @pytest.mark.parametrize("module", ["offline", "finetune"])
 @pytest.mark.parametrize("seeds", [None, [0, 1]], ids=["one run", "2-seed stack"])
-def test_one_pass_gives_the_two_passes_gradients(module, seeds, monkeypatch):
-    """EnsembleCritic.one_pass scores the policy's actions in the critic loss's batched pass, leaving their rows
-    out of the weight gradients: the same gradients and metrics as the separate pass with detached weights, in
-    every phase. Without the rows left out, the actor's objective reaches the critics and the bound fails."""
+def test_compiled_critic_layers_give_the_plain_critics_gradients(module, seeds, monkeypatch):
+    """EnsembleCritic's layers for torch.compile, each and both, give the plain critic's gradients and metrics in
+    every phase. one_pass scores the policy's actions in the critic loss's batched pass, leaving their rows out
+    of the weight gradients (without that, the actor's objective reaches the critics and the bound fails);
+    sum_output makes the one-unit output layer a multiply-and-sum."""
     module = cql if module == "offline" else finetune
-    def trainer(one_pass: bool):
+
+    def trainer(**layers: bool):
         torch.manual_seed(0)
         made = module.CQL(make({}, module).config, 5, 3, 1.0, torch.device("cpu"), seeds=seeds)
-        made.critic.one_pass = one_pass
+        for name, value in layers.items():
+            setattr(made.critic, name, value)
         return made
 
     phases = [(False, True), (True, True)] + ([(False, False), (True, False)] if module is finetune else [])
     for bc, penalty in phases:
-        want, want_metrics = gradients_and_metrics(trainer(False), bc, penalty)
-        got, got_metrics = gradients_and_metrics(trainer(True), bc, penalty)
-        assert float((got - want).norm() / want.norm()) < 1e-6, (bc, penalty)  # measured 0: the same sums
-        for name, value in want_metrics.items():
-            torch.testing.assert_close(got_metrics[name], value, rtol=1e-6, atol=1e-7, msg=name)
+        want, want_metrics = gradients_and_metrics(trainer(), bc, penalty)
+        for layers in ({"one_pass": True}, {"sum_output": True}, {"one_pass": True, "sum_output": True}):
+            got, got_metrics = gradients_and_metrics(trainer(**layers), bc, penalty)
+            # measured: 0 for one_pass (the same sums), 1.6e-7 with sum_output (another summation order)
+            assert float((got - want).norm() / want.norm()) < 1e-6, (bc, penalty, layers)
+            for name, value in want_metrics.items():
+                torch.testing.assert_close(got_metrics[name], value, rtol=1e-6, atol=1e-7, msg=f"{name} {layers}")
     forward = module.EnsembleLinear.forward  # the mutation: every row trains the weights
     monkeypatch.setattr(module.EnsembleLinear, "forward",
                         staticmethod(lambda ctx, x, weight, bias, weight_rows=None: forward(ctx, x, weight, bias)))
-    want, _ = gradients_and_metrics(trainer(False), False, True)
-    wrong, _ = gradients_and_metrics(trainer(True), False, True)
+    want, _ = gradients_and_metrics(trainer(), False, True)
+    wrong, _ = gradients_and_metrics(trainer(one_pass=True), False, True)
     assert float((wrong - want).norm() / want.norm()) > 1e-3
 
 
@@ -210,9 +215,10 @@ def test_compile_compiles_adam_only_for_one_run_that_stops_at_non_finite_values(
     assert getattr(one_run, "compiled", False)
     assert not getattr(skipping, "compiled", False) and not getattr(stack, "compiled", False)
     assert one_run.critic.one_pass and skipping.critic.one_pass and not stack.critic.one_pass  # one pass: one run
+    assert one_run.critic.sum_output and stack.critic.sum_output
     plain = make({}, module)
     module.UpdateStep(plain, None, 16, compile=False)
-    assert not plain.critic.one_pass
+    assert not plain.critic.one_pass and not plain.critic.sum_output
     compiled = make({}, module)
     compiled.compile_optimizer_step()
     assert update_deltas(compiled).abs().max() > 0  # apply_update steps through the compiled step
