@@ -1774,8 +1774,8 @@ class UpdateStep:
     """Draws a batch, updates, and adds the metrics to a device-side running sum.
 
     With every speed flag off this is `trainer.train(buffer.sample(batch_size))`. `compile` wraps the losses
-    (and one run's Adam step) in torch.compile and, for one run, scores the actor's objective in the critics'
-    batched pass (EnsembleCritic.one_pass); `cudagraphs` (cuda only) records the whole update, sampling
+    (and one run's Adam step) in torch.compile and switches the critics to their fused forms
+    (EnsembleCritic.one_pass for one run, sum_output); `cudagraphs` (cuda only) records the whole update, sampling
     to Adam step and metric sum, once per phase (bc, target update, penalty) after a few eager updates, then
     replays it: one launch instead of hundreds, reading the ring's size and cql_alpha from device tensors
     written in place.

@@ -1546,8 +1546,8 @@ class UpdateStep:
     """Draws a batch, updates, and adds the metrics to a device-side running sum.
 
     With every speed flag off this is `trainer.train(buffer.sample(batch_size))`, the plain eager
-    update. `compile` wraps the losses (and one run's Adam step) in torch.compile and, for one run, scores
-    the actor's objective in the critics' penalty pass (EnsembleCritic.one_pass); `cudagraphs` (cuda
+    update. `compile` wraps the losses (and one run's Adam step) in torch.compile and switches the critics
+    to their fused forms (EnsembleCritic.one_pass for one run, sum_output); `cudagraphs` (cuda
     only) records the whole update, from sampling to the Adam step and the metric sum, once per phase
     (behaviour cloning or not, target update or not) after a few eager warm-up updates, then replays
     it: one launch per update instead of hundreds. All are the same math on the same random streams' kinds.
