@@ -926,11 +926,10 @@ class ReplayBuffer:
                    data.terminals[:, None])
         self.widths = [column.shape[1] for column in columns]
         self.rows = torch.empty(len(data.rewards), sum(self.widths), dtype=torch.float32, device=device)
-        start = 0
-        for column in columns:
-            self.rows[:, start:start + column.shape[1]] = torch.as_tensor(column, dtype=torch.float32)
-            start += column.shape[1]
-        self.observations, self.actions, rewards, self.next_observations, terminals = self.rows.split(self.widths, 1)
+        views = self.rows.split(self.widths, 1)
+        for view, column in zip(views, columns):
+            view.copy_(torch.as_tensor(column, dtype=torch.float32))
+        self.observations, self.actions, rewards, self.next_observations, terminals = views
         self.rewards, self.terminals = rewards[:, 0], terminals[:, 0]
         self.size = len(data.rewards)
 
