@@ -65,8 +65,8 @@ def check_against_plain(config: cql.TrainConfig, device: torch.device, compile: 
     """
     plain = make(config, device, False, n_seeds)
     fast = make(config, device, cudagraphs, n_seeds)
-    if compile:  # the critic's compiled formulation as UpdateStep sets it, less what the variant turns off
-        fast.critic.one_pass, fast.critic.sum_output = not n_seeds, True
+    if compile:  # the critics' compiled forms as UpdateStep sets them, less what the variant turns off
+        fast.fuse_critic_layers()
         for name, value in (critic_layers or {}).items():
             setattr(fast.critic, name, value)
     losses = torch.compile(fast.losses) if compile else fast.losses

@@ -226,7 +226,7 @@ SHARED = [
     "EvaluationWorkerError", "StackRecord", "run_config", "write_run_records", "Evaluator.start_worker",
     "Evaluator.replace_dead_worker", "Evaluator.receive",
     "WriteError", "write_error", "lock_run_dir", "releasing_run_dir_locks", "WandbGuard", "run_dir_field",
-    "last_checkpoint_note", "CQL.compile_optimizer_step",
+    "last_checkpoint_note", "CQL.compile_optimizer_step", "CQL.fuse_critic_layers",
 ]
 
 
