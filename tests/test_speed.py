@@ -4,7 +4,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_losses import VARIANTS, trainer_grads
+from test_losses import VARIANTS, fast_losses, trainer_grads
 
 import algorithms.finetune.cql as finetune
 import algorithms.offline.cql as cql
@@ -106,17 +106,19 @@ def test_a_batch_is_the_datasets_rows_at_the_drawn_indices():
 
 
 # ------------------------------------------------------------------ one pass: the actor's objective in the penalty pass
+def random_batch(gen: torch.Generator, rows: tuple = (16,)) -> tuple:
+    """A batch of the small trainers' shapes (state 5, action 3) with rows (*runs, batch), drawn from gen."""
+    return (torch.randn(*rows, 5, generator=gen), torch.rand(*rows, 3, generator=gen) * 1.8 - 0.9,
+            torch.randn(*rows, generator=gen), torch.randn(*rows, 5, generator=gen),
+            (torch.rand(*rows, generator=gen) < 0.2).float())
+
+
 def gradients_and_metrics(trainer, bc: bool, penalty: bool):
     """Every parameter's gradient (one vector) and the metrics of one losses() on a fixed batch and noise."""
-    gen = torch.Generator().manual_seed(6)
-    b = (*trainer.run_shape, 16)
-    batch = (torch.randn(*b, 5, generator=gen), torch.rand(*b, 3, generator=gen) * 1.8 - 0.9,
-             torch.randn(*b, generator=gen), torch.randn(*b, 5, generator=gen),
-             (torch.rand(*b, generator=gen) < 0.2).float())
+    batch = random_batch(torch.Generator().manual_seed(6), (*trainer.run_shape, 16))
     torch.manual_seed(6)
     noise = trainer.draw_noise(16)
-    args = (batch, noise, bc) if trainer.losses.__code__.co_argcount == 4 else (batch, noise, bc, penalty)
-    total, metrics = trainer.losses(*args)
+    total, metrics = fast_losses(trainer, batch, noise, bc=bc, penalty=penalty)
     trainer.optimizer.zero_grad(set_to_none=True)
     total.backward()
     params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
@@ -163,9 +165,7 @@ def update_deltas(trainer, updates: int = 1) -> torch.Tensor:
     params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
     before = torch.cat([p.detach().flatten() for p in params])
     for update in range(1, updates + 1):
-        batch = (torch.randn(16, 5, generator=gen), torch.rand(16, 3, generator=gen) * 1.8 - 0.9,
-                 torch.randn(16, generator=gen), torch.randn(16, 5, generator=gen),
-                 (torch.rand(16, generator=gen) < 0.2).float())
+        batch = random_batch(gen)
         torch.manual_seed(update)
         trainer.apply_update(batch, trainer.draw_noise(16), *trainer.phase(update))  # finetune: and the penalty
     return torch.cat([p.detach().flatten() for p in params]) - before
