@@ -327,7 +327,7 @@ def train_learner(config: MakeConfig, work: Path) -> List[Dict[str, Any]]:
             if step == 0:
                 snapshot(0, trainer.actor)
             return
-        obs, action, reward, next_obs, terminated, truncated = runs[0].last_step
+        obs, action, reward, next_obs, terminated, truncated = runs[0].train_env.last_step
         new.add(obs, action, reward, next_obs, terminated, truncated and not terminated)
         if step % config.snapshot_freq == 0 or step == config.train_steps:
             snapshot(step, trainer.actor)

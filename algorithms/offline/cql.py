@@ -1,4 +1,4 @@
-"""Conservative Q-Learning (CQL), offline: one file, read top to bottom.
+"""Conservative Q-Learning (CQL), offline: read top to bottom.
 
 Kumar et al., 2020 (https://arxiv.org/abs/2006.04779), with the options and defaults of CORL's
 offline CQL, on Gymnasium + MuJoCo, h5py and Minari instead of gym, d4rl and mujoco-py.
@@ -7,47 +7,43 @@ offline CQL, on Gymnasium + MuJoCo, h5py and Minari instead of gym, d4rl and muj
     python algorithms/offline/cql.py --config_path configs/offline/cql/hopper/medium_v2.yaml --seeds=0,1,2,3
     python algorithms/offline/cql.py --help  # every option, with its meaning and default
 
-The manual is README.md: "Data", "Durable runs, loud mistakes" (checkpoints, --resume, non-finite
-values, bad input), "Speed" and "Many seeds in one process" (--seeds: runs stacked along a seed
-dimension, one run directory each).
-
-Layout: config -> data -> networks -> algorithm and its speed layer -> evaluation, logging and
-checkpoints -> training (Run, train()) -> main.
+This file holds everything that is CQL: config, normalisation, replay buffer, networks, the loss, the
+update, the training loop and the evaluation episodes. What is not CQL (strict config parsing, datasets,
+run directories and checkpoints, the background evaluator, the speed mechanics) is in algorithms/common/.
+The manual is README.md and docs/.
 """
-import contextlib
 import copy
-import errno
-import fcntl
-import functools
-import io
-import json
-import logging
 import math
-import os
-import pickle
-import random
 import sys
-import tempfile
 import time
-import urllib.request
-import uuid
-import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union, get_args, get_origin
+from typing import Any, Dict, List, Optional, Tuple
 
 import gymnasium as gym
-import h5py
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 from tqdm.auto import tqdm
 
-# D4RL's locomotion data was recorded on the v2/v3 MuJoCo tasks; Gymnasium's v4 tasks keep their
-# observation layout, so we evaluate on v4 on purpose and silence its "out of date" notice.
-warnings.filterwarnings("ignore", message=r".*is out of date\. You should consider upgrading")
+if __package__ in (None, ""):  # run as a file (python algorithms/offline/cql.py): the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from algorithms.common import config as strict  # noqa: E402
+from algorithms.common import fast  # noqa: E402
+from algorithms.common.config import (  # noqa: E402
+    MAX_HIDDEN_LAYERS, MAX_SAMPLED_ACTIONS, MAX_STEPS, NON_NEGATIVE, POSITIVE, RUN_BOUNDS, RUN_LIMITS, ConfigError,
+    DatasetError, run_config, run_seeds)
+from algorithms.common.data import (  # noqa: E402
+    OfflineData, action_bound, actions_outside_line, check_dataset_matches_env, dataset_label, load_dataset,
+    normalized_score, reference_scores_line, return_range)
+from algorithms.common.evaluation import Evaluator, actor_weights  # noqa: E402
+from algorithms.common.fast import EnsembleLinear  # noqa: E402
+from algorithms.common.runs import RunState as BaseRunState  # noqa: E402
+from algorithms.common.runs import (  # noqa: E402
+    RunLogger, checkpoint_files, keep_lines, last_checkpoint_note, load_checkpoints, open_run_dirs,
+    releasing_run_dir_locks, resolve_device, rng_states, run_main, set_rng_states, set_seed, start_run_logs,
+    write_atomic)
 
 
 # ======================================================================================
@@ -116,789 +112,36 @@ class TrainConfig:
     tf32: bool = False  # allow TF32 matmuls on cuda: faster, ~1e-3 relative precision instead of fp32's
 
 
-class ConfigError(ValueError):
-    """A config value or key is not acceptable; the message is one line naming the field."""
-
-
-class DatasetError(ValueError):
-    """A dataset is missing or malformed; the message is one line naming the file."""
-
-
-class RunFault(RuntimeError):
-    """A fault that stops a run (beside non-finite values, FloatingPointError): the message is one line
-    naming what happened and the last good checkpoint (exit code 3)."""
-
-
-class EvaluationWorkerError(RunFault):
-    """A background evaluation failed, or its worker died again before the evaluations it was restarted
-    for were done."""
-
-
-INFINITE_ALLOWED = ("cql_clip_diff_min", "cql_clip_diff_max")  # +-inf: no clip, their defaults
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-_NONE_WORDS = {"none", "null", "~"}  # None on the command line and in a YAML file alike
-_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-class StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping, at any depth (SafeLoader keeps the last),
-    with a ConfigError naming the file, the key and both lines; a key that a merge (<<) brings in and the
-    mapping sets again counts as twice too."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
-        self.flatten_mapping(node)  # merged keys first, as SafeLoader takes them
-        lines: Dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-            try:
-                twice = key in lines
-            except TypeError:  # an unhashable key: SafeLoader's own error follows
-                continue
-            if twice:
-                raise ConfigError(f"config file {self.name}: key '{key}' given twice (lines {lines[key]} and {line})")
-            lines[key] = line
-        return super().construct_mapping(node, deep)
-
-
-def _read_scalar(text: str) -> Any:
-    """A command-line value read as YAML reads a scalar (true, 3, 1_000, 0.5, .inf, null); text that YAML
-    leaves as text stays so (PyYAML reads 1e6 and 3e-4 as text: parse_value takes those as numbers)."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def parse_value(name: str, annotation: Any, value: Any, where: str) -> Any:
-    """One config value, a YAML scalar or a command-line string, as the field's type, or a ConfigError.
-
-    Command-line values are typed as YAML types them (a string field keeps its text), so both sources
-    follow one rule: bools are YAML's (true/false, yes/no, on/off), integers may be written 1e6 or
-    1_000_000, numbers may not be NaN, and none/null/~ is None for Optional fields only. A float must lie
-    within float32's range, which the networks compute in (but those of INFINITE_ALLOWED: no learning rate,
-    weight, reward scale or score means anything at inf), and a string holds no NUL (no name or path can).
-    """
-    optional = get_origin(annotation) is Union and type(None) in get_args(annotation)
-    base = next(a for a in get_args(annotation) if a is not type(None)) if optional else annotation
-    if base not in _EXPECTED:
-        raise ConfigError(f"{where}: field '{name}' has an unsupported type {annotation}")
-
-    def fail(expected: str) -> ConfigError:
-        return ConfigError(f"{where}: field '{name}' expects {expected}, got {value!r}")
-
-    parsed = value
-    if isinstance(value, str) and value.strip().lower() in _NONE_WORDS:
-        parsed = None
-    elif isinstance(value, str) and base is not str:
-        parsed = _read_scalar(value.strip())
-    if parsed is None:
-        if optional:
-            return None
-        raise fail(f"a {base.__name__}" + (" (use '' for none)" if base is str else ""))
-    if base in (int, float) and isinstance(parsed, str):
-        try:
-            parsed = float(parsed)
-        except ValueError:
-            raise fail(_EXPECTED[base]) from None
-    number = isinstance(parsed, (int, float)) and not isinstance(parsed, bool)
-    if base is float and number and math.isnan(parsed):
-        raise fail("a number, not NaN")
-    if base is float and number and not abs(parsed) <= FLOAT32_MAX and name not in INFINITE_ALLOWED:
-        raise fail(f"a finite number within float32's range (|value| <= {FLOAT32_MAX:.4g})")
-    if base is str and isinstance(parsed, str) and "\0" in parsed:
-        raise fail("a string without NUL characters")
-    if base is int and number and not (math.isfinite(parsed) and parsed == int(parsed)):
-        raise fail("an integer")
-    if not (isinstance(parsed, bool) if base is bool else number if base in (int, float) else isinstance(parsed, str)):
-        raise fail(_EXPECTED[base])
-    return base(parsed)
-
-
-def check_bounds(config: Any, bounds: Dict[str, Tuple[float, Optional[float], bool]],
-                 choices: Dict[str, Tuple[Optional[str], ...]]) -> None:
-    """A ConfigError for the first field outside its bounds (low, high or None, whether low is allowed;
-    high is allowed) or its choices; a None value of an Optional field is not checked."""
-    for name, (low, high, low_allowed) in bounds.items():
-        value = getattr(config, name)
-        if value is None or ((value >= low if low_allowed else value > low) and (high is None or value <= high)):
-            continue
-        if high is None:
-            raise ConfigError(f"field '{name}' must be {'>=' if low_allowed else '>'} {low}, got {value!r}")
-        raise ConfigError(f"field '{name}' must be in {'[' if low_allowed else '('}{low}, {high}], got {value!r}")
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            named = [a for a in allowed if a is not None]
-            raise ConfigError(f"field '{name}' must be {', '.join(named[:-1])} or {named[-1]}, "
-                              f"got {getattr(config, name)!r}")
-
-
-MAX_SEED = 2**32 - 1  # numpy's global seed; Gymnasium refuses negative seeds
-MAX_RUNS = 1024  # runs in one --seeds stack: more is a typo, not an experiment one GPU holds
-# Upper limits of counts: generous, but each well past any run one GPU makes (a larger value is a typo, and
-# past 2^63 it does not even fit the int64 that torch and numpy take).
-MAX_STEPS = 10**12  # updates, iterations, episode steps, frequencies: 30 years at 1000 updates/s
-MAX_ROWS = 10**9  # transitions in a replay buffer: 100+ GB even for a 10-dim task, more than one GPU holds
-MAX_BATCH = 2**20  # transitions per update; times cql_n_actions critic rows, so a million already fills a GPU
-MAX_SAMPLED_ACTIONS = 10_000  # cql_n_actions: CORL uses 10
-MAX_EPISODES = 10_000  # evaluation episodes, run side by side: each its own simulator
-MAX_HIDDEN_LAYERS = 100  # of 256 units per critic: CORL uses 2 to 5
-# Numeric fields' allowed values: (low, high or None, whether low itself is allowed).
-POSITIVE, NON_NEGATIVE = (0, None, False), (0, None, True)
+# CQL's own fields and their ranges, beside the run fields every script has (RUN_BOUNDS, RUN_LIMITS).
 BOUNDS: Dict[str, Tuple[float, Optional[float], bool]] = {
-    "seed": (0, MAX_SEED, True), "eval_freq": POSITIVE, "n_episodes": POSITIVE, "buffer_size": POSITIVE,
-    "batch_size": POSITIVE, "target_update_period": POSITIVE, "cql_n_actions": POSITIVE,
-    "q_n_hidden_layers": POSITIVE, "log_freq": POSITIVE, "policy_lr": POSITIVE, "qf_lr": POSITIVE,
-    "cql_temp": POSITIVE, "max_timesteps": NON_NEGATIVE, "bc_steps": NON_NEGATIVE, "cql_alpha": NON_NEGATIVE,
-    "alpha_multiplier": NON_NEGATIVE, "discount": (0, 1, True), "soft_target_update_rate": (0, 1, False),
-    "checkpoint_freq": POSITIVE, "keep_checkpoints": NON_NEGATIVE, "max_episode_steps": POSITIVE,
+    **RUN_BOUNDS, "target_update_period": POSITIVE, "cql_n_actions": POSITIVE, "q_n_hidden_layers": POSITIVE,
+    "policy_lr": POSITIVE, "qf_lr": POSITIVE, "cql_temp": POSITIVE, "max_timesteps": NON_NEGATIVE,
+    "bc_steps": NON_NEGATIVE, "cql_alpha": NON_NEGATIVE, "alpha_multiplier": NON_NEGATIVE, "discount": (0, 1, True),
+    "soft_target_update_rate": (0, 1, False),
 }
-WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # wandb.init refuses a project name with any of these
-# Upper limits of numeric fields (check_limits), apart from BOUNDS so that their messages stay as they were.
 LIMITS: Dict[str, float] = {
-    "eval_freq": MAX_STEPS, "n_episodes": MAX_EPISODES, "buffer_size": MAX_ROWS, "batch_size": MAX_BATCH,
-    "target_update_period": MAX_STEPS, "cql_n_actions": MAX_SAMPLED_ACTIONS, "q_n_hidden_layers": MAX_HIDDEN_LAYERS,
-    "log_freq": MAX_STEPS, "max_timesteps": MAX_STEPS, "bc_steps": MAX_STEPS, "checkpoint_freq": MAX_STEPS,
-    "keep_checkpoints": MAX_STEPS, "max_episode_steps": MAX_STEPS,
+    **RUN_LIMITS, "target_update_period": MAX_STEPS, "cql_n_actions": MAX_SAMPLED_ACTIONS,
+    "q_n_hidden_layers": MAX_HIDDEN_LAYERS, "max_timesteps": MAX_STEPS, "bc_steps": MAX_STEPS,
     "policy_lr": 1, "qf_lr": 1,  # Adam moves each weight by about lr per update: past 1 it only wrecks them
 }
-CHOICES: Dict[str, Tuple[Optional[str], ...]] = {"wandb_mode": (None, "online", "offline", "disabled"),
-                                              "on_nonfinite": ("stop", "skip")}
-
-
-def check_limits(config: Any, limits: Dict[str, float]) -> None:
-    """A ConfigError for the first field above its upper limit; a None value of an Optional field is not checked."""
-    for name, limit in limits.items():
-        value = getattr(config, name)
-        if value is not None and value > limit:
-            raise ConfigError(f"field '{name}' must be at most {limit}, got {value!r}")
 
 
 def check_config(config: TrainConfig) -> None:
     """Rejects impossible values with a one-line ConfigError naming the field."""
-    check_bounds(config, BOUNDS, CHOICES)
-    check_limits(config, LIMITS)
+    strict.check_run_config(config, BOUNDS, LIMITS)
     if config.cql_clip_diff_min > config.cql_clip_diff_max:
         raise ConfigError(f"fields 'cql_clip_diff_min' ({config.cql_clip_diff_min}) > "
                           f"'cql_clip_diff_max' ({config.cql_clip_diff_max})")
-    if config.ref_min_score is not None and config.ref_max_score is not None \
-            and not config.ref_min_score < config.ref_max_score:
-        raise ConfigError(f"fields 'ref_min_score' ({config.ref_min_score}) >= 'ref_max_score' "
-                          f"({config.ref_max_score}): the return that scores 0 must be below the one that scores 100")
-    run_seeds(config)  # a bad seeds value fails here, not after the data is loaded
-    if config.device != "auto":
-        try:
-            device_type = torch.device(config.device).type
-        except RuntimeError:
-            device_type = None
-        if device_type not in ("cpu", "cuda"):  # torch knows meta, mps, xpu, ...: the scripts run on these two
-            raise ConfigError(f"field 'device' must be auto, cpu, cuda or cuda:N, got {config.device!r}")
-    if "/" in config.name:  # else the run directory would land in a folder of that name
-        raise ConfigError(f"field 'name' starts the run directory's name <name>-<env>-<seed>-<id>: no '/', "
-                          f"got {config.name!r}")
-    forbidden = [c for c in WANDB_PROJECT_FORBIDDEN if c in config.project]
-    if forbidden:
-        raise ConfigError(f"field 'project': a wandb project name cannot hold {' '.join(forbidden)}, "
-                          f"got {config.project!r}")
 
 
-def run_seeds(config: TrainConfig) -> Optional[List[int]]:
-    """The seeds of a multi-seed run ("0,1,2,3" -> [0, 1, 2, 3], "4" -> seed..seed+3); None: one run."""
-    if config.seeds is None:
-        return None
-    text = config.seeds.strip()
-    expected = f"field 'seeds' expects a count like 4 or a list like 0,1,2,3, got {config.seeds!r}"
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()] if "," in text else int(text)
-    except ValueError:
-        raise ConfigError(expected) from None
-    count = seeds if isinstance(seeds, int) else len(seeds)
-    if count > MAX_RUNS:  # before a count becomes a list
-        raise ConfigError(f"field 'seeds': at most {MAX_RUNS} runs in one process, got {count}")
-    if isinstance(seeds, int):  # a count: seed, seed + 1, ...
-        seeds = list(range(config.seed, config.seed + seeds))
-    if not seeds:
-        raise ConfigError(expected)
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"field 'seeds' lists a seed twice: {config.seeds!r}")
-    outside = [s for s in seeds if not 0 <= s <= MAX_SEED]
-    if outside:
-        raise ConfigError(f"field 'seeds' lists a seed outside [0, {MAX_SEED}]: {outside[0]}")
-    return seeds
-
-
-STACK_RECORD = "stack.yaml"  # in each run directory of a --seeds stack, beside the run's own config.yaml
-
-
-@dataclass
-class StackRecord:
-    """<run dir>/stack.yaml of each run of a --seeds stack: the stack the run came from. Its config.yaml
-    is the run's own (run_config); --resume of any of the stack's run directories takes seed and seeds
-    from here, so the whole stack resumes."""
-
-    seeds: str  # the stack's seeds field, as given: "0,1,2,3", or a count "4" (seed..seed+3)
-    seed: int  # the stack's seed: where a count starts, and the one stream of its batches and noise
-    runs: List[str]  # the stack's run directory names, in the order of its seeds
-
-
-def run_config(config: Any, seed: int) -> Any:
-    """The config of the run with this seed alone, as its config.yaml and checkpoints record it:
-    --config_path of it trains that seed from the start (no seeds, no resume)."""
-    return replace(config, seed=seed, seeds=None, resume=None)
-
-
-def parse_config(argv: List[str], config_class: type = TrainConfig,
-                 check: Optional[Callable[[Any], None]] = None) -> Any:
-    """Strict parsing of `--config_path file.yaml` plus `--key=value` / `--key value` overrides into
-    config_class, then check (default: check_config); tools/make_dataset.py parses its options so too.
-
-    pyrallis draws the `--help` page from the field comments; values are converted here, since
-    pyrallis accepts `--normalize=notabool` as True and `--load_model=None` as the text 'None'.
-    """
-    if "-h" in argv or "--help" in argv:
-        import pyrallis
-
-        pyrallis.parse(config_class=config_class, args=["--help"])  # prints the help and exits
-    types = {f.name: f.type for f in fields(config_class)}
-    overrides: Dict[str, str] = {}
-    tokens = iter(argv)
-    for token in tokens:
-        if not token.startswith("--") or token == "--":
-            raise ConfigError(f"command line: expected --key=value, got {token!r}")
-        key, has_value, value = token[2:].partition("=")
-        if not has_value:
-            value = next(tokens, "--")
-            if value.startswith("--"):
-                raise ConfigError(f"command line: option '--{key}' needs a value")
-        key = key.replace("-", "_")
-        if key not in types and key != "config_path":
-            raise ConfigError(f"command line: unknown option '--{key}'")
-        overrides[key] = value
-    config_path = overrides.pop("config_path", None)
-    values: Dict[str, Any] = {}
-    sources: List[Tuple[str, str, Set[str], Set[str]]] = []  # YAML files in order: what, path, keys allowed, needed
-    if config_path is None and "resume" in overrides:  # a resumed run keeps its own config ...
-        config_path = str(Path(overrides["resume"]) / "config.yaml")
-        if not Path(config_path).is_file():
-            raise ConfigError(f"field 'resume': {overrides['resume']} is not a run directory (no config.yaml)")
-        stack_path = Path(overrides["resume"]) / STACK_RECORD
-        if stack_path.is_file():  # ... and a run of a stack its stack's seed and seeds: the whole stack resumes
-            record_keys = {f.name for f in fields(StackRecord)}
-            sources.append(("stack record", str(stack_path), record_keys, record_keys))
-    if config_path is not None:
-        sources.insert(0, ("config file", config_path, set(types), set()))
-    for what, path, keys, needed in sources:
-        where = f"{what} {path}"
-        try:
-            with open(path) as f:
-                loaded = yaml.load(f, Loader=StrictLoader)
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot read ({e.strerror})") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{where}: not UTF-8 text (byte {e.start})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{where}: expected a mapping of field: value")
-        missing = sorted(needed - set(loaded))
-        if missing:
-            raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
-        for key, value in loaded.items():
-            if key not in keys:
-                raise ConfigError(f"{where}: unknown key '{key}'")
-            if key not in types:  # a stack record's run directory names: the checkpoints name them too
-                continue
-            if key == "seeds" and isinstance(value, list):  # YAML `seeds: [0, 1]` (a list of one keeps its comma)
-                value = ",".join(map(str, value)) + ("," if len(value) == 1 else "")
-            elif key == "seeds" and isinstance(value, int) and not isinstance(value, bool):  # YAML `seeds: 4`
-                value = str(value)
-            values[key] = parse_value(key, types[key], value, where)
-    for key, value in overrides.items():
-        values[key] = parse_value(key, types[key], value, "command line")
-    config = config_class(**values)
-    (check or check_config)(config)
-    return config
-
-
+def parse_config(argv: List[str]) -> TrainConfig:
+    """`--config_path file.yaml` and `--key=value` overrides, strictly (algorithms/common/config.py)."""
+    return strict.parse_config(argv, TrainConfig, check_config)
 
 
 # ======================================================================================
 # Data
 # ======================================================================================
-# D4RL's dataset files and reference returns (d4rl/infos.py): name -> (url, ref min, ref max).
-_D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
-_ANTMAZE = {  # name -> D4RL file stem (multistart, multigoal)
-    "umaze": "u-maze_noisy_multistart_False_multigoal_False",
-    "umaze-diverse": "u-maze_noisy_multistart_True_multigoal_True",
-    "medium-play": "big-maze_noisy_multistart_True_multigoal_False",
-    "medium-diverse": "big-maze_noisy_multistart_True_multigoal_True",
-    "large-play": "hardest-maze_noisy_multistart_True_multigoal_False",
-    "large-diverse": "hardest-maze_noisy_multistart_True_multigoal_True",
-}
-D4RL_DATASETS: Dict[str, Tuple[str, float, float]] = {
-    **{
-        f"{task}-{kind}-v2": (f"{_D4RL_URL}/gym_mujoco_v2/{task}_{kind.replace('-', '_')}-v2.hdf5", low, high)
-        for task, low, high in [("halfcheetah", -280.178953, 12135.0), ("hopper", -20.272305, 3234.3),
-                                ("walker2d", 1.629008, 4592.3), ("ant", -325.6, 3879.7)]
-        for kind in ["random", "medium", "medium-replay", "medium-expert", "expert", "full-replay"]
-    },
-    **{
-        f"antmaze-{kind}-v2": (f"{_D4RL_URL}/ant_maze_v2/Ant_maze_{stem}_sparse_fixed.hdf5", 0.0, 1.0)
-        for kind, stem in _ANTMAZE.items()
-    },
-    **{
-        f"maze2d-{maze}{dense}-v1": (f"{_D4RL_URL}/maze2d/maze2d-{maze}-{dense[1:] or 'sparse'}-v1.hdf5", low, high)
-        for maze, dense, low, high in [
-            ("umaze", "", 23.85, 161.86), ("medium", "", 13.13, 277.39), ("large", "", 6.7, 273.99),
-            ("umaze", "-dense", 68.537689, 193.66285642381482), ("medium", "-dense", 44.264742, 297.4552547777125),
-            ("large", "-dense", 30.569041, 303.4857382709002)]
-    },
-    **{
-        f"{task}-{kind}-v1": (f"{_D4RL_URL}/hand_dapg_v1/{task}-{kind}-v1.hdf5", low, high)
-        for task, low, high in [("pen", 96.262799, 3076.8331017826877), ("door", -56.512833, 2880.5693087298737),
-                                ("hammer", -274.856578, 12794.134825156867),
-                                ("relocate", -6.425911, 4233.877797728884)]
-        for kind in ["human", "cloned", "expert"]
-    },
-}
-# D4RL tasks whose environments need old gym/mujoco-py: the Minari dataset to use instead.
-MINARI_EQUIVALENTS: Dict[str, str] = {
-    **{f"antmaze-{kind}-v2": f"D4RL/antmaze/{kind}-v1" for kind in _ANTMAZE},
-    **{f"maze2d-{maze}{dense}-v1": f"D4RL/pointmaze/{maze}{dense}-v2"
-       for maze in ["umaze", "medium", "large"] for dense in ["", "-dense"]},
-    **{f"{task}-{kind}-v1": f"D4RL/{task}/{kind}-v2"
-       for task in ["pen", "door", "hammer", "relocate"] for kind in ["human", "cloned", "expert"]},
-}
-
-# D4RL locomotion tasks evaluate on Gymnasium's MuJoCo v4 envs (same observation layout).
-LOCOMOTION_ENVS: Dict[str, Tuple[str, Dict[str, Any]]] = {
-    "halfcheetah": ("HalfCheetah-v4", {}),
-    "hopper": ("Hopper-v4", {}),
-    "walker2d": ("Walker2d-v4", {}),
-    "ant": ("Ant-v4", {"use_contact_forces": True}),  # D4RL's ant observations include contacts
-}
-# A Minari dataset recorded on one of these envs (any version: mujoco/hopper/medium-v0 is Hopper-v5) that
-# stores no reference returns is scored by D4RL's random and expert returns of the task.
-GYM_LOCOMOTION_TASKS: Dict[str, str] = {env_id.split("-")[0]: task for task, (env_id, _) in LOCOMOTION_ENVS.items()}
-
-
-@dataclass
-class OfflineData:
-    """Transitions (s, a, r, s', done) as float32 arrays, and how to evaluate on their task."""
-
-    observations: np.ndarray
-    actions: np.ndarray
-    rewards: np.ndarray
-    next_observations: np.ndarray
-    terminals: np.ndarray
-    make_env: Callable[[], gym.Env]
-    ref_min_score: Optional[float]
-    ref_max_score: Optional[float]
-    is_locomotion: bool  # rewards are rescaled by the dataset's return range (CORL's modify_reward)
-    source: str  # the file or dataset id, for messages
-    goal_in_state: bool = False  # goal Dict observations were flattened with desired_goal (make_env's too)
-    episode_ends: Optional[np.ndarray] = None  # 1 at each episode's last row where known (Minari); None: CORL's split
-    ref_origin: str = ""  # where ref_min_score / ref_max_score come from when not the dataset's own, for the start line
-
-
-def d4rl_cache_dir() -> Path:
-    return Path(os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets"))
-
-
-def download_file(url: str, dest: Path, timeout: float = 60.0) -> Path:
-    """Downloads url to dest through a temporary file in dest's folder, renamed only when complete."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            received = 0
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            if total is not None and received != total:
-                raise DatasetError(f"download {url}: got {received} of {total} bytes")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp_name, dest)
-    except BaseException as e:
-        os.unlink(tmp_name)
-        if isinstance(e, OSError):
-            raise DatasetError(f"download {url}: {e}") from None
-        raise
-    return dest
-
-
-def read_d4rl_hdf5(path: Union[str, Path]) -> Dict[str, np.ndarray]:
-    """Reads the arrays of a D4RL-format HDF5 file and checks their shapes and values."""
-    path = Path(path)
-    where = f"dataset file {path}"
-    if not path.is_file():
-        raise DatasetError(f"{where}: not found")
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
-            if missing:
-                raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}")
-            data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k in f}
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-    except (OSError, KeyError) as e:
-        raise DatasetError(f"{where}: not a readable HDF5 file ({e})") from None
-    for key, values in data.items():  # text, compound or complex values would fail in numpy below, not name the file
-        if values.dtype.kind not in "biuf":  # bool, integers or floats
-            raise DatasetError(f"{where}: '{key}' must hold real numbers, got dtype {values.dtype}")
-    for key in ("rewards", "terminals", "timeouts"):
-        if key in data and not (data[key].ndim == 1 or data[key].shape[1:] == (1,)):
-            raise DatasetError(f"{where}: '{key}' must hold one value per row, shape (rows,), "
-                               f"got shape {data[key].shape}")
-    n = len(data["rewards"])
-    for key, values in data.items():
-        if len(values) != n:
-            raise DatasetError(f"{where}: '{key}' has {len(values)} rows, rewards has {n}")
-    for key in ("observations", "actions"):
-        if data[key].ndim != 2:
-            raise DatasetError(f"{where}: '{key}' must be 2-D (rows, dim), got shape {data[key].shape}")
-    for key in ("observations", "actions", "rewards"):  # the buffer holds float32: beyond its range would be inf
-        for what, bad in (("non-finite values", ~np.isfinite(data[key])),
-                          ("values beyond float32's range", np.abs(data[key]) > FLOAT32_MAX)):
-            if bad.any():
-                raise DatasetError(f"{where}: '{key}' has {what} (first at row {int(np.argwhere(bad)[0][0])})")
-    for key in ("terminals", "timeouts"):
-        flags = data[key].reshape(-1) if key in data else np.zeros(0)
-        if not np.isin(flags, (0, 1)).all():  # astype(bool) would read 0.5 or NaN as true
-            row = int(np.flatnonzero(~np.isin(flags, (0, 1)))[0])
-            raise DatasetError(f"{where}: '{key}' must be 0 or 1, got {flags[row]} at row {row}")
-    check_d4rl_attrs(attrs, path)
-    if n < 2:
-        raise DatasetError(f"{where}: needs at least 2 rows, has {n}")
-    return {**data, "attrs": attrs}
-
-
-def check_d4rl_attrs(attrs: Dict[str, Any], path: Path) -> None:
-    """A DatasetError unless the file's metadata that load_dataset reads has the type it needs."""
-    if "env_id" in attrs and not isinstance(attrs["env_id"], str):
-        raise DatasetError(f"dataset file {path}: attribute 'env_id' must be a Gymnasium id (text), "
-                           f"got {attrs['env_id']!r}")
-    steps = attrs.get("max_episode_steps")
-    if steps is not None and not (isinstance(steps, (int, np.integer)) and not isinstance(steps, (bool, np.bool_))
-                                  and 0 < steps <= MAX_STEPS):
-        raise DatasetError(f"dataset file {path}: attribute 'max_episode_steps' must be an integer in "
-                           f"[1, {MAX_STEPS}], got {steps!r}")
-    for key in ("ref_min_score", "ref_max_score"):
-        value = attrs.get(key)
-        if value is not None and not (isinstance(value, (int, float, np.integer, np.floating))
-                                      and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)):
-            raise DatasetError(f"dataset file {path}: attribute '{key}' must be a finite number, got {value!r}")
-
-
-def qlearning_transitions(data: Dict[str, np.ndarray], max_episode_steps: int = 1000) -> Dict[str, np.ndarray]:
-    """(s, a, r, s', done) rows exactly as d4rl.qlearning_dataset builds them.
-
-    s' is the next row's observation; a row that ends by time limit (a timeout, or without a
-    timeouts key the max_episode_steps-th step of an episode) has no valid s' and is dropped, and
-    so is the last row.
-    """
-    n = len(data["rewards"])
-    terminals = data["terminals"].astype(bool).reshape(-1)
-    if "timeouts" in data:
-        final = data["timeouts"].astype(bool).reshape(-1)[: n - 1]
-    else:
-        final = np.zeros(n - 1, dtype=bool)
-        episode_step = 0
-        for i in range(n - 1):
-            final[i] = episode_step == max_episode_steps - 1
-            episode_step = 0 if (terminals[i] or final[i]) else episode_step + 1
-    keep = np.flatnonzero(~final)
-    return {
-        "observations": data["observations"][keep].astype(np.float32),
-        "actions": data["actions"][keep].astype(np.float32),
-        "rewards": data["rewards"].reshape(-1)[keep].astype(np.float32),
-        "next_observations": data["observations"][keep + 1].astype(np.float32),
-        "terminals": terminals[keep].astype(np.float32),
-    }
-
-
-# The keys of a goal-conditioned Dict observation (Gymnasium-Robotics' mazes, Fetch), sorted: the
-# order of Gymnasium's own flattening (FlattenObservation), and so the order of the state's columns.
-GOAL_DICT_KEYS = ("achieved_goal", "desired_goal", "observation")
-
-
-def state_keys(goal_in_state: bool) -> Tuple[str, ...]:
-    """The keys of a goal Dict observation that make up the state, in the order of their columns."""
-    return GOAL_DICT_KEYS if goal_in_state else ("achieved_goal", "observation")
-
-
-def resolve_goal_in_state(config: TrainConfig, hdf5: bool) -> bool:
-    """config.goal_in_state, or its default: false for an HDF5 file (D4RL's AntMaze layout), else true."""
-    return (not hdf5) if config.goal_in_state is None else config.goal_in_state
-
-
-def _describe_space(space: gym.Space) -> str:
-    if isinstance(space, gym.spaces.Dict):
-        return f"a Dict of {', '.join(space.keys())}"
-    return f"a {type(space).__name__} of shape {getattr(space, 'shape', None)}"
-
-
-def check_observation_space(space: gym.Space, where: str) -> None:
-    """A 1-D Box, or a goal Dict of exactly observation, achieved_goal and desired_goal as 1-D Boxes."""
-    def flat_box(s: gym.Space) -> bool:
-        return isinstance(s, gym.spaces.Box) and len(s.shape) == 1
-
-    goal_dict = (isinstance(space, gym.spaces.Dict) and set(space.keys()) == set(GOAL_DICT_KEYS)
-                 and all(flat_box(space[key]) for key in GOAL_DICT_KEYS))
-    if not (flat_box(space) or goal_dict):
-        raise DatasetError(f"{where}: observations are {_describe_space(space)}; expected a 1-D Box or a goal "
-                           f"Dict (observation, achieved_goal, desired_goal as 1-D Boxes)")
-
-
-def state_columns(space: gym.Space, goal_in_state: bool) -> List[Tuple[str, int]]:
-    """(part, dims) of the flattened state in column order: [("observation", n)] for a Box."""
-    if isinstance(space, gym.spaces.Dict):
-        return [(key, space[key].shape[0]) for key in state_keys(goal_in_state)]
-    return [("observation", space.shape[0])]
-
-
-def flatten_observation(obs: Any, goal_in_state: bool = True) -> np.ndarray:
-    """A goal Dict observation (or a batch of them) as state rows; a Box observation as it is.
-
-    The row is achieved_goal ++ desired_goal ++ observation, or without desired_goal when not
-    goal_in_state (AntMaze-v4's is then qpos[:15] ++ qvel[:14], D4RL's AntMaze observation); README
-    "Goal-conditioned observations" says why the goal is in the state by default, but not for HDF5
-    files. The envs of make_env give rows flattened the same way already (flat_observation_env).
-    """
-    if isinstance(obs, dict):
-        return np.concatenate([np.asarray(obs[key]) for key in state_keys(goal_in_state)], axis=-1)
-    return np.asarray(obs)
-
-
-def flat_observation_env(env: gym.Env, goal_in_state: bool) -> gym.Env:
-    """env with its goal Dict observations flattened as flatten_observation flattens a dataset's.
-
-    Gymnasium's own FilterObservation + FlattenObservation, so that env.spec names them and a
-    background evaluator's gym.make(env.spec) builds the same env.
-    """
-    check_observation_space(env.observation_space, f"env {env.spec.id if env.spec else env}")
-    if isinstance(env.observation_space, gym.spaces.Dict):
-        env = gym.wrappers.FlattenObservation(gym.wrappers.FilterObservation(env, list(state_keys(goal_in_state))))
-    return env
-
-
-def check_env_id(env_id: str) -> None:
-    """A DatasetError unless env_id is a registered Gymnasium env; Gymnasium-Robotics registers its ids
-    (AntMaze_*, PointMaze_*, AdroitHand*) when imported, so it is imported when an id is not found."""
-    try:
-        gym.spec(env_id)
-        return
-    except gym.error.Error:
-        pass
-    try:  # its import prints a Farama notice to stderr, which would break one-line errors
-        with contextlib.redirect_stderr(io.StringIO()):
-            import gymnasium_robotics  # noqa: F401
-    except ImportError:
-        pass
-    try:
-        gym.spec(env_id)
-    except gym.error.Error as e:
-        raise DatasetError(f"eval env {env_id!r}: not a registered Gymnasium env ({e})") from None
-
-
-def _make_gym_env(env_id: str, kwargs: Dict[str, Any], max_episode_steps: Optional[int],
-                  goal_in_state: bool) -> Callable[[], gym.Env]:
-    check_env_id(env_id)
-    extra = {"max_episode_steps": int(max_episode_steps)} if max_episode_steps else {}  # an HDF5 attr is numpy.int64
-    return lambda: flat_observation_env(gym.make(env_id, **kwargs, **extra), goal_in_state)
-
-
-def minari_datasets_dir() -> Path:
-    return Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
-
-
-def _load_minari(config: TrainConfig) -> OfflineData:
-    import minari
-
-    root = minari_datasets_dir()
-    if not config.minari_download and not (root / config.env / "data").is_dir():
-        raise DatasetError(f"Minari dataset {config.env}: not stored locally (in {root}); fetch it with "
-                           f"`minari download {config.env}` or set --minari_download=true (needs internet)")
-    try:
-        dataset = minari.load_dataset(config.env, download=config.minari_download)
-    except Exception as e:  # minari raises several types for a missing or damaged dataset
-        raise DatasetError(f"Minari dataset {config.env}: cannot load ({str(e).splitlines()[0]})") from None
-    check_observation_space(dataset.observation_space, f"Minari dataset {config.env}")
-    goal_in_state = resolve_goal_in_state(config, hdf5=False)
-    episodes = []
-    for episode in dataset.iterate_episodes():
-        # Minari keeps every episode's last observation: a truncated episode's last row has its real s'
-        # and is not terminal (D4RL's files lack that s', so qlearning_transitions drops such rows).
-        obs = flatten_observation(episode.observations, goal_in_state).astype(np.float32)
-        episodes.append({"observations": obs[:-1], "next_observations": obs[1:],
-                         "actions": np.asarray(episode.actions, dtype=np.float32),
-                         "rewards": np.asarray(episode.rewards, dtype=np.float32),
-                         "terminals": np.asarray(episode.terminations, dtype=np.float32),
-                         "episode_ends": np.arange(len(episode.rewards)) == len(episode.rewards) - 1})
-    if not episodes:
-        raise DatasetError(f"Minari dataset {config.env}: has no episodes")
-    arrays = {k: np.concatenate([e[k] for e in episodes]) for k in episodes[0]}
-    metadata = dataset.storage.metadata
-    if config.eval_env is not None:
-        check_env_id(config.eval_env)
-
-    def make_env() -> gym.Env:
-        if config.eval_env is not None:
-            env = gym.make(config.eval_env)
-        else:
-            env = dataset.recover_environment(eval_env=True)
-        if config.max_episode_steps:
-            env = gym.wrappers.TimeLimit(env, config.max_episode_steps)
-        return flat_observation_env(env, goal_in_state)
-
-    env_spec = dataset.spec.env_spec
-    task = GYM_LOCOMOTION_TASKS.get(env_spec.name) if env_spec is not None else None
-    ref_min, ref_max, origin = metadata.get("ref_min_score"), metadata.get("ref_max_score"), ""
-    if ref_min is None and ref_max is None and task is not None:
-        ref_min, ref_max = D4RL_DATASETS[f"{task}-random-v2"][1:]
-        origin = f"D4RL's {task} random and expert returns; the Minari dataset stores none"
-    return OfflineData(
-        **arrays, make_env=make_env, ref_min_score=ref_min, ref_max_score=ref_max,
-        is_locomotion=task in ("halfcheetah", "hopper", "walker2d"), source=f"Minari dataset {config.env}",
-        ref_origin=origin, goal_in_state=goal_in_state,
-    )
-
-
-def load_dataset(config: TrainConfig) -> OfflineData:
-    """Resolves config.env to transitions and an eval env: D4RL name, HDF5 path or Minari id."""
-    name = config.env
-    ref_min, ref_max = None, None
-    goal_in_state = resolve_goal_in_state(config, hdf5=True)  # for the HDF5 branches; Minari decides its own
-    if name in D4RL_DATASETS or name in MINARI_EQUIVALENTS:
-        task = name.split("-")[0]
-        if config.eval_env is not None:
-            make_env = _make_gym_env(config.eval_env, {}, config.max_episode_steps, goal_in_state)
-        elif task in LOCOMOTION_ENVS:
-            make_env = _make_gym_env(*LOCOMOTION_ENVS[task], config.max_episode_steps, goal_in_state)
-        else:
-            raise DatasetError(
-                f"env {name}: its D4RL environment needs gym and mujoco-py; use the Minari dataset "
-                f"{MINARI_EQUIVALENTS.get(name, '(none known)')} instead, or set eval_env")
-        if config.dataset_path is not None:
-            path = Path(config.dataset_path)
-        else:
-            url = D4RL_DATASETS[name][0]
-            path = d4rl_cache_dir() / url.rsplit("/", 1)[1]
-            if not path.is_file():
-                download_file(url, path)
-        if name in D4RL_DATASETS:
-            ref_min, ref_max = D4RL_DATASETS[name][1:]
-        is_locomotion = task in ("halfcheetah", "hopper", "walker2d")
-    elif name.endswith((".hdf5", ".h5")) or Path(name).is_file():
-        path = Path(config.dataset_path or name)
-        is_locomotion = None  # decided from the eval env's id below
-    elif "/" in name:
-        data = _load_minari(config)
-        data.ref_min_score = config.ref_min_score if config.ref_min_score is not None else data.ref_min_score
-        data.ref_max_score = config.ref_max_score if config.ref_max_score is not None else data.ref_max_score
-        return data
-    else:
-        raise DatasetError(
-            f"env {name!r}: not a known D4RL dataset, an existing HDF5 file or a Minari id (namespace/name-vN)")
-    raw = read_d4rl_hdf5(path)
-    attrs = raw.pop("attrs")
-    if is_locomotion is None:
-        env_id = config.eval_env or attrs.get("env_id")
-        if env_id is None:
-            raise DatasetError(f"dataset file {path}: set eval_env (the file's metadata names no env_id)")
-        steps = config.max_episode_steps or attrs.get("max_episode_steps")
-        make_env = _make_gym_env(env_id, {}, steps, goal_in_state)
-        is_locomotion = any(t in env_id.lower() for t in ("halfcheetah", "hopper", "walker2d"))
-        ref_min, ref_max = attrs.get("ref_min_score"), attrs.get("ref_max_score")
-    ref_min = config.ref_min_score if config.ref_min_score is not None else ref_min
-    ref_max = config.ref_max_score if config.ref_max_score is not None else ref_max
-    transitions = qlearning_transitions(raw)
-    return OfflineData(**transitions, make_env=make_env, ref_min_score=None if ref_min is None else float(ref_min),
-                       ref_max_score=None if ref_max is None else float(ref_max),
-                       is_locomotion=is_locomotion, source=f"dataset file {path}", goal_in_state=goal_in_state)
-
-
-def check_dataset_matches_env(data: OfflineData, env: gym.Env) -> None:
-    """The dataset's rows fit the eval env's flattened observations and its actions; else a DatasetError
-    that, for a goal Dict env, spells out the state's parts and whether goal_in_state would fit."""
-    name = env.spec.id if env.spec else env
-    if not len(data.rewards):  # e.g. every row a timeout: D4RL's layout has no next observation for those
-        raise DatasetError(f"{data.source}: no transitions left once the rows that end an episode by time limit "
-                           f"are dropped")
-    obs_dim = env.observation_space.shape[0]  # make_env's envs give flat rows (flat_observation_env)
-    if data.observations.shape[1] != obs_dim:
-        raw, layout = env.unwrapped.observation_space, ""
-        if isinstance(raw, gym.spaces.Dict) and set(raw.keys()) == set(GOAL_DICT_KEYS):
-            layout = " (" + " + ".join(f"{key} {dims}" for key, dims in state_columns(raw, data.goal_in_state)) + ")"
-            if data.observations.shape[1] == sum(dims for _, dims in state_columns(raw, not data.goal_in_state)):
-                layout += (f"; goal_in_state={str(not data.goal_in_state).lower()} "
-                           f"{'adds' if not data.goal_in_state else 'leaves out'} desired_goal")
-        raise DatasetError(f"{data.source}: observations have {data.observations.shape[1]} dims, "
-                           f"the eval env {name} has {obs_dim}{layout}")
-    if data.actions.shape[1] != env.action_space.shape[0]:
-        raise DatasetError(f"{data.source}: actions have {data.actions.shape[1]} dims, "
-                           f"the eval env {name} has {env.action_space.shape[0]}")
-
-
-def actions_outside_line(data: OfflineData, max_action: float) -> Optional[str]:
-    """The start line on dataset rows whose actions lie outside the env's [-max_action, max_action] (some D4RL
-    and Minari files have them); None when there are none. They stay as they are: the line says what uses them."""
-    magnitude = np.abs(data.actions).max(axis=1, initial=0.0)
-    outside = magnitude > max_action * (1 + 1e-6)  # a tiny tolerance: float32 rounding of values on the bound
-    if not outside.any():
-        return None
-    return (f"{data.source}: {int(outside.sum())} of {len(outside)} rows have actions outside the env's "
-            f"[-{max_action:g}, {max_action:g}] (largest |a| {magnitude.max():.4g}): the behaviour-cloning "
-            f"log-likelihood (bc_steps) clamps them to the bound; the critics train on them as they are; "
-            f"the policy's own actions stay within the bound")
-
-
-def reference_scores_line(config: TrainConfig, source: str, ref_min: Optional[float], ref_max: Optional[float],
-                          origin: str = "") -> str:
-    """The start line on the returns that the normalized score maps to 0 and 100.
-
-    ConfigError when min >= max and the config set either; when both are the dataset's, the line says so.
-    """
-    overridden = [name for name in ("ref_min_score", "ref_max_score") if getattr(config, name) is not None]
-    if overridden:
-        origin = f"{' and '.join(overridden)} from the config" + (f"; {origin}" if origin else "")
-    if ref_min is None or ref_max is None:
-        missing = " and ".join(name for name, value in (("ref_min_score", ref_min), ("ref_max_score", ref_max))
-                               if value is None)
-        return (f"{source}: no reference return ({missing}), so no normalized score: "
-                f"evaluations log the raw return (eval_return_mean)")
-    if not ref_min < ref_max and overridden:
-        raise ConfigError(f"{source}: fields 'ref_min_score' ({ref_min}) >= 'ref_max_score' ({ref_max})"
-                          f" ({origin}): the return that scores 0 must be below the one that scores 100")
-    if not ref_min < ref_max:  # e.g. a dataset tool's learner that ended worse than it began
-        return (f"{source}: warning: its reference returns are not increasing (ref_min_score {ref_min:g} >= "
-                f"ref_max_score {ref_max:g}), so the normalized score means little; set both to override")
-    return f"normalized score: 0 at return {ref_min:g}, 100 at return {ref_max:g}" + (f" ({origin})" if origin else "")
-
-
-def dataset_label(env: str) -> str:
-    """A dataset's name in run names: a file's stem, or the name (a Minari id with '-' for '/')."""
-    return Path(env).stem if env.endswith((".hdf5", ".h5")) or Path(env).is_file() else env.replace("/", "-")
-
-
-def return_range(rewards: np.ndarray, terminals: np.ndarray, max_episode_steps: int) -> Tuple[float, float]:
-    """Min and max episode return, episodes split as CORL splits the transitions (terminal or length)."""
-    returns, episode_return, episode_length = [], 0.0, 0
-    for reward, done in zip(rewards, terminals):
-        episode_return += float(reward)
-        episode_length += 1
-        if done or episode_length == max_episode_steps:
-            returns.append(episode_return)
-            episode_return, episode_length = 0.0, 0
-    if not returns:
-        returns.append(episode_return)
-    return min(returns), max(returns)
 
 
 def normalize_rewards(data: OfflineData, config: TrainConfig, max_episode_steps: int = 1000) -> None:
@@ -1022,56 +265,7 @@ class TanhGaussianActor(nn.Module):
         return self.max_action * torch.tanh(self.mean_log_std(obs)[0])
 
 
-PER_MEMBER_GRAD_UP_TO = 2  # ensemble members up to which EnsembleLinear's weight gradient goes member by member
 # (a module constant: torch.compile cannot trace a class attribute read in backward, and breaks the graph)
-
-
-class EnsembleLinear(torch.autograd.Function):
-    """y[e] = x[e % len(x)] @ weight[e] + bias[e] for every member e: x shared by all members when
-    its first dim is 1, one x per member, or (seed stacks, members ordered critic-major) one x per seed.
-    bias may be None. With weight_rows k, only the first k rows of each member reach the weight and bias
-    gradients (the rest, policy rows of EnsembleCritic's one pass, pass their gradient to x only).
-
-    The same as torch.baddbmm, but faster on a GPU: bmm then a bias add (that torch.compile fuses
-    with the following relu), as baddbmm first copies the bias into every output row and then runs
-    a slower accumulating kernel (1.4x the time of bmm + add at the critics' shapes on an H100); and
-    for a few members the weight gradient is one plain matmul per member: cuBLAS runs the batched
-    x^T @ grad_y of 2 members, a reduction over all batch rows, with a small-tile kernel 4-6x slower
-    (benchmarks/critic_matmul.py); with many members (seed stacks) the batched form fills the GPU.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                weight_rows: Optional[int] = None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.weight_rows = weight_rows
-        members, inputs = weight.shape[0], x.shape[0]
-        if inputs == 1:
-            x = x.expand(members, -1, -1)
-        elif inputs < members:
-            x = x.repeat(members // inputs, 1, 1)  # member e reads x[e % inputs]
-        y = torch.bmm(x, weight)
-        return y if bias is None else y + bias
-
-    @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        x, weight = ctx.saved_tensors
-        members, inputs = weight.shape[0], x.shape[0]
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(grad_y, weight.transpose(1, 2))
-            if inputs < members:  # the members that share an input add their gradients
-                grad_x = grad_x.unflatten(0, (members // inputs, inputs)).sum(0)
-        if ctx.weight_rows is not None:
-            x, grad_y = x[:, :ctx.weight_rows], grad_y[:, :ctx.weight_rows]
-        if ctx.needs_input_grad[1] and members <= PER_MEMBER_GRAD_UP_TO:
-            grad_weight = torch.stack([x[e % inputs].T @ grad_y[e] for e in range(members)])
-        elif ctx.needs_input_grad[1]:
-            per_member_x = x.repeat(members // inputs, 1, 1) if inputs < members else x
-            grad_weight = torch.bmm(per_member_x.transpose(1, 2), grad_y)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_y.sum(1, keepdim=True)
-        return grad_x, grad_weight, grad_bias, None
 
 
 class ActorStack(nn.Module):
@@ -1409,16 +603,30 @@ class CQL:
         self.critic.one_pass = self.seeds is None
         self.critic.sum_output = True
 
-    def compile_optimizer_step(self) -> None:
-        """Adam's step as foreach Adam under torch.compile, which fuses it into a few kernels: one run's
-        step takes 12 us instead of fused Adam's 68 (H200), 8% more updates/s. A stack keeps fused Adam (at 16
-        seeds 59 us against 101, but 1% faster for 12 MiB more GPU memory per seed); so does on_nonfinite
-        "skip", whose fused step reads found_inf."""
-        for group in self.optimizer.param_groups:
-            group["fused"], group["foreach"] = False, True
-        self.step_optimizer = torch.compile(self.optimizer.step)
-        # Dynamo says once that it leaves Optimizer.step's profiler range out: nothing a user can act on
-        logging.getLogger("torch._dynamo.variables.ctx_manager").setLevel(logging.ERROR)
+    def update_step(self, buffer: "ReplayBuffer", batch_size: int, compile: bool = False,
+                    cudagraphs: bool = False) -> fast.UpdateStep:
+        """The training loop's update: a batch drawn on the device, one update, its metrics summed on the device.
+
+        With every speed flag off this is train(buffer.sample(batch_size)), the plain eager update. compile:
+        torch.compile's forms of the same math, the losses compiled, the critics' fused layers
+        (fuse_critic_layers) and one run's Adam step compiled (a stack and on_nonfinite "skip" keep fused Adam:
+        fast.compiled_adam_step says why). cudagraphs (cuda): the whole update replayed as a CUDA graph per phase.
+        """
+        if compile:
+            self.losses = torch.compile(self.losses)  # shadows the method on this instance
+            self.fuse_critic_layers()
+            if self.seeds is None and not self.skip_nonfinite:
+                self.step_optimizer = fast.compiled_adam_step(self.optimizer)
+
+        def update(phase: Tuple[bool, ...]) -> Dict[str, torch.Tensor]:
+            return self.apply_update(buffer.sample(batch_size, self.run_shape), self.draw_noise(batch_size), *phase)
+
+        def next_phase() -> Tuple[bool, ...]:
+            self.total_it += 1
+            return self.phase(self.total_it)
+
+        return fast.UpdateStep(update, next_phase, METRIC_NAMES, self.run_shape, self.optimizer, self.device,
+                               cudagraphs, self.found_inf if self.skip_nonfinite else None)
 
     @torch.no_grad()
     def update_target(self) -> None:
@@ -1452,21 +660,11 @@ class CQL:
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
             self.log_alpha_prime.copy_(state["log_alpha_prime"])
-        flavour = [(group["capturable"], group["fused"], group["foreach"]) for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
-        # Adam takes the saved run's capturable/fused/foreach flags with its state; keep this run's (a CPU
-        # checkpoint may go on under CUDA graphs, a "stop" run's with on_nonfinite "skip", a compiled step's
-        # without, and back), step counts where this flavour keeps them.
-        for group, (capturable, fused, foreach) in zip(self.optimizer.param_groups, flavour):
-            group["capturable"], group["fused"], group["foreach"] = capturable, fused, foreach
-            for param in group["params"]:
-                param_state = self.optimizer.state.get(param, {})
-                if "step" in param_state:
-                    param_state["step"] = param_state["step"].to(param.device if capturable or fused else "cpu")
+        fast.load_optimizer_state(self.optimizer, state["optimizer"])
         self.total_it = int(state["total_it"])
 
     # ---- a stack of runs: each run's state in the one-run layout, so that its checkpoint is an ordinary one
-    def _run_layout(self) -> List[Tuple[str, str, torch.Tensor, Callable[[torch.Tensor, int], torch.Tensor]]]:
+    def _run_layout(self) -> fast.RunLayout:
         """(part, one-run name, stacked tensor, view of run i) in the one-run trainer's parameter order."""
         def seed_major(t: torch.Tensor, i: int) -> torch.Tensor:
             return t[i]
@@ -1486,153 +684,19 @@ class CQL:
         layout.append(("log_alpha_prime", "", self.log_alpha_prime, seed_major))
         return layout
 
-    def _adam_indices(self) -> List[Tuple[int, int, torch.Tensor, Callable[[torch.Tensor, int], torch.Tensor]]]:
-        """(index in a one-run optimizer state, index in this stack's, stacked parameter, view of run i)."""
-        stacked_index = {id(p): k for k, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
-        trained = [entry for entry in self._run_layout() if entry[0] != "target_critic"]  # the one-run order
-        return [(j, stacked_index[id(tensor)], tensor, view) for j, (_, _, tensor, view) in enumerate(trained)]
-
     def run_state_dict(self, run: int) -> Dict[str, Any]:
         """Run `run` of a stack as a one-run trainer's state_dict (copies): what CQL.load_state_dict takes."""
-        state: Dict[str, Any] = {"actor": {}, "critic": {}, "target_critic": {}}
-        adam = self.optimizer.state_dict()
-        for part, name, tensor, view in self._run_layout():
-            if part in ("log_alpha", "log_alpha_prime"):
-                state[part] = view(tensor.detach(), run).clone()
-            else:
-                state[part][name] = view(tensor.detach(), run).clone()
-        run_adam = {}
-        for j, k, _, view in self._adam_indices():
-            if k in adam["state"]:
-                run_adam[j] = {key: v.clone() if key == "step" else view(v, run).clone()
-                               for key, v in adam["state"][k].items()}
-        state["optimizer"] = {"state": run_adam, "param_groups": adam["param_groups"]}
-        state["total_it"] = self.total_it
-        return state
+        return {**fast.run_state_dict(self._run_layout(), self.optimizer, run), "total_it": self.total_it}
 
     def load_run_state_dicts(self, states: List[Dict[str, Any]]) -> None:
         """Loads one one-run state_dict per run of the stack (checkpoints of one-seed runs fit too)."""
         if len(states) != len(self.seeds):
             raise ValueError(f"{len(states)} run states for a stack of {len(self.seeds)} runs")
-
-        def gather(tensor: torch.Tensor, view: Callable, values: List[torch.Tensor]) -> torch.Tensor:
-            stacked = torch.empty_like(tensor)
-            for i, value in enumerate(values):
-                target = view(stacked, i)
-                if target.shape != value.shape:
-                    raise RuntimeError(f"size mismatch: {tuple(value.shape)} in a checkpoint, "
-                                       f"{tuple(target.shape)} here")
-                target.copy_(value)
-            return stacked
-
-        with torch.no_grad():
-            for part, name, tensor, view in self._run_layout():
-                values = [s[part] if part in ("log_alpha", "log_alpha_prime") else s[part][name] for s in states]
-                tensor.copy_(gather(tensor, view, [torch.as_tensor(v).to(tensor.device) for v in values]))
-        adam = self.optimizer.state_dict()
-        adam["state"] = {}
-        for j, k, tensor, view in self._adam_indices():
-            runs = [s["optimizer"]["state"].get(j) for s in states]
-            if any(r is None for r in runs):
-                if any(r is not None for r in runs):
-                    raise RuntimeError(f"optimizer state of parameter {j} is in some run states only")
-                continue
-            adam["state"][k] = {key: runs[0][key].clone() if key == "step" else
-                                gather(tensor, view, [r[key].to(tensor.device) for r in runs])
-                                for key in runs[0]}
-        self.optimizer.load_state_dict(adam)
+        fast.load_run_state_dicts(self._run_layout(), self.optimizer, states)
         totals = {int(s["total_it"]) for s in states}
         if len(totals) != 1:
             raise RuntimeError(f"run states of different updates {sorted(totals)}")
         self.total_it = totals.pop()
-
-
-class UpdateStep:
-    """Draws a batch, updates, and adds the metrics to a device-side running sum.
-
-    With every speed flag off this is `trainer.train(buffer.sample(batch_size))`, the plain eager
-    update. `compile` wraps the losses (and one run's Adam step) in torch.compile and switches the critics
-    to their fused forms (EnsembleCritic.one_pass for one run, sum_output); `cudagraphs` (cuda
-    only) records the whole update, from sampling to the Adam step and the metric sum, once per phase
-    (behaviour cloning or not, target update or not) after a few eager warm-up updates, then replays
-    it: one launch per update instead of hundreds. All are the same math on the same random streams' kinds.
-    With on_nonfinite "skip", a skipped update adds nothing to the sums (take_run_means).
-    """
-
-    WARMUP = 3  # eager updates before capture: lazy init of Adam state, cuBLAS and compilation
-
-    def __init__(self, trainer: CQL, buffer: ReplayBuffer, batch_size: int, compile: bool = False,
-                 cudagraphs: bool = False):
-        self.trainer, self.buffer, self.batch_size = trainer, buffer, batch_size
-        self.cudagraphs = cudagraphs and trainer.device.type == "cuda"
-        if compile:
-            trainer.losses = torch.compile(trainer.losses)  # shadows the method on this instance
-            trainer.fuse_critic_layers()
-            if trainer.seeds is None and not trainer.skip_nonfinite:
-                trainer.compile_optimizer_step()
-        self.metric_names: List[str] = list(METRIC_NAMES)
-        self.metric_sum = torch.zeros(len(self.metric_names), *trainer.run_shape, device=trainer.device)
-        self.skipped_updates = torch.zeros((), device=trainer.device)  # skipped updates in the window (all runs')
-        self.graphs: Dict[Tuple[bool, bool], Any] = {}
-        self.eager_updates: Dict[Tuple[bool, bool], int] = {}
-
-    def _update(self, phase: Tuple[bool, bool]) -> None:
-        batch = self.buffer.sample(self.batch_size, self.trainer.run_shape)
-        metrics = self.trainer.apply_update(batch, self.trainer.draw_noise(self.batch_size), *phase)
-        values = torch.stack([metrics[name] for name in self.metric_names])
-        if not self.trainer.skip_nonfinite:
-            self.metric_sum += values
-            return
-        skipped = self.trainer.found_inf
-        self.metric_sum += torch.where(skipped.bool(), 0.0, values)  # not a product: NaN * 0 is NaN
-        self.skipped_updates += skipped
-
-    def __call__(self) -> None:
-        trainer = self.trainer
-        trainer.total_it += 1
-        phase = trainer.phase(trainer.total_it)
-        if not self.cudagraphs:
-            return self._update(phase)
-        graph = self.graphs.get(phase)
-        if graph is not None:
-            return graph.replay()
-        if self.eager_updates.get(phase, 0) < self.WARMUP:  # on a side stream, as CUDA graphs want
-            self.eager_updates[phase] = self.eager_updates.get(phase, 0) + 1
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._update(phase)
-            torch.cuda.current_stream().wait_stream(stream)
-            return None
-        trainer.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._update(phase)
-        self.graphs[phase] = graph
-        graph.replay()  # capture records without running: this replay is the update itself
-        return None
-
-    def take_means(self, updates: int) -> Dict[str, float]:
-        """Mean of each metric over the last `updates` updates; the one host sync per log interval."""
-        return self.take_run_means(updates)[0]
-
-    def run_metric_sum(self, run: int) -> torch.Tensor:
-        """Run `run`'s metric sums (a view): the whole sum for a one-run trainer."""
-        return self.metric_sum if self.metric_sum.dim() == 1 else self.metric_sum[:, run]
-
-    def take_run_means(self, updates: int) -> List[Dict[str, float]]:
-        """take_means for each run: one dict for a one-run trainer, one per seed for a stack. With
-        on_nonfinite "skip": means over the updates not skipped, and skipped_updates, their count."""
-        sums = self.metric_sum.reshape(len(self.metric_names), -1)
-        if not self.trainer.skip_nonfinite:
-            means = (sums / updates).T.tolist()
-            self.metric_sum.zero_()
-            return [dict(zip(self.metric_names, run)) for run in means]
-        kept = (updates - self.skipped_updates).clamp(min=1)  # none kept: the sums are 0 and train() stops
-        rows = torch.cat([sums / kept, self.skipped_updates.expand(1, sums.shape[1])]).T.tolist()
-        self.metric_sum.zero_()
-        self.skipped_updates.zero_()
-        return [{**dict(zip(self.metric_names, run)), "skipped_updates": int(run[-1])} for run in rows]
 
 
 # ======================================================================================
@@ -1664,354 +728,6 @@ def evaluate(envs: gym.vector.VectorEnv, actor: TanhGaussianActor, seed: int, st
     return returns
 
 
-def _evaluation_worker(env_spec: Any, n_episodes: int, actor_shape: Tuple[int, int, float], jobs: Any,
-                       results: Any) -> None:
-    """Background evaluator process: evaluates each (step, weights) job, answers (step, returns)."""
-    warnings.filterwarnings("ignore", message=r".*is out of date\. You should consider upgrading")
-    try:
-        envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_spec)] * n_episodes)
-        actor = TanhGaussianActor(*actor_shape)
-        while (job := jobs.get()) is not None:
-            step, weights, seed, state_mean, state_std = job
-            actor.load_state_dict(weights)
-            results.send((step, evaluate(envs, actor, seed, state_mean, state_std)))
-        envs.close()
-    except Exception as e:  # reported to the trainer, which stops with it
-        results.send((None, f"{type(e).__name__}: {' '.join(str(e).split())}"))  # one line
-
-
-def actor_weights(actor: Union[TanhGaussianActor, ActorStack], run: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """A CPU copy of the actor's weights (of run `run` of a stack): what an evaluation needs, frozen
-    at the time of the call."""
-    if run is not None:
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in actor.member(run).items()}
-    return {k: v.detach().to("cpu", copy=True) for k, v in actor.state_dict().items()}
-
-
-class Evaluator:
-    """Evaluates actor snapshots: here and now, or in a worker process while training goes on.
-
-    In the background the update loop only copies the actor's weights (~0.3 MB) at each
-    evaluation; results come back a few seconds later and are logged at their own step. Weights
-    of evaluations still running are kept (`pending`), so that a checkpoint can carry them.
-    A worker that dies is replaced once (README, "Durable runs, loud mistakes"; replace_dead_worker).
-    """
-
-    def __init__(self, env: gym.Env, make_env: Callable[[], gym.Env], n_episodes: int, seed: int,
-                 state_mean: np.ndarray, state_std: np.ndarray, actor: Union[TanhGaussianActor, ActorStack],
-                 background: bool, label: str = "", last_good_checkpoint: Callable[[], str] = lambda: ""):
-        self.seed, self.state_mean, self.state_std = seed, state_mean, state_std
-        self.label, self.last_good_checkpoint = label, last_good_checkpoint  # for messages: the run's name
-        self.pending: Dict[int, Dict[str, torch.Tensor]] = {}
-        self.resubmitted: Set[int] = set()  # steps whose evaluation a replaced worker's successor runs again
-        self.finished: List[Tuple[int, np.ndarray]] = []
-        self.worker = None
-        state_dim = actor.net[0].in_features if isinstance(actor, TanhGaussianActor) else actor.weights[0].shape[1]
-        shape = (state_dim, actor.action_dim, actor.max_action)
-        if background:
-            if env.spec is None:
-                raise ConfigError("field 'background_eval': the eval env has no Gymnasium spec to rebuild it from "
-                                  "in a worker process; set background_eval false")
-            self.worker_args = (env.spec, n_episodes, shape)
-            self.start_worker()
-        else:
-            self.envs = gym.vector.SyncVectorEnv([make_env] * n_episodes)
-            if isinstance(actor, TanhGaussianActor):
-                self.actor = copy.deepcopy(actor).cpu()  # a copy: building a new one would draw random numbers
-            else:  # a run of a stack: a one-run actor, built aside from the random stream
-                with torch.random.fork_rng(devices=[]):
-                    self.actor = TanhGaussianActor(*shape)
-
-    def submit(self, step: int, weights: Dict[str, torch.Tensor]) -> None:
-        if self.worker is None:
-            self.actor.load_state_dict(weights)
-            self.finished.append((step, evaluate(self.envs, self.actor, self.seed, self.state_mean, self.state_std)))
-            return
-        self.jobs.put((step, weights, self.seed, self.state_mean, self.state_std))
-        self.pending[step] = weights
-
-    def start_worker(self) -> None:
-        """A worker process with a job queue and an answer pipe of its own: a dead worker's are never reused,
-        as it may have died holding the queue's lock or half-way through a message."""
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")  # never fork a process holding a CUDA context
-        self.jobs = context.Queue()
-        self.jobs.cancel_join_thread()  # at exit, never wait to feed jobs to a worker that is gone
-        self.results, answers = context.Pipe(duplex=False)
-        self.worker = context.Process(target=_evaluation_worker, daemon=True,
-                                      args=(*self.worker_args, self.jobs, answers))
-        self.worker.start()
-        answers.close()  # the worker holds the only writing end: its death reads as the pipe's end
-
-    def replace_dead_worker(self) -> None:
-        """Called once every answer of a dead worker is read: one line, and a new worker that runs the pending
-        evaluations again; an EvaluationWorkerError if some of them were already run again once."""
-        import signal
-
-        self.worker.join()
-        code = self.worker.exitcode
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        worker = f"the evaluation worker{f' of {self.label}' if self.label else ''} (pid {self.worker.pid})"
-        again = sorted(self.resubmitted & set(self.pending))
-        if again:
-            raise EvaluationWorkerError(f"{worker}, restarted to run the evaluation of update {again[0]} again, died "
-                                        f"too ({how}); stopping" + self.last_good_checkpoint())
-        steps = sorted(self.pending)
-        tqdm.write(f"warning: {worker} died ({how}); restarted it" + (  # tqdm's: a line of its own, not after the bar
-            f", evaluating update(s) {', '.join(map(str, steps))} again" if steps else ""), file=sys.stderr)
-        self.results.close()  # the dead worker's pipe, queue and process handles: no file descriptors left open
-        self.jobs.close()
-        self.worker.close()
-        self.start_worker()
-        for step in steps:
-            self.jobs.put((step, self.pending[step], self.seed, self.state_mean, self.state_std))
-        self.resubmitted.update(steps)
-
-    def receive(self, wait: bool) -> Optional[Tuple[Any, ...]]:
-        """The worker's next answer; None if there is none yet (with wait: after a second); a dead worker is
-        replaced (replace_dead_worker) once its answers are read, and gives None."""
-        try:
-            if not self.results.poll(1.0 if wait else 0.0):
-                if self.worker.is_alive():
-                    return None
-                if not self.results.poll(1.0):  # dead: its pipe reads as ended at once, or it is taken as such
-                    raise EOFError
-            answer = self.results.recv()
-        except (EOFError, OSError):  # its pipe's end (or a message cut off by its death): all it sent was read
-            self.replace_dead_worker()
-            return None
-        if answer[0] is None:
-            raise EvaluationWorkerError(f"evaluation failed in the worker: {answer[1]}" + self.last_good_checkpoint())
-        return answer
-
-    def collect(self, wait: bool = False) -> List[Tuple[int, np.ndarray]]:
-        """Evaluations finished since the last call, oldest first; with wait, all submitted ones."""
-        while self.pending:
-            answer = self.receive(wait)
-            if answer is None and not wait:
-                break
-            if answer is not None:
-                self.finished.append(answer)
-                del self.pending[answer[0]]
-        finished, self.finished = self.finished, []
-        return finished
-
-    def close(self) -> None:
-        if self.worker is not None:
-            self.jobs.put(None)
-            self.worker.join(timeout=30)
-            if self.worker.is_alive():  # stuck past its last job: not worth a hang
-                self.worker.kill()
-                self.worker.join()
-            self.results.close()
-        else:
-            self.envs.close()
-
-
-def normalized_score(returns: np.ndarray, ref_min: Optional[float], ref_max: Optional[float]) -> Optional[float]:
-    """D4RL's score: 0 at the reference min return, 100 at the reference max return."""
-    if ref_min is None or ref_max is None:
-        return None
-    return float(100.0 * (np.mean(returns) - ref_min) / (ref_max - ref_min))
-
-
-def run_dir_field(config: Any) -> str:
-    """The config field a run's directory comes from, for messages about it."""
-    return "resume" if config.resume else "checkpoints_path" if config.checkpoints_path else "log_dir"
-
-
-def make_run_dir(path: Path, config: Any) -> None:
-    """Creates a run directory, or a ConfigError naming the field it lies under."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"field '{run_dir_field(config)}': cannot create the run directory {path} "
-                          f"({e.strerror})") from None
-
-
-class WriteError(RunFault):
-    """A file of the run could not be written (disk full, over quota, I/O error, read-only disk): the run
-    stops (exit code 3); the message is one line naming the file and the last good checkpoint."""
-
-    def __init__(self, message: str, path: Path, reason: str):
-        super().__init__(message)
-        self.path, self.reason = path, reason
-
-
-def last_checkpoint_note(run_dir: Path, none: str = "; no checkpoint written") -> str:
-    """The end of a message that stops a run: its newest checkpoint file, or `none` if it has none yet."""
-    files = checkpoint_files(run_dir)
-    return f"; last good checkpoint: {files[-1]}" if files else none
-
-
-def write_error(path: Path, error: OSError) -> WriteError:
-    """The WriteError of a failed write of `path`, a file of a run directory."""
-    what = "disk full writing" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
-    reason = error.strerror or str(error)
-    return WriteError(f"{what} {path} ({reason}){last_checkpoint_note(path.parent)}", path, reason)
-
-
-def write_run_records(run_dir: Path, config: Any, seed: int, stack: Optional[List[str]] = None) -> None:
-    """A run's config.yaml (its own config, run_config) and, for a run of a stack (stack: its run directory
-    names), stack.yaml (StackRecord) first: a run directory with the new config.yaml always has its record.
-    A directory that takes no file (a read-only file system, a full disk) is a ConfigError naming the field it
-    comes from: nothing has run yet."""
-    own = asdict(run_config(config, seed))
-    try:
-        if stack is not None:
-            record = asdict(StackRecord(seeds=config.seeds, seed=config.seed, runs=stack))
-            write_atomic(run_dir / STACK_RECORD, lambda f: yaml.safe_dump(record, f, sort_keys=False), mode="w")
-        write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(own, f, sort_keys=False), mode="w")
-    except WriteError as e:
-        raise ConfigError(f"field '{run_dir_field(config)}': cannot write {e.path} ({e.reason})") from None
-
-
-def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Writes through a temporary file in the same folder and renames: a reader sees old or new. A write that
-    fails (any OSError: a full disk as much as a failing one) removes the temporary file: a WriteError."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise write_error(path, e) from None
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        cause = e if isinstance(e, Exception) else None  # a kill-like BaseException goes on as it is
-        while cause is not None and not isinstance(cause, OSError):  # torch.save: a RuntimeError over the OSError
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
-            raise
-        raise write_error(path, cause) from None
-
-
-_RUN_DIR_LOCKS: Dict[Path, int] = {}  # run directory -> its open .lock file, held until train() ends
-
-
-def lock_run_dir(run_dir: Path, config: Any) -> None:
-    """Takes the run directory's advisory lock (flock of <run_dir>/.lock, which records the holder's pid) until
-    train() ends: a second process that would train in the directory stops with a ConfigError. The kernel drops
-    the lock of a process that dies, so a killed run's lock never blocks its --resume."""
-    if run_dir in _RUN_DIR_LOCKS:
-        return
-    field = run_dir_field(config)
-    path = run_dir / ".lock"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise ConfigError(f"field '{field}': cannot open the lock file {path} ({e.strerror})") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip()
-        os.close(fd)
-        raise ConfigError(f"field '{field}': run directory {run_dir} is in use by another process"
-                          f"{f' (pid {holder})' if holder else ''}, which holds {path}; two processes must not "
-                          f"train in one run directory") from None
-    except OSError as e:  # a file system without flock: train unguarded rather than not at all
-        os.close(fd)
-        print(f"warning: cannot lock {path} ({e.strerror}): nothing stops a second process in {run_dir}",
-              file=sys.stderr)
-        return
-    with contextlib.suppress(OSError):  # the pid only makes the message above more helpful
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _RUN_DIR_LOCKS[run_dir] = fd
-
-
-def releasing_run_dir_locks(train: Callable[..., Any]) -> Callable[..., Any]:
-    """train() that releases the run directory locks it took (lock_run_dir) when it returns or raises, so that
-    a later train() of the same process (a test, a tool) can take them again."""
-
-    @functools.wraps(train)
-    def locked_train(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return train(*args, **kwargs)
-        finally:
-            while _RUN_DIR_LOCKS:
-                os.close(_RUN_DIR_LOCKS.popitem()[1])
-
-    return locked_train
-
-
-class WandbGuard:
-    """The wandb calls of a process's runs: the first one that fails (no server, wandb raising) prints one
-    warning line and ends wandb for every run of the process; metrics.jsonl goes on with every row."""
-
-    def __init__(self) -> None:
-        self.failed = False
-
-    def call(self, what: str, function: Callable[..., Any], *args: Any) -> Any:
-        """function(*args), or None once a wandb call has failed."""
-        if self.failed:
-            return None
-        try:
-            return function(*args)
-        except Exception as e:  # wandb's errors are many and change; none may stop training
-            self.failed = True
-            reason = (str(e).splitlines() or [""])[0]
-            tqdm.write(f"warning: wandb {what} failed ({type(e).__name__}: {reason}); training goes on without "
-                       f"wandb, every row still goes to metrics.jsonl", file=sys.stderr)  # on a line of its own
-            return None
-
-
-class RunLogger:
-    """Every logged row goes to <run_dir>/metrics.jsonl and, unless disabled, to wandb."""
-
-    def __init__(self, config: TrainConfig, run_dir: Path, run_name: str, resume: bool = False,
-                 seed: Optional[int] = None, guard: Optional[WandbGuard] = None):
-        self.path = run_dir / "metrics.jsonl"
-        self.rows = sum(1 for _ in open(self.path)) if self.path.exists() else 0
-        self.file = open(self.path, "a")
-        # wandb's own WANDB_MODE counts when the config leaves the mode open (e.g. WANDB_MODE=disabled)
-        env_mode = os.environ.get("WANDB_MODE")
-        mode = config.wandb_mode or (env_mode if env_mode in ("online", "offline", "disabled") else None) or (
-            "online" if os.environ.get("WANDB_API_KEY") else "offline")
-        self.wandb = None
-        self.guard = guard or WandbGuard()  # one for the runs of a stack: one warning, one timeout at most
-        if mode != "disabled":
-            import wandb  # imported only when used
-
-            stacked = seed is not None  # one of several runs of this process: each its own wandb run
-
-            def start() -> Any:
-                run = wandb.init(project=config.project, group=config.group, name=run_name, mode=mode,
-                                 config={**asdict(config), **({"seed": seed} if stacked else {})},
-                                 dir=str(run_dir), id=run_name.rsplit("-", 1)[-1],
-                                 resume="allow" if resume else None, **({"reinit": "create_new"} if stacked else {}))
-                # x-axis "update" instead of wandb's own step: evaluations may arrive after later rows
-                run.define_metric("update")
-                run.define_metric("*", step_metric="update")
-                return run
-
-            self.wandb = self.guard.call("init", start)
-
-    def log(self, row: Dict[str, float], step: int) -> None:
-        try:
-            self.file.write(json.dumps({"step": step, **row}) + "\n")
-            self.file.flush()
-        except OSError as e:  # disk full or failing: the run stops, and leaves no torn last row behind
-            with contextlib.suppress(OSError):
-                self.file.close()
-                written = self.path.read_bytes()
-                os.truncate(self.path, written.rfind(b"\n") + 1)
-            raise write_error(self.path, e) from None
-        self.rows += 1
-        if self.wandb is not None:
-            self.guard.call("log", self.wandb.log, {"update": step, **row})
-
-    def close(self) -> None:
-        self.file.close()
-        if self.wandb is not None:
-            self.guard.call("finish", self.wandb.finish)
-
-
 def save_checkpoint(path: Path, trainer: CQL, state_mean: np.ndarray, state_std: np.ndarray,
                     run_state: Optional["RunState"] = None, run: Optional[int] = None) -> None:
     """Everything needed to continue: trainer (or run `run` of a stack, in the one-run layout),
@@ -2023,129 +739,15 @@ def save_checkpoint(path: Path, trainer: CQL, state_mean: np.ndarray, state_std:
     write_atomic(path, lambda f: torch.save(state, f))
 
 
-def rng_states() -> Dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: Dict[str, Any]) -> None:
-    """Restores rng_states(); torch wants them as CPU byte tensors, and a checkpoint loaded onto a GPU
-    (map_location) holds them there."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"].cpu())
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
-
-
-def checkpoint_files(run_dir: Path) -> List[Path]:
-    """The run's checkpoint files, oldest first."""
-    return sorted(run_dir.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-
-
-def load_checkpoint(path: str, trainer: CQL, field: str = "load_model") -> Dict[str, Any]:
-    """Restores trainer from a checkpoint file, refusing one made for other network shapes."""
-    return load_checkpoints([path], trainer, field)[0]
-
-
-def load_checkpoints(paths: List[str], trainer: CQL, field: str = "load_model") -> List[Dict[str, Any]]:
-    """load_checkpoint for a stack of runs: paths[i] (a one-run checkpoint) into run i."""
-    states = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise ConfigError(f"field '{field}': checkpoint file {path} not found")
-        try:
-            states.append(torch.load(path, map_location=trainer.device, weights_only=False))
-            if trainer.seeds is None:
-                trainer.load_state_dict(states[0])
-        except (RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as e:
-            raise ConfigError(f"field '{field}': {path} does not fit this config ({str(e).splitlines()[0]})") from None
-    if trainer.seeds is not None:
-        try:
-            trainer.load_run_state_dicts(states)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise ConfigError(f"field '{field}': {paths[0]} does not fit this config "
-                              f"({str(e).splitlines()[0]})") from None
-    return states
-
-
-def resume_checkpoints(run_dir: Path, n_runs: int) -> List[Path]:
-    """The newest checkpoint of a stopped run, or for a stack of runs (run_dir: any of its run
-    directories) of each of its runs: the newest update that every run has a checkpoint of."""
-    files = checkpoint_files(run_dir)
-    if not files:
-        raise ConfigError(f"field 'resume': {run_dir} has no checkpoint to continue from")
-    if n_runs == 1:
-        return [files[-1]]
-    run = torch.load(files[-1], map_location="cpu", weights_only=False)["run"] or {}
-    names = run.get("stack", [])
-    if len(names) != n_runs:
-        raise ConfigError(f"field 'resume': {files[-1]} is a checkpoint of {len(names) or 1} run(s), "
-                          f"the config's seeds name {n_runs}")
-    dirs = [run_dir.parent / name for name in names]
-    steps = [{int(p.stem.split("_")[1]) for p in checkpoint_files(d)} for d in dirs]
-    common = set.intersection(*steps)
-    if not common:
-        raise ConfigError(f"field 'resume': the runs {', '.join(map(str, dirs))} have no checkpoint of one update")
-    return [d / f"checkpoint_{max(common)}.pt" for d in dirs]
-
-
-def keep_lines(path: Path, n: int) -> None:
-    """Keeps the first n lines of a text file (atomically); a torn last line goes too."""
-    lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
-    write_atomic(path, lambda f: f.writelines(lines), mode="w")
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"field 'device': {name} requested but CUDA is not available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"field 'device': {name} requested but there are {torch.cuda.device_count()} CUDA devices")
-    return device
-
-
 # ======================================================================================
 # Training
 # ======================================================================================
 @dataclass
-class RunState:
-    """What a run's checkpoint holds beside the networks and optimizer: its 'run' entry, what --resume
-    needs to go on as the stopped run would have (None in a checkpoint for load_model only). The
-    defaults are a fresh run's; to_dict/from_dict keep the checkpoints' keys, so older ones load.
-    The finetune script's RunState has the same shape, plus what only an online run has."""
+class RunState(BaseRunState):
+    """A run's checkpoint entry 'run' (BaseRunState: what --resume needs), with its evaluation results."""
 
-    rng: Optional[Dict[str, Any]] = None  # the global random streams (rng_states())
-    metric_sum: Optional[torch.Tensor] = None  # the metric window's sums ...
-    window: int = 0  # ... and its count of updates
-    skipped_updates: Any = 0.0  # updates skipped in the window (on_nonfinite skip); older checkpoints: none
-    metrics_rows: int = 0  # rows in metrics.jsonl at the checkpoint
-    pending_evaluations: Dict[int, Dict[str, torch.Tensor]] = field(default_factory=dict)  # actor weights by step
-    stack: Optional[List[str]] = None  # a stack's run directory names, to resume with; None: one run
     scores: Dict[int, float] = field(default_factory=dict)  # normalized score by update
     last_return: Optional[float] = None
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The checkpoint's 'run' entry."""
-        state = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.stack is None:
-            del state["stack"]
-        return state
-
-    @classmethod
-    def from_dict(cls, run: Dict[str, Any]) -> "RunState":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in run.items() if k in names})
 
 
 @dataclass
@@ -2176,7 +778,7 @@ class Run:
             self.evaluator.submit(eval_step, {k: v.cpu() for k, v in weights.items()})
 
 
-def save_checkpoints(runs: List[Run], step: int, trainer: CQL, update: UpdateStep, window: int,
+def save_checkpoints(runs: List[Run], step: int, trainer: CQL, update: fast.UpdateStep, window: int,
                      state_mean: np.ndarray, state_std: np.ndarray, keep: int) -> None:
     """Every run's checkpoint of update `step` (a stack: one ordinary checkpoint per run, all of one
     update); old ones go (keep > 0) only once every run has this update's."""
@@ -2233,10 +835,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     print(reference_scores_line(config, data.source, data.ref_min_score, data.ref_max_score, data.ref_origin))
     probe_env = data.make_env()
     check_dataset_matches_env(data, probe_env)
-    space = probe_env.action_space
-    if not np.allclose(space.high, space.high[0]) or not np.allclose(space.low, -space.high):
-        raise DatasetError(f"eval env: actions must lie in a symmetric box [-m, m], got [{space.low}, {space.high}]")
-    max_action = float(space.high[0])
+    max_action = action_bound(probe_env, "eval env")
     if outside_line := actions_outside_line(data, max_action):
         print(outside_line)
     if len(data.rewards) > config.buffer_size:
@@ -2260,44 +859,36 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     stacked = seeds is not None
     resumed: Optional[List[RunState]] = None  # each run's run state
     if config.resume:
-        files = resume_checkpoints(Path(config.resume), len(runs))
-        for run, file in zip(runs, files):
-            run.dir = file.parent
-            lock_run_dir(run.dir, config)  # before anything in it changes: a second process stops here
-            for stale in run.dir.glob(".*.tmp"):  # temporary files of writes that a kill interrupted
-                stale.unlink()
-        states = load_checkpoints([str(f) for f in files], trainer, field="resume")
+        dirs, files = open_run_dirs(config, [run.seed for run in runs], dataset_label(config.env))
+        states = load_checkpoints([str(f) for f in files], trainer, "resume")
         if any(state["run"] is None for state in states):
             raise ConfigError(f"field 'resume': {files[0]} holds no run state (made by load_model?)")
         resumed = [RunState.from_dict(state["run"]) for state in states]
         state_mean, state_std = states[0]["state_mean"], states[0]["state_std"]
-        for run, run_state in zip(runs, resumed):
-            keep_lines(run.dir / "metrics.jsonl", run_state.metrics_rows)  # rows after the checkpoint come again
+        for run_dir, run_state in zip(dirs, resumed):
+            keep_lines(run_dir / "metrics.jsonl", run_state.metrics_rows)  # rows after the checkpoint come again
     else:
         if config.load_model:  # a stack starts every run from it
-            state = load_checkpoints([config.load_model] * len(runs), trainer)[0]
+            state = load_checkpoints([config.load_model], trainer, "load_model")[0]
             state_mean, state_std = state["state_mean"], state["state_std"]
-        for run in runs:
-            run_name = f"{config.name}-{dataset_label(config.env)}-{run.seed}-{uuid.uuid4().hex[:8]}"
-            run.dir = Path(config.checkpoints_path or config.log_dir) / run_name
-            make_run_dir(run.dir, config)
-            lock_run_dir(run.dir, config)
-    wandb_guard = WandbGuard()
-    for run in runs:  # each run's own config, and a stack's record: --resume any of them resumes the stack
-        write_run_records(run.dir, config, run.seed, [r.dir.name for r in runs] if stacked else None)
-        run.logger = RunLogger(config, run.dir, run.dir.name, resume=resumed is not None,
-                               seed=run.seed if stacked else None, guard=wandb_guard)
+        dirs, _ = open_run_dirs(config, [run.seed for run in runs], dataset_label(config.env))
+    loggers = start_run_logs(config, dirs, [run.seed for run in runs], stacked)
+    for run, run_dir, logger in zip(runs, dirs, loggers):
+        run.dir, run.logger = run_dir, logger
     where = (f"run dir {runs[0].dir}" if not stacked
              else f"{len(runs)} runs (seeds {', '.join(str(r.seed) for r in runs)}) in {runs[0].dir.parent}")
     print(f"CQL on {data.source}: {buffer.size} transitions, state {state_dim}, action {action_dim}, "
           f"device {device}, {where}" + (f", resumed at update {trainer.total_it}" if resumed else ""))
 
     use_compile = device.type == "cuda" if config.compile is None else config.compile
-    update = UpdateStep(trainer, buffer, config.batch_size, use_compile, config.cudagraphs)
+    update = trainer.update_step(buffer, config.batch_size, use_compile, config.cudagraphs)
     background = device.type == "cuda" if config.background_eval is None else config.background_eval
+    with torch.random.fork_rng(devices=[]):  # a stack's one-run actor for the evaluators, aside from the stream
+        template = TanhGaussianActor(state_dim, action_dim, max_action) if stacked else trainer.actor
     for run in runs:  # episode i of run k is seeded seeds[k] + i
-        run.evaluator = Evaluator(probe_env, data.make_env, config.n_episodes, run.seed, state_mean, state_std,
-                                  trainer.actor, background, run.dir.name, run.last_good_checkpoint)
+        run.evaluator = Evaluator(probe_env, data.make_env, config.n_episodes, evaluate,
+                                  (run.seed, state_mean, state_std), template, background, run.dir.name,
+                                  run.last_good_checkpoint)
     probe_env.close()
     window = 0
     if resumed is not None:
@@ -2370,15 +961,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    try:
-        config = parse_config(sys.argv[1:] if argv is None else argv)
-        train(config)
-    except (ConfigError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (FloatingPointError, RunFault) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    run_main(parse_config, train, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
