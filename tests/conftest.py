@@ -12,6 +12,12 @@ import torch
 
 from tools.rollouts import random_transitions, write_d4rl_hdf5
 
+ROOT = Path(__file__).resolve().parents[1]
+OFFLINE_SCRIPT = str(ROOT / "algorithms/offline/cql.py")
+FINETUNE_SCRIPT = str(ROOT / "algorithms/finetune/cql.py")
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # a script run as a child process
+BUFFER_FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals")
+
 
 @pytest.fixture(scope="session")
 def hopper_hdf5(tmp_path_factory) -> Path:
@@ -127,3 +133,39 @@ def poison_batch_at_updates(module, monkeypatch, updates, run=None) -> None:
         return original(self, nan_rewards(batch, run) if self.total_it in updates else batch, *args)
 
     monkeypatch.setattr(module.CQL, "apply_update", poisoned)
+
+
+def offline_run_args(hopper_hdf5: Path, checkpoints: Path, updates: int = 120) -> list:
+    """A short offline run on the tiny Hopper dataset, checkpointing every 30 updates."""
+    return [f"--env={hopper_hdf5}", f"--max_timesteps={updates}", "--eval_freq=60", "--log_freq=20",
+            "--checkpoint_freq=30", "--batch_size=32", "--cql_n_actions=4", "--n_episodes=2",
+            "--max_episode_steps=30", "--wandb_mode=disabled", "--device=cpu", f"--checkpoints_path={checkpoints}"]
+
+
+def offline_final_weights(run_dir: Path, step: int) -> dict:
+    """An offline checkpoint's networks, Adam state and alpha."""
+    state = torch.load(run_dir / f"checkpoint_{step}.pt", weights_only=False)
+    return {"actor": state["actor"], "critic": state["critic"], "target": state["target_critic"],
+            "optimizer": state["optimizer"]["state"], "log_alpha": state["log_alpha"]}
+
+
+def finetune_run_args(hopper_hdf5: Path, checkpoints: Path, offline: int = 60, online: int = 140) -> list:
+    """A short finetune run on the tiny Hopper dataset, checkpointing every 20 iterations."""
+    return [f"--env={hopper_hdf5}", f"--offline_iterations={offline}", f"--online_iterations={online}",
+            "--eval_freq=50", "--log_freq=10", "--checkpoint_freq=20", "--batch_size=32", "--cql_n_actions=2",
+            "--n_episodes=2", "--max_episode_steps=25", "--cql_alpha_online=3", "--wandb_mode=disabled",
+            "--device=cpu", f"--checkpoints_path={checkpoints}"]
+
+
+def assert_same_finetune_run(want_dir: Path, got_dir: Path, step: int) -> None:
+    """Final weights, Adam state, alphas, counters, replay rows and every metrics row are identical."""
+    want = torch.load(want_dir / f"checkpoint_{step}.pt", weights_only=False)
+    got = torch.load(got_dir / f"checkpoint_{step}.pt", weights_only=False)
+    assert_same_training_state(want, got)
+    assert (want["total_it"], want["cql_alpha"], want["progress"]) == (got["total_it"], got["cql_alpha"],
+                                                                       got["progress"])
+    want_replay = torch.load(want_dir / f"replay_{step}.pt", weights_only=False)
+    got_replay = torch.load(got_dir / f"replay_{step}.pt", weights_only=False)
+    for key in BUFFER_FIELDS:
+        assert torch.equal(want_replay[key], got_replay[key]), key
+    assert metrics_rows(got_dir) == metrics_rows(want_dir)  # every row once, the same values, in the same order

@@ -16,7 +16,7 @@ from conftest import assert_same_training_state, kill_when_written, metrics_rows
 
 import algorithms.finetune.cql as cql
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "algorithms/finetune/cql.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -289,7 +289,7 @@ cql.main(sys.argv[1:])
 def test_stack_killed_between_two_runs_checkpoint_writes_resumes_to_the_same_runs(hopper_hdf5, tmp_path):
     """Run 0 has its files of iteration 100, run 1 not yet: the stack resumes both from iteration 80, which
     still has both runs' replay files (old files go only once every run has the new ones)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     args = [*durability.run_args(hopper_hdf5, tmp_path / "a", offline=60, online=80), "--seeds=5,8"]
     subprocess.run([sys.executable, durability.SCRIPT, *args], env=durability.ENV, check=True, capture_output=True,
                    timeout=600)

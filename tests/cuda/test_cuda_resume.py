@@ -24,7 +24,7 @@ from conftest import assert_same_training_state, kill_when_written, metrics_rows
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 SCRIPTS = {
     "offline": (ROOT / "algorithms/offline/cql.py", ["--max_timesteps=4500", "--checkpoint_freq=1500",

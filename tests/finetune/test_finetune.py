@@ -13,7 +13,7 @@ from conftest import metrics_rows
 import algorithms.finetune.cql as cql
 import algorithms.offline.cql as offline_cql
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--batch_size=32", "--cql_n_actions=2", "--n_episodes=2", "--wandb_mode=disabled"]
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import metrics_rows
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 

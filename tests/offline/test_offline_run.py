@@ -15,7 +15,7 @@ from conftest import metrics_rows, refuse_temporary_files
 import algorithms.offline.cql as cql
 from tools.rollouts import random_transitions, write_d4rl_hdf5
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--batch_size=32", "--cql_n_actions=4", "--n_episodes=2", "--wandb_mode=disabled", "--log_freq=50"]
 
 

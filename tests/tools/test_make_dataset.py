@@ -15,7 +15,7 @@ from conftest import refuse_temporary_files
 import algorithms.offline.cql as offline_cql
 import tools.make_dataset as md
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # A tiny budget on InvertedPendulum-v4 with a 20-step limit: episodes end both by termination and by timeout.
 TINY = ["--env", "InvertedPendulum-v4", "--max_episode_steps", "20", "--seed", "3", "--warmup_steps", "100",
         "--snapshot_freq", "100", "--eval_episodes", "1", "--n_transitions", "120", "--batch_size", "32"]

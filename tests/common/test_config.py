@@ -24,7 +24,7 @@ import yaml
 import algorithms.finetune.cql as finetune_cql
 import algorithms.offline.cql as offline_cql
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONFIG_ROOTS = {
     "offline": REPO / "configs" / "offline" / "cql",
     "finetune": REPO / "configs" / "finetune" / "cql",

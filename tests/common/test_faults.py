@@ -24,7 +24,7 @@ from test_offline_durability import run_args as offline_args
 import algorithms.finetune.cql as finetune_cql
 import algorithms.offline.cql as offline_cql
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 MODULES = {"offline": offline_cql, "finetune": finetune_cql}
 

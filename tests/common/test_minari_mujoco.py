@@ -14,7 +14,7 @@ import algorithms.offline.cql as offline_cql
 minari = pytest.importorskip("minari")
 from tools.rollouts import random_episodes, write_minari_dataset  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULES = {"offline": offline_cql, "finetune": finetune_cql}
 # D4RL's random and expert returns (d4rl/infos.py REF_MIN_SCORE / REF_MAX_SCORE), written out here.
 D4RL_REFERENCES = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Put first on the child's PYTHONPATH as sitecustomize.py: runs before the child's own code.
 HIDE_EGL = '''

@@ -11,7 +11,7 @@ from conftest import kill_when_written, metrics_rows, poison_critic_at_update
 
 import algorithms.offline.cql as cql
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "algorithms/offline/cql.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

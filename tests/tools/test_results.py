@@ -16,7 +16,7 @@ import yaml
 
 from tools import results
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 
 # Known evaluation scores: dataset -> seed -> [(step, score), ...]. antmaze seed 2 stopped early.
