@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import algorithms.offline.cql as cql  # noqa: E402
+from algorithms.common.evaluation import Evaluator, actor_weights  # noqa: E402
 
 
 def main() -> None:
@@ -40,13 +41,14 @@ def main() -> None:
     foreground = (time.perf_counter() - start) / args.repeats
     envs.close()
 
-    evaluator = cql.Evaluator(env, lambda: gym.make(args.env), args.episodes, 0, mean, std, actor, background=True)
-    evaluator.submit(0, cql.actor_weights(actor))
+    evaluator = Evaluator(env, lambda: gym.make(args.env), args.episodes, cql.evaluate, (0, mean, std), actor,
+                          background=True)
+    evaluator.submit(0, actor_weights(actor))
     evaluator.collect(wait=True)  # warm-up: worker start
     held, start = 0.0, time.perf_counter()
     for i in range(args.repeats):
         submit_start = time.perf_counter()
-        evaluator.submit(i, cql.actor_weights(actor))
+        evaluator.submit(i, actor_weights(actor))
         held += time.perf_counter() - submit_start
     evaluator.collect(wait=True)
     background = (time.perf_counter() - start) / args.repeats

@@ -31,7 +31,7 @@ def main() -> None:
     trainer = cql.CQL(config, 17, 6, 1.0, device, capturable=device.type == "cuda",
                       seeds=list(range(args.seeds)) if args.seeds else None)
     buffer = cql.ReplayBuffer(synthetic_data(100_000, 17, 6), device)
-    step = cql.UpdateStep(trainer, buffer, config.batch_size, compile=args.compile, cudagraphs=False)
+    step = trainer.update_step(buffer, config.batch_size, compile=args.compile, cudagraphs=False)
     for _ in range(10):
         step()
     torch.cuda.synchronize()

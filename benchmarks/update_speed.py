@@ -126,7 +126,7 @@ def time_variant(config: cql.TrainConfig, buffer: cql.ReplayBuffer, device: torc
                  cudagraphs: bool, corl_sync: bool, warmup: int, updates: int, n_seeds: int = 0,
                  critic_layers: Optional[Dict[str, bool]] = None) -> Tuple[float, float]:
     trainer = make(config, device, cudagraphs, n_seeds)
-    step = cql.UpdateStep(trainer, buffer, config.batch_size, compile=compile, cudagraphs=cudagraphs)
+    step = trainer.update_step(buffer, config.batch_size, compile=compile, cudagraphs=cudagraphs)
     for name, value in (critic_layers or {}).items():  # a variant without one of UpdateStep's compiled layers
         setattr(trainer.critic, name, value)
     start = time.perf_counter()

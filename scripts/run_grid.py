@@ -8,7 +8,7 @@ stderr go to <log_dir>/<config>-seed<S>.log. With --stack (the default on a CUDA
 config's seeds run as one process instead, `--config_path X --seeds S1,S2,...` (one seed stack: the
 scripts train the runs together, each still with its own run directory), logged to
 <config>-seeds<S1>_<S2>....log: processes sharing one GPU take turns on it, while a stack fills it
-(README, "Many seeds in one process"). A tqdm bar counts finished processes; the summary at the
+(docs/seeds.md). A tqdm bar counts finished processes; the summary at the
 end lists the failed ones with their logs, and the exit code is 1 when any failed.
 """
 import argparse

@@ -53,6 +53,10 @@ import torch
 from tqdm.auto import tqdm
 
 import algorithms.finetune.cql as finetune
+from algorithms.common import config as strict
+from algorithms.common.data import action_bound, is_gym_id, normalized_score
+from algorithms.common.runs import checkpoint_files, resolve_device
+from algorithms.common.runs import write_atomic as write_file_atomic
 
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert", "full-replay")
 COLUMNS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
@@ -103,17 +107,17 @@ def parse_args(argv: List[str]) -> MakeConfig:
     """`--config_path file.yaml` and `--key=value` / `--key value` options of MakeConfig, parsed and typed as
     the finetune script parses its own (command-line options override the file's)."""
     try:
-        return finetune.parse_config(argv, MakeConfig, check=check_config)
-    except finetune.ConfigError as e:
+        return strict.parse_config(argv, MakeConfig, check_config)
+    except strict.ConfigError as e:
         raise MakeError(str(e)) from None
 
 
 # Upper limits of the counts, the finetune script's where it has the option (a larger value is a typo).
-MAKE_LIMITS = {"train_steps": finetune.MAX_STEPS, "snapshot_freq": finetune.MAX_STEPS,
-               "eval_episodes": finetune.MAX_EPISODES, "n_transitions": finetune.MAX_ROWS,
-               "batch_size": finetune.MAX_BATCH, "q_n_hidden_layers": finetune.MAX_HIDDEN_LAYERS,
-               "threads": 4096, "warmup_steps": finetune.MAX_STEPS, "max_episode_steps": finetune.MAX_STEPS,
-               "seed": finetune.MAX_SEED}
+MAKE_LIMITS = {"train_steps": strict.MAX_STEPS, "snapshot_freq": strict.MAX_STEPS,
+               "eval_episodes": strict.MAX_EPISODES, "n_transitions": strict.MAX_ROWS,
+               "batch_size": strict.MAX_BATCH, "q_n_hidden_layers": strict.MAX_HIDDEN_LAYERS,
+               "threads": 4096, "warmup_steps": strict.MAX_STEPS, "max_episode_steps": strict.MAX_STEPS,
+               "seed": strict.MAX_SEED}
 
 
 def check_config(config: MakeConfig) -> None:
@@ -137,7 +141,7 @@ def check_config(config: MakeConfig) -> None:
     unknown = [k for k in kinds_of(config) if k not in KINDS]
     if unknown or not kinds_of(config):
         raise MakeError(f"option 'kinds': expected some of {', '.join(KINDS)}, got {config.kinds!r}")
-    if not finetune.is_gym_id(config.env):
+    if not is_gym_id(config.env):
         raise MakeError(f"option 'env': {config.env!r} is not a registered Gymnasium id")
 
 
@@ -151,7 +155,7 @@ def work_dir_of(config: MakeConfig) -> Path:
 
 def write_atomic(path: Path, write, mode: str = "wb") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    finetune.write_atomic(path, write, mode)
+    write_file_atomic(path, write, mode)
 
 
 # ======================================================================================
@@ -166,8 +170,8 @@ def env_facts(config: MakeConfig) -> Tuple[int, int, float, int]:
     """state_dim, action_dim, max_action and the episode time limit of config.env."""
     env = make_env(config)
     try:
-        max_action = finetune.action_bound(env, f"env {config.env}")
-    except finetune.DatasetError as e:
+        max_action = action_bound(env, f"env {config.env}")
+    except strict.DatasetError as e:
         raise MakeError(str(e)) from None
     if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
         raise MakeError(f"env {config.env}: needs a 1-D Box observation space, got {env.observation_space}")
@@ -279,19 +283,19 @@ def learner_checkpoint(work: Path) -> Optional[Path]:
     """The newest checkpoint of the learner's run in work_dir, if any; a run killed before its first
     checkpoint is removed (nothing of it can be continued)."""
     for run_dir in (work / "learner").glob("learner-*"):
-        if not finetune.checkpoint_files(run_dir):
+        if not checkpoint_files(run_dir):
             shutil.rmtree(run_dir)
     runs = sorted((work / "learner").glob("learner-*"))
     if len(runs) > 1:
         raise MakeError(f"work dir {work}: holds {len(runs)} learner runs in {work / 'learner'}, expected one")
-    return finetune.checkpoint_files(runs[0])[-1] if runs else None
+    return checkpoint_files(runs[0])[-1] if runs else None
 
 
 def train_learner(config: MakeConfig, work: Path) -> List[Dict[str, Any]]:
     """Trains (or continues training) up to config.train_steps with the finetune script's online learner,
     keeping its transitions and snapshots through train()'s on_iteration; returns the snapshots, oldest first."""
     state_dim, action_dim, _, _ = env_facts(config)
-    device = finetune.resolve_device(config.device)
+    device = resolve_device(config.device)
     checkpoint = learner_checkpoint(work)
     start = 0 if checkpoint is None else torch.load(checkpoint, map_location="cpu",
                                                     weights_only=False)["progress"]["iteration"]
@@ -388,7 +392,7 @@ def cached_rollout(config: MakeConfig, work: Path, policy: str, step: int, state
     if path.is_file():
         with np.load(path) as f:
             return {k: f[k] for k in COLUMNS}
-    actor = load_actor(work, step, state_dim, action_dim, max_action, finetune.resolve_device(config.device))
+    actor = load_actor(work, step, state_dim, action_dim, max_action, resolve_device(config.device))
     data = rollout(config, actor, config.n_transitions, config.seed * 1_000_003 + ROLLOUT_SEEDS[policy] * 100_003,
                    f"{policy} rollouts (step {step})")
     write_atomic(path, lambda f: np.savez(f, **data))
@@ -504,7 +508,7 @@ def make_datasets(config: MakeConfig) -> List[Dict[str, Any]]:
         if config.minari:
             write_minari(f"{config.minari_namespace}/{prefix.split('-v')[0]}/{kind}-v0", data, config, ref_min,
                          ref_max, f"{kind} data of {config.env} made by tools/make_dataset.py (seed {config.seed})")
-        score = finetune.normalized_score(behaviour, ref_min, ref_max)
+        score = normalized_score(behaviour, ref_min, ref_max)
         rows.append({"kind": kind, "path": str(path), "transitions": len(data["rewards"]), "episodes": len(returns),
                      "policy_step": policy_step, "behaviour_return": behaviour, "normalized": score})
     summary = {"ref_min_score": ref_min, "ref_max_score": ref_max, "medium_target_return": target,
@@ -526,7 +530,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except MakeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (FloatingPointError, finetune.RunFault) as e:  # the learner's run stopped (a failed write, ...)
+    except (FloatingPointError, strict.RunFault) as e:  # the learner's run stopped (a failed write, ...)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
 

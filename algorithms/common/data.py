@@ -265,7 +265,7 @@ def flatten_observation(obs: Any, goal_in_state: bool = True) -> np.ndarray:
     """A goal Dict observation (or a batch of them) as state rows; a Box observation as it is.
 
     The row is achieved_goal ++ desired_goal ++ observation, or without desired_goal when not
-    goal_in_state (AntMaze-v4's is then qpos[:15] ++ qvel[:14], D4RL's AntMaze observation); README
+    goal_in_state (AntMaze-v4's is then qpos[:15] ++ qvel[:14], D4RL's AntMaze observation); docs/data.md
     "Goal-conditioned observations" says why the goal is in the state by default, but not for HDF5
     files. The envs of make_env give rows flattened the same way already (flat_observation_env).
     """
