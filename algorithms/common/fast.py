@@ -6,9 +6,16 @@ Nothing here knows the algorithm: a script passes its update function, its phase
 layout of its stacked parameters.
 """
 import logging
+import os
+import shutil
+import subprocess
+import sys
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
+from tqdm.auto import tqdm
+
+from algorithms.common.config import ConfigError
 
 PER_MEMBER_GRAD_UP_TO = 2  # ensemble members up to which EnsembleLinear's weight gradient goes member by member
 
@@ -225,3 +232,65 @@ class UpdateStep:
         self.metric_sum.zero_()
         self.skipped_updates.zero_()
         return [{**dict(zip(self.metric_names, run)), "skipped_updates": int(run[-1])} for run in rows]
+
+
+# ---- Whether torch.compile can build its kernels here. Inductor compiles generated code with a host compiler at
+# run time, and PyTorch's CUDA runtime Docker images had none until December 2025 (pytorch issue #116696): without
+# one the first compiled call dies deep inside Inductor. The lookups mirror torch's and Triton's (torch 2.9-2.13,
+# Triton 3.x): on cuda, Triton builds each kernel's launcher stub with $CC, else gcc, else clang on PATH, plus the
+# C headers (triton/runtime/build.py); on the CPU, Inductor's C++ backend takes $CXX, else g++ (clang++ on macOS),
+# when `<it> --version` runs (torch/_inductor/cpp_builder.py).
+FIX = "install one (apt-get install {package}) or set --compile=false"
+
+
+def _c_compiler() -> Optional[str]:
+    """Triton's choice: $CC (used as given), else gcc, else clang on PATH; None when there is none."""
+    cc = os.environ.get("CC")
+    if cc is not None:
+        return shutil.which(cc)
+    return shutil.which("gcc") or shutil.which("clang")
+
+
+def _cxx_compiler() -> Optional[str]:
+    """Inductor's choice for CPU kernels: $CXX, else g++ (clang++ on macOS), if `<it> --version` runs."""
+    cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+    path = shutil.which(cxx)
+    if path is None:
+        return None
+    try:
+        subprocess.run([path, "--version"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+                       timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path
+
+
+def c_compiler_problem(device: Optional[str] = None) -> Optional[str]:
+    """None when torch.compile can build its kernels for `device` ("cuda", "cpu", a torch.device or its
+    str, e.g. "cuda:0"); else one line naming what is missing and the fix. device None checks both the
+    cuda (C compiler) and the cpu (C++ compiler) needs."""
+    kind = None if device is None else str(device).split(":", 1)[0]
+    if kind in (None, "cuda") and _c_compiler() is None:
+        if "CC" in os.environ:
+            return (f"torch.compile needs a C compiler, and CC={os.environ['CC']!r} is not one on PATH: "
+                    "unset CC or point it at gcc or clang, " + FIX.format(package="gcc"))
+        return "torch.compile needs a C compiler (gcc or clang) on PATH: " + FIX.format(package="gcc")
+    if kind in (None, "cpu") and _cxx_compiler() is None:
+        if "CXX" in os.environ:
+            return (f"torch.compile on the CPU needs a C++ compiler, and CXX={os.environ['CXX']!r} does not run: "
+                    "unset CXX or point it at g++, " + FIX.format(package="g++"))
+        return "torch.compile on the CPU needs a C++ compiler (g++) on PATH: " + FIX.format(package="g++")
+    return None
+
+
+def resolve_compile(setting: Optional[bool], device: torch.device) -> bool:
+    """The compile field: None is on for cuda where torch.compile can build its kernels (else off, with one line
+    saying why); true where it cannot is a ConfigError naming what is missing and the fix."""
+    wanted = device.type == "cuda" if setting is None else setting
+    problem = c_compiler_problem(device.type) if wanted else None
+    if problem and setting is None:
+        tqdm.write(f"note: not compiling the update ({problem})", file=sys.stderr)
+        return False
+    if problem:
+        raise ConfigError(f"field 'compile': {problem}")
+    return wanted

@@ -1402,7 +1402,7 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
           f"state {state_dim}, action {action_dim}, device {device}, {where}"
           + (f", resumed at iteration {states[0]['progress']['iteration']}" if resumed else ""))
 
-    use_compile = device.type == "cuda" if config.compile is None else config.compile
+    use_compile = fast.resolve_compile(config.compile, device)
     update = trainer.update_step(buffer, config.batch_size, use_compile, config.cudagraphs)
     background = device.type == "cuda" if config.background_eval is None else config.background_eval
     with torch.random.fork_rng(devices=[]):  # a stack's one-run actor for the evaluators, aside from the stream
