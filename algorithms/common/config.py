@@ -233,9 +233,20 @@ def run_config(config: Any, seed: int) -> Any:
     return replace(config, seed=seed, seeds=None, resume=None)
 
 
-def parse_config(argv: List[str], config_class: type, check: Callable[[Any], None]) -> Any:
+def check_removed(name: str, removed: Tuple[Any, str], value: Any, where: str) -> None:
+    """A removed field (parse_config's removed) at its one accepted value passes; any other value is a ConfigError."""
+    accepted, why = removed
+    if parse_value(name, type(accepted), value, where) != accepted:
+        raise ConfigError(f"{where}: field '{name}' was removed ({why}); only {str(accepted).lower()} is accepted, "
+                          f"as run directories written before hold it")
+
+
+def parse_config(argv: List[str], config_class: type, check: Callable[[Any], None],
+                 removed: Optional[Dict[str, Tuple[Any, str]]] = None) -> Any:
     """Strict parsing of `--config_path file.yaml` plus `--key=value` / `--key value` overrides into
     config_class, then check(config); the scripts and tools/make_dataset.py parse their options so.
+    removed: fields that older run directories' config.yaml may still hold, by name: (their only value
+    then, why they went); that value is accepted and dropped, any other is a ConfigError.
 
     pyrallis draws the `--help` page from the field comments; values are converted here, since
     pyrallis accepts `--normalize=notabool` as True and `--load_model=None` as the text 'None'.
@@ -244,6 +255,7 @@ def parse_config(argv: List[str], config_class: type, check: Callable[[Any], Non
         import pyrallis
 
         pyrallis.parse(config_class=config_class, args=["--help"])  # prints the help and exits
+    removed = removed or {}
     types = {f.name: f.type for f in fields(config_class)}
     infinite = {f.name for f in fields(config_class) if isinstance(f.default, float) and math.isinf(f.default)}
     overrides: Dict[str, str] = {}
@@ -257,7 +269,7 @@ def parse_config(argv: List[str], config_class: type, check: Callable[[Any], Non
             if value.startswith("--"):
                 raise ConfigError(f"command line: option '--{key}' needs a value")
         key = key.replace("-", "_")
-        if key not in types and key != "config_path":
+        if key not in types and key not in removed and key != "config_path":
             raise ConfigError(f"command line: unknown option '--{key}'")
         overrides[key] = value
     config_path = overrides.pop("config_path", None)
@@ -292,8 +304,11 @@ def parse_config(argv: List[str], config_class: type, check: Callable[[Any], Non
         if missing:
             raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
         for key, value in loaded.items():
-            if key not in keys:
+            if key not in keys and key not in removed:
                 raise ConfigError(f"{where}: unknown key '{key}'")
+            if key in removed:
+                check_removed(key, removed[key], value, where)
+                continue
             if key not in types:  # a stack record's run directory names: the checkpoints name them too
                 continue
             if key == "seeds" and isinstance(value, list):  # YAML `seeds: [0, 1]` (a list of one keeps its comma)
@@ -302,6 +317,9 @@ def parse_config(argv: List[str], config_class: type, check: Callable[[Any], Non
                 value = str(value)
             values[key] = parse_value(key, types[key], value, where, key in infinite)
     for key, value in overrides.items():
+        if key in removed:
+            check_removed(key, removed[key], value, "command line")
+            continue
         values[key] = parse_value(key, types[key], value, "command line", key in infinite)
     config = config_class(**values)
     check(config)

@@ -153,9 +153,13 @@ def check_config(config: TrainConfig) -> None:
                           f"offline_iterations 0) needs online_iterations > 0")
 
 
+# Fields that run directories written before their removal hold in config.yaml: (their value, why they went).
+REMOVED = {"env_workers": (False, "stepping a stack's envs in processes was slower; docs/speed.md")}
+
+
 def parse_config(argv: List[str]) -> TrainConfig:
     """`--config_path file.yaml` and `--key=value` overrides, strictly (algorithms/common/config.py)."""
-    return strict.parse_config(argv, TrainConfig, check_config)
+    return strict.parse_config(argv, TrainConfig, check_config, REMOVED)
 
 
 # ======================================================================================
