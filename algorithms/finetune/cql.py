@@ -1414,8 +1414,9 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     episodes = partial(evaluate, sparse_reward=sparse_reward)
     for run in runs:  # episode j of every evaluation is seeded the run's seed + j (as CORL reseeds), or eval_seed + j
         eval_seed = run.seed if config.eval_seed is None else config.eval_seed
-        run.evaluator = Evaluator(probe_env, make_eval_env, config.n_episodes, episodes, (eval_seed, state_mean,
-                                  state_std), template, background, run.dir.name, run.last_good_checkpoint)
+        run.evaluator = Evaluator(probe_env, make_eval_env, config.n_episodes, episodes,
+                                  (eval_seed, state_mean, state_std), template, background, run.dir.name,
+                                  run.last_good_checkpoint)
     probe_env.close()
     window = restore_runs(runs, states, resumed, update)
     total = config.offline_iterations + config.online_iterations
