@@ -304,7 +304,8 @@ def resume_checkpoints(run_dir: Path, n_runs: int, unit: str = "update") -> List
     directories) of each of its runs: the newest `unit` (update, iteration) that every run has a checkpoint of."""
     files = checkpoint_files(run_dir)
     if not files:
-        raise ConfigError(f"field 'resume': {run_dir} has no checkpoint to continue from")
+        raise ConfigError(f"field 'resume': {run_dir} has no checkpoint to continue from (a run writes checkpoints "
+                          f"when checkpoints_path is set: every checkpoint_freq updates, by default each evaluation)")
     if n_runs == 1:
         return [files[-1]]
     run = torch.load(files[-1], map_location="cpu", weights_only=False).get("run") or {}

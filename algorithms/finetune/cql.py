@@ -1305,8 +1305,9 @@ def save_checkpoints(runs: List[Run], step: int, trainer: CQL, buffer: ReplayBuf
 
 
 def summarize(runs: List[Run], trainer: CQL, buffer: ReplayBuffer, total: int, elapsed: float, load_seconds: float,
-              eval_seconds: float) -> Dict[str, Any]:
-    """train()'s summary, printed in one line with every run's normalized score."""
+              eval_seconds: float, first: int = 0) -> Dict[str, Any]:
+    """train()'s summary, printed in one line with every run's normalized score; first: the iteration a resumed
+    process started from (its time counts the iterations after it)."""
     stacked = trainer.seeds is not None
     summaries = [{"seed": run.seed, "run_dir": str(run.dir), "last_score": run.last_score,
                   "best_score": max(run.progress["scores"]) if run.progress["scores"] else None,
@@ -1336,9 +1337,10 @@ def summarize(runs: List[Run], trainer: CQL, buffer: ReplayBuffer, total: int, e
     env_errors = [s["env_errors"] for s in summaries]
     failed = (f"; the training env failed {' + '.join(map(str, env_errors))} steps (their episodes ended as "
               f"truncated, see train/env_errors)" if any(env_errors) else "")
-    print(f"done: {total} iterations ({trainer.total_it} updates{each}) in {elapsed:.0f} s (evaluation held training "
-          f"up {eval_seconds:.1f} s, {eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), {score_text}{failed}; "
-          f"metrics in {metrics}")
+    resumed = f", {total - first} in this process, resumed at iteration {first}" if first else ""
+    print(f"done: {total} iterations ({trainer.total_it} updates{each}{resumed}) in {elapsed:.0f} s (evaluation "
+          f"held training up {eval_seconds:.1f} s, {eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), "
+          f"{score_text}{failed}; metrics in {metrics}")
     return summary
 
 
@@ -1482,7 +1484,7 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     bar.close()
     for run in runs:
         run.logger.close()
-    return summarize(runs, trainer, buffer, total, time.time() - start, load_seconds, eval_seconds)
+    return summarize(runs, trainer, buffer, total, time.time() - start, load_seconds, eval_seconds, start_it)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

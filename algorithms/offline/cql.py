@@ -796,9 +796,10 @@ def save_checkpoints(runs: List[Run], step: int, trainer: CQL, update: fast.Upda
             old.unlink()
 
 
-def summarize(runs: List[Run], trainer: CQL, elapsed: float, load_seconds: float, eval_seconds: float
-              ) -> Dict[str, Any]:
-    """train()'s summary, printed in one line with every run's normalized score."""
+def summarize(runs: List[Run], trainer: CQL, elapsed: float, load_seconds: float, eval_seconds: float,
+              first: int = 0) -> Dict[str, Any]:
+    """train()'s summary, printed in one line with every run's normalized score; first: the update a resumed
+    process started from (its time counts the updates after it)."""
     stacked = trainer.seeds is not None
     summaries = [{"run_dir": str(run.dir), "seed": run.seed, "last_return": run.last_return,
                   "last_score": run.scores[max(run.scores)] if run.scores else None,
@@ -819,8 +820,10 @@ def summarize(runs: List[Run], trainer: CQL, elapsed: float, load_seconds: float
         score_text = "no normalized score (no reference returns)"
     metrics_paths = runs[0].logger.path if not stacked else f"metrics.jsonl of each run dir in {runs[0].dir.parent}"
     eval_share = 100 * eval_seconds / max(elapsed + load_seconds, 1e-9)
-    print(f"done: {trainer.total_it} updates in {elapsed:.0f} s (evaluation held training up {eval_seconds:.1f} s, "
-          f"{eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), {score_text}; metrics in {metrics_paths}")
+    resumed = f" ({trainer.total_it - first} in this process, resumed at update {first})" if first else ""
+    print(f"done: {trainer.total_it} updates{resumed} in {elapsed:.0f} s (evaluation held training up "
+          f"{eval_seconds:.1f} s, {eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), {score_text}; "
+          f"metrics in {metrics_paths}")
     return summary
 
 
@@ -899,10 +902,10 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             run.restore(run_state)
         set_rng_states(resumed[0].rng)  # last: from here on the run draws what the stopped one would have
     checkpoint_freq = config.checkpoint_freq or config.eval_freq
-    start = time.time()
+    start, first = time.time(), trainer.total_it
     load_seconds, eval_seconds = start - begin, 0.0
-    bar = tqdm(range(trainer.total_it, config.max_timesteps), desc="CQL", unit="upd", dynamic_ncols=True,
-               initial=trainer.total_it, total=config.max_timesteps,
+    bar = tqdm(range(first, config.max_timesteps), desc="CQL", unit="upd", dynamic_ncols=True, initial=first,
+               total=config.max_timesteps,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay short when not a terminal
 
     def log_evaluations(run: Run, finished: List[Tuple[int, np.ndarray]]) -> None:
@@ -957,7 +960,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     bar.close()
     for run in runs:
         run.logger.close()
-    return summarize(runs, trainer, time.time() - start, load_seconds, eval_seconds)
+    return summarize(runs, trainer, time.time() - start, load_seconds, eval_seconds, first)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
