@@ -1,6 +1,6 @@
 """On a CUDA GPU (skipped elsewhere, CI included): the default cuda path, torch.compile + the update
 replayed as a CUDA graph, drops a non-finite update with on_nonfinite=skip inside the graph, for both
-scripts, one run and a seed stack. Run on a GPU machine with `python -m pytest -q tests/test_cuda.py`."""
+scripts, one run and a seed stack. Run on a GPU machine with `python -m pytest -q tests/cuda/test_cuda.py`."""
 import numpy as np
 import pytest
 import torch
@@ -37,7 +37,7 @@ def setup(module, seeds):
         buffer = finetune.ReplayBuffer(len(data["rewards"]) + 100, STATE, ACTION, cuda, trainer.run_shape)
         buffer.load_dataset(data)
         rewards = buffer.storage["rewards"]
-    return trainer, rewards, module.UpdateStep(trainer, buffer, BATCH, compile=True, cudagraphs=True)
+    return trainer, rewards, trainer.update_step(buffer, BATCH, compile=True, cudagraphs=True)
 
 
 def trainer_state(trainer) -> list:

@@ -12,7 +12,7 @@ Inductor benchmarks a few launch configurations of some kernels the first time i
 its choice in the cache, and a process choosing afresh (on a busy GPU, or from a cache other runs write
 at the same time) may take another, whose rounding differs from the first update on. Resume then reads
 the choice the run made, as a resume on the machine and cache the run started from does.
-Run on a GPU machine with `python -m pytest -q tests/test_cuda_resume.py`."""
+Run on a GPU machine with `python -m pytest -q tests/cuda/test_cuda_resume.py`."""
 import os
 import subprocess
 import sys
@@ -20,18 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_training_state, kill_when_written, metrics_rows
+from conftest import FINETUNE_SCRIPT, OFFLINE_SCRIPT, assert_same_training_state, kill_when_written, metrics_rows
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 SCRIPTS = {
-    "offline": (ROOT / "algorithms/offline/cql.py", ["--max_timesteps=4500", "--checkpoint_freq=1500",
-                                                     "--eval_freq=1500", "--log_freq=250"], 1500, 4500),
-    "finetune": (ROOT / "algorithms/finetune/cql.py", ["--offline_iterations=1000", "--online_iterations=2000",
-                                                       "--checkpoint_freq=750", "--eval_freq=750",
-                                                       "--log_freq=125", "--cql_alpha_online=3"], 1500, 3000),
+    "offline": (OFFLINE_SCRIPT, ["--max_timesteps=4500", "--checkpoint_freq=1500", "--eval_freq=1500",
+                                 "--log_freq=250"], 1500, 4500),
+    "finetune": (FINETUNE_SCRIPT, ["--offline_iterations=1000", "--online_iterations=2000", "--checkpoint_freq=750",
+                                   "--eval_freq=750", "--log_freq=125", "--cql_alpha_online=3"], 1500, 3000),
 }
 
 
@@ -63,15 +61,15 @@ def test_sigkilled_cuda_run_resumes_to_the_same_weights_and_metrics(script, seed
     path, _, kill_at, last = SCRIPTS[script]
     env = {**ENV, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile_cache")}
     runs = 2 if seeds else 1
-    reference = subprocess.run([sys.executable, str(path), *run_args(hopper_hdf5, script, tmp_path / "a", seeds)],
+    reference = subprocess.run([sys.executable, path, *run_args(hopper_hdf5, script, tmp_path / "a", seeds)],
                                env=env, capture_output=True, text=True, timeout=900)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    process = subprocess.Popen([sys.executable, str(path), *run_args(hopper_hdf5, script, tmp_path / "b", seeds)],
+    process = subprocess.Popen([sys.executable, path, *run_args(hopper_hdf5, script, tmp_path / "b", seeds)],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when_written(process, tmp_path / "b", f"checkpoint_{kill_at}.pt", runs=runs, settle=0.2)
     killed = sorted((tmp_path / "b").iterdir())
     assert not any((d / f"checkpoint_{last}.pt").exists() for d in killed), "killed too late to test anything"
-    resumed = subprocess.run([sys.executable, str(path), f"--resume={killed[0]}"], env=env, capture_output=True,
+    resumed = subprocess.run([sys.executable, path, f"--resume={killed[0]}"], env=env, capture_output=True,
                              text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at" in resumed.stdout

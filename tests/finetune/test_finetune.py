@@ -8,12 +8,12 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import metrics_rows
+from conftest import FINETUNE_SCRIPT, metrics_rows
 
 import algorithms.finetune.cql as cql
 import algorithms.offline.cql as offline_cql
+from algorithms.common import envs
 
-ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--batch_size=32", "--cql_n_actions=2", "--n_episodes=2", "--wandb_mode=disabled"]
 
 
@@ -228,14 +228,15 @@ def test_goal_task_success_regret_and_stored_terminals(tmp_path):
 
 
 def test_step_success_reads_info_or_sparse_reward():
-    assert cql.step_success(0.0, {"success": True}, False) is True
-    assert cql.step_success(1.0, {"is_success": 0.0}, True) is False
-    assert cql.step_success(0.0, {"goal_achieved": np.array(True)}, False) is True
-    assert cql.step_success(1.0, {}, True) is True and cql.step_success(0.0, {}, True) is False
-    assert cql.step_success(1.0, {}, False) is None
-    assert cql.is_goal_task("antmaze-umaze-v2") and cql.is_goal_task("D4RL/pen/cloned-v2")
-    assert cql.is_goal_task(None, "AdroitHandDoor-v1") and cql.is_goal_task("PointMaze_UMaze-v3")
-    assert not cql.is_goal_task("hopper-medium-v2", "Hopper-v4", "/data/halfcheetah.hdf5")
+    """algorithms/common/envs.py's step_success and is_goal_task, which the finetune script logs success by."""
+    assert envs.step_success(0.0, {"success": True}, False) is True
+    assert envs.step_success(1.0, {"is_success": 0.0}, True) is False
+    assert envs.step_success(0.0, {"goal_achieved": np.array(True)}, False) is True
+    assert envs.step_success(1.0, {}, True) is True and envs.step_success(0.0, {}, True) is False
+    assert envs.step_success(1.0, {}, False) is None
+    assert envs.is_goal_task("antmaze-umaze-v2") and envs.is_goal_task("D4RL/pen/cloned-v2")
+    assert envs.is_goal_task(None, "AdroitHandDoor-v1") and envs.is_goal_task("PointMaze_UMaze-v3")
+    assert not envs.is_goal_task("hopper-medium-v2", "Hopper-v4", "/data/halfcheetah.hdf5")
 
 
 # ------------------------------------------------------------------ pure online: SAC learns Pendulum
@@ -288,11 +289,11 @@ def test_gym_env_with_offline_iterations_explains_itself():
 
 
 def test_script_exits_2_with_one_line_and_help_shows_new_fields():
-    result = subprocess.run([sys.executable, str(ROOT / "algorithms/finetune/cql.py"), "--eval_seed=x"],
+    result = subprocess.run([sys.executable, FINETUNE_SCRIPT, "--eval_seed=x"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: command line: field 'eval_seed' expects an integer, got 'x'"
-    result = subprocess.run([sys.executable, str(ROOT / "algorithms/finetune/cql.py"), "--help"],
+    result = subprocess.run([sys.executable, FINETUNE_SCRIPT, "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     text = " ".join(result.stdout.split())  # argparse wraps the help lines

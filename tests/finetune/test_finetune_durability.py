@@ -1,7 +1,6 @@
 """algorithms/finetune/cql.py runs survive kills and lose nothing: exact resume across the offline ->
 online switch (the training env mid-episode included), checkpoints kept consistent with their
 replay files, non-finite values stop the run, bad input exits 2 with one line."""
-import os
 import re
 import shutil
 import subprocess
@@ -12,42 +11,24 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_training_state, kill_when_written, metrics_rows, poison_critic_at_update
+from conftest import (
+    CHILD_ENV,
+    FINETUNE_SCRIPT,
+    assert_same_finetune_run,
+    finetune_run_args,
+    kill_when_written,
+    poison_critic_at_update,
+)
 
 import algorithms.finetune.cql as cql
-
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = str(ROOT / "algorithms/finetune/cql.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
+from algorithms.common import envs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
-def run_args(hopper_hdf5: Path, checkpoints: Path, offline: int = 60, online: int = 140) -> list:
-    return [f"--env={hopper_hdf5}", f"--offline_iterations={offline}", f"--online_iterations={online}",
-            "--eval_freq=50", "--log_freq=10", "--checkpoint_freq=20", "--batch_size=32", "--cql_n_actions=2",
-            "--n_episodes=2", "--max_episode_steps=25", "--cql_alpha_online=3", "--wandb_mode=disabled",
-            "--device=cpu", f"--checkpoints_path={checkpoints}"]
-
-
-def assert_same_run(want_dir: Path, got_dir: Path, step: int) -> None:
-    """Final weights, Adam state, alphas, counters, replay rows and every metrics row are identical."""
-    want = torch.load(want_dir / f"checkpoint_{step}.pt", weights_only=False)
-    got = torch.load(got_dir / f"checkpoint_{step}.pt", weights_only=False)
-    assert_same_training_state(want, got)
-    assert (want["total_it"], want["cql_alpha"], want["progress"]) == (got["total_it"], got["cql_alpha"],
-                                                                       got["progress"])
-    want_replay = torch.load(want_dir / f"replay_{step}.pt", weights_only=False)
-    got_replay = torch.load(got_dir / f"replay_{step}.pt", weights_only=False)
-    for key in cql.BUFFER_FIELDS:
-        assert torch.equal(want_replay[key], got_replay[key]), key
-    assert metrics_rows(got_dir) == metrics_rows(want_dir)  # every row once, the same values, in the same order
-
-
 def run_until(args: list, run_root: Path, checkpoint: str) -> Path:
     """Starts the script, SIGKILLs it once `checkpoint` exists (somewhere in the next interval)."""
-    process = subprocess.Popen([sys.executable, SCRIPT, *args], env=ENV, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen([sys.executable, FINETUNE_SCRIPT, *args], env=CHILD_ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     kill_when_written(process, run_root, checkpoint)
     (run_dir,) = run_root.iterdir()
@@ -55,14 +36,14 @@ def run_until(args: list, run_root: Path, checkpoint: str) -> Path:
 
 
 def test_sigkilled_run_resumes_twice_across_the_switch_to_the_same_weights_and_metrics(hopper_hdf5, tmp_path):
-    subprocess.run([sys.executable, SCRIPT, *run_args(hopper_hdf5, tmp_path / "a")], env=ENV, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run([sys.executable, FINETUNE_SCRIPT, *finetune_run_args(hopper_hdf5, tmp_path / "a")], env=CHILD_ENV,
+                   check=True, capture_output=True, timeout=600)
     (reference,) = (tmp_path / "a").iterdir()
 
     # Killed offline (the switch at iteration 60 lies ahead), resumed, killed again online, resumed.
-    killed = run_until(run_args(hopper_hdf5, tmp_path / "b"), tmp_path / "b", "checkpoint_20.pt")
+    killed = run_until(finetune_run_args(hopper_hdf5, tmp_path / "b"), tmp_path / "b", "checkpoint_20.pt")
     assert not (killed / "checkpoint_60.pt").exists(), "killed too late to cross the switch after resuming"
-    resume = subprocess.Popen([sys.executable, SCRIPT, f"--resume={killed}"], env=ENV,
+    resume = subprocess.Popen([sys.executable, FINETUNE_SCRIPT, f"--resume={killed}"], env=CHILD_ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when_written(resume, killed.parent, "checkpoint_100.pt")
     assert not (killed / "checkpoint_200.pt").exists(), "killed too late to test anything"
@@ -70,25 +51,26 @@ def test_sigkilled_run_resumes_twice_across_the_switch_to_the_same_weights_and_m
     run_state = torch.load(newest, weights_only=False)["run"]
     assert run_state["env"] is not None and run_state["episode"][2] > 0, "resume should start mid-episode"
 
-    result = subprocess.run([sys.executable, SCRIPT, f"--resume={killed}"], env=ENV, capture_output=True,
+    result = subprocess.run([sys.executable, FINETUNE_SCRIPT, f"--resume={killed}"], env=CHILD_ENV, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resumed at iteration {newest.stem.split('_')[1]}" in result.stdout
-    assert_same_run(reference, killed, 200)
+    assert_same_finetune_run(reference, killed, 200)
     assert not list(killed.glob(".*.tmp")) and [p.name for p in killed.glob("replay_*.pt")] == ["replay_200.pt"]
 
 
 def test_training_env_state_round_trips_mid_episode():
-    """Hopper (MuJoCo integration state) and Pendulum (pickled attributes) go on bit for bit."""
+    """algorithms/common/envs.py's env_state and set_env_state (the training env in a checkpoint): Hopper
+    (MuJoCo integration state) and Pendulum (pickled attributes) go on bit for bit."""
     for env_id in ("Hopper-v4", "Pendulum-v1"):
         env = gym.make(env_id, max_episode_steps=30)
         env.reset(seed=3)
         env.action_space.seed(3)
         for _ in range(7):
             env.step(env.action_space.sample())
-        state = cql.env_state(env)
+        state = envs.env_state(env)
         clone = gym.make(env_id, max_episode_steps=30)
-        cql.set_env_state(clone, state)
+        envs.set_env_state(clone, state)
         for _ in range(60):  # through time-limit ends and resets drawn from the env's own generator
             results = [e.step(e.action_space.sample()) for e in (env, clone)]
             for a, b in zip(*results[:2]):
@@ -100,7 +82,7 @@ def test_training_env_state_round_trips_mid_episode():
 
 def test_kill_between_replay_and_checkpoint_write_resumes_from_the_previous_pair(hopper_hdf5, tmp_path,
                                                                                 monkeypatch):
-    args = run_args(hopper_hdf5, tmp_path / "a", offline=20, online=60)
+    args = finetune_run_args(hopper_hdf5, tmp_path / "a", offline=20, online=60)
     reference = Path(cql.train(cql.parse_config(args))["run_dir"])
 
     class Killed(BaseException):
@@ -123,13 +105,13 @@ def test_kill_between_replay_and_checkpoint_write_resumes_from_the_previous_pair
     assert cql.checkpoint_files(killed)[-1].name == "checkpoint_40.pt"
 
     cql.train(cql.parse_config([f"--resume={killed}"]))
-    assert_same_run(reference, killed, 80)
+    assert_same_finetune_run(reference, killed, 80)
     assert not list(killed.glob(".*.tmp"))
 
 
 def test_keep_checkpoints_keeps_the_newest_and_one_replay_file(hopper_hdf5, tmp_path):
-    config = cql.parse_config(run_args(hopper_hdf5, tmp_path, offline=20, online=30) + ["--checkpoint_freq=10",
-                                                                                         "--keep_checkpoints=2"])
+    config = cql.parse_config(finetune_run_args(hopper_hdf5, tmp_path, offline=20, online=30)
+                              + ["--checkpoint_freq=10", "--keep_checkpoints=2"])
     run_dir = Path(cql.train(config)["run_dir"])
     assert [p.name for p in cql.checkpoint_files(run_dir)] == ["checkpoint_40.pt", "checkpoint_50.pt"]
     assert [p.name for p in run_dir.glob("replay_*.pt")] == ["replay_50.pt"]
@@ -145,7 +127,8 @@ def test_non_finite_stops_with_exit_3_naming_the_last_good_checkpoint(offline, l
                                                                       tmp_path, monkeypatch, capsys):
     poison_critic_at_update(cql, monkeypatch, 25)
     with pytest.raises(SystemExit) as exit_info:
-        cql.main(run_args(hopper_hdf5, tmp_path, offline=offline, online=60 - offline) + [f"--log_freq={log_freq}"])
+        cql.main(finetune_run_args(hopper_hdf5, tmp_path, offline=offline, online=60 - offline)
+                 + [f"--log_freq={log_freq}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # not tqdm's
     assert exit_info.value.code == 3 and len(err) == 1 and re.search(message, err[0]), err
     (run_dir,) = tmp_path.iterdir()
@@ -164,7 +147,7 @@ def test_a_stack_stops_on_non_finite_values_naming_the_seed_and_the_last_good_ch
         offline, log_freq, message, hopper_hdf5, tmp_path, monkeypatch, capsys):
     poison_critic_at_update(cql, monkeypatch, 25)  # every run's critic
     with pytest.raises(SystemExit) as exit_info:
-        cql.main(run_args(hopper_hdf5, tmp_path, offline=offline, online=60 - offline)
+        cql.main(finetune_run_args(hopper_hdf5, tmp_path, offline=offline, online=60 - offline)
                  + [f"--log_freq={log_freq}", "--seeds=3,4"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # not tqdm's
     assert exit_info.value.code == 3 and len(err) == 1 and re.search(message, err[0]), err
@@ -179,7 +162,7 @@ def finished_run(hopper_hdf5, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("finished")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    config = cql.parse_config(run_args(hopper_hdf5, root, offline=10, online=10) + ["--checkpoint_freq=10"])
+    config = cql.parse_config(finetune_run_args(hopper_hdf5, root, offline=10, online=10) + ["--checkpoint_freq=10"])
     run_dir = Path(cql.train(config)["run_dir"])
     torch.set_num_threads(threads)
     return run_dir
@@ -304,7 +287,7 @@ def test_bad_input_exits_2_with_one_line(what, argv, message, hopper_hdf5, finis
 
 
 def test_script_exits_2_with_one_line_on_a_bad_resume(tmp_path):
-    result = subprocess.run([sys.executable, SCRIPT, f"--resume={tmp_path}"], env=ENV, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run([sys.executable, FINETUNE_SCRIPT, f"--resume={tmp_path}"], env=CHILD_ENV,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: field 'resume': {tmp_path} is not a run directory (no config.yaml)"

@@ -1,22 +1,17 @@
-"""algorithms/finetune/cql.py's training envs: in env workers (env_workers) a stack's runs are the runs of
-the sequential path bit for bit, episode ends and a SIGKILL + --resume included; a failing training env
+"""algorithms/finetune/cql.py's training envs (algorithms/common/envs.py's TrainingEnv): a failing training env
 (an exception in step, a non-finite observation, MuJoCo's unstable simulation) ends its episode as
 truncated, is counted and never reaches the replay buffer, and one that keeps failing stops the run."""
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
-import test_finetune_durability as durability
 import torch
-from conftest import kill_when_written, metrics_rows
+from conftest import metrics_rows
 
 import algorithms.finetune.cql as cql
+from algorithms.common import envs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
@@ -50,7 +45,7 @@ class FaultyEnv(gym.Env):
 
 
 FAULTS = {"raise": {"raise_at": (13, 27)}, "nan": {"nan_at": (13, 27)}, "always": {"raise_from": 15}}
-for fault, kwargs in FAULTS.items():  # a string entry point: an env worker imports it
+for fault, kwargs in FAULTS.items():
     gym.register(f"Faulty{fault.capitalize()}-v0", entry_point="test_finetune_envs:FaultyEnv", kwargs=kwargs,
                  max_episode_steps=10)
 
@@ -59,8 +54,8 @@ ONLINE = ["--offline_iterations=0", "--online_iterations=40", "--warmup_steps=30
           "--wandb_mode=disabled", "--device=cpu"]
 
 
-@pytest.mark.parametrize("fault, argv", [("raise", []), ("nan", []), ("raise", ["--seeds=1,2", "--env_workers=true"])],
-                         ids=["exception", "nan observation", "exception, stack in env workers"])
+@pytest.mark.parametrize("fault, argv", [("raise", []), ("nan", []), ("raise", ["--seeds=1,2"])],
+                         ids=["exception", "nan observation", "exception, stack"])
 def test_a_failing_env_step_ends_its_episode_is_counted_and_stays_out_of_the_buffer(fault, argv, tmp_path, capsys):
     summary = cql.train(cql.parse_config([f"--env=Faulty{fault.capitalize()}-v0", *ONLINE, *argv,
                                           f"--checkpoints_path={tmp_path}"]))
@@ -94,10 +89,9 @@ def test_a_failing_env_step_ends_its_episode_is_counted_and_stays_out_of_the_buf
     assert f"the training env failed {' + '.join(['2'] * len(dirs))} steps" in out
 
 
-@pytest.mark.parametrize("argv", [[], ["--env_workers=true"]], ids=["here", "env worker"])
-def test_an_env_that_keeps_failing_stops_with_exit_3_naming_the_last_good_checkpoint(argv, tmp_path, capsys):
+def test_an_env_that_keeps_failing_stops_with_exit_3_naming_the_last_good_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cql.main(["--env=FaultyAlways-v0", *ONLINE, "--checkpoint_freq=10", f"--checkpoints_path={tmp_path}", *argv])
+        cql.main(["--env=FaultyAlways-v0", *ONLINE, "--checkpoint_freq=10", f"--checkpoints_path={tmp_path}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # not tqdm's
     assert exit_info.value.code == 3 and len(err) == 1, err
     assert re.fullmatch(r"error: the training env of seed 0 failed 5 steps in a row \(the last in iteration 19: "
@@ -121,46 +115,9 @@ def test_mujoco_instability_is_a_failed_step_though_the_observation_is_finite():
     env.reset(seed=0)
     base = env.unwrapped
     base.set_state(base.data.qpos, np.full_like(base.data.qvel, 1e30))
-    result = cql.step_env(env, np.zeros(3, np.float32), False)
+    result = envs.step_env(env, np.zeros(3, np.float32), False)
     assert result.error is not None and "MuJoCo found the simulation unstable (BADQVEL" in result.error
     assert (result.next_obs, result.terminated, result.truncated) == (None, False, True)
     assert np.isfinite(result.reset_obs).all()
-    after = cql.step_env(env, np.zeros(3, np.float32), False)  # the next step, healthy, is not flagged
+    after = envs.step_env(env, np.zeros(3, np.float32), False)  # the next step, healthy, is not flagged
     assert after.error is None and np.isfinite(after.next_obs).all()
-
-
-def test_a_dead_env_worker_is_one_line_not_a_hang(tmp_path):
-    run = cql.Run(0, None, dir=tmp_path, worker=cql.EnvWorker(gym.spec("Pendulum-v1")))
-    run.reset_env(0)
-    os.kill(run.worker.process.pid, signal.SIGKILL)
-    with pytest.raises(cql.RunFault) as fault:
-        run.send_step(np.zeros(1, np.float32), False)
-        run.finish_step(np.zeros(1, np.float32), None, None, 1, 5)
-    assert re.fullmatch(r"the training env of seed 0 failed: worker process exited \(code -9\); no checkpoint "
-                        r"written", str(fault.value)), str(fault.value)
-
-
-def test_env_workers_are_the_sequential_stack_bit_for_bit_across_episode_ends_and_a_sigkill_resume(hopper_hdf5,
-                                                                                                   tmp_path):
-    """A 2-seed stack with its envs in env workers, SIGKILLed online mid-episode and resumed (the envs'
-    states go through the workers' pipes both ways), ends as the same stack stepped here: weights, Adam
-    state, replay rows and metrics rows. Episodes of 25 steps end (and reset in the workers) on the way."""
-    args = [*durability.run_args(hopper_hdf5, tmp_path / "a", offline=20, online=100), "--seeds=5,8"]
-    reference = cql.train(cql.parse_config([*args, "--env_workers=false"]))
-    args_b = [*durability.run_args(hopper_hdf5, tmp_path / "b", offline=20, online=100), "--seeds=5,8",
-              "--env_workers=true"]
-    first = subprocess.Popen([sys.executable, durability.SCRIPT, *args_b], env=durability.ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when_written(first, tmp_path / "b", "checkpoint_60.pt", runs=2)
-    killed = sorted((tmp_path / "b").iterdir(), key=lambda d: int(d.name.split("-")[-2]))
-    assert not all((d / "checkpoint_120.pt").exists() for d in killed), "killed too late to test anything"
-    newest = cql.checkpoint_files(killed[0])[-1]
-    run_state = torch.load(newest, weights_only=False)["run"]
-    assert run_state["env"] is not None and run_state["episode"][2] > 0, "resume should start mid-episode"
-    result = subprocess.run([sys.executable, durability.SCRIPT, f"--resume={killed[0]}"], env=durability.ENV,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    for want, got in zip(sorted(map(Path, reference["run_dirs"]), key=lambda d: int(d.name.split("-")[-2])), killed):
-        durability.assert_same_run(want, got, 120)
-        episodes = [r for r in metrics_rows(got) if "train/episode_return" in r]
-        assert len(episodes) >= 3, "episodes should end (and reset in the worker) before and after the kill"

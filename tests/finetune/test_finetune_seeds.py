@@ -14,9 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_finetune_durability as durability
 import torch
-from conftest import kill_when_written, metrics_rows, stack_runs, update_inputs
+from conftest import (
+    CHILD_ENV,
+    FINETUNE_SCRIPT,
+    assert_same_finetune_run,
+    finetune_run_args,
+    kill_when_written,
+    metrics_rows,
+    stack_runs,
+    update_inputs,
+)
 
 import algorithms.finetune.cql as cql
 
@@ -191,7 +199,7 @@ def test_two_seed_run_crosses_the_switch_with_its_own_dirs_metrics_and_episodes(
         trainer = cql.CQL(one_run, 11, 3, 1.0, torch.device("cpu"))
         buffer = cql.ReplayBuffer(len(data.rewards) + 40, 11, 3, torch.device("cpu"))
         buffer.load_dataset({key: getattr(data, key) for key in cql.BUFFER_FIELDS})
-        state = cql.load_checkpoint(str(run_dir / "checkpoint_60.pt"), trainer, buffer)
+        (state,) = cql.load_checkpoints([str(run_dir / "checkpoint_60.pt")], trainer, buffer)
         assert state["total_it"] == 60 and state["progress"]["online_transitions"] == 40 and buffer.n_added == 40
         online_obs.append(buffer.online_state()["observations"])
     assert not torch.equal(online_obs[0], online_obs[1])  # each ring holds its own run's transitions
@@ -218,7 +226,7 @@ def test_load_model_starts_every_run_of_a_stack_from_the_one_checkpoint(hopper_h
     trainer = cql.CQL(c, 11, 3, 1.0, torch.device("cpu"), seeds=[2, 5])
     buffer = cql.ReplayBuffer(len(data.rewards) + 20, 11, 3, torch.device("cpu"), runs=(2,))
     buffer.load_dataset({key: getattr(data, key) for key in cql.BUFFER_FIELDS})
-    cql.load_checkpoint(str(checkpoint), trainer, buffer)
+    cql.load_checkpoints([str(checkpoint)], trainer, buffer)
     assert trainer.total_it == 40 and buffer.n_added == 20
     for run in range(2):
         state = trainer.run_state_dict(run)
@@ -248,25 +256,25 @@ def test_load_model_starts_every_run_of_a_stack_from_the_one_checkpoint(hopper_h
 def test_sigkilled_stack_resumes_twice_across_the_switch_to_the_same_runs(hopper_hdf5, tmp_path):
     """A 2-seed stack killed offline and again online, resumed from one of its run dirs each time,
     ends with each run's weights, Adam state, replay rows and metrics rows equal to an uninterrupted stack's."""
-    args = [*durability.run_args(hopper_hdf5, tmp_path / "a", offline=60, online=80), "--seeds=5,8"]
-    subprocess.run([sys.executable, durability.SCRIPT, *args], env=durability.ENV, check=True, capture_output=True,
+    args = [*finetune_run_args(hopper_hdf5, tmp_path / "a", offline=60, online=80), "--seeds=5,8"]
+    subprocess.run([sys.executable, FINETUNE_SCRIPT, *args], env=CHILD_ENV, check=True, capture_output=True,
                    timeout=600)
-    args_b = [*durability.run_args(hopper_hdf5, tmp_path / "b", offline=60, online=80), "--seeds=5,8"]
-    first = subprocess.Popen([sys.executable, durability.SCRIPT, *args_b], env=durability.ENV,
+    args_b = [*finetune_run_args(hopper_hdf5, tmp_path / "b", offline=60, online=80), "--seeds=5,8"]
+    first = subprocess.Popen([sys.executable, FINETUNE_SCRIPT, *args_b], env=CHILD_ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when_written(first, tmp_path / "b", "checkpoint_20.pt", runs=2)
     killed = sorted((tmp_path / "b").iterdir(), key=lambda d: int(d.name.split("-")[-2]))
     assert not any((d / "checkpoint_60.pt").exists() for d in killed), "killed too late to cross the switch"
-    second = subprocess.Popen([sys.executable, durability.SCRIPT, f"--resume={killed[1]}"], env=durability.ENV,
+    second = subprocess.Popen([sys.executable, FINETUNE_SCRIPT, f"--resume={killed[1]}"], env=CHILD_ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when_written(second, tmp_path / "b", "checkpoint_100.pt", runs=2)
     assert not all((d / "checkpoint_140.pt").exists() for d in killed), "killed too late to test anything"
-    result = subprocess.run([sys.executable, durability.SCRIPT, f"--resume={killed[0]}"], env=durability.ENV,
+    result = subprocess.run([sys.executable, FINETUNE_SCRIPT, f"--resume={killed[0]}"], env=CHILD_ENV,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     reference = sorted((tmp_path / "a").iterdir(), key=lambda d: int(d.name.split("-")[-2]))
     for want, got in zip(reference, killed):
-        durability.assert_same_run(want, got, 140)
+        assert_same_finetune_run(want, got, 140)
         assert not list(got.glob(".*.tmp")) and [p.name for p in got.glob("replay_*.pt")] == ["replay_140.pt"]
     assert metrics_rows(killed[0]) != metrics_rows(killed[1])
 
@@ -290,11 +298,11 @@ def test_stack_killed_between_two_runs_checkpoint_writes_resumes_to_the_same_run
     """Run 0 has its files of iteration 100, run 1 not yet: the stack resumes both from iteration 80, which
     still has both runs' replay files (old files go only once every run has the new ones)."""
     root = Path(__file__).resolve().parents[2]
-    args = [*durability.run_args(hopper_hdf5, tmp_path / "a", offline=60, online=80), "--seeds=5,8"]
-    subprocess.run([sys.executable, durability.SCRIPT, *args], env=durability.ENV, check=True, capture_output=True,
+    args = [*finetune_run_args(hopper_hdf5, tmp_path / "a", offline=60, online=80), "--seeds=5,8"]
+    subprocess.run([sys.executable, FINETUNE_SCRIPT, *args], env=CHILD_ENV, check=True, capture_output=True,
                    timeout=600)
-    args_b = [*durability.run_args(hopper_hdf5, tmp_path / "b", offline=60, online=80), "--seeds=5,8"]
-    died = subprocess.run([sys.executable, "-c", _DIE_BETWEEN_RUNS, *args_b], env=durability.ENV, cwd=root,
+    args_b = [*finetune_run_args(hopper_hdf5, tmp_path / "b", offline=60, online=80), "--seeds=5,8"]
+    died = subprocess.run([sys.executable, "-c", _DIE_BETWEEN_RUNS, *args_b], env=CHILD_ENV, cwd=root,
                           capture_output=True, text=True, timeout=600)
     assert died.returncode == 9, died.stderr[-2000:]
     killed = sorted((tmp_path / "b").iterdir(), key=lambda d: int(d.name.split("-")[-2]))
@@ -303,11 +311,11 @@ def test_stack_killed_between_two_runs_checkpoint_writes_resumes_to_the_same_run
     assert cql.checkpoint_files(killed[1])[-1].name == "checkpoint_80.pt"
     assert [p.name for p in killed[1].glob("replay_*.pt")] == ["replay_80.pt"]
 
-    result = subprocess.run([sys.executable, durability.SCRIPT, f"--resume={killed[0]}"], env=durability.ENV,
+    result = subprocess.run([sys.executable, FINETUNE_SCRIPT, f"--resume={killed[0]}"], env=CHILD_ENV,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed at iteration 80" in result.stdout
     reference = sorted((tmp_path / "a").iterdir(), key=lambda d: int(d.name.split("-")[-2]))
     for want, got in zip(reference, killed):
-        durability.assert_same_run(want, got, 140)
+        assert_same_finetune_run(want, got, 140)
         assert [p.name for p in got.glob("replay_*.pt")] == ["replay_140.pt"]

@@ -2,6 +2,7 @@
 across the offline -> online switch, compile is the same math, the ring's size and cql_alpha are read
 from the device, background evaluation equals foreground evaluation, checkpoints carry what it needs."""
 import copy
+from functools import partial
 from pathlib import Path
 
 import gymnasium as gym
@@ -52,7 +53,7 @@ def test_every_flag_off_is_the_plain_update_exactly_across_the_switch(online_alp
     runs = []
     for fast in (False, True):
         trainer, buffer = make(), small_ring()
-        step = cql.UpdateStep(trainer, buffer, 16, compile=False, cudagraphs=True) if fast else None  # no cuda
+        step = trainer.update_step(buffer, 16, compile=False, cudagraphs=True) if fast else None  # no cuda
         metric_sum = torch.zeros(len(cql.METRIC_NAMES))
         rng = np.random.default_rng(3)
         torch.manual_seed(1)
@@ -182,8 +183,8 @@ def test_background_evaluation_returns_what_foreground_evaluation_returns():
     mean, std = np.array([1.0, 0.5]), np.array([2.0, 1.0])
     results = {}
     for background in (False, True):
-        evaluator = cql.Evaluator(gym.make(GOAL_ENV), lambda: gym.make(GOAL_ENV), 4, 7, mean, std, actor, background,
-                                  sparse_reward=False)
+        evaluator = cql.Evaluator(gym.make(GOAL_ENV), lambda: gym.make(GOAL_ENV), 4,
+                                  partial(cql.evaluate, sparse_reward=False), (7, mean, std), actor, background)
         evaluator.submit(10, cql.actor_weights(actor))
         snapshot = {k: v.clone() for k, v in actor.state_dict().items()}
         with torch.no_grad():  # a later change of the weights must not reach a submitted evaluation
@@ -195,14 +196,14 @@ def test_background_evaluation_returns_what_foreground_evaluation_returns():
         evaluator.close()
         actor.load_state_dict(snapshot)
     assert [r[0] for r in results[True]] == [r[0] for r in results[False]] == [10, 20]
-    for (_, returns, successes, reported), (_, bg_returns, bg_successes, bg_reported) in zip(results[False],
-                                                                                              results[True]):
+    for (_, (returns, successes, reported)), (_, (bg_returns, bg_successes, bg_reported)) in zip(results[False],
+                                                                                                  results[True]):
         np.testing.assert_array_equal(bg_returns, returns)
         np.testing.assert_array_equal(bg_successes, successes)
         assert reported and bg_reported
         # Seeds 7..10 are kinds 1, 2, 0, 1: only the third episode reaches the goal.
         assert successes.tolist() == [False, False, True, False]
-    assert not np.array_equal(results[False][0][1], results[False][1][1])
+    assert not np.array_equal(results[False][0][1][0], results[False][1][1][0])
 
     # The same numbers as a plain loop over one env: episode 2 (seed 9, kind 0) ends at step 4.
     env, ret, done = gym.make(GOAL_ENV), 0.0, False
@@ -211,7 +212,7 @@ def test_background_evaluation_returns_what_foreground_evaluation_returns():
         action = actor.act(torch.as_tensor((obs - mean) / std, dtype=torch.float32)[None])[0].numpy()
         obs, reward, terminated, truncated, info = env.step(action)
         ret, done = ret + reward, terminated or truncated
-    assert info["success"] and results[False][0][1][2] == pytest.approx(ret, rel=1e-6)
+    assert info["success"] and results[False][0][1][0][2] == pytest.approx(ret, rel=1e-6)
 
 
 def _goal_run(tmp_path, *extra):

@@ -1,5 +1,4 @@
 """Runs survive kills and lose nothing: exact resume, atomic writes, non-finite values stop the run."""
-import os
 import signal
 import subprocess
 import sys
@@ -7,45 +6,38 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_when_written, metrics_rows, poison_critic_at_update
+from conftest import (
+    CHILD_ENV,
+    OFFLINE_SCRIPT,
+    ROOT,
+    kill_when_written,
+    metrics_rows,
+    offline_final_weights,
+    offline_run_args,
+    poison_critic_at_update,
+)
 
 import algorithms.offline.cql as cql
-
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = str(ROOT / "algorithms/offline/cql.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def run_args(hopper_hdf5: Path, checkpoints: Path, updates: int = 120) -> list:
-    return [f"--env={hopper_hdf5}", f"--max_timesteps={updates}", "--eval_freq=60", "--log_freq=20",
-            "--checkpoint_freq=30", "--batch_size=32", "--cql_n_actions=4", "--n_episodes=2",
-            "--max_episode_steps=30", "--wandb_mode=disabled", "--device=cpu", f"--checkpoints_path={checkpoints}"]
-
-
-def final_weights(run_dir: Path, step: int) -> dict:
-    state = torch.load(run_dir / f"checkpoint_{step}.pt", weights_only=False)
-    return {"actor": state["actor"], "critic": state["critic"], "target": state["target_critic"],
-            "optimizer": state["optimizer"]["state"], "log_alpha": state["log_alpha"]}
 
 
 def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(hopper_hdf5, tmp_path):
     # The reference: one uninterrupted run.
-    subprocess.run([sys.executable, SCRIPT, *run_args(hopper_hdf5, tmp_path / "a")], env=ENV, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run([sys.executable, OFFLINE_SCRIPT, *offline_run_args(hopper_hdf5, tmp_path / "a")], env=CHILD_ENV,
+                   check=True, capture_output=True, timeout=600)
     (reference,) = (tmp_path / "a").iterdir()
 
     # The same run, killed (SIGKILL) once its second checkpoint exists, somewhere in the next interval.
-    process = subprocess.Popen([sys.executable, SCRIPT, *run_args(hopper_hdf5, tmp_path / "b")], env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, OFFLINE_SCRIPT, *offline_run_args(hopper_hdf5, tmp_path / "b")],
+                               env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when_written(process, tmp_path / "b", "checkpoint_60.pt", settle=0.3)
     (killed,) = (tmp_path / "b").iterdir()
     assert not (killed / "checkpoint_120.pt").exists(), "killed too late to test anything"
 
-    result = subprocess.run([sys.executable, SCRIPT, f"--resume={killed}"], env=ENV, capture_output=True,
+    result = subprocess.run([sys.executable, OFFLINE_SCRIPT, f"--resume={killed}"], env=CHILD_ENV, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed at update" in result.stdout
-    want, got = final_weights(reference, 120), final_weights(killed, 120)
+    want, got = offline_final_weights(reference, 120), offline_final_weights(killed, 120)
     for part in ("actor", "critic", "target"):
         for name in want[part]:
             assert torch.equal(want[part][name], got[part][name]), (part, name)
@@ -71,7 +63,7 @@ def half_then_die(f):
     os.kill(os.getpid(), signal.SIGKILL)
 cql.write_atomic(target, half_then_die)
 """
-    result = subprocess.run([sys.executable, "-c", code], env=ENV, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], env=CHILD_ENV, timeout=120)
     assert result.returncode == -signal.SIGKILL
     assert target.read_bytes() == b"old, complete"
     leftovers = [p.name for p in tmp_path.iterdir() if p != target]
@@ -81,7 +73,7 @@ cql.write_atomic(target, half_then_die)
 def test_non_finite_loss_stops_with_quantity_and_updates_and_keeps_last_good_checkpoint(
         hopper_hdf5, tmp_path, monkeypatch):
     poison_critic_at_update(cql, monkeypatch, 25)
-    config = cql.parse_config(run_args(hopper_hdf5, tmp_path, updates=60)[:-1] + [
+    config = cql.parse_config(offline_run_args(hopper_hdf5, tmp_path, updates=60)[:-1] + [
         "--checkpoint_freq=20", f"--checkpoints_path={tmp_path}"])
     with pytest.raises(FloatingPointError, match=r"non-finite \w+ \(nan\) in updates 21\.\.40; "
                                                  r"last good checkpoint: .*checkpoint_20\.pt"):
@@ -93,7 +85,7 @@ def test_non_finite_loss_stops_with_quantity_and_updates_and_keeps_last_good_che
 
 
 def test_keep_checkpoints_keeps_the_newest(hopper_hdf5, tmp_path):
-    config = cql.parse_config(run_args(hopper_hdf5, tmp_path, updates=50) + ["--checkpoint_freq=10",
+    config = cql.parse_config(offline_run_args(hopper_hdf5, tmp_path, updates=50) + ["--checkpoint_freq=10",
                                                                               "--keep_checkpoints=2"])
     run_dir = Path(cql.train(config)["run_dir"])
     assert [p.name for p in cql.checkpoint_files(run_dir)] == ["checkpoint_40.pt", "checkpoint_50.pt"]

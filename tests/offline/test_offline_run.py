@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import metrics_rows, refuse_temporary_files
+from conftest import OFFLINE_SCRIPT, metrics_rows, refuse_temporary_files
 
 import algorithms.offline.cql as cql
+from algorithms.common import runs
 from tools.rollouts import random_transitions, write_d4rl_hdf5
 
-ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--batch_size=32", "--cql_n_actions=4", "--n_episodes=2", "--wandb_mode=disabled", "--log_freq=50"]
 
 
@@ -42,7 +42,7 @@ def test_short_run_writes_metrics_checkpoint_and_score_and_the_checkpoint_loads(
     # load_model restores every network, alpha and the update counter; training continues from there.
     state = torch.load(run_dir / "checkpoint_200.pt", map_location="cpu", weights_only=False)
     resumed = cql.CQL(config, 11, 3, 1.0, torch.device("cpu"))
-    cql.load_checkpoint(str(run_dir / "checkpoint_200.pt"), resumed)
+    cql.load_checkpoints([str(run_dir / "checkpoint_200.pt")], resumed, "load_model")
     assert resumed.total_it == 200
     for name, value in state["actor"].items():
         assert torch.equal(resumed.actor.state_dict()[name], value)
@@ -60,7 +60,7 @@ def test_checkpoint_from_another_config_is_refused(hopper_hdf5, tmp_path):
     cql.save_checkpoint(path, trainer, np.zeros(11), np.ones(11))
     other = cql.CQL(cql.TrainConfig(q_n_hidden_layers=3), 11, 3, 1.0, torch.device("cpu"))
     with pytest.raises(cql.ConfigError, match="load_model.*does not fit"):
-        cql.load_checkpoint(str(path), other)
+        cql.load_checkpoints([str(path)], other, "load_model")
 
 
 def _hopper(max_episode_steps: int = 40):
@@ -104,7 +104,7 @@ def test_background_evaluation_returns_what_foreground_evaluation_returns():
     mean, std = np.full(11, 0.1), np.full(11, 2.0)
     results = {}
     for background in (False, True):
-        evaluator = cql.Evaluator(_hopper(), _hopper, 3, 7, mean, std, actor, background)
+        evaluator = cql.Evaluator(_hopper(), _hopper, 3, cql.evaluate, (7, mean, std), actor, background)
         evaluator.submit(10, cql.actor_weights(actor))
         snapshot = {k: v.clone() for k, v in actor.state_dict().items()}
         with torch.no_grad():  # a later change of the weights must not reach a submitted evaluation
@@ -214,18 +214,18 @@ def test_dimension_mismatch_and_unknown_envs(hopper_hdf5, tmp_path):
 
 
 def test_script_exits_2_with_one_line_on_bad_input(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "algorithms/offline/cql.py"), "--normalize=notabool"],
+    result = subprocess.run([sys.executable, OFFLINE_SCRIPT, "--normalize=notabool"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: command line: field 'normalize' expects true or false, got 'notabool'"
-    result = subprocess.run([sys.executable, str(ROOT / "algorithms/offline/cql.py"),
+    result = subprocess.run([sys.executable, OFFLINE_SCRIPT,
                              f"--env={tmp_path / 'absent.hdf5'}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "absent.hdf5" in result.stderr
 
 
 def test_help_lists_fields_with_their_comments():
-    result = subprocess.run([sys.executable, str(ROOT / "algorithms/offline/cql.py"), "--help"],
+    result = subprocess.run([sys.executable, OFFLINE_SCRIPT, "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "--cql_max_target_backup" in result.stdout and "max over cql_n_actions" in result.stdout
@@ -337,7 +337,8 @@ def test_checkpoint_of_another_config_exits_2(hopper_hdf5, tmp_path, capsys):
 
 def test_background_evaluation_failure_is_reported_not_hung():
     actor = _decisive_actor()
-    evaluator = cql.Evaluator(_hopper(), _hopper, 2, 0, np.zeros(11), np.ones(11), actor, background=True)
+    evaluator = cql.Evaluator(_hopper(), _hopper, 2, cql.evaluate, (0, np.zeros(11), np.ones(11)), actor,
+                              background=True)
     weights = cql.actor_weights(actor)
     weights["net.0.weight"] = weights["net.0.weight"][:, :5]  # weights of another network
     evaluator.submit(10, weights)
@@ -347,23 +348,23 @@ def test_background_evaluation_failure_is_reported_not_hung():
     assert not evaluator.worker.is_alive()
 
 
-@pytest.mark.parametrize("script", ["offline", "finetune"])
-def test_wandb_mode_env_disabled_needs_no_wandb_package(script, tmp_path, monkeypatch):
+def test_wandb_mode_env_disabled_needs_no_wandb_package(tmp_path, monkeypatch):
     # wandb's own WANDB_MODE=disabled is obeyed when the config leaves wandb_mode open, so a machine
-    # without the wandb package can train; without it, the logger does try to import wandb.
-    module = importlib.import_module(f"algorithms.{script}.cql")
+    # without the wandb package can train; without it, the logger does try to import wandb. Both scripts
+    # log through algorithms.common.runs' RunLogger: tested once.
+    assert cql.RunLogger is importlib.import_module("algorithms.finetune.cql").RunLogger is runs.RunLogger
     monkeypatch.setitem(sys.modules, "wandb", None)  # "import wandb" now raises ImportError
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    config = module.TrainConfig(env="unused")
-    logger = module.RunLogger(config, tmp_path, "run-0")
+    config = cql.TrainConfig(env="unused")
+    logger = runs.RunLogger(config, tmp_path, "run-0")
     assert logger.wandb is None
     logger.log({"x": 1.0}, 1)
     logger.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "x": 1.0}
     monkeypatch.setenv("WANDB_MODE", "offline")
     with pytest.raises(ImportError):
-        module.RunLogger(config, tmp_path, "run-0")
+        runs.RunLogger(config, tmp_path, "run-0")
 
 
 @pytest.mark.parametrize("script", ["offline", "finetune"])

@@ -7,23 +7,28 @@
   to the weights and metrics rows of an uninterrupted stack.
 """
 import copy
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import kill_when_written, metrics_rows, stack_runs, update_inputs
+from conftest import (
+    CHILD_ENV,
+    OFFLINE_SCRIPT,
+    kill_when_written,
+    metrics_rows,
+    offline_run_args,
+    stack_runs,
+    update_inputs,
+)
 from test_losses import VARIANTS
 
 import algorithms.offline.cql as cql
 
 S, A, B, N = 5, 3, 16, 4  # state dim, action dim, batch, cql_n_actions
 SEEDS = [3, 7, 11]
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = str(ROOT / "algorithms/offline/cql.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def config(**overrides) -> cql.TrainConfig:
@@ -162,7 +167,7 @@ def _as_single(stacked: cql.CQL, run: int, c: cql.TrainConfig) -> cql.CQL:
 def test_run_states_are_one_run_states_and_load_back_exactly():
     c = config(cql_lagrange=True)
     stacked = cql.CQL(c, S, A, 1.0, torch.device("cpu"), seeds=SEEDS)
-    step = cql.UpdateStep(stacked, _buffer(), B)
+    step = stacked.update_step(_buffer(), B)
     torch.manual_seed(5)
     for _ in range(3):
         step()
@@ -187,16 +192,23 @@ def test_run_states_are_one_run_states_and_load_back_exactly():
         again.load_run_state_dicts(states[:2])
 
 
-def _buffer() -> cql.ReplayBuffer:
-    from test_speed import small_buffer
-
-    return small_buffer()
+def _buffer(n: int = 500, seed: int = 0) -> cql.ReplayBuffer:
+    """A replay buffer of n random transitions (state S, action A)."""
+    rng = np.random.default_rng(seed)
+    data = cql.OfflineData(
+        observations=rng.standard_normal((n, S), dtype=np.float32),
+        actions=rng.uniform(-0.99, 0.99, (n, A)).astype(np.float32),
+        rewards=rng.standard_normal(n, dtype=np.float32),
+        next_observations=rng.standard_normal((n, S), dtype=np.float32),
+        terminals=(rng.random(n) < 0.1).astype(np.float32),
+        make_env=None, ref_min_score=None, ref_max_score=None, is_locomotion=False, source="test")
+    return cql.ReplayBuffer(data, torch.device("cpu"))
 
 
 def test_update_step_samples_a_batch_per_run_and_sums_metrics_per_run():
     c = config()
     stacked = cql.CQL(c, S, A, 1.0, torch.device("cpu"), seeds=SEEDS)
-    step = cql.UpdateStep(stacked, _buffer(), B)
+    step = stacked.update_step(_buffer(), B)
     torch.manual_seed(1)
     for _ in range(3):
         step()
@@ -210,10 +222,7 @@ def test_update_step_samples_a_batch_per_run_and_sums_metrics_per_run():
 
 # --------------------------------------------------------------------------- runs
 def run_args(hopper_hdf5: Path, checkpoints: Path, updates: int = 120) -> list:
-    return [f"--env={hopper_hdf5}", f"--max_timesteps={updates}", "--eval_freq=60", "--log_freq=20",
-            "--checkpoint_freq=30", "--batch_size=32", "--cql_n_actions=4", "--n_episodes=2",
-            "--max_episode_steps=30", "--wandb_mode=disabled", "--device=cpu", f"--checkpoints_path={checkpoints}",
-            "--seeds=4,9", "--q_n_hidden_layers=2"]
+    return offline_run_args(hopper_hdf5, checkpoints, updates) + ["--seeds=4,9", "--q_n_hidden_layers=2"]
 
 
 def by_seed(folder: Path) -> dict:
@@ -222,7 +231,7 @@ def by_seed(folder: Path) -> dict:
 
 def test_sigkilled_stack_resumes_to_the_same_weights_and_metrics_per_seed(hopper_hdf5, tmp_path):
     # The reference: one uninterrupted stack of seeds 4 and 9, a run directory per seed.
-    done = subprocess.run([sys.executable, SCRIPT, *run_args(hopper_hdf5, tmp_path / "a")], env=ENV,
+    done = subprocess.run([sys.executable, OFFLINE_SCRIPT, *run_args(hopper_hdf5, tmp_path / "a")], env=CHILD_ENV,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "over 2 seeds" in done.stdout
@@ -236,21 +245,21 @@ def test_sigkilled_stack_resumes_to_the_same_weights_and_metrics_per_seed(hopper
         assert [r["step"] for r in got if "d4rl_normalized_score" in r] == [60, 120]
         # Each checkpoint is an ordinary one-run checkpoint.
         one = cql.CQL(cql.TrainConfig(q_n_hidden_layers=2), 11, 3, 1.0, torch.device("cpu"))
-        cql.load_checkpoint(str(run_dir / "checkpoint_120.pt"), one)
+        cql.load_checkpoints([str(run_dir / "checkpoint_120.pt")], one, "load_model")
         assert one.total_it == 120
     assert metrics_rows(reference[4]) != metrics_rows(reference[9])
 
     # The same stack, killed (SIGKILL) once its second checkpoint exists.
-    process = subprocess.Popen([sys.executable, SCRIPT, *run_args(hopper_hdf5, tmp_path / "b")], env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, OFFLINE_SCRIPT, *run_args(hopper_hdf5, tmp_path / "b")],
+                               env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when_written(process, tmp_path / "b", "checkpoint_60.pt", runs=2, settle=0.3)
     killed = by_seed(tmp_path / "b")
     assert not (killed[9] / "checkpoint_120.pt").exists(), "killed too late to test anything"
     # As if the kill came between the two runs' checkpoint writes: seed 9 lacks its newest one.
     cql.checkpoint_files(killed[9])[-1].unlink()
 
-    result = subprocess.run([sys.executable, SCRIPT, f"--resume={killed[4]}"], env=ENV, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run([sys.executable, OFFLINE_SCRIPT, f"--resume={killed[4]}"], env=CHILD_ENV,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed at update" in result.stdout
     for seed in (4, 9):
@@ -268,12 +277,13 @@ def test_sigkilled_stack_resumes_to_the_same_weights_and_metrics_per_seed(hopper
 
 def test_foreground_evaluator_of_a_stack_run_draws_no_random_numbers():
     import gymnasium as gym
-    import numpy as np
 
     stacked = cql.CQL(config(), 11, 3, 1.0, torch.device("cpu"), seeds=SEEDS)
     before = torch.get_rng_state()
-    evaluator = cql.Evaluator(gym.make("Hopper-v4"), lambda: gym.make("Hopper-v4", max_episode_steps=5), 2, SEEDS[1],
-                              np.zeros(11), np.ones(11), stacked.actor, background=False)
+    with torch.random.fork_rng(devices=[]):  # as train() builds a stack's one-run actor for its evaluators
+        template = cql.TanhGaussianActor(11, 3, 1.0)
+    evaluator = cql.Evaluator(gym.make("Hopper-v4"), lambda: gym.make("Hopper-v4", max_episode_steps=5), 2,
+                              cql.evaluate, (SEEDS[1], np.zeros(11), np.ones(11)), template, background=False)
     assert torch.equal(torch.get_rng_state(), before)
     evaluator.submit(1, cql.actor_weights(stacked.actor, 1))
     torch.manual_seed(SEEDS[1])  # run 1's actor is the one-seed actor: the same returns

@@ -18,9 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import metrics_rows, nan_rewards, poison_batch_at_updates, update_inputs
-from test_finetune_durability import run_args as finetune_args
-from test_offline_durability import run_args as offline_args
+from conftest import (
+    finetune_run_args,
+    metrics_rows,
+    nan_rewards,
+    offline_run_args,
+    poison_batch_at_updates,
+    update_inputs,
+)
 
 import algorithms.finetune.cql as finetune
 import algorithms.offline.cql as offline
@@ -192,7 +197,7 @@ def test_window_means_are_over_the_updates_kept(kind, seeds, monkeypatch):
     seen = []  # each update's metrics, as apply_update returns them
     poisoned = module.CQL.apply_update
     monkeypatch.setattr(module.CQL, "apply_update", lambda self, *args: seen.append(poisoned(self, *args)) or seen[-1])
-    step = module.UpdateStep(make(module, seeds=seeds), Batches(), B)
+    step = make(module, seeds=seeds).update_step(Batches(), B)
     for _ in range(4):
         step()
     means = step.take_means(4) if seeds is None else step.take_run_means(4)
@@ -208,8 +213,8 @@ def test_window_means_are_over_the_updates_kept(kind, seeds, monkeypatch):
 # ------------------------------------------------------------------ whole runs
 def args(kind: str, hopper_hdf5: Path, root: Path, seeds=None) -> list:
     """60 updates, metrics logged every 20, checkpoints every 20 (finetune: the switch at 20)."""
-    base = offline_args(hopper_hdf5, root, updates=60) if kind == "offline" else \
-        finetune_args(hopper_hdf5, root, offline=20, online=40)
+    base = offline_run_args(hopper_hdf5, root, updates=60) if kind == "offline" else \
+        finetune_run_args(hopper_hdf5, root, offline=20, online=40)
     return base + ["--log_freq=20", "--checkpoint_freq=20", "--on_nonfinite=skip"] + \
         ([f"--seeds={seeds}"] if seeds else [])
 

@@ -247,6 +247,7 @@ def test_runs_of_a_seed_stack_count_by_their_own_seeds(tmp_path, capsys):
     and stack.yaml), and as it wrote them before (each config.yaml the whole stack's: seed 0, seeds 3,5,8),
     are one run per seed: no warning about repeated seeds; two runs of one seed still get it."""
     import algorithms.offline.cql as offline_cql
+    from algorithms.common.runs import write_run_records
 
     stack = offline_cql.TrainConfig(env="hopper-medium-v2", seed=0, seeds="3,5,8")
     for layout in ("new", "old"):
@@ -254,7 +255,7 @@ def test_runs_of_a_seed_stack_count_by_their_own_seeds(tmp_path, capsys):
                    for seed in (3, 5, 8)}
         for seed, folder in folders.items():
             if layout == "new":
-                offline_cql.write_run_records(folder, stack, seed, [f.name for f in folders.values()])
+                write_run_records(folder, stack, seed, [f.name for f in folders.values()])
             else:
                 (folder / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(stack)))
             assert results.read_run(folder).seed == seed
