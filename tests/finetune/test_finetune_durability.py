@@ -291,3 +291,21 @@ def test_script_exits_2_with_one_line_on_a_bad_resume(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: field 'resume': {tmp_path} is not a run directory (no config.yaml)"
+
+
+def test_a_removed_field_in_an_older_run_directory_is_accepted_at_its_old_value(tmp_path, capsys):
+    """Run directories written before env_workers went hold `env_workers: false` in config.yaml: it parses (and
+    is dropped); the field set otherwise, in a file or on the command line, is one line naming it (exit 2)."""
+    old = tmp_path / "config.yaml"
+    old.write_text("env: Pendulum-v1\noffline_iterations: 0\nonline_iterations: 10\nenv_workers: false\n")
+    config = cql.parse_config(["--config_path", str(old)])
+    assert config.online_iterations == 10 and not hasattr(config, "env_workers")
+    assert cql.parse_config(["--config_path", str(old), "--env_workers=false"]) == config
+    on = tmp_path / "on.yaml"
+    on.write_text(old.read_text().replace("env_workers: false", "env_workers: true"))
+    for argv in (["--config_path", str(on)], ["--config_path", str(old), "--env_workers=true"]):
+        with pytest.raises(SystemExit) as stop:
+            cql.main(argv)
+        assert stop.value.code == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "field 'env_workers' was removed" in line and "only false is accepted" in line, line
