@@ -13,7 +13,7 @@ env with the stochastic policy (into the same replay ring) and one update; at th
 becomes cql_alpha_online. This file holds everything that is CQL, top to bottom; what is not (strict config
 parsing, datasets, run directories and checkpoints, the background evaluator, the speed mechanics, the
 training env's steps and state) is in algorithms/common/. The networks and the loss are those of
-algorithms/offline/cql.py, copied on purpose; tests/finetune/test_parity.py keeps the copies identical.
+algorithms/offline/cql.py, copied on purpose; tests/test_layout.py keeps the copies identical.
 The manual is docs/finetune.md.
 """
 import copy
@@ -604,7 +604,7 @@ class CQL:
         self.unit_scale = torch.ones((), device=device)  # the non-finite check's "unscale": by 1
         if self.skip_nonfinite:
             self.optimizer.found_inf = self.found_inf  # Adam.step hands it to the fused step
-        self.step_optimizer = self.optimizer.step  # compile_optimizer_step() compiles it
+        self.step_optimizer = self.optimizer.step  # update_step(compile=True) compiles one run's
         self.total_it = 0
         self.cql_alpha_tensor = torch.zeros((), device=device)
         self.cql_alpha = config.cql_alpha

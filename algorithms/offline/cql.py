@@ -462,7 +462,7 @@ class CQL:
         self.unit_scale = torch.ones((), device=device)  # the non-finite check's "unscale": by 1
         if self.skip_nonfinite:
             self.optimizer.found_inf = self.found_inf  # Adam.step hands it to the fused step
-        self.step_optimizer = self.optimizer.step  # compile_optimizer_step() compiles it
+        self.step_optimizer = self.optimizer.step  # update_step(compile=True) compiles one run's
         self.total_it = 0
 
     def draw_noise(self, batch_size: int) -> Dict[str, torch.Tensor]:

@@ -23,6 +23,8 @@ import yaml
 
 import algorithms.finetune.cql as finetune_cql
 import algorithms.offline.cql as offline_cql
+from algorithms.common import data
+from algorithms.common.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_ROOTS = {
@@ -199,17 +201,16 @@ def test_config_leaves_machine_settings_to_the_script(kind, path):
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,path", ALL_CONFIGS)
 def test_env_resolves(kind, path):
-    module = MODULES[kind]
     env = _load(path)["env"]
     if env.endswith(".hdf5"):  # a dataset shipped in the repository (the quickstart)
         assert (REPO / env).is_file(), f"{env}: not in the repository"
-    elif env in module.D4RL_DATASETS:
-        url, ref_min, ref_max = module.D4RL_DATASETS[env]
+    elif env in data.D4RL_DATASETS:
+        url, ref_min, ref_max = data.D4RL_DATASETS[env]
         assert url.startswith("http") and url.endswith(".hdf5")
         assert math.isfinite(ref_min) and math.isfinite(ref_max) and ref_max > ref_min
         assert not path.stem.endswith("_minari"), "a *_minari.yaml must name a Minari dataset"
     else:
-        assert env in set(module.MINARI_EQUIVALENTS.values()) | MUJOCO_MINARI_IDS, f"{env!r} is neither D4RL nor Minari"
+        assert env in set(data.MINARI_EQUIVALENTS.values()) | MUJOCO_MINARI_IDS, f"{env!r} is neither D4RL nor Minari"
         assert path.stem.endswith("_minari"), "a Minari dataset belongs in a *_minari.yaml"
 
 
@@ -312,12 +313,11 @@ def test_published_hyperparameters(kind, relpath, expected):
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,path", MINARI_CONFIGS)
 def test_minari_variant_matches_d4rl_twin(kind, path):
-    module = MODULES[kind]
     twin_path = path.with_name(path.stem[: -len("_minari")] + ".yaml")
     assert twin_path.exists(), f"no D4RL twin {twin_path.name}"
     minari, d4rl = _load(path), _load(twin_path)
 
-    assert minari["env"] == module.MINARI_EQUIVALENTS[d4rl["env"]]
+    assert minari["env"] == data.MINARI_EQUIVALENTS[d4rl["env"]]
     assert minari.get("max_episode_steps") == MINARI_EPISODE_STEPS[minari["env"]]
 
     ignored = {"env", "max_episode_steps"}
@@ -342,21 +342,24 @@ def test_mujoco_minari_config_has_the_nearest_d4rl_levels_hyperparameters(kind, 
 
 
 # --------------------------------------------------------------------------------------
-# 5. parse_config is strict, so the checks above mean something
+# 5. parse_config is strict, so the checks above mean something. The parsing is algorithms/common/config.py's,
+#    one for both scripts: these run once, through the offline script's TrainConfig and checks; each script's
+#    wiring (its parse_config and main) is checked once at the end.
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["offline", "finetune"])
+parse_config = offline_cql.parse_config  # strict.parse_config(argv, offline TrainConfig, offline check_config)
+
+
 @pytest.mark.parametrize(
     "key,value",
     [("no_such_field", 1), ("cql_alpha", "ten"), ("normalize", "maybe"), ("q_n_hidden_layers", 2.5)],
 )
-def test_parse_config_rejects_bad_keys_and_types(kind, key, value, tmp_path):
-    module = MODULES[kind]
-    data = _load(CONFIG_ROOTS[kind] / "antmaze" / "umaze_v2.yaml")
+def test_parse_config_rejects_bad_keys_and_types(key, value, tmp_path):
+    data = _load(CONFIG_ROOTS["offline"] / "antmaze" / "umaze_v2.yaml")
     data[key] = value
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
-    with pytest.raises(module.ConfigError) as info:
-        module.parse_config(["--config_path", str(bad)])
+    with pytest.raises(ConfigError) as info:
+        parse_config(["--config_path", str(bad)])
     message = str(info.value).strip()
     assert message and "\n" not in message
 
@@ -374,31 +377,27 @@ SAME_EITHER_WAY = [  # (field, text on the command line or in a YAML file, the v
 ]
 
 
-@pytest.mark.parametrize("kind", ["offline", "finetune"])
 @pytest.mark.parametrize("key,text,expected", SAME_EITHER_WAY, ids=[f"{k}={t}" for k, t, _ in SAME_EITHER_WAY])
-def test_command_line_values_are_typed_as_yaml_types_them(kind, key, text, expected, tmp_path):
-    module = MODULES[kind]
+def test_command_line_values_are_typed_as_yaml_types_them(key, text, expected, tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text(f"{key}: {text}\n")
     for argv in ([f"--{key}={text}"], ["--config_path", str(yaml_file)]):
         if expected == ERROR:
-            with pytest.raises(module.ConfigError, match=f"field '{key}' expects") as info:
-                module.parse_config(argv)
+            with pytest.raises(ConfigError, match=f"field '{key}' expects") as info:
+                parse_config(argv)
             assert "\n" not in str(info.value), argv
         else:
-            value = getattr(module.parse_config(argv), key)
+            value = getattr(parse_config(argv), key)
             assert value == expected and type(value) is type(expected), (argv, value)
 
 
-@pytest.mark.parametrize("kind", ["offline", "finetune"])
-def test_a_string_field_keeps_command_line_text(kind, tmp_path):
+def test_a_string_field_keeps_command_line_text(tmp_path):
     """--name=5 is the name "5"; in a YAML file `name: 5` is a number, which a string field refuses."""
-    module = MODULES[kind]
-    assert module.parse_config(["--name=5"]).name == "5"
+    assert parse_config(["--name=5"]).name == "5"
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("name: 5\n")
-    with pytest.raises(module.ConfigError, match="field 'name' expects a string, got 5"):
-        module.parse_config(["--config_path", str(yaml_file)])
+    with pytest.raises(ConfigError, match="field 'name' expects a string, got 5"):
+        parse_config(["--config_path", str(yaml_file)])
 
 
 # YAML that is valid but ambiguous or of the wrong kind: a one-line ConfigError naming the file (and the key).
@@ -425,27 +424,23 @@ BAD_YAML = [  # (what, file contents, expected message after "config file <path>
 ]
 
 
-@pytest.mark.parametrize("kind", ["offline", "finetune"])
 @pytest.mark.parametrize("what,text,message", BAD_YAML, ids=[b[0] for b in BAD_YAML])
-def test_bad_yaml_is_a_one_line_error_naming_the_file(kind, what, text, message, tmp_path):
-    module = MODULES[kind]
+def test_bad_yaml_is_a_one_line_error_naming_the_file(what, text, message, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    with pytest.raises(module.ConfigError) as info:
-        module.parse_config(["--config_path", str(path)])
+    with pytest.raises(ConfigError) as info:
+        parse_config(["--config_path", str(path)])
     error = str(info.value)
     assert "\n" not in error and re.search(message, error), error
     assert error.startswith(f"config file {path}: ") or "must be at most" in error, error  # limits: after parsing
 
 
-@pytest.mark.parametrize("kind", ["offline", "finetune"])
-def test_yaml_anchors_and_merges_without_a_repeat_are_read(kind, tmp_path):
+def test_yaml_anchors_and_merges_without_a_repeat_are_read(tmp_path):
     """Anchors, aliases and merges are YAML that means one thing: read as SafeLoader reads them."""
     path = tmp_path / "c.yaml"
-    path.write_text("\ufeff<<: {batch_size: 8}\nseed: &s 3\neval_seed: *s\n" if kind == "finetune"
-                    else "\ufeff<<: {batch_size: 8}\nseed: &s 3\nbc_steps: *s\n")  # with a byte order mark
-    config = MODULES[kind].parse_config(["--config_path", str(path)])
-    assert config.batch_size == 8 and config.seed == 3
+    path.write_text("\ufeff<<: {batch_size: 8}\nseed: &s 3\nbc_steps: *s\n")  # with a byte order mark
+    config = parse_config(["--config_path", str(path)])
+    assert config.batch_size == 8 and config.seed == 3 and config.bc_steps == 3
 
 
 @pytest.mark.parametrize("kind,path", [p for p in ALL_CONFIGS if "hopper/medium_v2" in p.id or "umaze_v2" in p.id])
@@ -455,5 +450,29 @@ def test_shipped_config_with_a_key_repeated_is_refused(kind, path, tmp_path):
     repeated = tmp_path / path.name
     repeated.write_text("\n".join(lines + [lines[first]]) + "\n")
     key, where = lines[first].split(":")[0], f"lines {first + 1} and {len(lines) + 1}"
-    with pytest.raises(MODULES[kind].ConfigError, match=f"key '{key}' given twice \\({where}\\)"):
+    with pytest.raises(ConfigError, match=f"key '{key}' given twice \\({where}\\)"):
         MODULES[kind].parse_config(["--config_path", str(repeated)])
+
+
+# --------------------------------------------------------------------------------------
+# 6. each script's wiring: its main parses with its own TrainConfig and checks, bad input is exit code 2
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["offline", "finetune"])
+def test_main_refuses_bad_yaml_and_its_own_fields_in_one_line_exit_2(kind, tmp_path, capsys):
+    module = MODULES[kind]
+    path = tmp_path / "c.yaml"
+    path.write_text("batch_size: 8\nseed: 1\nbatch_size: 16\n")
+    other = "eval_seed" if kind == "offline" else "max_timesteps"  # the other script's own field
+    for argv, message in [(["--config_path", str(path)],
+                           f"error: config file {path}: key 'batch_size' given twice (lines 1 and 3)"),
+                          ([f"--{other}=3"], f"error: command line: unknown option '--{other}'")]:
+        with pytest.raises(SystemExit) as stop:
+            module.main(argv)
+        assert stop.value.code == 2 and capsys.readouterr().err.strip() == message
+    # Each script's own fields: with their types (an anchor and alias), and its own checks.
+    own = "eval_seed" if kind == "finetune" else "bc_steps"
+    path.write_text(f"<<: {{batch_size: 8}}\nseed: &s 3\n{own}: *s\n")
+    config = module.parse_config(["--config_path", str(path)])
+    assert isinstance(config, module.TrainConfig) and (config.batch_size, getattr(config, own)) == (8, 3)
+    with pytest.raises(ConfigError, match="^fields 'cql_clip_diff_min' \\(1.0\\) > 'cql_clip_diff_max' \\(0.0\\)$"):
+        module.parse_config(["--cql_clip_diff_min=1", "--cql_clip_diff_max=0"])

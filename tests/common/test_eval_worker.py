@@ -1,11 +1,12 @@
-"""A background evaluation worker killed with SIGKILL (--background_eval=true), in both scripts.
+"""A background evaluation worker killed with SIGKILL (--background_eval=true).
 
-* the evaluator replaces a dead worker once, with one line, and the evaluations it had pending (its job
-  possibly lost with it) run again; if the replacement dies too before they are done, EvaluationWorkerError;
-  neither collect(wait=True) nor close() waits on a dead worker;
+* algorithms/common/evaluation.py's Evaluator replaces a dead worker once, with one line, and the evaluations
+  it had pending (its job possibly lost with it) run again; if the replacement dies too before they are done,
+  EvaluationWorkerError; neither collect(wait=True) nor close() waits on a dead worker (checked once);
 * in a run: a worker killed mid-run costs one line, the run ends normally and logs every evaluation with
-  the values of an uninterrupted run; killed again after its restart, the run stops (exit code 3) in one
-  line naming the last good checkpoint, and --resume from it logs every evaluation once.
+  the values of an uninterrupted run (once, the offline script); killed again after its restart, the run stops
+  (exit code 3) in one line naming the last good checkpoint, and --resume from it logs every evaluation once
+  (each script: its wiring of the evaluator, its checkpoints' pending evaluations).
 """
 import importlib
 import os
@@ -20,6 +21,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import metrics_rows
+
+import algorithms.offline.cql as offline_cql
+from algorithms.common import evaluation
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
@@ -80,20 +84,19 @@ def hopper() -> gym.Env:
     return gym.make("Hopper-v4", max_episode_steps=20)
 
 
-@pytest.mark.parametrize("script", ["offline", "finetune"])
-def test_a_killed_worker_is_replaced_once_then_the_evaluator_stops(script, capsys):
-    module = importlib.import_module(f"algorithms.{script}.cql")
-    actor = module.TanhGaussianActor(11, 3, 1.0)
-    args = (hopper(), hopper, 2, 5, np.zeros(11), np.ones(11), actor)
-    extra = () if script == "offline" else (False,)
-    evaluator = module.Evaluator(*args, True, *extra, label="run-x",
-                                 last_good_checkpoint=lambda: "; last good checkpoint: ck.pt")
-    weights = module.actor_weights(actor)
+def test_a_killed_worker_is_replaced_once_then_the_evaluator_stops(capsys):
+    """The common Evaluator, once, with the offline script's episode loop (the finetune script's, a
+    functools.partial, runs in a worker in its run below)."""
+    actor = offline_cql.TanhGaussianActor(11, 3, 1.0)
+    args = (hopper(), hopper, 2, offline_cql.evaluate, (5, np.zeros(11), np.ones(11)), actor)
+    evaluator = evaluation.Evaluator(*args, True, label="run-x",
+                                     last_good_checkpoint=lambda: "; last good checkpoint: ck.pt")
+    weights = evaluation.actor_weights(actor)
     evaluator.submit(10, weights)
     first_pid = evaluator.worker.pid
     kill(evaluator)  # its job is lost with it (it had not even started)
     got = within(120, lambda: evaluator.collect(wait=True))
-    foreground = module.Evaluator(*args, False, *extra)
+    foreground = evaluation.Evaluator(*args, False)
     foreground.submit(10, weights)
     want = foreground.collect()
     assert [step for step, *_ in got] == [10]
@@ -108,7 +111,7 @@ def test_a_killed_worker_is_replaced_once_then_the_evaluator_stops(script, capsy
     assert "evaluating update(s) 20 again" in capsys.readouterr().err
     second_pid = evaluator.worker.pid
     kill(evaluator)  # the replacement dies too before 20 is done
-    with pytest.raises(module.EvaluationWorkerError) as stop:
+    with pytest.raises(evaluation.EvaluationWorkerError) as stop:
         within(60, lambda: evaluator.collect(wait=True))
     assert str(stop.value) == (f"the evaluation worker of run-x (pid {second_pid}), restarted to run the "
                                f"evaluation of update 20 again, died too (killed by SIGKILL); stopping; "
@@ -163,8 +166,10 @@ def drive(script: str, args: list, kill_restarted: bool = False) -> subprocess.C
                           text=True, timeout=300)  # a hang fails here
 
 
-@pytest.mark.parametrize("script", ["offline", "finetune"])
-def test_a_run_whose_worker_is_killed_goes_on_and_logs_every_evaluation(script, hopper_hdf5, tmp_path, reference):
+def test_a_run_whose_worker_is_killed_goes_on_and_logs_every_evaluation(hopper_hdf5, tmp_path, reference):
+    """The Evaluator's replacement of a dead worker in a run: once, the offline script (the finetune script's
+    run with its worker killed is the next test's)."""
+    script = "offline"
     done = drive(script, run_args(script, hopper_hdf5, tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     (line,) = lines_about_the_worker(done.stderr)

@@ -1,13 +1,47 @@
-"""The speed layer changes nothing but speed: flags off is the plain update, compile is the same math."""
+"""The speed layer changes nothing but speed: flags off is the plain update, compile is the same math.
+
+The mechanics are algorithms/common/fast.py's (EnsembleLinear, compiled_adam_step, UpdateStep): checked once;
+what each script wires to them (its critics' compiled layers, its update_step's choice of what to compile, its
+load_state_dict keeping the optimizer's flavour) in each script.
+"""
 import copy
+import inspect
 
 import numpy as np
 import pytest
 import torch
-from test_losses import VARIANTS, fast_losses, trainer_grads
 
 import algorithms.finetune.cql as finetune
 import algorithms.offline.cql as cql
+from algorithms.common import fast as common_fast
+
+VARIANTS = {  # tests/offline/test_losses.py's config variants that these tests compile
+    "default": {},
+    "max_target_backup": {"cql_max_target_backup": True, "backup_entropy": True},
+    "lagrange_no_is_clipped": {"cql_lagrange": True, "cql_importance_sample": False, "cql_clip_diff_max": 0.1},
+}
+
+
+def trainer_grads(trainer):
+    """The gradients of the actor, critics and alphas by group (zeros where none)."""
+    def g(params):
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    return {
+        "actor": g(list(trainer.actor.net.parameters())
+                   + [trainer.actor.log_std_multiplier, trainer.actor.log_std_offset]),
+        "critic": g(list(trainer.critic.weights) + list(trainer.critic.biases)),
+        "log_alpha": g([trainer.log_alpha]),
+        "log_alpha_prime": g([trainer.log_alpha_prime]),
+    }
+
+
+def fast_losses(trainer, batch, noise, bc=False, penalty=True):
+    """The script's losses; the finetune script's take whether the penalty is computed (see CQL.phase)."""
+    if "penalty" in inspect.signature(trainer.losses).parameters:
+        return trainer.losses(batch, noise, bc=bc, penalty=penalty)
+    assert penalty, "the offline script always computes the penalty"
+    return trainer.losses(batch, noise, bc=bc)
 
 
 def small_buffer(n: int = 500, seed: int = 0) -> cql.ReplayBuffer:
@@ -38,7 +72,7 @@ def test_every_flag_off_is_the_plain_update_exactly():
     for _ in range(6):  # crosses the behaviour-cloning phase and both target-update phases
         metrics = plain.train(buffer.sample(16))
         metric_sum += torch.stack([metrics[name] for name in cql.METRIC_NAMES])
-    step = cql.UpdateStep(fast, buffer, 16, compile=False, cudagraphs=True)  # no cuda: graphs are off
+    step = fast.update_step(buffer, 16, compile=False, cudagraphs=True)  # no cuda: graphs are off
     torch.manual_seed(1)
     for _ in range(6):
         step()
@@ -74,16 +108,17 @@ def test_compiled_losses_and_gradients_equal_eager(variant):
 
 
 def test_ensemble_linear_gradients_match_numerical_ones():
+    linear = common_fast.EnsembleLinear.apply
     torch.manual_seed(3)
     weight = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(2, 1, 3, dtype=torch.float64, requires_grad=True)
     for x in (torch.randn(1, 6, 4, dtype=torch.float64, requires_grad=True),  # shared by both critics
               torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)):  # one input per critic
-        assert torch.autograd.gradcheck(cql.EnsembleLinear.apply, (x, weight, bias))
-        assert torch.autograd.gradcheck(cql.EnsembleLinear.apply, (x, weight, None))
+        assert torch.autograd.gradcheck(linear, (x, weight, bias))
+        assert torch.autograd.gradcheck(linear, (x, weight, None))
         expected = torch.baddbmm(bias, x.expand(2, -1, -1), weight)
-        torch.testing.assert_close(cql.EnsembleLinear.apply(x, weight, bias), expected)
-        torch.testing.assert_close(cql.EnsembleLinear.apply(x, weight, None), torch.bmm(x.expand(2, -1, -1), weight))
+        torch.testing.assert_close(linear(x, weight, bias), expected)
+        torch.testing.assert_close(linear(x, weight, None), torch.bmm(x.expand(2, -1, -1), weight))
 
 
 def test_a_batch_is_the_datasets_rows_at_the_drawn_indices():
@@ -185,13 +220,11 @@ def adam_deltas(trainer, steps: int = 5) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in params]) - before
 
 
-@pytest.mark.parametrize("module", ["offline", "finetune"])
-def test_compiled_adam_step_makes_the_plain_steps_updates(module):
-    """compile_optimizer_step (foreach Adam under torch.compile) moves every weight as eager Adam does, up to
+def test_compiled_adam_step_makes_the_plain_steps_updates():
+    """compiled_adam_step (foreach Adam under torch.compile) moves every weight as eager Adam does, up to
     float rounding; a 1% change of one learning rate is far outside that bound."""
-    module = cql if module == "offline" else finetune
-    plain, compiled, mutated = make({}, module), make({}, module), make({}, module)
-    compiled.compile_optimizer_step()
+    plain, compiled, mutated = make({}), make({}), make({})
+    compiled.step_optimizer = common_fast.compiled_adam_step(compiled.optimizer)
     assert compiled.step_optimizer is not compiled.optimizer.step
     assert all(g["foreach"] and not g["fused"] for g in compiled.optimizer.param_groups)
     mutated.optimizer.param_groups[1]["lr"] *= 1.01  # the critics' learning rate
@@ -202,25 +235,27 @@ def test_compiled_adam_step_makes_the_plain_steps_updates(module):
 
 
 @pytest.mark.parametrize("module", ["offline", "finetune"])
-def test_compile_compiles_adam_only_for_one_run_that_stops_at_non_finite_values(module):
+def test_compile_compiles_adam_only_for_one_run_that_stops_at_non_finite_values(module, monkeypatch):
     """A stack keeps (fused) Adam uncompiled: compiled, it costs more GPU memory per seed than it saves time;
     on_nonfinite "skip" needs fused Adam's found_inf. Checkpoints keep this run's flavour either way."""
     module = cql if module == "offline" else finetune
     one_run, skipping = make({}, module), make({"on_nonfinite": "skip"}, module)
     torch.manual_seed(0)
     stack = module.CQL(one_run.config, 5, 3, 1.0, torch.device("cpu"), seeds=[0, 1])
-    for trainer in (one_run, skipping, stack):
-        trainer.compile_optimizer_step = lambda trainer=trainer: setattr(trainer, "compiled", True)
-        module.UpdateStep(trainer, None, 16, compile=True)
-    assert getattr(one_run, "compiled", False)
-    assert not getattr(skipping, "compiled", False) and not getattr(stack, "compiled", False)
+    compiled_for = []
+    with monkeypatch.context() as patch:
+        patch.setattr(common_fast, "compiled_adam_step", lambda optimizer: compiled_for.append(optimizer) or "step")
+        for trainer in (one_run, skipping, stack):
+            trainer.update_step(None, 16, compile=True)
+    assert compiled_for == [one_run.optimizer] and one_run.step_optimizer == "step"
+    assert skipping.step_optimizer != "step" and stack.step_optimizer != "step"
     assert one_run.critic.one_pass and skipping.critic.one_pass and not stack.critic.one_pass  # one pass: one run
     assert one_run.critic.sum_output and stack.critic.sum_output
     plain = make({}, module)
-    module.UpdateStep(plain, None, 16, compile=False)
+    plain.update_step(None, 16, compile=False)
     assert not plain.critic.one_pass and not plain.critic.sum_output
     compiled = make({}, module)
-    compiled.compile_optimizer_step()
+    compiled.step_optimizer = common_fast.compiled_adam_step(compiled.optimizer)
     assert update_deltas(compiled).abs().max() > 0  # apply_update steps through the compiled step
     plain = make({}, module)
     plain.load_state_dict(compiled.state_dict())

@@ -1,7 +1,11 @@
-"""Faults outside the training math, in both scripts: two processes on one run directory (the second is
-refused, a dead one's lock is not), a disk that fills (or fails) during a checkpoint, metrics or replay
-write (exit 3 naming the last good checkpoint, which a later --resume continues from exactly), and wandb
-without a server or raising mid-run (one warning line, training and metrics.jsonl go on)."""
+"""Faults outside the training math: two processes on one run directory (the second is refused, a dead one's
+lock is not), a disk that fills (or fails) during a checkpoint, metrics or replay write (exit 3 naming the last
+good checkpoint, which a later --resume continues from exactly), and wandb without a server or raising mid-run
+(one warning line, training and metrics.jsonl go on).
+
+The machinery is algorithms/common/runs.py's (locks, atomic writes, the metrics logger, the wandb guard): each
+fault is checked once, against the common module or through one script; each script keeps an end-to-end case
+of what it wires itself (its checkpoint files, finetune's replay file, a stack's run directories, wandb)."""
 import errno
 import json
 import os
@@ -15,14 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import metrics_rows
-from test_finetune_durability import assert_same_run
-from test_finetune_durability import run_args as finetune_args
-from test_offline_durability import final_weights
-from test_offline_durability import run_args as offline_args
+from conftest import assert_same_finetune_run, metrics_rows
+from conftest import finetune_run_args as finetune_args
+from conftest import offline_final_weights as final_weights
+from conftest import offline_run_args as offline_args
 
 import algorithms.finetune.cql as finetune_cql
 import algorithms.offline.cql as offline_cql
+from algorithms.common import runs
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -46,7 +50,7 @@ def final_step(script: str) -> int:
 def assert_same_as(script: str, reference: Path, run_dir: Path) -> None:
     """The same final weights, Adam state (finetune: replay rows and counters) and every metrics row."""
     if script == "finetune":
-        assert_same_run(reference, run_dir, final_step(script))
+        assert_same_finetune_run(reference, run_dir, final_step(script))
         return
     want, got = final_weights(reference, 120), final_weights(run_dir, 120)
     for part in ("actor", "critic", "target"):
@@ -84,9 +88,10 @@ def wait_for(process: subprocess.Popen, run_root: Path, pattern: str, runs: int 
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("script", ["offline", "finetune"])
-def test_a_second_process_on_a_run_directory_is_refused_and_a_dead_ones_lock_does_not_block(
-        script, hopper_hdf5, tmp_path):
+def test_a_second_process_on_a_run_directory_is_refused_and_a_dead_ones_lock_does_not_block(hopper_hdf5, tmp_path):
+    """runs.lock_run_dir between two processes: once, the offline script run as a file (each script's stack
+    below takes its run directories' locks through main)."""
+    script = "offline"
     path = str(ROOT / f"algorithms/{script}/cql.py")
     long_run = [a for a in args_of(script, hopper_hdf5, tmp_path)
                 if not a.startswith(("--max_timesteps", "--offline_iterations", "--online_iterations"))]
@@ -110,7 +115,7 @@ def test_a_second_process_on_a_run_directory_is_refused_and_a_dead_ones_lock_doe
         first.wait()
     # The killed run's .lock is still there, but its lock died with it: --resume goes on.
     assert (run_dir / ".lock").read_text().strip() == str(first.pid)
-    newest = int(offline_cql.checkpoint_files(run_dir)[-1].stem.split("_")[1])
+    newest = int(runs.checkpoint_files(run_dir)[-1].stem.split("_")[1])
     more = f"--max_timesteps={newest + 10}" if script == "offline" else f"--offline_iterations={newest + 10}"
     resumed = subprocess.run([sys.executable, path, f"--resume={run_dir}", more], env=ENV, capture_output=True,
                              text=True, timeout=300)
@@ -123,8 +128,8 @@ HOLDER = """
 import sys, time, types
 from pathlib import Path
 sys.path.insert(0, {root!r})
-import algorithms.{script}.cql as cql
-cql.lock_run_dir(Path({run_dir!r}), types.SimpleNamespace(resume={run_dir!r}, checkpoints_path=None))
+from algorithms.common.runs import lock_run_dir
+lock_run_dir(Path({run_dir!r}), types.SimpleNamespace(resume={run_dir!r}, checkpoints_path=None))
 print("held", flush=True)
 time.sleep(600)
 """
@@ -137,10 +142,9 @@ def test_a_stack_is_refused_while_another_process_holds_one_of_its_run_directori
     short = ["--max_timesteps=30"] if script == "offline" else ["--offline_iterations=10", "--online_iterations=10"]
     args = args_of(script, hopper_hdf5, tmp_path) + short + ["--seeds=3,4"]
     module.train(module.parse_config(args))
-    assert not module._RUN_DIR_LOCKS  # released when train() returned
+    assert not runs._RUN_DIR_LOCKS  # released when train() returned
     first, second = sorted(tmp_path.iterdir(), key=lambda d: int(d.name.split("-")[-2]))
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT), script=script,
-                                                                   run_dir=str(second))],
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT), run_dir=str(second))],
                               env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -151,7 +155,7 @@ def test_a_stack_is_refused_while_another_process_holds_one_of_its_run_directori
         assert exit_info.value.code == 2 and len(err) == 1, err
         assert f"run directory {second} is in use by another process (pid {holder.pid})" in err[0], err
         assert {p.name: p.read_bytes() for p in first.iterdir() if p.name != ".lock"} == before  # nothing changed
-        assert not module._RUN_DIR_LOCKS  # the first run's lock, taken before the refusal, is given back
+        assert not runs._RUN_DIR_LOCKS  # the first run's lock, taken before the refusal, is given back
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -159,7 +163,7 @@ def test_a_stack_is_refused_while_another_process_holds_one_of_its_run_directori
     module.main([f"--resume={first}", *more])
     assert "resumed at" in capsys.readouterr().out
     for run_dir in (first, second):
-        assert module.checkpoint_files(run_dir)[-1].name == f"checkpoint_{30 if script == 'finetune' else 40}.pt"
+        assert runs.checkpoint_files(run_dir)[-1].name == f"checkpoint_{30 if script == 'finetune' else 40}.pt"
 
 
 # ------------------------------------------------------------------ a full or failing disk
@@ -200,24 +204,24 @@ class TornAppends:
         self.file.close()
 
 
-def torn_metrics_at(module, monkeypatch, fail_at: int) -> None:
+def torn_metrics_at(monkeypatch, fail_at: int) -> None:
     def opener(path, mode="r", *args, **kwargs):
         if Path(path).name == "metrics.jsonl" and mode == "a":
             return TornAppends(Path(path), fail_at)
         return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(module, "open", opener, raising=False)  # the module's open, not the builtin
+    monkeypatch.setattr(runs, "open", opener, raising=False)  # RunLogger's open (algorithms/common/runs.py)
 
 
 # (script, what fails, where: the file, or for metrics the first row after this update, the file named, the last
 # good checkpoint): offline checkpoints every 30 updates (its row of update 60 comes before its checkpoint 60),
-# finetune every 20.
+# finetune every 20. Each script's own checkpoint files (finetune: and its replay file); a torn metrics row
+# (runs.RunLogger, one for both scripts) once.
 DISK_FULL = [
     ("offline", "checkpoint", "checkpoint_60.pt", "checkpoint_60.pt", "checkpoint_30.pt"),
     ("offline", "metrics", 40, "metrics.jsonl", "checkpoint_30.pt"),
     ("finetune", "checkpoint", "checkpoint_40.pt", "checkpoint_40.pt", "checkpoint_20.pt"),
     ("finetune", "replay", "replay_40.pt", "replay_40.pt", "checkpoint_20.pt"),
-    ("finetune", "metrics", 40, "metrics.jsonl", "checkpoint_40.pt"),
 ]
 
 
@@ -228,7 +232,7 @@ def test_a_full_disk_stops_with_exit_3_keeps_the_last_checkpoint_and_resume_cont
     with monkeypatch.context() as patch:
         if what == "metrics":  # the n-th write is the first row after update `where`
             steps = [row["step"] for row in metrics_rows(references[script])]
-            torn_metrics_at(module, patch, next(i for i, s in enumerate(steps) if s > where) + 1)
+            torn_metrics_at(patch, next(i for i, s in enumerate(steps) if s > where) + 1)
         else:
             full_disk_for(patch, where)
         with pytest.raises(SystemExit) as exit_info:
@@ -238,7 +242,7 @@ def test_a_full_disk_stops_with_exit_3_keeps_the_last_checkpoint_and_resume_cont
     assert exit_info.value.code == 3 and len(err) == 1, err
     assert err[0] == (f"error: disk full writing {run_dir / named} (No space left on device); last good "
                       f"checkpoint: {run_dir / last_good}"), err[0]
-    assert module.checkpoint_files(run_dir)[-1].name == last_good
+    assert runs.checkpoint_files(run_dir)[-1].name == last_good
     assert not list(run_dir.glob(".*.tmp"))  # the failed write's temporary file is gone
     text = (run_dir / "metrics.jsonl").read_text()
     assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines())  # no torn row
@@ -248,14 +252,12 @@ def test_a_full_disk_stops_with_exit_3_keeps_the_last_checkpoint_and_resume_cont
     assert_same_as(script, references[script], run_dir)
 
 
-@pytest.mark.parametrize("script", ["offline", "finetune"])
 @pytest.mark.parametrize("code, fails", [(errno.ENOSPC, "write"), (errno.ENOSPC, "torch.save"), (errno.EIO, "fsync"),
                                          (errno.EROFS, "mkstemp"), (errno.EDQUOT, "replace")],
                          ids=["ENOSPC", "ENOSPC inside torch.save", "EIO", "EROFS", "EDQUOT"])
-def test_a_failed_atomic_write_is_a_write_error_and_leaves_the_old_files(script, code, fails, tmp_path, monkeypatch):
-    module = MODULES[script]
-    module.write_atomic(tmp_path / "checkpoint_10.pt", lambda f: torch.save({"old": 1}, f))
-    module.write_atomic(tmp_path / "checkpoint_20.pt", lambda f: torch.save({"old": 2}, f))
+def test_a_failed_atomic_write_is_a_write_error_and_leaves_the_old_files(code, fails, tmp_path, monkeypatch):
+    runs.write_atomic(tmp_path / "checkpoint_10.pt", lambda f: torch.save({"old": 1}, f))
+    runs.write_atomic(tmp_path / "checkpoint_20.pt", lambda f: torch.save({"old": 2}, f))
 
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code))
@@ -273,8 +275,8 @@ def test_a_failed_atomic_write_is_a_write_error_and_leaves_the_old_files(script,
     elif fails != "torch.save":
         monkeypatch.setattr({"fsync": os, "replace": os, "mkstemp": tempfile}[fails], fails, fail)
     for name in ("checkpoint_20.pt", "checkpoint_30.pt"):  # over an old file, and a new one
-        with pytest.raises(module.WriteError) as error:
-            module.write_atomic(tmp_path / name, save)
+        with pytest.raises(runs.WriteError) as error:
+            runs.write_atomic(tmp_path / name, save)
         what = "disk full writing" if code in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
         assert str(error.value) == (f"{what} {tmp_path / name} ({os.strerror(code)}); last good checkpoint: "
                                     f"{tmp_path / 'checkpoint_20.pt'}")
@@ -311,9 +313,10 @@ class FakeWandb:
         self._call("finish")
 
 
+# runs.WandbGuard and RunLogger, one for both scripts: each failing call once (offline), a stack's one guard once,
+# and the finetune script's run with wandb failing mid-run, end to end.
 WANDB_CASES = [("offline", "init", None), ("offline", "log", None), ("offline", "finish", None),
-               ("offline", "init", "3,4"), ("finetune", "init", None), ("finetune", "log", None),
-               ("finetune", "finish", None), ("finetune", "log", "3,4")]
+               ("offline", "init", "3,4"), ("finetune", "log", None)]
 
 
 @pytest.mark.parametrize("script, fails, seeds", WANDB_CASES,

@@ -4,8 +4,11 @@ The state must hold the ant's torso x/y (AntMaze's `observation` lacks it; it is
 in the same columns for a dataset and for the eval/online env, and goal_in_state=false must give
 D4RL's AntMaze observation, qpos[:15] ++ qvel[:14]. Local Minari datasets are made here from random
 actions in a temporary MINARI_DATASETS_PATH; nothing is downloaded.
+
+The flattening and loading are algorithms/common/data.py's, checked once; the runs and the bad inputs through
+main are each script's (every bad input once, through the offline script; the finetune script's main with two).
 """
-import inspect
+import dataclasses
 import re
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from conftest import metrics_rows
 
 import algorithms.finetune.cql as finetune
 import algorithms.offline.cql as offline
+from algorithms.common import data as common_data
 from tools.rollouts import random_episodes, write_d4rl_hdf5, write_minari_dataset
 
 pytest.importorskip("gymnasium_robotics")
@@ -32,7 +36,7 @@ TINY = ["--batch_size=16", "--cql_n_actions=2", "--n_episodes=2", "--q_n_hidden_
 
 
 def robotics_env(env_id: str = ENV_ID, **kwargs) -> gym.Env:
-    offline.check_env_id(env_id)  # registers Gymnasium-Robotics' ids
+    common_data.check_env_id(env_id)  # registers Gymnasium-Robotics' ids
     return gym.make(env_id, **kwargs)
 
 
@@ -72,12 +76,11 @@ def antmaze(minari_root, monkeypatch):
 
 
 # ------------------------------------------------------------------ the state's columns
-@pytest.mark.parametrize("cql", SCRIPTS, ids=["offline", "finetune"])
-def test_flattened_antmaze_observation_holds_the_torso_and_d4rl_layout(cql):
+def test_flattened_antmaze_observation_holds_the_torso_and_d4rl_layout():
     for goal_in_state in (False, True):
-        env = cql.flat_observation_env(robotics_env(), goal_in_state)
+        env = common_data.flat_observation_env(robotics_env(), goal_in_state)
         sim, maze = env.unwrapped.data, env.unwrapped
-        assert cql.state_columns(maze.observation_space, goal_in_state) == (
+        assert common_data.state_columns(maze.observation_space, goal_in_state) == (
             [("achieved_goal", 2), ("desired_goal", 2), ("observation", 27)] if goal_in_state
             else [("achieved_goal", 2), ("observation", 27)])
         obs, _ = env.reset(seed=1)
@@ -95,11 +98,10 @@ def test_flattened_antmaze_observation_holds_the_torso_and_d4rl_layout(cql):
             obs = env.step(rng.uniform(-1, 1, 8))[0]
 
 
-@pytest.mark.parametrize("cql", SCRIPTS, ids=["offline", "finetune"])
-def test_minari_antmaze_rows_match_the_simulator_and_the_eval_env(cql, antmaze):
+def test_minari_antmaze_rows_match_the_simulator_and_the_eval_env(antmaze):
     episodes = antmaze[DATASET]
     for goal_in_state in (None, False):  # None: a Minari dataset keeps the goal
-        data = cql.load_dataset(cql.TrainConfig(env=DATASET, goal_in_state=goal_in_state))
+        data = common_data.load_dataset(offline.TrainConfig(env=DATASET, goal_in_state=goal_in_state))
         assert data.goal_in_state is (goal_in_state is None)
         n = len(episodes[0].actions)
         first = episodes[0]
@@ -111,7 +113,7 @@ def test_minari_antmaze_rows_match_the_simulator_and_the_eval_env(cql, antmaze):
         np.testing.assert_array_equal(rows, sim)  # x, y, z, quaternion, 8 joints, then 14 velocities
         # The eval env, seeded as the dataset's first episode was, starts on the dataset's first row.
         env = data.make_env()
-        cql.check_dataset_matches_env(data, env)
+        common_data.check_dataset_matches_env(data, env)
         np.testing.assert_array_equal(env.reset(seed=0)[0].astype(np.float32), data.observations[0])
         assert env.spec.id == ENV_ID and env.spec.max_episode_steps == 25
 
@@ -228,7 +230,7 @@ def _bad_minari_dataset(dataset_id: str, space: gym.Space) -> None:
     import minari
     from minari.data_collector import EpisodeBuffer
 
-    if (offline.minari_datasets_dir() / dataset_id).exists():
+    if (common_data.minari_datasets_dir() / dataset_id).exists():
         return
     observations = [space.sample() for _ in range(4)]
     stacked = ({k: np.stack([o[k] for o in observations]) for k in space.keys()}
@@ -272,6 +274,9 @@ def bad_inputs(tmp_path: Path):
 @pytest.mark.parametrize("cql", SCRIPTS, ids=["offline", "finetune"])
 def test_bad_goal_observation_inputs_exit_2_with_one_line(cql, antmaze, tmp_path, capsys):
     cases = bad_inputs(tmp_path)
+    if cql is finetune:  # the checks are common: the finetune script's wiring, for a Minari id and a file
+        cases = [case for case in cases if case[0] in ("Minari Dict without goal keys",
+                                                       "goal in the state, D4RL file without")]
     short = ["--max_timesteps=1"] if cql is offline else ["--offline_iterations=1", "--online_iterations=0"]
     capsys.readouterr()
     for what, argv, message in cases:
@@ -282,14 +287,17 @@ def test_bad_goal_observation_inputs_exit_2_with_one_line(cql, antmaze, tmp_path
         assert re.search(message, err[0]), (what, err[0])
 
 
-# ------------------------------------------------------------------ the two scripts' copies agree
-def test_goal_observation_helpers_are_the_same_in_both_scripts():
-    names = ["state_keys", "resolve_goal_in_state", "_describe_space", "check_observation_space", "state_columns",
-             "flatten_observation", "flat_observation_env", "check_env_id", "_make_gym_env", "minari_datasets_dir",
-             "_load_minari", "check_dataset_matches_env"]
-    for name in names:
-        assert inspect.getsource(getattr(offline, name)) == inspect.getsource(getattr(finetune, name)), name
-    assert offline.GOAL_DICT_KEYS == finetune.GOAL_DICT_KEYS == tuple(sorted(offline.GOAL_DICT_KEYS))
-    fields = {f.name: (f.type, f.default) for f in offline.fields(offline.TrainConfig)}
+# ------------------------------------------------------------------ one loader for both scripts
+def test_both_scripts_load_goal_observations_through_the_common_module():
+    """The goal-observation helpers were copies in each script; now both scripts take algorithms/common/data.py's,
+    and their goal_in_state options are the same."""
+    for name in ("load_dataset", "check_dataset_matches_env", "resolve_goal_in_state"):
+        if hasattr(offline, name):
+            assert getattr(offline, name) is getattr(common_data, name), name
+        if hasattr(finetune, name):
+            assert getattr(finetune, name) is getattr(common_data, name), name
+    assert offline.load_dataset is finetune.load_dataset is common_data.load_dataset
+    assert common_data.GOAL_DICT_KEYS == tuple(sorted(common_data.GOAL_DICT_KEYS))
+    fields = {f.name: (f.type, f.default) for f in dataclasses.fields(offline.TrainConfig)}
     assert fields["goal_in_state"] == {f.name: (f.type, f.default)
-                                       for f in finetune.fields(finetune.TrainConfig)}["goal_in_state"]
+                                       for f in dataclasses.fields(finetune.TrainConfig)}["goal_in_state"]

@@ -1,6 +1,7 @@
 """Minari's MuJoCo locomotion datasets (mujoco/<task>/<level>-v0 on Gymnasium's v5 envs), made here from
 random episodes under the real ids: D4RL's reference returns, CORL's reward normalisation, every episode's
-last transition kept, the configs train, a dataset without references logs raw returns; both scripts."""
+last transition kept, the configs train, a dataset without references logs raw returns. The loading is
+algorithms/common/data.py's, checked once; each script's reward normalisation and runs are its own."""
 from pathlib import Path
 
 import gymnasium as gym
@@ -10,6 +11,8 @@ from conftest import metrics_rows
 
 import algorithms.finetune.cql as finetune_cql
 import algorithms.offline.cql as offline_cql
+from algorithms.common import data as common_data
+from algorithms.common.config import ConfigError
 
 minari = pytest.importorskip("minari")
 from tools.rollouts import random_episodes, write_minari_dataset  # noqa: E402
@@ -43,15 +46,13 @@ def eval_rows(run_dir: Path, key: str) -> list:
 
 
 # ----------------------------------------------------------------------- references, layout, locomotion
-@pytest.mark.parametrize("script", ["offline", "finetune"])
 @pytest.mark.parametrize("task", ["halfcheetah", "hopper", "walker2d", "ant"])
-def test_mujoco_dataset_gets_d4rl_references_and_its_env_sees_what_it_stored(script, task):
-    cql = MODULES[script]
+def test_mujoco_dataset_gets_d4rl_references_and_its_env_sees_what_it_stored(task):
     dataset_id = f"mujoco/{task}/medium-v0"
     episodes = make_dataset(dataset_id, V5_ENVS[task], n_episodes=2, max_episode_steps=20)
     with pytest.raises(ValueError, match="Reference score not provided"):  # Minari has none for these
         minari.get_normalized_score(minari.load_dataset(dataset_id), np.zeros(1))
-    data = cql.load_dataset(cql.TrainConfig(env=dataset_id))
+    data = common_data.load_dataset(offline_cql.TrainConfig(env=dataset_id))
     assert (data.ref_min_score, data.ref_max_score) == D4RL_REFERENCES[task]
     assert data.ref_origin == f"D4RL's {task} random and expert returns; the Minari dataset stores none"
     assert data.is_locomotion == (task != "ant")  # CORL's modify_reward rescales these three only
@@ -59,7 +60,7 @@ def test_mujoco_dataset_gets_d4rl_references_and_its_env_sees_what_it_stored(scr
     # (Ant-v5's 105 dims: 27 of position and velocity, then the contact forces of 13 bodies), same values.
     env = data.make_env()
     assert env.spec.id == V5_ENVS[task]
-    cql.check_dataset_matches_env(data, env)
+    common_data.check_dataset_matches_env(data, env)
     obs, _ = env.reset(seed=0)
     np.testing.assert_allclose(data.observations[0], obs, rtol=1e-6, atol=1e-6)
     next_obs = env.step(episodes[0].actions[0])[0]
@@ -71,41 +72,39 @@ def test_mujoco_dataset_gets_d4rl_references_and_its_env_sees_what_it_stored(scr
 def test_dataset_references_come_first_and_the_config_overrides_both():
     make_dataset("mujoco/hopper/expert-v0", "Hopper-v5", n_episodes=1, max_episode_steps=10,
                  ref_min_score=1.0, ref_max_score=2.0)
-    data = offline_cql.load_dataset(offline_cql.TrainConfig(env="mujoco/hopper/expert-v0"))
+    data = common_data.load_dataset(offline_cql.TrainConfig(env="mujoco/hopper/expert-v0"))
     assert (data.ref_min_score, data.ref_max_score, data.ref_origin) == (1.0, 2.0, "")
     config = offline_cql.TrainConfig(env="mujoco/hopper/expert-v0", ref_max_score=50.0)
-    data = offline_cql.load_dataset(config)
+    data = common_data.load_dataset(config)
     assert (data.ref_min_score, data.ref_max_score) == (1.0, 50.0)
-    line = offline_cql.reference_scores_line(config, data.source, data.ref_min_score, data.ref_max_score,
+    line = common_data.reference_scores_line(config, data.source, data.ref_min_score, data.ref_max_score,
                                              data.ref_origin)
     assert line == "normalized score: 0 at return 1, 100 at return 50 (ref_max_score from the config)"
 
 
-@pytest.mark.parametrize("script", ["offline", "finetune"])
-def test_inverted_references_stop_when_the_config_set_one_and_warn_when_both_are_the_datasets(script):
-    cql = MODULES[script]
+def test_inverted_references_stop_when_the_config_set_one_and_warn_when_both_are_the_datasets():
     make_dataset("mujoco/hopper/expert-v0", "Hopper-v5", n_episodes=1, max_episode_steps=10,
                  ref_min_score=5.0, ref_max_score=1.0)  # as a dataset tool's learner that got worse writes them
-    config = cql.TrainConfig(env="mujoco/hopper/expert-v0")
-    data = cql.load_dataset(config)
-    line = cql.reference_scores_line(config, data.source, data.ref_min_score, data.ref_max_score, data.ref_origin)
+    config = offline_cql.TrainConfig(env="mujoco/hopper/expert-v0")
+    data = common_data.load_dataset(config)
+    line = common_data.reference_scores_line(config, data.source, data.ref_min_score, data.ref_max_score,
+                                             data.ref_origin)
     assert line == ("Minari dataset mujoco/hopper/expert-v0: warning: its reference returns are not increasing "
                     "(ref_min_score 5 >= ref_max_score 1), so the normalized score means little; set both to override")
-    config = cql.TrainConfig(env="mujoco/hopper/expert-v0", ref_max_score=5.0)
-    with pytest.raises(cql.ConfigError, match="^Minari dataset mujoco/hopper/expert-v0: fields 'ref_min_score' "
+    config = offline_cql.TrainConfig(env="mujoco/hopper/expert-v0", ref_max_score=5.0)
+    with pytest.raises(ConfigError, match="^Minari dataset mujoco/hopper/expert-v0: fields 'ref_min_score' "
                        "\\(5.0\\) >= 'ref_max_score' \\(5.0\\) \\(ref_max_score from the config\\): the return"):
-        data = cql.load_dataset(config)
-        cql.reference_scores_line(config, data.source, data.ref_min_score, data.ref_max_score, data.ref_origin)
+        data = common_data.load_dataset(config)
+        common_data.reference_scores_line(config, data.source, data.ref_min_score, data.ref_max_score,
+                                          data.ref_origin)
 
 
 # ----------------------------------------------------------------------- transitions and rewards
-@pytest.mark.parametrize("script", ["offline", "finetune"])
-def test_truncated_episode_keeps_its_last_transition_with_its_real_next_state(script):
-    cql = MODULES[script]
+def test_truncated_episode_keeps_its_last_transition_with_its_real_next_state():
     episodes = make_dataset("mujoco/hopper/simple-v0", "Hopper-v5", n_episodes=8, max_episode_steps=12)
     truncated = [e for e in episodes if e.truncations[-1] and not e.terminations[-1]]
     assert truncated, "random Hopper-v5 should outlast 12 steps in some episode"
-    data = cql.load_dataset(cql.TrainConfig(env="mujoco/hopper/simple-v0"))
+    data = common_data.load_dataset(offline_cql.TrainConfig(env="mujoco/hopper/simple-v0"))
     assert len(data.rewards) == sum(len(e.rewards) for e in episodes)  # no row dropped
     end = 0
     for e in episodes:
@@ -120,7 +119,7 @@ def test_truncated_episode_keeps_its_last_transition_with_its_real_next_state(sc
     d4rl = {"observations": np.concatenate([e.observations[:-1] for e in episodes]), "actions": data.actions,
             "rewards": data.rewards, "terminals": data.terminals,
             "timeouts": np.concatenate([e.truncations & ~e.terminations for e in episodes])}
-    assert len(cql.qlearning_transitions(d4rl)["rewards"]) == len(data.rewards) - len(truncated) - (
+    assert len(common_data.qlearning_transitions(d4rl)["rewards"]) == len(data.rewards) - len(truncated) - (
         0 if d4rl["timeouts"][-1] else 1)
 
 

@@ -7,6 +7,10 @@
 * run directories written the old way (config.yaml with the stack's seeds, no stack.yaml) still resume,
   exactly as the new ones do, and are rewritten the new way;
 * a damaged stack.yaml is a one-line error.
+
+Records are written and read by algorithms/common (runs.write_run_records, config.parse_config): the old layout's
+resume and the damaged records are checked once, through the offline script; each script's stack records its
+runs' configs and checkpoints end to end.
 """
 import copy
 import shutil
@@ -101,10 +105,10 @@ def test_each_run_of_a_stack_records_its_own_config_and_trains_alone_from_it(scr
     assert yaml.safe_load((alone / "config.yaml").read_text())["seed"] == 9
 
 
-@pytest.mark.parametrize("script", ["offline", "finetune"])
-def test_old_run_directories_of_a_stack_still_resume_exactly(script, hopper_hdf5, tmp_path, capsys):
+def test_old_run_directories_of_a_stack_still_resume_exactly(hopper_hdf5, tmp_path, capsys):
     """Run directories written before stack.yaml (each config.yaml the stack's) resume the whole stack as
     the new layout does, bit for bit, and are rewritten in the new layout."""
+    script = "offline"
     module = MODULES[script]
     stack_config = module.parse_config(stack_args(script, hopper_hdf5, tmp_path / "new"))
     module.train(stack_config)
@@ -130,15 +134,14 @@ def test_old_run_directories_of_a_stack_still_resume_exactly(script, hopper_hdf5
         assert yaml.safe_load((old[seed] / "config.yaml").read_text())["seeds"] is None
 
 
-@pytest.mark.parametrize("script", ["offline", "finetune"])
 @pytest.mark.parametrize("record, message", [
     ("seeds: '4,9'\nruns: [a, b]\n", "missing key(s) seed"),
     ("seeds: '4,9'\nseed: 0\nruns: [a, b]\nmore: 1\n", "unknown key 'more'"),
     ("- 4\n- 9\n", "expected a mapping of field: value"),
     ("seeds: '4,9'\nseed: zero\nruns: [a, b]\n", "field 'seed' expects an integer, got 'zero'"),
 ], ids=["missing key", "unknown key", "not a mapping", "bad value"])
-def test_a_damaged_stack_record_is_a_one_line_error(script, record, message, tmp_path, capsys):
-    module = MODULES[script]
+def test_a_damaged_stack_record_is_a_one_line_error(record, message, tmp_path, capsys):
+    module = offline_cql
     run_dir = tmp_path / "CQL-x-4-00000000"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"seed": 4}))
