@@ -1,4 +1,5 @@
 """Shared fixtures: small datasets made on the spot (the tests never download)."""
+import inspect
 import json
 import os
 import signal
@@ -169,3 +170,25 @@ def assert_same_finetune_run(want_dir: Path, got_dir: Path, step: int) -> None:
     for key in BUFFER_FIELDS:
         assert torch.equal(want_replay[key], got_replay[key]), key
     assert metrics_rows(got_dir) == metrics_rows(want_dir)  # every row once, the same values, in the same order
+
+
+def trainer_grads(trainer):
+    """The gradients of the actor, critics and alphas by group (zeros where none)."""
+    def g(params):
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    return {
+        "actor": g(list(trainer.actor.net.parameters())
+                   + [trainer.actor.log_std_multiplier, trainer.actor.log_std_offset]),
+        "critic": g(list(trainer.critic.weights) + list(trainer.critic.biases)),
+        "log_alpha": g([trainer.log_alpha]),
+        "log_alpha_prime": g([trainer.log_alpha_prime]),
+    }
+
+
+def fast_losses(trainer, batch, noise, bc=False, penalty=True):
+    """The script's losses; the finetune script's take whether the penalty is computed (see CQL.phase)."""
+    if "penalty" in inspect.signature(trainer.losses).parameters:
+        return trainer.losses(batch, noise, bc=bc, penalty=penalty)
+    assert penalty, "the offline script always computes the penalty"
+    return trainer.losses(batch, noise, bc=bc)

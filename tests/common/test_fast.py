@@ -5,11 +5,11 @@ what each script wires to them (its critics' compiled layers, its update_step's 
 load_state_dict keeping the optimizer's flavour) in each script.
 """
 import copy
-import inspect
 
 import numpy as np
 import pytest
 import torch
+from conftest import fast_losses, trainer_grads
 
 import algorithms.finetune.cql as finetune
 import algorithms.offline.cql as cql
@@ -20,28 +20,6 @@ VARIANTS = {  # tests/offline/test_losses.py's config variants that these tests 
     "max_target_backup": {"cql_max_target_backup": True, "backup_entropy": True},
     "lagrange_no_is_clipped": {"cql_lagrange": True, "cql_importance_sample": False, "cql_clip_diff_max": 0.1},
 }
-
-
-def trainer_grads(trainer):
-    """The gradients of the actor, critics and alphas by group (zeros where none)."""
-    def g(params):
-        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-
-    return {
-        "actor": g(list(trainer.actor.net.parameters())
-                   + [trainer.actor.log_std_multiplier, trainer.actor.log_std_offset]),
-        "critic": g(list(trainer.critic.weights) + list(trainer.critic.biases)),
-        "log_alpha": g([trainer.log_alpha]),
-        "log_alpha_prime": g([trainer.log_alpha_prime]),
-    }
-
-
-def fast_losses(trainer, batch, noise, bc=False, penalty=True):
-    """The script's losses; the finetune script's take whether the penalty is computed (see CQL.phase)."""
-    if "penalty" in inspect.signature(trainer.losses).parameters:
-        return trainer.losses(batch, noise, bc=bc, penalty=penalty)
-    assert penalty, "the offline script always computes the penalty"
-    return trainer.losses(batch, noise, bc=bc)
 
 
 def small_buffer(n: int = 500, seed: int = 0) -> cql.ReplayBuffer:

@@ -8,11 +8,11 @@ penalty weight that changes at the offline-to-online switch and a penalty-free S
 at the end); mutating one term of the reference makes the comparison fail (test_a_mutated_term_fails).
 """
 import copy
-import inspect
 import math
 
 import pytest
 import torch
+from conftest import fast_losses, trainer_grads
 
 import algorithms.finetune.cql as finetune_cql
 import algorithms.offline.cql as offline_cql
@@ -221,30 +221,9 @@ def plain_losses(trainer, batch, noise, bc=False, penalty=True, mutation=None):
     return {k: v.detach() for k, v in out.items()}, gradients
 
 
-def trainer_grads(trainer):
-    def g(params):
-        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-
-    return {
-        "actor": g(list(trainer.actor.net.parameters())
-                   + [trainer.actor.log_std_multiplier, trainer.actor.log_std_offset]),
-        "critic": g(list(trainer.critic.weights) + list(trainer.critic.biases)),
-        "log_alpha": g([trainer.log_alpha]),
-        "log_alpha_prime": g([trainer.log_alpha_prime]),
-    }
-
-
 def double_noise(trainer):
     torch.manual_seed(2)
     return {k: v.double() for k, v in trainer.draw_noise(B).items()}
-
-
-def fast_losses(trainer, batch, noise, bc=False, penalty=True):
-    """The script's losses; the finetune script's take whether the penalty is computed (see CQL.phase)."""
-    if "penalty" in inspect.signature(trainer.losses).parameters:
-        return trainer.losses(batch, noise, bc=bc, penalty=penalty)
-    assert penalty, "the offline script always computes the penalty"
-    return trainer.losses(batch, noise, bc=bc)
 
 
 def compare(trainer, batch, noise, label, bc=False, penalty=True, mutation=None):
