@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from algorithms.common.runs import load_state_file
 from tools.rollouts import random_transitions, write_d4rl_hdf5
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +146,7 @@ def offline_run_args(hopper_hdf5: Path, checkpoints: Path, updates: int = 120) -
 
 def offline_final_weights(run_dir: Path, step: int) -> dict:
     """An offline checkpoint's networks, Adam state and alpha."""
-    state = torch.load(run_dir / f"checkpoint_{step}.pt", weights_only=False)
+    state = load_state_file(run_dir / f"checkpoint_{step}.pt")
     return {"actor": state["actor"], "critic": state["critic"], "target": state["target_critic"],
             "optimizer": state["optimizer"]["state"], "log_alpha": state["log_alpha"]}
 
@@ -160,13 +161,13 @@ def finetune_run_args(hopper_hdf5: Path, checkpoints: Path, offline: int = 60, o
 
 def assert_same_finetune_run(want_dir: Path, got_dir: Path, step: int) -> None:
     """Final weights, Adam state, alphas, counters, replay rows and every metrics row are identical."""
-    want = torch.load(want_dir / f"checkpoint_{step}.pt", weights_only=False)
-    got = torch.load(got_dir / f"checkpoint_{step}.pt", weights_only=False)
+    want = load_state_file(want_dir / f"checkpoint_{step}.pt")
+    got = load_state_file(got_dir / f"checkpoint_{step}.pt")
     assert_same_training_state(want, got)
     assert (want["total_it"], want["cql_alpha"], want["progress"]) == (got["total_it"], got["cql_alpha"],
                                                                        got["progress"])
-    want_replay = torch.load(want_dir / f"replay_{step}.pt", weights_only=False)
-    got_replay = torch.load(got_dir / f"replay_{step}.pt", weights_only=False)
+    want_replay = load_state_file(want_dir / f"replay_{step}.pt")
+    got_replay = load_state_file(got_dir / f"replay_{step}.pt")
     for key in BUFFER_FIELDS:
         assert torch.equal(want_replay[key], got_replay[key]), key
     assert metrics_rows(got_dir) == metrics_rows(want_dir)  # every row once, the same values, in the same order

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 import algorithms.finetune.cql as finetune
 from algorithms.common import config as strict
 from algorithms.common.data import action_bound, is_gym_id, normalized_score
-from algorithms.common.runs import checkpoint_files, resolve_device
+from algorithms.common.runs import checkpoint_files, load_state_file, resolve_device
 from algorithms.common.runs import write_atomic as write_file_atomic
 
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert", "full-replay")
@@ -297,8 +297,7 @@ def train_learner(config: MakeConfig, work: Path) -> List[Dict[str, Any]]:
     state_dim, action_dim, _, _ = env_facts(config)
     device = resolve_device(config.device)
     checkpoint = learner_checkpoint(work)
-    start = 0 if checkpoint is None else torch.load(checkpoint, map_location="cpu",
-                                                    weights_only=False)["progress"]["iteration"]
+    start = 0 if checkpoint is None else load_state_file(checkpoint)["progress"]["iteration"]
     # Snapshots and stream chunks after the checkpoint: a kill came before it; they are made again.
     snapshots = [s for s in read_snapshots(work) if s["step"] <= start] if start else []
     if start > config.train_steps:

@@ -3,7 +3,6 @@ episode as truncated), success read from the env's info, and its whole state tak
 that --resume steps on exactly as the stopped run would have.
 """
 import copy
-import pickle
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -108,13 +107,29 @@ def step_env(env: gym.Env, action: np.ndarray, sparse_reward: bool) -> EnvStep:
 _SIMULATOR_SKIP = ("spec", "_np_random", "action_space", "observation_space")  # restored apart, or fixed
 
 
+def is_plain(value: Any) -> bool:
+    """Whether a value is plain data a checkpoint stores as it is: numbers, text, numeric arrays that own their
+    memory (not views into a simulator), and lists, tuples and text-keyed dicts of them."""
+    if value is None or isinstance(value, (bool, int, float, str, np.bool_, np.number)):
+        return True
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "biuf" and value.base is None
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+    return False
+
+
 def env_state(env: gym.Env) -> Optional[Dict[str, Any]]:
-    """Everything that decides the training env's next steps, mid-episode; None if it cannot be taken.
+    """Everything that decides the training env's next steps, mid-episode, as plain data (a checkpoint loads it
+    without unpickling); None if it cannot be taken.
 
     Pickling a Gymnasium MuJoCo env does not keep its state (EzPickle rebuilds it from the constructor's
     arguments), so the parts are taken one by one: each wrapper's plain scalars (TimeLimit's elapsed steps,
-    ...), the env's and the action space's generators, and MuJoCo's full integration state (mj_getState,
-    mjSTATE_INTEGRATION: replays bit for bit) or, for other envs, a pickle of the env's own attributes.
+    ...), the env's and the action space's generators, the env's plain attributes (an AntMaze goal, a classic
+    env's state vector) and MuJoCo's full integration state (mj_getState, mjSTATE_INTEGRATION: replays bit for
+    bit). An env that is not MuJoCo and keeps other objects cannot be saved.
     """
     base = env.unwrapped
     wrappers = []
@@ -123,19 +138,18 @@ def env_state(env: gym.Env) -> Optional[Dict[str, Any]]:
         wrappers.append({k: v for k, v in vars(layer).items() if type(v) in (bool, int, float)})
         layer = layer.env
     space = env.action_space
+    attributes = {k: v for k, v in vars(base).items() if k not in _SIMULATOR_SKIP}
+    plain = {k: copy.deepcopy(v) for k, v in attributes.items() if is_plain(v)}
     state: Dict[str, Any] = {"wrappers": wrappers, "np_random": copy.deepcopy(getattr(base, "_np_random", None)),
-                             "action_space": copy.deepcopy(getattr(space, "_np_random", None))}
+                             "action_space": copy.deepcopy(getattr(space, "_np_random", None)), "attributes": plain}
     mujoco = sys.modules.get("mujoco")
     if mujoco is not None and isinstance(getattr(base, "data", None), mujoco.MjData):
         spec = mujoco.mjtState.mjSTATE_INTEGRATION
         physics = np.empty(mujoco.mj_stateSize(base.model, spec))
         mujoco.mj_getState(base.model, base.data, physics, spec)
         state["mujoco"] = physics
-    else:
-        try:
-            state["attributes"] = pickle.dumps({k: v for k, v in vars(base).items() if k not in _SIMULATOR_SKIP})
-        except Exception:  # any object may refuse to pickle, in any way
-            return None
+    elif len(plain) < len(attributes):
+        return None
     return state
 
 
@@ -149,12 +163,11 @@ def set_env_state(env: gym.Env, state: Dict[str, Any]) -> None:
         for key, value in attributes.items():
             setattr(layer, key, value)
         layer = layer.env
+    vars(base).update(state["attributes"])
     if "mujoco" in state:
         import mujoco
 
         mujoco.mj_setState(base.model, base.data, state["mujoco"], mujoco.mjtState.mjSTATE_INTEGRATION)
-    else:
-        vars(base).update(pickle.loads(state["attributes"]))
     base._np_random = state["np_random"]
     env.action_space._np_random = state["action_space"]
 

@@ -9,16 +9,19 @@ import contextlib
 import errno
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import pickle
 import random
+import re
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -253,25 +256,137 @@ class RunLogger:
             self.guard.call("finish", self.wandb.finish)
 
 
+CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)\.pt")
+
+
 def checkpoint_files(run_dir: Path) -> List[Path]:
-    """The run's checkpoint files, oldest first."""
-    return sorted(run_dir.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    """The run's checkpoint files, oldest first; another file whose name starts so (checkpoint_best.pt) is not one."""
+    files = [p for p in run_dir.glob("checkpoint_*.pt") if CHECKPOINT_NAME.fullmatch(p.name)]
+    return sorted(files, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_NAME.fullmatch(path.name).group(1))
+
+
+# Checkpoints, replay files and env states hold only what torch.load(weights_only=True) reads (tensors, numbers,
+# strings, lists, tuples, dicts), so loading a shared file runs no code; numpy arrays and generators are stored
+# as tagged dicts. Format 1 (written before 2026-12-07) held pickled numpy objects: only unpickling reads it.
+STATE_FORMAT = 2
+FORMAT_KEY, DIGEST_KEY = "format_version", "content_sha256"
+_NDARRAY, _GENERATOR = "__ndarray__", "__numpy_generator__"
+
+
+def to_plain(value: Any) -> Any:
+    """value with numpy arrays, scalars and generators replaced by what weights_only loading accepts."""
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(v) for v in value)
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise TypeError(f"a numpy array of dtype {value.dtype} cannot be stored")
+        return {_NDARRAY: torch.from_numpy(np.array(value, copy=True, order="C"))}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.random.Generator):
+        return {_GENERATOR: type(value.bit_generator).__name__, "state": value.bit_generator.state}
+    if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
+        return value
+    raise TypeError(f"a {type(value).__name__} cannot be stored in a checkpoint")
+
+
+def from_plain(value: Any) -> Any:
+    """to_plain's inverse."""
+    if isinstance(value, dict):
+        if _NDARRAY in value:
+            return value[_NDARRAY].numpy()
+        if _GENERATOR in value:
+            generator = np.random.Generator(getattr(np.random, value[_GENERATOR])())
+            generator.bit_generator.state = value["state"]
+            return generator
+        return {k: from_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(from_plain(v) for v in value)
+    return value
+
+
+def content_digest(value: Any) -> str:
+    """SHA-256 of a plain value's contents (tensors' dtype, shape and bytes, numbers exactly, keys in order)."""
+    digest = hashlib.sha256()
+
+    def feed(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(v, dict):
+            digest.update(f"D{len(v)}:".encode())
+            for key, item in v.items():
+                feed(key)
+                feed(item)
+        elif isinstance(v, (list, tuple)):
+            digest.update(f"{'L' if isinstance(v, list) else 'U'}{len(v)}:".encode())
+            for item in v:
+                feed(item)
+        elif isinstance(v, float):
+            digest.update(f"F{v.hex()};".encode())
+        elif isinstance(v, str):
+            digest.update(f"S{len(v.encode())}:".encode() + v.encode())
+        else:  # None, bool, int
+            digest.update(f"{type(v).__name__}{v!r};".encode())
+
+    feed(value)
+    return digest.hexdigest()
+
+
+def write_state_file(path: Path, state: Dict[str, Any]) -> None:
+    """Writes a checkpoint or replay file atomically: state made plain (to_plain), its format and the digest
+    of its contents beside it."""
+    plain = to_plain(state)
+    write_atomic(path, lambda f: torch.save({FORMAT_KEY: STATE_FORMAT, DIGEST_KEY: content_digest(plain), **plain}, f))
+
+
+class UntrustedFileError(ValueError):
+    """A file that only unpickling reads (a format-1 checkpoint, or anything else): never loaded."""
 
 
 def load_state_file(path: Any, map_location: Any = "cpu") -> Any:
-    """The contents of a checkpoint or replay file; a ValueError with the one-line reason if it cannot be read."""
+    """The contents of a checkpoint or replay file (write_state_file), read without running code and checked
+    against its digest; a ValueError with the one-line reason if it cannot be read, is damaged or would need
+    unpickling (UntrustedFileError)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as e:
+        loaded = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # what weights_only refuses: an object that only unpickling would build
+        raise UntrustedFileError(
+            f"{path} is not a checkpoint of format {STATE_FORMAT}: it holds objects only unpickling reads, which "
+            f"can run code (format 1, written before 2026-12-07, or not this project's); if you trust the file, "
+            f"convert it: python tools/convert_checkpoint.py --trust {path}") from None
+    except (RuntimeError, KeyError, EOFError, ValueError, TypeError, OSError, IndexError) as e:
         raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"expected a mapping, found a {type(loaded).__name__}")
+    if FORMAT_KEY in loaded:
+        if loaded[FORMAT_KEY] != STATE_FORMAT:
+            raise ValueError(f"format {loaded[FORMAT_KEY]!r}, this version reads format {STATE_FORMAT}")
+        digest = loaded.pop(DIGEST_KEY, None)
+        del loaded[FORMAT_KEY]
+        if digest != content_digest(loaded):
+            raise ValueError("damaged: its contents do not match the digest written with them")
+    return from_plain(loaded)
 
 
 def read_checkpoint(path: str, map_location: Any, field: str) -> Dict[str, Any]:
-    """A checkpoint file's contents; a ConfigError naming the field for a missing or unreadable file."""
+    """A checkpoint file's contents; a ConfigError naming the field for a missing, unreadable, damaged or
+    untrusted file."""
+    if str(path) in _VERIFIED:  # resume_checkpoints read it already
+        return _VERIFIED.pop(str(path))
     if not Path(path).is_file():
         raise ConfigError(f"field '{field}': checkpoint file {path} not found")
     try:
         return load_state_file(path, map_location)
+    except UntrustedFileError as e:
+        raise ConfigError(f"field '{field}': {e}") from None
     except ValueError as e:
         raise ConfigError(f"field '{field}': {path} does not fit this config ({e})") from None
 
@@ -299,25 +414,69 @@ def load_checkpoints(paths: List[str], trainer: Any, field: str, needs: Optional
     return states
 
 
-def resume_checkpoints(run_dir: Path, n_runs: int, unit: str = "update") -> List[Path]:
-    """The newest checkpoint of a stopped run, or for a stack of runs (run_dir: any of its run
-    directories) of each of its runs: the newest `unit` (update, iteration) that every run has a checkpoint of."""
+_VERIFIED: Dict[str, Any] = {}  # checkpoints resume_checkpoints read, for read_checkpoint
+Usable = Callable[[Path, Dict[str, Any]], Optional[str]]  # why a checkpoint cannot be resumed from, or None
+
+
+def verified_checkpoint(path: Path, usable: Usable) -> Optional[str]:
+    """Why checkpoint `path` cannot be resumed from (unreadable, damaged, no run state, not usable), or None:
+    then its contents wait in _VERIFIED for read_checkpoint."""
+    try:
+        state = load_state_file(path)
+    except ValueError as e:
+        return str(e)
+    if not isinstance(state.get("run"), dict) or state["run"].get("rng") is None:
+        return "it holds no run state (made for load_model, or before --resume existed)"
+    reason = usable(path, state)
+    if reason is None:
+        _VERIFIED[str(path)] = state
+    return reason
+
+
+def resume_checkpoints(run_dir: Path, n_runs: int, unit: str = "update", usable: Usable = lambda path, state: None
+                       ) -> Tuple[List[Path], Set[Path]]:
+    """The newest good checkpoint of a stopped run, or for a stack of runs (run_dir: any of its run
+    directories) of each of its runs: the newest `unit` (update, iteration) of which every run has a good one;
+    and the checkpoints passed over as bad. A checkpoint that is damaged, unreadable or not usable(path, state)
+    is named in a warning line and an older one is used; none good is a ConfigError."""
     files = checkpoint_files(run_dir)
     if not files:
         raise ConfigError(f"field 'resume': {run_dir} has no checkpoint to continue from (a run writes checkpoints "
                           f"when checkpoints_path is set: every checkpoint_freq updates, by default each evaluation)")
-    if n_runs == 1:
-        return [files[-1]]
-    run = torch.load(files[-1], map_location="cpu", weights_only=False).get("run") or {}
-    names = run.get("stack", [])
-    if len(names) != n_runs:
-        raise ConfigError(f"field 'resume': {files[-1]} is a checkpoint of {len(names) or 1} run(s), "
+    bad: Dict[Path, str] = {}
+    dirs: Optional[List[Path]] = None
+    for file in reversed(files):  # the stack's members, from the newest good checkpoint that names them
+        reason = verified_checkpoint(file, usable)
+        if reason is None:
+            names = _VERIFIED[str(file)]["run"].get("stack")
+            dirs = [run_dir.parent / name for name in names] if names else [run_dir]
+            break
+        bad[file] = reason
+    if dirs is not None and len(dirs) != n_runs:
+        raise ConfigError(f"field 'resume': {file} is a checkpoint of {len(dirs)} run(s), "
                           f"the config's seeds name {n_runs}")
-    dirs = [run_dir.parent / name for name in names]
-    common = set.intersection(*({int(p.stem.split("_")[1]) for p in checkpoint_files(d)} for d in dirs))
-    if not common:
-        raise ConfigError(f"field 'resume': the runs {', '.join(map(str, dirs))} have no checkpoint of one {unit}")
-    return [d / f"checkpoint_{max(common)}.pt" for d in dirs]
+    chosen: Optional[List[Path]] = None
+    steps = set.intersection(*({checkpoint_step(p) for p in checkpoint_files(d)} for d in dirs)) if dirs else set()
+    for step in sorted(steps, reverse=True):
+        candidates = [d / f"checkpoint_{step}.pt" for d in dirs]
+        for candidate in candidates:
+            if str(candidate) not in _VERIFIED and candidate not in bad:
+                reason = verified_checkpoint(candidate, usable)
+                if reason is not None:
+                    bad[candidate] = reason
+        if not any(candidate in bad for candidate in candidates):
+            chosen = candidates
+            break
+    if chosen is None:
+        newest, reason = next(iter(bad.items()))
+        raise ConfigError(f"field 'resume': no good checkpoint to continue from in {run_dir}: {newest}: {reason}"
+                          + (f" (and {len(bad) - 1} older checkpoint(s) fail too)" if len(bad) > 1 else ""))
+    for path, reason in bad.items():
+        print(f"warning: checkpoint {path} is passed over ({reason}; renamed {path.name}.skipped); resuming "
+              f"from {chosen[0].name}", file=sys.stderr)
+    for stale in set(_VERIFIED) - {str(c) for c in chosen}:
+        del _VERIFIED[stale]
+    return chosen, set(bad)
 
 
 def keep_lines(path: Path, n: int) -> None:
@@ -361,14 +520,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def open_run_dirs(config: Any, seeds: List[int], label: str, unit: str = "update") -> Tuple[List[Path], List[Path]]:
+def open_run_dirs(config: Any, seeds: List[int], label: str, unit: str = "update",
+                  usable: Usable = lambda path, state: None) -> Tuple[List[Path], List[Path]]:
     """Each seed's run directory, locked before anything in it changes (a second process stops here), and with
     config.resume the checkpoints to continue from: the stopped stack's directories and their newest checkpoint
     of one `unit` that all have, temporary files of writes a kill interrupted removed. Else new directories
     <name>-<label>-<seed>-<id> under checkpoints_path (or log_dir), and no checkpoints."""
     files: List[Path] = []
+    bad: Set[Path] = set()
     if config.resume:
-        files = resume_checkpoints(Path(config.resume), len(seeds), unit)
+        files, bad = resume_checkpoints(Path(config.resume), len(seeds), unit, usable)
         dirs = [file.parent for file in files]
     else:
         root = Path(config.checkpoints_path or config.log_dir)
@@ -378,6 +539,11 @@ def open_run_dirs(config: Any, seeds: List[int], label: str, unit: str = "update
         lock_run_dir(run_dir, config)
         for stale in run_dir.glob(".*.tmp"):
             stale.unlink()
+        for newer in checkpoint_files(run_dir) if files else []:
+            if newer in bad:  # kept for a look, out of the way of --resume and last_checkpoint_note
+                newer.rename(newer.with_name(newer.name + ".skipped"))
+            elif checkpoint_step(newer) > checkpoint_step(files[0]):  # a kill came before every run of a
+                newer.unlink()  # stack had this step's: the step is trained again
     return dirs, files
 
 
@@ -391,6 +557,35 @@ def start_run_logs(config: Any, dirs: List[Path], seeds: List[int], stacked: boo
         loggers.append(RunLogger(config, run_dir, run_dir.name, resume=bool(config.resume),
                                  seed=seed if stacked else None, guard=guard))
     return loggers
+
+
+# What a resume may change (how long, how often it logs, evaluates and saves, where it runs and reports); any
+# other field changes what the run computes and must stay as its checkpoint recorded it.
+RESUME_MAY_CHANGE = ("max_timesteps", "online_iterations", "eval_freq", "log_freq", "checkpoint_freq",
+                     "keep_checkpoints", "device", "compile", "cudagraphs", "background_eval", "env_errors_in_a_row",
+                     "project", "group", "name", "wandb_mode", "checkpoints_path", "log_dir", "dataset_path",
+                     "minari_download", "load_model", "resume")
+RESUMES = "resumes.jsonl"  # in each run directory: a row per resume, with the fields it changed
+
+
+def check_resume(config: Any, dirs: List[Path], seeds: List[int], states: List[Dict[str, Any]], step: int) -> None:
+    """Compares each run's config on resume with the one its checkpoint recorded: a field outside
+    RESUME_MAY_CHANGE that differs is a ConfigError naming each such field; else the resume and what it changed
+    (old and new values) is appended to the run's resumes.jsonl, before config.yaml takes the new values."""
+    changes = []
+    for run_dir, seed, state in zip(dirs, seeds, states):
+        saved, now = state.get("config") or {}, asdict(run_config(config, seed))
+        changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+        fixed = [f"'{k}' ({old!r} -> {new!r})" for k, (old, new) in changed.items() if k not in RESUME_MAY_CHANGE]
+        if fixed:
+            raise ConfigError(f"field{'s' if len(fixed) > 1 else ''} {', '.join(fixed)}: --resume of {run_dir} "
+                              f"would change what the run computes (its checkpoint has the first values); a resume "
+                              f"may change only {', '.join(RESUME_MAY_CHANGE[:-1])}")
+        changes.append({k: {"from": old, "to": new} for k, (old, new) in changed.items()})
+    for run_dir, changed in zip(dirs, changes):
+        row = json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": changed}) + "\n"
+        text = ((run_dir / RESUMES).read_bytes() if (run_dir / RESUMES).is_file() else b"") + row.encode()
+        write_atomic(run_dir / RESUMES, lambda f, text=text: f.write(text))
 
 
 def run_main(parse_config: Callable[[List[str]], Any], train: Callable[[Any], Any], argv: List[str]) -> None:

@@ -49,9 +49,9 @@ from algorithms.common.fast import EnsembleLinear  # noqa: E402
 from algorithms.common import runs as runs_lib  # noqa: E402
 from algorithms.common.runs import RunState as BaseRunState  # noqa: E402
 from algorithms.common.runs import (  # noqa: E402
-    RunLogger, checkpoint_files, keep_lines, last_checkpoint_note, load_state_file, open_run_dirs,
+    RunLogger, check_resume, checkpoint_files, keep_lines, last_checkpoint_note, load_state_file, open_run_dirs,
     releasing_run_dir_locks, resolve_device, rng_states, run_main, set_rng_states, set_seed, start_run_logs,
-    write_atomic)
+    write_state_file)
 
 
 # ======================================================================================
@@ -933,14 +933,14 @@ def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer
     this step's files.
     """
     replay = run_dir / f"replay_{step}.pt"
-    write_atomic(replay, lambda f: torch.save(buffer.online_state(run), f))
+    write_state_file(replay, buffer.online_state(run))
     path = run_dir / f"checkpoint_{step}.pt"
     state = {**(trainer.state_dict() if run is None else trainer.run_state_dict(run)),
              "state_mean": state_mean, "state_std": state_std,
              "config": asdict(trainer.config if run is None else run_config(trainer.config, trainer.seeds[run])),
              "progress": dict(run_state.progress, online_transitions=buffer.n_added),
              "replay_file": replay.name, "run": run_state.to_dict()}
-    write_atomic(path, lambda f: torch.save(state, f))
+    write_state_file(path, state)
     if prune:
         prune_checkpoints(run_dir, replay, keep)
     return path
@@ -964,6 +964,14 @@ def load_checkpoints(paths: List[str], trainer: CQL, buffer: Optional[ReplayBuff
         for run, (path, state) in enumerate(zip(paths * len(states) if len(paths) == 1 else paths, states)):
             load_replay(path, state, buffer, field, None if trainer.seeds is None else run)
     return states
+
+
+def replay_missing(path: Path, state: Dict[str, Any]) -> Optional[str]:
+    """Why checkpoint `path` cannot be resumed from for want of its replay file (online rows), or None."""
+    online = (state.get("progress") or {}).get("online_transitions", 0)
+    if online and not (path.parent / state["replay_file"]).is_file():
+        return f"its replay file {state['replay_file']} is gone: a run keeps only its newest checkpoint's"
+    return None
 
 
 def pending_evaluations(state: Dict[str, Any]) -> Dict[int, Dict[str, torch.Tensor]]:
@@ -1135,7 +1143,7 @@ class Run:
         if state.env is not None:
             set_env_state(env.env, state.env)
         elif env.obs is not None:  # the env's state could not be saved: a fresh episode, as after load_model
-            print(f"the training env of seed {self.seed} was not saved (it does not pickle): the episode of "
+            print(f"the training env of seed {self.seed} was not saved (its state is not plain data): the episode of "
                   f"{env.episode_length} steps in progress at iteration {self.progress['iteration']} is dropped, "
                   f"a new one starts")
             env.new_episode(None)
@@ -1171,14 +1179,10 @@ def open_runs(config: TrainConfig, runs: List[Run], trainer: CQL, buffer: Replay
     start), and whether they resume."""
     seeds = [run.seed for run in runs]
     if config.resume:
-        dirs, files = open_run_dirs(config, seeds, dataset_label(config.env), unit="iteration")
+        dirs, files = open_run_dirs(config, seeds, dataset_label(config.env), "iteration", replay_missing)
         states = load_checkpoints([str(f) for f in files], trainer, buffer, field="resume")
-        for run_dir, path, state in zip(dirs, files, states):
-            if (state.get("run") or {}).get("rng") is None:
-                raise ConfigError(f"field 'resume': {path} holds no run state (made before --resume existed)")
-            for later in checkpoint_files(run_dir):  # written by a kill before every run had its step's files
-                if int(later.stem.split("_")[1]) > int(path.stem.split("_")[1]):
-                    later.unlink()
+        check_resume(config, dirs, seeds, states, states[0]["progress"]["iteration"])
+        for run_dir, state in zip(dirs, states):
             for orphan in run_dir.glob("replay_*.pt"):  # written by a kill between the replay and checkpoint writes
                 if orphan.name != state["replay_file"]:
                     orphan.unlink()

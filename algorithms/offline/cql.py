@@ -41,9 +41,9 @@ from algorithms.common.evaluation import Evaluator, actor_weights  # noqa: E402
 from algorithms.common.fast import EnsembleLinear  # noqa: E402
 from algorithms.common.runs import RunState as BaseRunState  # noqa: E402
 from algorithms.common.runs import (  # noqa: E402
-    RunLogger, checkpoint_files, keep_lines, last_checkpoint_note, load_checkpoints, open_run_dirs,
+    RunLogger, check_resume, checkpoint_files, keep_lines, last_checkpoint_note, load_checkpoints, open_run_dirs,
     releasing_run_dir_locks, resolve_device, rng_states, run_main, set_rng_states, set_seed, start_run_logs,
-    write_atomic)
+    write_state_file)
 
 
 # ======================================================================================
@@ -736,7 +736,7 @@ def save_checkpoint(path: Path, trainer: CQL, state_mean: np.ndarray, state_std:
              "state_mean": state_mean, "state_std": state_std,
              "config": asdict(trainer.config if run is None else run_config(trainer.config, trainer.seeds[run])),
              "run": None if run_state is None else run_state.to_dict()}
-    write_atomic(path, lambda f: torch.save(state, f))
+    write_state_file(path, state)
 
 
 # ======================================================================================
@@ -864,8 +864,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     if config.resume:
         dirs, files = open_run_dirs(config, [run.seed for run in runs], dataset_label(config.env))
         states = load_checkpoints([str(f) for f in files], trainer, "resume")
-        if any(state["run"] is None for state in states):
-            raise ConfigError(f"field 'resume': {files[0]} holds no run state (made by load_model?)")
+        check_resume(config, dirs, [run.seed for run in runs], states, trainer.total_it)
         resumed = [RunState.from_dict(state["run"]) for state in states]
         state_mean, state_std = states[0]["state_mean"], states[0]["state_std"]
         for run_dir, run_state in zip(dirs, resumed):

@@ -15,12 +15,12 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from conftest import metrics_rows
 
 import algorithms.finetune.cql as finetune
 import algorithms.offline.cql as offline
 from algorithms.common import data as common_data
+from algorithms.common.runs import load_state_file
 from tools.rollouts import random_episodes, write_d4rl_hdf5, write_minari_dataset
 
 pytest.importorskip("gymnasium_robotics")
@@ -127,7 +127,7 @@ def test_offline_trains_and_evaluates_on_a_minari_antmaze_dataset(antmaze, tmp_p
     evals = [r for r in metrics_rows(summary["run_dir"]) if "eval_return_mean" in r]
     assert [r["step"] for r in evals] == [15, 30]
     assert all(r["eval_return_mean"] == 0.0 for r in evals)  # random data: the goal is never reached
-    checkpoint = torch.load(Path(summary["run_dir"]) / "checkpoint_30.pt", weights_only=False)
+    checkpoint = load_state_file(Path(summary["run_dir"]) / "checkpoint_30.pt")
     assert checkpoint["state_mean"].shape == (31,)
 
 
@@ -171,8 +171,8 @@ def test_finetune_online_rows_have_the_datasets_columns(antmaze, tmp_path):
     evals, episodes, summary = _finetune(tmp_path, DATASET, "--goal_in_state=false", f"--checkpoints_path={tmp_path}")
     assert summary["updates"] == 60 and len(evals) == 2 and len(episodes) == 2
     run_dir = Path(summary["run_dir"])
-    checkpoint = torch.load(run_dir / "checkpoint_60.pt", weights_only=False)
-    replay = torch.load(run_dir / "replay_60.pt", weights_only=False)
+    checkpoint = load_state_file(run_dir / "checkpoint_60.pt")
+    replay = load_state_file(run_dir / "replay_60.pt")
     online = replay["observations"].numpy() * checkpoint["state_std"] + checkpoint["state_mean"]
     # The first online state is the training env's reset (seeded seed + 0): the torso x/y first, D4RL's layout.
     env = finetune.load_dataset(finetune.TrainConfig(env=DATASET, goal_in_state=False)).make_env()
@@ -188,7 +188,7 @@ def test_finetune_pure_online_on_a_gymnasium_robotics_id(tmp_path):
                                     f"--checkpoints_path={tmp_path}", *TINY[:-1], "--max_episode_steps=10"])
     summary = finetune.train(config)
     assert summary["updates"] == 10
-    checkpoint = torch.load(Path(summary["run_dir"]) / "checkpoint_30.pt", weights_only=False)
+    checkpoint = load_state_file(Path(summary["run_dir"]) / "checkpoint_30.pt")
     assert checkpoint["state_mean"].shape == (31,)
     episodes = [r for r in metrics_rows(summary["run_dir"]) if "train/is_success" in r]
     assert [r["train/episode_length"] for r in episodes] == [10, 10, 10]

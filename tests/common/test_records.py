@@ -24,6 +24,7 @@ from conftest import metrics_rows
 
 import algorithms.finetune.cql as finetune_cql
 import algorithms.offline.cql as offline_cql
+from algorithms.common.runs import load_state_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 MODULES = {"offline": offline_cql, "finetune": finetune_cql}
@@ -88,7 +89,7 @@ def test_each_run_of_a_stack_records_its_own_config_and_trains_alone_from_it(scr
         assert asdict(own) == {**asdict(stack_config), "seed": seed, "seeds": None}  # all else the stack's
         record = yaml.safe_load((dirs[seed] / "stack.yaml").read_text())
         assert record == {"seeds": "4,9", "seed": 0, "runs": names}
-        checkpoint = torch.load(dirs[seed] / "checkpoint_40.pt", weights_only=False)
+        checkpoint = load_state_file(dirs[seed] / "checkpoint_40.pt")
         assert checkpoint["config"] == asdict(own)  # a one-run checkpoint says which run it is
         assert checkpoint["run"]["stack"] == names
 
@@ -122,8 +123,8 @@ def test_old_run_directories_of_a_stack_still_resume_exactly(hopper_hdf5, tmp_pa
         assert "resumed at" in capsys.readouterr().out
     new, old = by_seed(tmp_path / "new"), by_seed(tmp_path / "old")
     for seed in SEEDS:
-        want = torch.load(new[seed] / "checkpoint_60.pt", weights_only=False)
-        got = torch.load(old[seed] / "checkpoint_60.pt", weights_only=False)
+        want = load_state_file(new[seed] / "checkpoint_60.pt")
+        got = load_state_file(old[seed] / "checkpoint_60.pt")
         assert_same_networks(got, want)
         assert torch.equal(got["log_alpha"], want["log_alpha"])
         assert metrics_rows(old[seed]) == metrics_rows(new[seed])

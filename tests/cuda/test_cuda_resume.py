@@ -22,6 +22,8 @@ import pytest
 import torch
 from conftest import FINETUNE_SCRIPT, OFFLINE_SCRIPT, assert_same_training_state, kill_when_written, metrics_rows
 
+from algorithms.common.runs import load_state_file
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -49,8 +51,8 @@ def split_rows(run_dir: Path):
 
 
 def assert_same_run(want_dir: Path, got_dir: Path, step: int) -> None:
-    want = torch.load(want_dir / f"checkpoint_{step}.pt", weights_only=False, map_location="cpu")
-    got = torch.load(got_dir / f"checkpoint_{step}.pt", weights_only=False, map_location="cpu")
+    want = load_state_file(want_dir / f"checkpoint_{step}.pt")
+    got = load_state_file(got_dir / f"checkpoint_{step}.pt")
     assert_same_training_state(want, got)
     assert split_rows(got_dir) == split_rows(want_dir)
 

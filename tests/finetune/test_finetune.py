@@ -13,6 +13,7 @@ from conftest import FINETUNE_SCRIPT, metrics_rows
 import algorithms.finetune.cql as cql
 import algorithms.offline.cql as offline_cql
 from algorithms.common import envs
+from algorithms.common.runs import load_state_file
 
 SMALL = ["--batch_size=32", "--cql_n_actions=2", "--n_episodes=2", "--wandb_mode=disabled"]
 
@@ -214,7 +215,7 @@ def test_goal_task_success_regret_and_stored_terminals(tmp_path):
     assert summary["updates"] == 8  # warmup iterations act at random and do not update
 
     # The stored rows: a truncation (step 8) is not a terminal; terminations are; rewards transformed.
-    replay = torch.load(Path(summary["run_dir"]) / "replay_48.pt", weights_only=False)
+    replay = load_state_file(Path(summary["run_dir"]) / "replay_48.pt")
     assert replay["rows"].tolist() == list(range(48)) and replay["n_added"] == 48
     step, episode = replay["next_observations"][:, 0].numpy(), replay["next_observations"][:, 1].numpy()
     terminal = replay["terminals"].numpy()

@@ -21,7 +21,8 @@ from conftest import (
 )
 
 import algorithms.finetune.cql as cql
-from algorithms.common import envs
+from algorithms.common import envs, runs
+from algorithms.common.runs import load_state_file, write_state_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
@@ -48,7 +49,7 @@ def test_sigkilled_run_resumes_twice_across_the_switch_to_the_same_weights_and_m
     kill_when_written(resume, killed.parent, "checkpoint_100.pt")
     assert not (killed / "checkpoint_200.pt").exists(), "killed too late to test anything"
     newest = cql.checkpoint_files(killed)[-1]
-    run_state = torch.load(newest, weights_only=False)["run"]
+    run_state = load_state_file(newest)["run"]
     assert run_state["env"] is not None and run_state["episode"][2] > 0, "resume should start mid-episode"
 
     result = subprocess.run([sys.executable, FINETUNE_SCRIPT, f"--resume={killed}"], env=CHILD_ENV, capture_output=True,
@@ -61,7 +62,7 @@ def test_sigkilled_run_resumes_twice_across_the_switch_to_the_same_weights_and_m
 
 def test_training_env_state_round_trips_mid_episode():
     """algorithms/common/envs.py's env_state and set_env_state (the training env in a checkpoint): Hopper
-    (MuJoCo integration state) and Pendulum (pickled attributes) go on bit for bit."""
+    (MuJoCo integration state) and Pendulum (its plain attributes) go on bit for bit."""
     for env_id in ("Hopper-v4", "Pendulum-v1"):
         env = gym.make(env_id, max_episode_steps=30)
         env.reset(seed=3)
@@ -88,7 +89,7 @@ def test_kill_between_replay_and_checkpoint_write_resumes_from_the_previous_pair
     class Killed(BaseException):
         pass
 
-    write_atomic = cql.write_atomic
+    write_atomic = runs.write_atomic
 
     def dies_before_checkpoint_60(path, write, mode="wb"):
         if path.name == "checkpoint_60.pt":  # replay_60.pt is already complete on disk
@@ -96,10 +97,10 @@ def test_kill_between_replay_and_checkpoint_write_resumes_from_the_previous_pair
             raise Killed()
         write_atomic(path, write, mode)
 
-    monkeypatch.setattr(cql, "write_atomic", dies_before_checkpoint_60)
+    monkeypatch.setattr(runs, "write_atomic", dies_before_checkpoint_60)
     with pytest.raises(Killed):
         cql.train(cql.parse_config(args[:-1] + [f"--checkpoints_path={tmp_path / 'b'}"]))
-    monkeypatch.setattr(cql, "write_atomic", write_atomic)
+    monkeypatch.setattr(runs, "write_atomic", write_atomic)
     (killed,) = (tmp_path / "b").iterdir()
     assert sorted(p.name for p in killed.glob("replay_*.pt")) == ["replay_40.pt", "replay_60.pt"]
     assert cql.checkpoint_files(killed)[-1].name == "checkpoint_40.pt"
@@ -171,14 +172,16 @@ def finished_run(hopper_hdf5, tmp_path_factory) -> Path:
 def _damaged(finished_run: Path, tmp_path: Path, kind: str) -> Path:
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
+    if kind in ("no replay", "no run state", "torn checkpoint"):  # else --resume passes over to checkpoint_10.pt
+        (run_dir / "checkpoint_10.pt").unlink()
     if kind == "no checkpoint":
         for path in run_dir.glob("*.pt"):
             path.unlink()
     elif kind == "no replay":
         (run_dir / "replay_20.pt").unlink()
     elif kind == "no run state":
-        state = torch.load(run_dir / "checkpoint_20.pt", weights_only=False)
-        torch.save({**state, "run": None}, run_dir / "checkpoint_20.pt")
+        state = load_state_file(run_dir / "checkpoint_20.pt")
+        write_state_file(run_dir / "checkpoint_20.pt", {**state, "run": None})
     elif kind == "torn checkpoint":
         path = run_dir / "checkpoint_20.pt"
         path.write_bytes(path.read_bytes()[:1000])
@@ -227,9 +230,10 @@ BAD_INPUTS = [  # (what, argv after the dataset argument, expected message); {ru
      "field 'load_model': .* needs its replay file .*replay_20.pt, which is gone"),
     ("resume: not a run directory", ["--resume=/nonexistent/run"], "field 'resume': /nonexistent/run is not a run"),
     ("resume: no checkpoint", ["--resume={run}", "#no checkpoint"], "field 'resume': .* has no checkpoint"),
-    ("resume: replay file gone", ["--resume={run}", "#no replay"], "field 'resume': .* needs its replay file"),
-    ("resume: no run state", ["--resume={run}", "#no run state"], "field 'resume': .* holds no run state"),
-    ("resume: torn checkpoint", ["--resume={run}", "#torn checkpoint"], "field 'resume': .* does not fit"),
+    ("resume: replay file gone", ["--resume={run}", "#no replay"],
+     "field 'resume': no good checkpoint .* its replay file replay_20.pt is gone"),
+    ("resume: no run state", ["--resume={run}", "#no run state"], "field 'resume': no good checkpoint .* holds no run state"),
+    ("resume: torn checkpoint", ["--resume={run}", "#torn checkpoint"], "field 'resume': no good checkpoint"),
     ("resume: torn replay file", ["--resume={run}", "#torn replay"], "field 'resume': replay file .* unreadable"),
     ("resume: bad saved config", ["--resume={run}", "#bad config"], "config.yaml: field 'batch_size' expects an"),
     # numbers that parse but overflow int64 or make no sense downstream: upper limits (LIMITS)

@@ -12,6 +12,7 @@ from conftest import metrics_rows
 
 import algorithms.finetune.cql as cql
 from algorithms.common import envs
+from algorithms.common.runs import load_state_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
@@ -68,7 +69,7 @@ def test_a_failing_env_step_ends_its_episode_is_counted_and_stays_out_of_the_buf
                                                                               (37, 10)]
         assert [r.get("train/env_errors") for r in episodes] == [None, 1, None, 2, None]
         assert (summary["runs"][i] if stacked else summary)["env_errors"] == 2
-        replay = torch.load(run_dir / "replay_40.pt", weights_only=False)
+        replay = load_state_file(run_dir / "replay_40.pt")
         for key in cql.BUFFER_FIELDS:
             assert torch.isfinite(replay[key]).all(), key
         assert not replay["terminals"].any()  # a failed step is no terminal, and it is not stored

@@ -27,6 +27,7 @@ from conftest import (
 )
 
 import algorithms.finetune.cql as cql
+from algorithms.common.runs import load_state_file
 
 S, A, B, N = 5, 3, 16, 4  # state dim, action dim, batch, cql_n_actions
 SEEDS = [3, 7, 11]
@@ -218,8 +219,8 @@ def test_load_model_starts_every_run_of_a_stack_from_the_one_checkpoint(hopper_h
              "--log_freq=10", "--max_episode_steps=10", "--cql_alpha_online=2", *SMALL]
     done = cql.train(cql.parse_config([*first, f"--checkpoints_path={tmp_path / 'one'}"]))
     checkpoint = Path(done["run_dir"]) / "checkpoint_40.pt"
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    one_buffer_rows = torch.load(Path(done["run_dir"]) / saved["replay_file"], map_location="cpu", weights_only=False)
+    saved = load_state_file(checkpoint)
+    one_buffer_rows = load_state_file(Path(done["run_dir"]) / saved["replay_file"])
 
     c = cql.parse_config([*first, "--seeds=2,5", f"--load_model={checkpoint}"])
     data = cql.load_dataset(c)
@@ -249,7 +250,7 @@ def test_load_model_starts_every_run_of_a_stack_from_the_one_checkpoint(hopper_h
     for run_dir in dirs:
         assert [r["step"] for r in metrics_rows(run_dir) if "qf1_loss" in r] == [50, 60]  # on from iteration 40
         assert sorted(p.name for p in run_dir.glob("*.pt")) == ["checkpoint_60.pt", "replay_60.pt"]
-    ends = [torch.load(d / "checkpoint_60.pt", map_location="cpu", weights_only=False)["actor"] for d in dirs]
+    ends = [load_state_file(d / "checkpoint_60.pt")["actor"] for d in dirs]
     assert any(not torch.equal(ends[0][k], ends[1][k]) for k in ends[0])  # the runs went their own ways
 
 

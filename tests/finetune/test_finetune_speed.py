@@ -12,6 +12,7 @@ import torch
 from conftest import metrics_rows
 
 import algorithms.finetune.cql as cql
+from algorithms.common.runs import load_state_file, write_state_file
 
 CPU = torch.device("cpu")
 
@@ -262,7 +263,7 @@ def test_resume_runs_the_evaluations_a_checkpoint_had_not_finished(tmp_path, lay
     evals = {r["step"]: r for r in metrics_rows(first["run_dir"]) if "eval_return_mean" in r}
     # As if the evaluation at step 24 had still been running when checkpoint_24.pt was written.
     path = Path(first["run_dir"]) / "checkpoint_24.pt"
-    state = torch.load(path, weights_only=False)
+    state = load_state_file(path)
     assert state["run"]["pending_evaluations"] == {} and "pending_evaluations" not in state  # foreground
     pending = {24: {k: v.cpu() for k, v in state["actor"].items()}}
     if layout == "run state":
@@ -271,7 +272,7 @@ def test_resume_runs_the_evaluations_a_checkpoint_had_not_finished(tmp_path, lay
         del state["run"]["pending_evaluations"]
         state["pending_evaluations"] = pending
     state["progress"]["eval_success_rates"] = state["progress"]["eval_success_rates"][:-1]
-    torch.save(state, path)
+    write_state_file(path, state)
     resumed = _goal_run(tmp_path / "resumed", f"--load_model={path}", "--online_iterations=32")
     resumed_evals = {r["step"]: r for r in metrics_rows(resumed["run_dir"]) if "eval_return_mean" in r}
     assert sorted(resumed_evals) == [24, 32]

@@ -18,6 +18,7 @@ from conftest import (
 )
 
 import algorithms.offline.cql as cql
+from algorithms.common.runs import load_state_file
 
 
 def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(hopper_hdf5, tmp_path):
@@ -54,7 +55,7 @@ def test_kill_inside_an_atomic_write_leaves_the_old_file(tmp_path):
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
-import algorithms.offline.cql as cql
+import algorithms.common.runs as cql
 target = Path({str(target)!r})
 cql.write_atomic(target, lambda f: f.write(b"old, complete"))
 def half_then_die(f):
@@ -80,7 +81,7 @@ def test_non_finite_loss_stops_with_quantity_and_updates_and_keeps_last_good_che
         cql.train(config)
     (run_dir,) = tmp_path.iterdir()
     assert [p.name for p in cql.checkpoint_files(run_dir)] == ["checkpoint_20.pt"]
-    state = torch.load(run_dir / "checkpoint_20.pt", weights_only=False)
+    state = load_state_file(run_dir / "checkpoint_20.pt")
     assert all(torch.isfinite(v).all() for v in state["critic"].values())
 
 

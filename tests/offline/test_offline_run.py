@@ -14,6 +14,7 @@ from conftest import OFFLINE_SCRIPT, metrics_rows, refuse_temporary_files
 
 import algorithms.offline.cql as cql
 from algorithms.common import runs
+from algorithms.common.runs import load_state_file
 from tools.rollouts import random_transitions, write_d4rl_hdf5
 
 SMALL = ["--batch_size=32", "--cql_n_actions=4", "--n_episodes=2", "--wandb_mode=disabled", "--log_freq=50"]
@@ -40,7 +41,7 @@ def test_short_run_writes_metrics_checkpoint_and_score_and_the_checkpoint_loads(
     assert saved == config  # the saved config reloads to the same config
 
     # load_model restores every network, alpha and the update counter; training continues from there.
-    state = torch.load(run_dir / "checkpoint_200.pt", map_location="cpu", weights_only=False)
+    state = load_state_file(run_dir / "checkpoint_200.pt")
     resumed = cql.CQL(config, 11, 3, 1.0, torch.device("cpu"))
     cql.load_checkpoints([str(run_dir / "checkpoint_200.pt")], resumed, "load_model")
     assert resumed.total_it == 200

@@ -26,6 +26,7 @@ from conftest import (
 from test_losses import VARIANTS
 
 import algorithms.offline.cql as cql
+from algorithms.common.runs import load_state_file
 
 S, A, B, N = 5, 3, 16, 4  # state dim, action dim, batch, cql_n_actions
 SEEDS = [3, 7, 11]
@@ -263,8 +264,8 @@ def test_sigkilled_stack_resumes_to_the_same_weights_and_metrics_per_seed(hopper
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed at update" in result.stdout
     for seed in (4, 9):
-        want = torch.load(reference[seed] / "checkpoint_120.pt", weights_only=False)
-        got = torch.load(killed[seed] / "checkpoint_120.pt", weights_only=False)
+        want = load_state_file(reference[seed] / "checkpoint_120.pt")
+        got = load_state_file(killed[seed] / "checkpoint_120.pt")
         for part in ("actor", "critic", "target_critic"):
             for name in want[part]:
                 assert torch.equal(want[part][name], got[part][name]), (seed, part, name)

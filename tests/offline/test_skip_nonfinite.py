@@ -29,6 +29,8 @@ from conftest import (
 
 import algorithms.finetune.cql as finetune
 import algorithms.offline.cql as offline
+from algorithms.common import runs
+from algorithms.common.runs import load_state_file
 
 S, A, B, N = 5, 3, 16, 4  # state dim, action dim, batch, cql_n_actions
 MODULES = {"offline": offline, "finetune": finetune}
@@ -235,7 +237,7 @@ def test_a_run_drops_a_bad_batch_and_goes_on_to_the_end(kind, seeds, hopper_hdf5
         logged = training_rows(run_dir)
         assert [(row["step"], row["skipped_updates"]) for row in logged] == [(20, 0), (40, 0), (60, 1)]
         assert all(math.isfinite(v) for row in logged for v in row.values()), logged
-        final = torch.load(run_dir / "checkpoint_60.pt", weights_only=False)
+        final = load_state_file(run_dir / "checkpoint_60.pt")
         for part in ("actor", "critic", "target_critic"):
             assert all(torch.isfinite(v).all() for v in final[part].values()), part
         assert torch.isfinite(final["log_alpha"]) and torch.isfinite(final["log_alpha_prime"])
@@ -253,23 +255,23 @@ def test_resume_mid_window_keeps_the_skipped_count(kind, hopper_hdf5, tmp_path, 
     class Killed(BaseException):
         pass
 
-    write_atomic = module.write_atomic
+    write_atomic = runs.write_atomic
 
     def dies_after_checkpoint_30(path, write, mode="wb"):
         write_atomic(path, write, mode)
         if path.name == "checkpoint_30.pt":
             raise Killed()
 
-    monkeypatch.setattr(module, "write_atomic", dies_after_checkpoint_30)
+    monkeypatch.setattr(runs, "write_atomic", dies_after_checkpoint_30)
     with pytest.raises(Killed):
         module.main(args(kind, hopper_hdf5, tmp_path / "b") + ["--checkpoint_freq=30"])
-    monkeypatch.setattr(module, "write_atomic", write_atomic)
+    monkeypatch.setattr(runs, "write_atomic", write_atomic)
     (killed,) = (tmp_path / "b").iterdir()
     module.main([f"--resume={killed}"])
     assert [row["skipped_updates"] for row in training_rows(killed)] == [0, 1, 0]
     assert metrics_rows(killed) == metrics_rows(reference)  # every row once, the same values, in the same order
-    want = torch.load(reference / "checkpoint_60.pt", weights_only=False)
-    got = torch.load(killed / "checkpoint_60.pt", weights_only=False)
+    want = load_state_file(reference / "checkpoint_60.pt")
+    got = load_state_file(killed / "checkpoint_60.pt")
     for part in ("actor", "critic", "target_critic"):
         for name in want[part]:
             assert torch.equal(want[part][name], got[part][name]), (part, name)

@@ -14,6 +14,7 @@ from conftest import refuse_temporary_files
 
 import algorithms.offline.cql as offline_cql
 import tools.make_dataset as md
+from algorithms.common.runs import load_state_file
 
 ROOT = Path(__file__).resolve().parents[2]
 # A tiny budget on InvertedPendulum-v4 with a 20-step limit: episodes end both by termination and by timeout.
@@ -128,7 +129,7 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(m
     md.make_datasets(first)
     checkpoint = md.learner_checkpoint(work)  # the finetune script's checkpoint of the learner's run
     assert checkpoint.name == "checkpoint_150.pt"
-    assert torch.load(checkpoint, weights_only=False)["progress"]["iteration"] == 150
+    assert load_state_file(checkpoint)["progress"]["iteration"] == 150
     stream_150 = md.load_stream(work, 150)
     capsys.readouterr()
     second = md.parse_args([*TINY, "--train_steps", "300", "--work_dir", str(work), "--out_dir", str(tmp_path / "b"),
