@@ -14,7 +14,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import gymnasium as gym
 import h5py
@@ -132,48 +132,158 @@ def download_file(url: str, dest: Path, timeout: float = 60.0) -> Path:
     return dest
 
 
-def read_d4rl_hdf5(path: Union[str, Path]) -> Dict[str, np.ndarray]:
-    """Reads the arrays of a D4RL-format HDF5 file and checks their shapes and values."""
+# The columns and metadata of a D4RL-format HDF5 file that load_dataset reads (others are left unread).
+D4RL_COLUMNS = ("observations", "actions", "rewards", "terminals", "timeouts")
+D4RL_ATTRS = ("env_id", "max_episode_steps", "ref_min_score", "ref_max_score")
+FLAG_COLUMNS = ("terminals", "timeouts", "terminations")  # 0 or 1 per row
+
+
+def _shown(value: Any) -> str:
+    """value for a one-line message: an array by its shape and dtype, anything else by a repr of at most 80 chars."""
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape} and dtype {value.dtype}"
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n_bytes < 1000:
+            return f"{n_bytes:.3g} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:.3g} TB"
+
+
+def available_memory() -> Optional[int]:
+    """Bytes a new allocation can get: /proc/meminfo's MemAvailable (else os.sysconf's free pages), or a
+    container's cgroup limit less its use when lower; None where neither is known."""
+    known = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        known += [int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")]
+    if not known:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            known.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    with contextlib.suppress(OSError, ValueError):  # cgroup v2; its memory.max is "max" when unlimited
+        cgroup = Path("/sys/fs/cgroup")
+        known.append(int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text()))
+    return min(known) if known else None
+
+
+def _check_d4rl_columns(f: h5py.File, where: str) -> Dict[str, h5py.Dataset]:
+    """The columns load_dataset reads, their layout checked without reading them: arrays (not groups or
+    scalars) of real numbers, 2-D observations and actions, one value per row for the rest, as many rows in
+    each, and all of them fitting in the memory available."""
+    missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
+    if missing:
+        raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}")
+    columns: Dict[str, h5py.Dataset] = {}
+    for key in (k for k in D4RL_COLUMNS if k in f):
+        try:
+            node = f[key]
+        except KeyError as e:  # a soft or external link to nothing
+            raise DatasetError(f"{where}: '{key}' cannot be opened ({_first_line(e)})") from None
+        if isinstance(node, h5py.Group):  # e.g. a Dict observation stored as one array per key
+            inside = ", ".join(list(node)[:5]) + (", ..." if len(node) > 5 else "")
+            raise DatasetError(f"{where}: '{key}' is an HDF5 group (of {inside or 'nothing'}), expected an array")
+        if not isinstance(node, h5py.Dataset) or node.shape is None:  # a committed type, an empty dataspace
+            raise DatasetError(f"{where}: '{key}' holds no array ({_shown(node)}), expected an array")
+        if node.dtype.kind not in "biuf":  # text, compound or complex values would fail in numpy, not name the file
+            raise DatasetError(f"{where}: '{key}' must hold real numbers, got dtype {node.dtype}")
+        if key in ("observations", "actions") and len(node.shape) != 2:
+            raise DatasetError(f"{where}: '{key}' must be 2-D (rows, dim), got shape {node.shape}")
+        if key not in ("observations", "actions") and not (len(node.shape) == 1 or node.shape[1:] == (1,)):
+            raise DatasetError(f"{where}: '{key}' must hold one value per row, shape (rows,), "
+                               f"got shape {node.shape}")
+        columns[key] = node
+    n = columns["rewards"].shape[0]
+    for key, node in columns.items():
+        if node.shape[0] != n:
+            raise DatasetError(f"{where}: '{key}' has {node.shape[0]} rows, rewards has {n}")
+    if n < 2:
+        raise DatasetError(f"{where}: needs at least 2 rows, has {n}")
+    # A chunked dataset can claim any shape with no data written: reading it would allocate all of it.
+    need = sum(node.size * node.dtype.itemsize for node in columns.values())
+    available = available_memory()
+    if available is not None and need > available:
+        largest = max(columns, key=lambda k: columns[k].size * columns[k].dtype.itemsize)
+        raise DatasetError(f"{where}: its columns claim {n} rows, {_size(need)} to read ('{largest}' of shape "
+                           f"{columns[largest].shape} and dtype {columns[largest].dtype} the largest), more than "
+                           f"the {_size(available)} of memory available")
+    return columns
+
+
+def _read_d4rl_attrs(f: h5py.File, path: Path) -> Dict[str, Any]:
+    """The metadata load_dataset reads, as text or numbers (check_d4rl_attrs checks their types)."""
+    attrs = {}
+    for key in (k for k in D4RL_ATTRS if k in f.attrs):
+        try:
+            value = f.attrs[key]
+        except (OSError, TypeError, ValueError) as e:  # a type h5py cannot give as numpy
+            raise DatasetError(f"dataset file {path}: attribute '{key}' cannot be read ({_first_line(e)})") from None
+        try:  # h5py decodes UTF-8 text with surrogateescape: bytes that are not UTF-8 become lone surrogates
+            value = value.decode() if isinstance(value, bytes) else value
+            if isinstance(value, str):
+                value.encode()
+        except UnicodeError:
+            raise DatasetError(f"dataset file {path}: attribute '{key}' is not UTF-8 text, got "
+                               f"{_shown(value)}") from None
+        attrs[key] = value
+    check_d4rl_attrs(attrs, path)
+    return attrs
+
+
+def inspect_d4rl_hdf5(path: Union[str, Path]) -> Dict[str, Any]:
+    """The metadata of a D4RL-format HDF5 file, once its columns' layout and its metadata are checked; reads
+    no array (load_dataset checks the eval env with it before the arrays are read)."""
     path = Path(path)
     where = f"dataset file {path}"
     if not path.is_file():
         raise DatasetError(f"{where}: not found")
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
-            if missing:
-                raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}")
-            data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k in f}
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            _check_d4rl_columns(f, where)
+            return _read_d4rl_attrs(f, path)
     except (OSError, KeyError) as e:
         raise DatasetError(f"{where}: not a readable HDF5 file ({e})") from None
-    for key, values in data.items():  # text, compound or complex values would fail in numpy below, not name the file
-        if values.dtype.kind not in "biuf":  # bool, integers or floats
-            raise DatasetError(f"{where}: '{key}' must hold real numbers, got dtype {values.dtype}")
-    for key in ("rewards", "terminals", "timeouts"):
-        if key in data and not (data[key].ndim == 1 or data[key].shape[1:] == (1,)):
-            raise DatasetError(f"{where}: '{key}' must hold one value per row, shape (rows,), "
-                               f"got shape {data[key].shape}")
-    n = len(data["rewards"])
+
+
+def check_column_values(where: str, key: str, values: np.ndarray, at: Callable[[int], str] = "row {}".format
+                        ) -> None:
+    """A DatasetError unless the float32 buffer holds the column as it is: real numbers, finite and within
+    float32's range (beyond it they would be inf); flags (FLAG_COLUMNS) 0 or 1. at(row) names a row."""
+    if values.dtype.kind not in "biuf":
+        raise DatasetError(f"{where}: '{key}' must hold real numbers, got dtype {values.dtype}")
+    if key in FLAG_COLUMNS:
+        flags = values.reshape(-1)
+        bad = ~np.isin(flags, (0, 1))  # astype(bool) would read 0.5 or NaN as true
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DatasetError(f"{where}: '{key}' must be 0 or 1, got {flags[row]} at {at(row)}")
+        return
+    for what, bad in (("non-finite values", ~np.isfinite(values)),
+                      ("values beyond float32's range", np.abs(values) > FLOAT32_MAX)):
+        if bad.any():
+            raise DatasetError(f"{where}: '{key}' has {what} (first at {at(int(np.argwhere(bad)[0][0]))})")
+
+
+def read_d4rl_hdf5(path: Union[str, Path]) -> Dict[str, np.ndarray]:
+    """Reads the arrays of a D4RL-format HDF5 file once its layout is checked (inspect_d4rl_hdf5), then their
+    values; "attrs" holds its metadata."""
+    path = Path(path)
+    where = f"dataset file {path}"
+    attrs = inspect_d4rl_hdf5(path)
+    try:
+        with h5py.File(path, "r") as f:
+            data = {k: f[k][()] for k in D4RL_COLUMNS if k in f}
+    except (OSError, KeyError) as e:
+        raise DatasetError(f"{where}: not a readable HDF5 file ({e})") from None
     for key, values in data.items():
-        if len(values) != n:
-            raise DatasetError(f"{where}: '{key}' has {len(values)} rows, rewards has {n}")
-    for key in ("observations", "actions"):
-        if data[key].ndim != 2:
-            raise DatasetError(f"{where}: '{key}' must be 2-D (rows, dim), got shape {data[key].shape}")
-    for key in ("observations", "actions", "rewards"):  # the buffer holds float32: beyond its range would be inf
-        for what, bad in (("non-finite values", ~np.isfinite(data[key])),
-                          ("values beyond float32's range", np.abs(data[key]) > FLOAT32_MAX)):
-            if bad.any():
-                raise DatasetError(f"{where}: '{key}' has {what} (first at row {int(np.argwhere(bad)[0][0])})")
-    for key in ("terminals", "timeouts"):
-        flags = data[key].reshape(-1) if key in data else np.zeros(0)
-        if not np.isin(flags, (0, 1)).all():  # astype(bool) would read 0.5 or NaN as true
-            row = int(np.flatnonzero(~np.isin(flags, (0, 1)))[0])
-            raise DatasetError(f"{where}: '{key}' must be 0 or 1, got {flags[row]} at row {row}")
-    check_d4rl_attrs(attrs, path)
-    if n < 2:
-        raise DatasetError(f"{where}: needs at least 2 rows, has {n}")
+        check_column_values(where, key, values)
     return {**data, "attrs": attrs}
 
 
@@ -181,17 +291,18 @@ def check_d4rl_attrs(attrs: Dict[str, Any], path: Path) -> None:
     """A DatasetError unless the file's metadata that load_dataset reads has the type it needs."""
     if "env_id" in attrs and not isinstance(attrs["env_id"], str):
         raise DatasetError(f"dataset file {path}: attribute 'env_id' must be a Gymnasium id (text), "
-                           f"got {attrs['env_id']!r}")
+                           f"got {_shown(attrs['env_id'])}")
     steps = attrs.get("max_episode_steps")
     if steps is not None and not (isinstance(steps, (int, np.integer)) and not isinstance(steps, (bool, np.bool_))
                                   and 0 < steps <= MAX_STEPS):
         raise DatasetError(f"dataset file {path}: attribute 'max_episode_steps' must be an integer in "
-                           f"[1, {MAX_STEPS}], got {steps!r}")
+                           f"[1, {MAX_STEPS}], got {_shown(steps)}")
     for key in ("ref_min_score", "ref_max_score"):
         value = attrs.get(key)
         if value is not None and not (isinstance(value, (int, float, np.integer, np.floating))
                                       and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)):
-            raise DatasetError(f"dataset file {path}: attribute '{key}' must be a finite number, got {value!r}")
+            raise DatasetError(f"dataset file {path}: attribute '{key}' must be a finite number, "
+                               f"got {_shown(value)}")
 
 
 def qlearning_transitions(data: Dict[str, np.ndarray], max_episode_steps: int = 1000) -> Dict[str, np.ndarray]:
@@ -239,6 +350,8 @@ def resolve_goal_in_state(config: Any, hdf5: bool) -> bool:
 def _describe_space(space: gym.Space) -> str:
     if isinstance(space, gym.spaces.Dict):
         return f"a Dict of {', '.join(space.keys())}"
+    if isinstance(space, gym.spaces.Discrete):
+        return f"a Discrete of {space.n} values"
     return f"a {type(space).__name__} of shape {getattr(space, 'shape', None)}"
 
 
@@ -313,11 +426,40 @@ def is_gym_id(name: str) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def env_dependencies(env_id: str) -> Iterator[None]:
+    """A missing optional dependency of env_id's env (Gymnasium's DependencyNotInstalled, or an ImportError
+    while it is made) as a DatasetError naming the env, what is missing and what to install."""
+    try:
+        yield
+    except gym.error.DependencyNotInstalled as e:  # its message names what is missing and the pip command
+        raise DatasetError(f"env {env_id}: a dependency is not installed: {_first_line(e)}") from None
+    except ImportError as e:
+        hint = f"e.g. `pip install {e.name.split('.')[0]}`" if e.name else "the package that provides it"
+        raise DatasetError(f"env {env_id}: needs {e.name or 'a module'}, which cannot be imported "
+                           f"({_first_line(e)}); install {hint}") from None
+
+
 def make_gym_env(env_id: str, kwargs: Dict[str, Any], max_episode_steps: Optional[int],
                   goal_in_state: bool) -> Callable[[], gym.Env]:
     check_env_id(env_id)
     extra = {"max_episode_steps": int(max_episode_steps)} if max_episode_steps else {}  # an HDF5 attr is numpy.int64
-    return lambda: flat_observation_env(gym.make(env_id, **kwargs, **extra), goal_in_state)
+
+    def make_env() -> gym.Env:
+        with env_dependencies(env_id):
+            env = gym.make(env_id, **kwargs, **extra)
+        return flat_observation_env(env, goal_in_state)
+    return make_env
+
+
+def check_env(make_env: Callable[[], gym.Env], what: str = "eval env") -> None:
+    """Makes the env once (its dependencies, its observations) and checks its actions, so that an env the
+    scripts cannot use stops before a dataset is downloaded or its arrays are read."""
+    env = make_env()
+    try:
+        action_bound(env, what)
+    finally:
+        env.close()
 
 
 def minari_datasets_dir() -> Path:
@@ -335,35 +477,43 @@ def _load_minari(config: Any) -> OfflineData:
         dataset = minari.load_dataset(config.env, download=config.minari_download)
     except Exception as e:  # minari raises several types for a missing or damaged dataset
         raise DatasetError(f"Minari dataset {config.env}: cannot load ({str(e).splitlines()[0]})") from None
-    check_observation_space(dataset.observation_space, f"Minari dataset {config.env}")
+    where = f"Minari dataset {config.env}"
+    check_observation_space(dataset.observation_space, where)
     goal_in_state = resolve_goal_in_state(config, hdf5=False)
-    episodes = []
-    for episode in dataset.iterate_episodes():
-        # Minari keeps every episode's last observation: a truncated episode's last row has its real s'
-        # and is not terminal (D4RL's files lack that s', so qlearning_transitions drops such rows).
-        obs = flatten_observation(episode.observations, goal_in_state).astype(np.float32)
-        episodes.append({"observations": obs[:-1], "next_observations": obs[1:],
-                         "actions": np.asarray(episode.actions, dtype=np.float32),
-                         "rewards": np.asarray(episode.rewards, dtype=np.float32),
-                         "terminals": np.asarray(episode.terminations, dtype=np.float32),
-                         "episode_ends": np.arange(len(episode.rewards)) == len(episode.rewards) - 1})
-    if not episodes:
-        raise DatasetError(f"Minari dataset {config.env}: has no episodes")
-    arrays = {k: np.concatenate([e[k] for e in episodes]) for k in episodes[0]}
-    metadata = dataset.storage.metadata
     if config.eval_env is not None:
         check_env_id(config.eval_env)
+    env_spec = dataset.spec.env_spec
 
     def make_env() -> gym.Env:
-        if config.eval_env is not None:
-            env = gym.make(config.eval_env)
-        else:
-            env = dataset.recover_environment(eval_env=True)
+        with env_dependencies(config.eval_env or (env_spec.id if env_spec is not None else config.env)):
+            if config.eval_env is not None:
+                env = gym.make(config.eval_env)
+            else:
+                env = dataset.recover_environment(eval_env=True)
         if config.max_episode_steps:
             env = gym.wrappers.TimeLimit(env, config.max_episode_steps)
         return flat_observation_env(env, goal_in_state)
 
-    env_spec = dataset.spec.env_spec
+    check_env(make_env)
+    episodes = []
+    for episode in dataset.iterate_episodes():
+        # Minari keeps every episode's last observation: a truncated episode's last row has its real s'
+        # and is not terminal (D4RL's files lack that s', so qlearning_transitions drops such rows).
+        columns = {"observations": flatten_observation(episode.observations, goal_in_state),
+                   "actions": np.asarray(episode.actions), "rewards": np.asarray(episode.rewards),
+                   "terminations": np.asarray(episode.terminations)}
+        for key, values in columns.items():  # as read_d4rl_hdf5 checks a file's, before anything uses them
+            check_column_values(where, key, values, f"episode {episode.id}, step {{}}".format)
+        obs = columns["observations"].astype(np.float32)
+        episodes.append({"observations": obs[:-1], "next_observations": obs[1:],
+                         "actions": columns["actions"].astype(np.float32),
+                         "rewards": columns["rewards"].astype(np.float32),
+                         "terminals": columns["terminations"].astype(np.float32),
+                         "episode_ends": np.arange(len(episode.rewards)) == len(episode.rewards) - 1})
+    if not episodes:
+        raise DatasetError(f"{where}: has no episodes")
+    arrays = {k: np.concatenate([e[k] for e in episodes]) for k in episodes[0]}
+    metadata = dataset.storage.metadata
     task = GYM_LOCOMOTION_TASKS.get(env_spec.name) if env_spec is not None else None
     ref_min, ref_max, origin = metadata.get("ref_min_score"), metadata.get("ref_max_score"), ""
     if ref_min is None and ref_max is None and task is not None:
@@ -371,7 +521,7 @@ def _load_minari(config: Any) -> OfflineData:
         origin = f"D4RL's {task} random and expert returns; the Minari dataset stores none"
     return OfflineData(
         **arrays, make_env=make_env, ref_min_score=ref_min, ref_max_score=ref_max,
-        is_locomotion=task in ("halfcheetah", "hopper", "walker2d"), source=f"Minari dataset {config.env}",
+        is_locomotion=task in ("halfcheetah", "hopper", "walker2d"), source=where,
         ref_origin=origin, goal_in_state=goal_in_state,
     )
 
@@ -391,6 +541,7 @@ def load_dataset(config: Any) -> OfflineData:
             raise DatasetError(
                 f"env {name}: its D4RL environment needs gym and mujoco-py; use the Minari dataset "
                 f"{MINARI_EQUIVALENTS.get(name, '(none known)')} instead, or set eval_env")
+        check_env(make_env)
         if config.dataset_path is not None:
             path = Path(config.dataset_path)
         else:
@@ -413,16 +564,18 @@ def load_dataset(config: Any) -> OfflineData:
         raise DatasetError(
             f"env {name!r}: not a known D4RL dataset, an existing HDF5 file or a Minari id (namespace/name-vN)"
             + (" (a Gymnasium env: set offline_iterations=0 to train online from scratch)" if is_gym_id(name) else ""))
-    raw = read_d4rl_hdf5(path)
-    attrs = raw.pop("attrs")
-    if is_locomotion is None:
+    if is_locomotion is None:  # the file's metadata names its env: checked before the arrays are read
+        attrs = inspect_d4rl_hdf5(path)
         env_id = config.eval_env or attrs.get("env_id")
         if env_id is None:
             raise DatasetError(f"dataset file {path}: set eval_env (the file's metadata names no env_id)")
         steps = config.max_episode_steps or attrs.get("max_episode_steps")
         make_env = make_gym_env(env_id, {}, steps, goal_in_state)
+        check_env(make_env)
         is_locomotion = any(t in env_id.lower() for t in ("halfcheetah", "hopper", "walker2d"))
         ref_min, ref_max = attrs.get("ref_min_score"), attrs.get("ref_max_score")
+    raw = read_d4rl_hdf5(path)
+    raw.pop("attrs")
     ref_min = config.ref_min_score if config.ref_min_score is not None else ref_min
     ref_max = config.ref_max_score if config.ref_max_score is not None else ref_max
     transitions = qlearning_transitions(raw)
@@ -454,11 +607,15 @@ def check_dataset_matches_env(data: OfflineData, env: gym.Env) -> None:
 
 
 def action_bound(env: gym.Env, what: str) -> float:
-    space = env.action_space
-    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
-        raise DatasetError(f"{what}: needs a 1-D Box action space, got {space}")
+    """The bound m of env's actions, [-m, m] in every dim; a DatasetError naming the env for any other space."""
+    space, name = env.action_space, env.spec.id if env.spec else type(env.unwrapped).__name__
+    of_env = "" if name in what else f" from env {name}"
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:  # e.g. CartPole's discrete actions
+        raise DatasetError(f"{what}: needs a 1-D Box action space (continuous actions), got "
+                           f"{_describe_space(space)}{of_env}")
     if not np.allclose(space.high, space.high[0]) or not np.allclose(space.low, -space.high):
-        raise DatasetError(f"{what}: actions must lie in a symmetric box [-m, m], got [{space.low}, {space.high}]")
+        raise DatasetError(f"{what}: actions must lie in a symmetric box [-m, m], got low {space.low.tolist()} "
+                           f"and high {space.high.tolist()}{of_env}")
     return float(space.high[0])
 
 
