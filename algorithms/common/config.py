@@ -5,6 +5,8 @@ Nothing here knows an algorithm: a script passes its config class, its bounds an
 own checks. Exit codes: ConfigError and DatasetError are bad input (2), RunFault a fault (3).
 """
 import math
+import os
+import stat
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union, get_args, get_origin
@@ -32,10 +34,53 @@ _NONE_WORDS = {"none", "null", "~"}  # None on the command line and in a YAML fi
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
+MAX_CONFIG_BYTES = 2**20  # a config file or run record holds a few hundred bytes: a larger file is not one
+MAX_YAML_DEPTH = 32  # a config nests two deep (seeds: [0, 1]); PyYAML recurses per level, to a RecursionError
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def shown(value: Any, limit: int = 100) -> str:
+    """repr(value) for a one-line message, cut after limit characters (a 5000-digit seed stays readable)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping, at any depth (SafeLoader keeps the last),
-    with a ConfigError naming the file, the key and both lines; a key that a merge (<<) brings in and the
-    mapping sets again counts as twice too."""
+    """yaml.SafeLoader that refuses, with a one-line ConfigError naming `where` (the file) and the line:
+    a key given twice in one mapping, at any depth (SafeLoader keeps the last; a key that a merge (<<)
+    brings in and the mapping sets again counts as twice too); anchors and aliases (CORL's configs use
+    none, and aliases of aliases expand exponentially: "billion laughs"); values nested past MAX_YAML_DEPTH;
+    a scalar Python cannot convert (an integer past its 4300 digits, a date such as 2020-13-45)."""
+
+    def __init__(self, stream: Any, where: Optional[str] = None) -> None:
+        super().__init__(stream)
+        self.where = where or f"config file {self.name}"
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:  # before it is built
+            raise ConfigError(f"{self.where}: line {line}: YAML anchors and aliases (&{event.anchor}, "
+                              f"*{event.anchor}) are not accepted; write the value out")
+        if self.depth >= MAX_YAML_DEPTH:
+            raise ConfigError(f"{self.where}: line {line}: values nested more than {MAX_YAML_DEPTH} deep")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except ConfigError:
+            raise
+        except ValueError as e:  # int() past sys.get_int_max_str_digits(), datetime.date(2020, 13, 45)
+            reason = str(e).split(";")[0]  # without int()'s advice to raise the limit
+            raise ConfigError(f"{self.where}: line {node.start_mark.line + 1}: cannot read {shown(node.value)} "
+                              f"({reason})") from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
         self.flatten_mapping(node)  # merged keys first, as SafeLoader takes them
@@ -47,18 +92,55 @@ class StrictLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: SafeLoader's own error follows
                 continue
             if twice:
-                raise ConfigError(f"config file {self.name}: key '{key}' given twice (lines {lines[key]} and {line})")
+                raise ConfigError(f"{self.where}: key '{key}' given twice (lines {lines[key]} and {line})")
             lines[key] = line
         return super().construct_mapping(node, deep)
 
 
+def read_yaml_file(path: str, where: str) -> Any:
+    """The YAML document of a config file or run record (read by StrictLoader), or a one-line ConfigError
+    naming the file: not a regular file (a FIFO, a device or a directory would block or never end, so it
+    is not opened), larger than MAX_CONFIG_BYTES, not UTF-8, not valid YAML."""
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISREG(mode):
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # nor blocks on a FIFO swapped in since the stat
+            with os.fdopen(fd, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                data = f.read(MAX_CONFIG_BYTES + 1) if stat.S_ISREG(mode) else b""
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read ({e.strerror})") from None
+    except ValueError:  # a path holding NUL
+        raise ConfigError(f"{where}: cannot read (a path cannot hold NUL characters)") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "another kind of file")
+        raise ConfigError(f"{where}: expected a regular file, got {kind}")
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_CONFIG_BYTES} bytes, the most a config file may hold")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {e.start})") from None
+    loader = StrictLoader(text, where)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    finally:
+        loader.dispose()
+
+
 def _read_scalar(text: str) -> Any:
     """A command-line value read as YAML reads a scalar (true, 3, 1_000, 0.5, .inf, null); text that YAML
-    leaves as text stays so (PyYAML reads 1e6 and 3e-4 as text: parse_value takes those as numbers)."""
+    leaves as text stays so (PyYAML reads 1e6 and 3e-4 as text: parse_value takes those as numbers), and so
+    does text that StrictLoader refuses (anchors, deep nesting, an integer past Python's digits)."""
+    loader = StrictLoader(text, "command line")
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return loader.get_single_data()
+    except (yaml.YAMLError, ConfigError):
         return text
+    finally:
+        loader.dispose()
 
 
 def parse_value(name: str, annotation: Any, value: Any, where: str, infinite_ok: bool = False) -> Any:
@@ -77,7 +159,7 @@ def parse_value(name: str, annotation: Any, value: Any, where: str, infinite_ok:
         raise ConfigError(f"{where}: field '{name}' has an unsupported type {annotation}")
 
     def fail(expected: str) -> ConfigError:
-        return ConfigError(f"{where}: field '{name}' expects {expected}, got {value!r}")
+        return ConfigError(f"{where}: field '{name}' expects {expected}, got {shown(value)}")
 
     parsed = value
     if isinstance(value, str) and value.strip().lower() in _NONE_WORDS:
@@ -193,7 +275,7 @@ def run_seeds(config: Any) -> Optional[List[int]]:
     if config.seeds is None:
         return None
     text = config.seeds.strip()
-    expected = f"field 'seeds' expects a count like 4 or a list like 0,1,2,3, got {config.seeds!r}"
+    expected = f"field 'seeds' expects a count like 4 or a list like 0,1,2,3, got {shown(config.seeds)}"
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()] if "," in text else int(text)
     except ValueError:
@@ -206,7 +288,7 @@ def run_seeds(config: Any) -> Optional[List[int]]:
     if not seeds:
         raise ConfigError(expected)
     if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"field 'seeds' lists a seed twice: {config.seeds!r}")
+        raise ConfigError(f"field 'seeds' lists a seed twice: {shown(config.seeds)}")
     outside = [s for s in seeds if not 0 <= s <= MAX_SEED]
     if outside:
         raise ConfigError(f"field 'seeds' lists a seed outside [0, {MAX_SEED}]: {outside[0]}")
@@ -277,25 +359,17 @@ def parse_config(argv: List[str], config_class: type, check: Callable[[Any], Non
     sources: List[Tuple[str, str, Set[str], Set[str]]] = []  # YAML files in order: what, path, keys allowed, needed
     if config_path is None and "resume" in overrides:  # a resumed run keeps its own config ...
         config_path = str(Path(overrides["resume"]) / "config.yaml")
-        if not Path(config_path).is_file():
+        if not Path(config_path).exists():  # one that exists but is no regular file: read_yaml_file says so
             raise ConfigError(f"field 'resume': {overrides['resume']} is not a run directory (no config.yaml)")
         stack_path = Path(overrides["resume"]) / STACK_RECORD
-        if stack_path.is_file():  # ... and a run of a stack its stack's seed and seeds: the whole stack resumes
+        if stack_path.exists():  # ... and a run of a stack its stack's seed and seeds: the whole stack resumes
             record_keys = {f.name for f in fields(StackRecord)}
             sources.append(("stack record", str(stack_path), record_keys, record_keys))
     if config_path is not None:
         sources.insert(0, ("config file", config_path, set(types), set()))
     for what, path, keys, needed in sources:
         where = f"{what} {path}"
-        try:
-            with open(path) as f:
-                loaded = yaml.load(f, Loader=StrictLoader)
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot read ({e.strerror})") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{where}: not UTF-8 text (byte {e.start})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+        loaded = read_yaml_file(path, where)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
