@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import re
+import stat
 import sys
 import tempfile
 import time
@@ -356,6 +357,8 @@ def load_state_file(path: Any, map_location: Any = "cpu") -> Any:
     against its digest; a ValueError with the one-line reason if it cannot be read, is damaged or would need
     unpickling (UntrustedFileError)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+            raise ValueError("not a regular file")
         loaded = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:  # what weights_only refuses: an object that only unpickling would build
         raise UntrustedFileError(
