@@ -8,6 +8,7 @@
 * --resume refuses a change of a field that changes what the run computes, and records the others.
 """
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -160,9 +161,11 @@ def test_resume_passes_over_a_damaged_newest_checkpoint_and_a_stray_file(hopper_
     data[middle:middle + 256] = bytes(256)
     newest.write_bytes(bytes(data))
     torch.save({"note": "best so far"}, run_dir / "checkpoint_best.pt")  # not one of the run's checkpoints
+    os.mkfifo(run_dir / "checkpoint_90.pt")  # would block whoever opens it
     offline.main([f"--resume={run_dir}"])
     out, err = capsys.readouterr()
-    assert "warning: checkpoint" in err and "checkpoint_60.pt" in err and "checkpoint_30.pt" in err
+    assert "checkpoint_60.pt is passed over (damaged" in err and "checkpoint_30.pt" in err
+    assert "checkpoint_90.pt is passed over (not a regular file" in err
     assert "resumed at update 30" in out
     assert (run_dir / "checkpoint_60.pt.skipped").exists() and (run_dir / "checkpoint_best.pt").exists()
     for name, value in offline_final_weights(offline_run, 60).items():  # trained again from update 30: the same
