@@ -16,11 +16,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from algorithms.common.config import ConfigError, RunFault
+from algorithms.common.envs import one_line
 
 
 class EvaluationWorkerError(RunFault):
-    """A background evaluation failed, or its worker died again before the evaluations it was restarted
-    for were done."""
+    """An evaluation failed (an eval env raised, in the worker or in the trainer), or a background worker died
+    again before the evaluations it was restarted for were done."""
 
 
 def actor_weights(actor: nn.Module, run: Optional[int] = None) -> Dict[str, torch.Tensor]:
@@ -43,7 +44,7 @@ def _evaluation_worker(env_spec: Any, n_episodes: int, actor: nn.Module, evaluat
             results.send((step, evaluate(envs, actor, *episode_args)))
         envs.close()
     except Exception as e:  # reported to the trainer, which stops with it
-        results.send((None, f"{type(e).__name__}: {' '.join(str(e).split())}"))  # one line
+        results.send((None, one_line(e)))
 
 
 class Evaluator:
@@ -81,7 +82,12 @@ class Evaluator:
         """Evaluates the actor weights (see actor_weights) of update `step`."""
         if self.worker is None:
             self.actor.load_state_dict(weights)
-            self.finished.append((step, self.evaluate(self.envs, self.actor, *self.episode_args)))
+            try:
+                self.finished.append((step, self.evaluate(self.envs, self.actor, *self.episode_args)))
+            except Exception as e:  # an eval env may raise anything: one line, as from the worker
+                run = f" of {self.label}" if self.label else ""
+                raise EvaluationWorkerError(f"evaluation of update {step}{run} failed in the trainer: {one_line(e)}"
+                                            + self.last_good_checkpoint()) from None
             return
         self.jobs.put((step, weights, self.episode_args))
         self.pending[step] = weights
