@@ -21,7 +21,8 @@ if __package__ in (None, ""):  # run as a file: the repository root on the path,
 import torch  # noqa: E402
 
 from algorithms.common.envs import is_plain  # noqa: E402
-from algorithms.common.runs import FORMAT_KEY, load_state_file, write_state_file  # noqa: E402
+from algorithms.common.runs import write_state_file  # noqa: E402
+from algorithms.common.state_files import FORMAT_KEY, load_state_file  # noqa: E402
 
 
 def plain_env_state(env: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:

@@ -176,7 +176,8 @@ def set_env_state(env: gym.Env, state: Dict[str, Any]) -> None:
 class TrainingEnv:
     """A run's training env and its episode in progress (raw observations). step() steps it (step_env) and keeps
     the step as last_step, (obs, action, reward, next obs, terminated, truncated), or None for a failed step, which
-    ends the episode as truncated and is counted: errors_in_a_row failures in a row stop the run (a RunFault)."""
+    ends the episode as truncated and is counted: errors_in_a_row failures in a row stop the run (a RunFault), as
+    does at once an observation of a shape other than the observation space's (check_shape)."""
 
     env: gym.Env
     seed: int  # the run's, for messages
@@ -195,12 +196,22 @@ class TrainingEnv:
     def fault(self, what: str) -> RunFault:
         return RunFault(f"the training env of seed {self.seed} {what}" + self.last_good_checkpoint())
 
+    def check_shape(self, obs: Optional[np.ndarray], when: str) -> None:
+        """A RunFault if an observation's shape is not the one the env's observation space declares (the shape
+        the networks and the replay ring were made for): the env changed mid-run, no step of it can be kept."""
+        expected = self.env.observation_space.shape
+        if obs is not None and np.shape(obs) != expected:
+            env_id = self.env.spec.id if self.env.spec is not None else type(self.env.unwrapped).__name__
+            raise self.fault(f"({env_id}) gave an observation of shape {np.shape(obs)} {when}, expected {expected} "
+                             f"(its observation space)")
+
     def reset(self, seed: int) -> None:
         """A new episode, the env and its action space seeded with `seed`."""
         try:
             obs = reset_env(self.env, seed)
         except Exception as e:  # any env may raise anything
             raise self.fault(f"failed: {one_line(e)}") from None
+        self.check_shape(obs, f"at its reset with seed {seed}")
         self.new_episode(obs)
 
     def step(self, action: np.ndarray, sparse_reward: bool, iteration: int, errors_in_a_row: int
@@ -210,6 +221,8 @@ class TrainingEnv:
             result = step_env(self.env, action, sparse_reward)
         except RuntimeError as e:  # the reset after an episode's end
             raise self.fault(f"failed: {e}") from None
+        self.check_shape(result.next_obs, f"in iteration {iteration}")
+        self.check_shape(result.reset_obs, f"at its reset after iteration {iteration}")
         if result.error is not None:
             self.errors += 1
             self.errors_in_a_row += 1

@@ -5,6 +5,7 @@ that dies, once.
 """
 import copy
 import multiprocessing
+import pickle
 import signal
 import sys
 import warnings
@@ -16,11 +17,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from algorithms.common.config import ConfigError, RunFault
+from algorithms.common.envs import one_line
 
 
 class EvaluationWorkerError(RunFault):
-    """A background evaluation failed, or its worker died again before the evaluations it was restarted
-    for were done."""
+    """An evaluation failed (an eval env raised, in the worker or in the trainer), or a background worker died
+    again before the evaluations it was restarted for were done."""
 
 
 def actor_weights(actor: nn.Module, run: Optional[int] = None) -> Dict[str, torch.Tensor]:
@@ -31,19 +33,28 @@ def actor_weights(actor: nn.Module, run: Optional[int] = None) -> Dict[str, torc
     return {k: v.detach().to("cpu", copy=True) for k, v in actor.state_dict().items()}
 
 
-def _evaluation_worker(env_spec: Any, n_episodes: int, actor: nn.Module, evaluate: Callable[..., Any],
+def _by_value(weights: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """Weights as numpy arrays, which pickle by value: a tensor sent to another process goes through shared
+    memory and holds a file descriptor open here until it is freed (~10 per job, and the open-file limit
+    counts them for every run of a stack)."""
+    return {k: v.numpy() for k, v in weights.items()}
+
+
+def _evaluation_worker(env_spec: Any, n_episodes: int, actor: bytes, evaluate: Callable[..., Any],
                        jobs: Any, results: Any) -> None:
-    """Background evaluator process: evaluates each (step, weights, episode_args) job, answers (step, result)."""
+    """Background evaluator process: evaluates each (step, weights, episode_args) job, answers (step, result).
+    actor: the pickled actor (by value, see _by_value)."""
     warnings.filterwarnings("ignore", message=r".*is out of date\. You should consider upgrading")
     try:
+        policy = pickle.loads(actor)
         envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_spec)] * n_episodes)
         while (job := jobs.get()) is not None:
             step, weights, episode_args = job
-            actor.load_state_dict(weights)
-            results.send((step, evaluate(envs, actor, *episode_args)))
+            policy.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+            results.send((step, evaluate(envs, policy, *episode_args)))
         envs.close()
     except Exception as e:  # reported to the trainer, which stops with it
-        results.send((None, f"{type(e).__name__}: {' '.join(str(e).split())}"))  # one line
+        results.send((None, one_line(e)))
 
 
 class Evaluator:
@@ -72,7 +83,7 @@ class Evaluator:
             if env.spec is None:
                 raise ConfigError("field 'background_eval': the eval env has no Gymnasium spec to rebuild it from "
                                   "in a worker process; set background_eval false")
-            self.worker_args = (env.spec, n_episodes, self.actor, evaluate)
+            self.worker_args = (env.spec, n_episodes, pickle.dumps(self.actor), evaluate)
             self.start_worker()
         else:
             self.envs = gym.vector.SyncVectorEnv([make_env] * n_episodes)
@@ -81,9 +92,14 @@ class Evaluator:
         """Evaluates the actor weights (see actor_weights) of update `step`."""
         if self.worker is None:
             self.actor.load_state_dict(weights)
-            self.finished.append((step, self.evaluate(self.envs, self.actor, *self.episode_args)))
+            try:
+                self.finished.append((step, self.evaluate(self.envs, self.actor, *self.episode_args)))
+            except Exception as e:  # an eval env may raise anything: one line, as from the worker
+                run = f" of {self.label}" if self.label else ""
+                raise EvaluationWorkerError(f"evaluation of update {step}{run} failed in the trainer: {one_line(e)}"
+                                            + self.last_good_checkpoint()) from None
             return
-        self.jobs.put((step, weights, self.episode_args))
+        self.jobs.put((step, _by_value(weights), self.episode_args))
         self.pending[step] = weights
 
     def start_worker(self) -> None:
@@ -117,7 +133,7 @@ class Evaluator:
         self.worker.close()
         self.start_worker()
         for step in steps:
-            self.jobs.put((step, self.pending[step], self.episode_args))
+            self.jobs.put((step, _by_value(self.pending[step]), self.episode_args))
         self.resubmitted.update(steps)
 
     def receive(self, wait: bool) -> Optional[Tuple[Any, ...]]:

@@ -9,13 +9,12 @@ import contextlib
 import errno
 import fcntl
 import functools
-import hashlib
 import json
+import math
 import os
-import pickle
 import random
 import re
-import stat
+import resource
 import sys
 import tempfile
 import time
@@ -30,6 +29,15 @@ import yaml
 from tqdm.auto import tqdm
 
 from algorithms.common.config import STACK_RECORD, ConfigError, DatasetError, RunFault, StackRecord, run_config
+from algorithms.common.state_files import (
+    DIGEST_KEY,
+    FORMAT_KEY,
+    STATE_FORMAT,
+    UntrustedFileError,
+    content_digest,
+    load_state_file,
+    to_plain,
+)
 
 
 @dataclass
@@ -270,113 +278,11 @@ def checkpoint_step(path: Path) -> int:
     return int(CHECKPOINT_NAME.fullmatch(path.name).group(1))
 
 
-# Checkpoints, replay files and env states hold only what torch.load(weights_only=True) reads (tensors, numbers,
-# strings, lists, tuples, dicts), so loading a shared file runs no code; numpy arrays and generators are stored
-# as tagged dicts. Format 1 (written before 2026-12-07) held pickled numpy objects: only unpickling reads it.
-STATE_FORMAT = 2
-FORMAT_KEY, DIGEST_KEY = "format_version", "content_sha256"
-_NDARRAY, _GENERATOR = "__ndarray__", "__numpy_generator__"
-
-
-def to_plain(value: Any) -> Any:
-    """value with numpy arrays, scalars and generators replaced by what weights_only loading accepts."""
-    if isinstance(value, dict):
-        return {k: to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_plain(v) for v in value)
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind not in "biuf":
-            raise TypeError(f"a numpy array of dtype {value.dtype} cannot be stored")
-        return {_NDARRAY: torch.from_numpy(np.array(value, copy=True, order="C"))}
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.random.Generator):
-        return {_GENERATOR: type(value.bit_generator).__name__, "state": value.bit_generator.state}
-    if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
-        return value
-    raise TypeError(f"a {type(value).__name__} cannot be stored in a checkpoint")
-
-
-def from_plain(value: Any) -> Any:
-    """to_plain's inverse."""
-    if isinstance(value, dict):
-        if _NDARRAY in value:
-            return value[_NDARRAY].numpy()
-        if _GENERATOR in value:
-            generator = np.random.Generator(getattr(np.random, value[_GENERATOR])())
-            generator.bit_generator.state = value["state"]
-            return generator
-        return {k: from_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(from_plain(v) for v in value)
-    return value
-
-
-def content_digest(value: Any) -> str:
-    """SHA-256 of a plain value's contents (tensors' dtype, shape and bytes, numbers exactly, keys in order)."""
-    digest = hashlib.sha256()
-
-    def feed(v: Any) -> None:
-        if isinstance(v, torch.Tensor):
-            t = v.detach().cpu().contiguous()
-            digest.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(v, dict):
-            digest.update(f"D{len(v)}:".encode())
-            for key, item in v.items():
-                feed(key)
-                feed(item)
-        elif isinstance(v, (list, tuple)):
-            digest.update(f"{'L' if isinstance(v, list) else 'U'}{len(v)}:".encode())
-            for item in v:
-                feed(item)
-        elif isinstance(v, float):
-            digest.update(f"F{v.hex()};".encode())
-        elif isinstance(v, str):
-            digest.update(f"S{len(v.encode())}:".encode() + v.encode())
-        else:  # None, bool, int
-            digest.update(f"{type(v).__name__}{v!r};".encode())
-
-    feed(value)
-    return digest.hexdigest()
-
-
 def write_state_file(path: Path, state: Dict[str, Any]) -> None:
     """Writes a checkpoint or replay file atomically: state made plain (to_plain), its format and the digest
     of its contents beside it."""
     plain = to_plain(state)
     write_atomic(path, lambda f: torch.save({FORMAT_KEY: STATE_FORMAT, DIGEST_KEY: content_digest(plain), **plain}, f))
-
-
-class UntrustedFileError(ValueError):
-    """A file that only unpickling reads (a format-1 checkpoint, or anything else): never loaded."""
-
-
-def load_state_file(path: Any, map_location: Any = "cpu") -> Any:
-    """The contents of a checkpoint or replay file (write_state_file), read without running code and checked
-    against its digest; a ValueError with the one-line reason if it cannot be read, is damaged or would need
-    unpickling (UntrustedFileError)."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
-            raise ValueError("not a regular file")
-        loaded = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:  # what weights_only refuses: an object that only unpickling would build
-        raise UntrustedFileError(
-            f"{path} is not a checkpoint of format {STATE_FORMAT}: it holds objects only unpickling reads, which "
-            f"can run code (format 1, written before 2026-12-07, or not this project's); if you trust the file, "
-            f"convert it: python tools/convert_checkpoint.py --trust {path}") from None
-    except (RuntimeError, KeyError, EOFError, ValueError, TypeError, OSError, IndexError) as e:
-        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f"expected a mapping, found a {type(loaded).__name__}")
-    if FORMAT_KEY in loaded:
-        if loaded[FORMAT_KEY] != STATE_FORMAT:
-            raise ValueError(f"format {loaded[FORMAT_KEY]!r}, this version reads format {STATE_FORMAT}")
-        digest = loaded.pop(DIGEST_KEY, None)
-        del loaded[FORMAT_KEY]
-        if digest != content_digest(loaded):
-            raise ValueError("damaged: its contents do not match the digest written with them")
-    return from_plain(loaded)
 
 
 def read_checkpoint(path: str, map_location: Any, field: str) -> Dict[str, Any]:
@@ -602,3 +508,114 @@ def run_main(parse_config: Callable[[List[str]], Any], train: Callable[[Any], An
     except (FloatingPointError, RunFault) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+
+
+# What a --seeds stack holds open and in memory, checked before any run directory exists: a stack too large for
+# the process fails in one line at the start, not with "Too many open files" or an out-of-memory kill mid-run.
+FILES_PER_RUN = 2  # its metrics.jsonl and its run directory's .lock
+FILES_PER_WORKER = 6  # a background evaluator: its job queue's pipe, its answer pipe, its process (5 measured)
+FILES_PER_WANDB_RUN = 4  # a wandb run's files and connection (3 measured, offline mode)
+FILES_SPARE = 32  # what comes and goes: checkpoint writes, torch.compile's workers, wandb's service, a dataset file
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_open_files(config: Any, n_runs: int, background: bool) -> None:
+    """Raises the soft open-file limit (ulimit -n) to the hard one if the runs need more than it (training envs
+    are counted as holding none, as MuJoCo's do); a ConfigError naming 'seeds' if even the hard limit is too low."""
+    wandb = (config.wandb_mode or os.environ.get("WANDB_MODE")) != "disabled"
+    per_run = FILES_PER_RUN + FILES_PER_WORKER * background + FILES_PER_WANDB_RUN * wandb
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:  # not Linux: what the interpreter and torch hold is within the spare
+        open_now = 0
+    needed = open_now + n_runs * per_run + FILES_SPARE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or needed <= hard:
+        with contextlib.suppress(ValueError, OSError):  # refused: the message below says what to do
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else hard, hard))
+            return
+    what = (f"field 'seeds': {n_runs} runs need" if config.seeds is not None else "the run needs")
+    raise ConfigError(f"{what} about {needed} open files ({per_run} per run: metrics, lock"
+                      + (", background evaluator" if background else "") + (", wandb" if wandb else "")
+                      + f"; {open_now} open now; {FILES_SPARE} spare), more than the open-file limit: ulimit -n is "
+                      f"{soft}, its hard limit {hard}; raise it (ulimit -n {needed})"
+                      + (" or run fewer seeds per process" if config.seeds is not None else ""))
+
+
+def available_memory(device: torch.device) -> Optional[Tuple[int, str]]:
+    """Bytes free for new tensors on the device, and where that figure comes from; None if unknown. On the host:
+    /proc/meminfo's MemAvailable, or less if the process's cgroup (a container) allows less."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    try:
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    found = [int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")]
+    if not found:
+        return None
+    available = (found[0], "MemAvailable")
+    with contextlib.suppress(OSError, ValueError):  # no cgroup v2, or no memory limit ("max")
+        limit = int(Path("/sys/fs/cgroup/memory.max").read_text())
+        cgroup = limit - int(Path("/sys/fs/cgroup/memory.current").read_text())
+        available = min(available, (cgroup, "the cgroup's memory.max less memory.current"))
+    return available
+
+
+def run_memory(one_run: Any) -> int:
+    """Bytes of a run's networks while Adam trains them, from a one-run trainer's nn.Module attributes: each
+    trainable parameter four times (weights, gradient, Adam's two moments), a frozen one (a target) once."""
+    modules = [m for m in vars(one_run).values() if isinstance(m, torch.nn.Module)]
+    params = {id(p): p for m in modules for p in m.parameters()}
+    return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in params.values())
+
+
+def check_stack_resources(config: Any, seeds: Optional[List[int]], device: torch.device,
+                          make_one_run: Callable[[], Any], state_dim: int, action_dim: int, ring_rows: int = 0) -> None:
+    """Before any run directory: a ConfigError naming 'seeds' (and 'buffer_size' for per-run replay rings of
+    ring_rows transitions) for runs that cannot all be held open (check_open_files) or in the device's memory.
+    The memory needed is a lower bound (networks and Adam states, replay rings, batches; not the update's
+    intermediate tensors): what it refuses never fits. make_one_run: a one-run trainer on the cpu (run_memory),
+    made aside from the random streams."""
+    n_runs = len(seeds) if seeds is not None else 1
+    background = device.type == "cuda" if config.background_eval is None else config.background_eval  # as train()'s
+    check_open_files(config, n_runs, background)
+    with torch.random.fork_rng(devices=[]):
+        parts = {"networks and Adam states": run_memory(make_one_run())}
+    row_bytes = 4 * (2 * state_dim + action_dim + 2)  # a float32 transition: obs, action, reward, next obs, terminal
+    parts["batches"] = config.batch_size * row_bytes
+    if ring_rows:
+        parts["replay rings"] = ring_rows * row_bytes
+    needed = n_runs * sum(parts.values())
+    available = available_memory(device)
+    if available is None or needed <= available[0]:
+        return
+    named = [f"'{name}'" for name, used in (("seeds", seeds is not None), ("buffer_size", ring_rows)) if used]
+    subject = f"{'fields' if len(named) > 1 else 'field'} {' and '.join(named)}: " if named else ""
+    raise ConfigError(f"{subject}{f'{n_runs} runs need' if n_runs > 1 else 'the run needs'} at least "
+                      f"{_size(needed)} of {device.type} memory ("
+                      + ", ".join(f"{what} {n_runs} x {_size(used)}" for what, used in parts.items())
+                      + (f" ({ring_rows} rows x {row_bytes} B)" if ring_rows else "")
+                      + f"), {_size(available[0])} is available ({available[1]}); run fewer seeds per process"
+                      + (" or a smaller buffer_size" if ring_rows else ""))
+
+
+def zero_tensors(shapes: Dict[str, Tuple[int, ...]], device: torch.device, what: str) -> Dict[str, torch.Tensor]:
+    """float32 zeros of these shapes, by name; a ConfigError "<what> (<size>) does not fit in <device>'s memory"
+    if the allocation fails (check_stack_resources' estimate is a lower bound: the device may still refuse)."""
+    try:
+        return {name: torch.zeros(shape, dtype=torch.float32, device=device) for name, shape in shapes.items()}
+    except RuntimeError as e:  # torch.OutOfMemoryError on cuda, "can't allocate memory" on the cpu
+        if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+            raise
+        size = _size(4 * sum(math.prod(shape) for shape in shapes.values()))
+        raise ConfigError(f"{what} ({size}) does not fit in {device}'s memory") from None

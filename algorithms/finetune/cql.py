@@ -218,15 +218,8 @@ class ReplayBuffer:
         self.runs = runs
         self.shapes = {"observations": (state_dim,), "actions": (action_dim,), "rewards": (),
                        "next_observations": (state_dim,), "terminals": ()}
-        try:
-            self.storage = {k: torch.zeros((*runs, capacity, *shape), dtype=torch.float32, device=device)
-                            for k, shape in self.shapes.items()}
-        except RuntimeError as e:  # torch.OutOfMemoryError on cuda, "can't allocate memory" on the cpu
-            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
-                raise
-            row_bytes = 4 * sum(math.prod(shape) for shape in self.shapes.values()) * math.prod(runs)
-            raise ConfigError(f"field 'buffer_size': a replay ring of {capacity} transitions "
-                              f"({capacity * row_bytes / 2**30:.1f} GiB) does not fit in {device}'s memory") from None
+        self.storage = runs_lib.zero_tensors({k: (*runs, capacity, *shape) for k, shape in self.shapes.items()},
+                                             device, f"field 'buffer_size': a replay ring of {capacity} transitions")
         self.size_tensor = torch.zeros((), dtype=torch.int64, device=device)
         self._size = 0
         self.n_data = 0  # dataset rows loaded at the start
@@ -1394,7 +1387,9 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     n_data, state_mean, state_std = prepare_data(config, data, reward_transform, state_dim)
     # The ring never holds more than the dataset plus every online transition: no larger allocation.
     capacity = max(1, min(config.buffer_size, n_data + config.online_iterations))
-    seeds = run_seeds(config)
+    seeds = run_seeds(config)  # before any run directory or ring: a stack too large for the process stops here
+    runs_lib.check_stack_resources(config, seeds, device, partial(CQL, config, state_dim, action_dim, max_action,
+                                   torch.device("cpu")), state_dim, action_dim, capacity)
     stacked = seeds is not None  # a stack of runs: its batches and noise come from the one stream of config.seed
     runs = [Run(seed, TrainingEnv(env if i == 0 else make_train_env(), seed), goal_task=goal_task)
             for i, seed in enumerate(seeds or [config.seed])]

@@ -41,9 +41,9 @@ from algorithms.common.evaluation import Evaluator, actor_weights  # noqa: E402
 from algorithms.common.fast import EnsembleLinear  # noqa: E402
 from algorithms.common.runs import RunState as BaseRunState  # noqa: E402
 from algorithms.common.runs import (  # noqa: E402
-    RunLogger, check_resume, checkpoint_files, keep_lines, last_checkpoint_note, load_checkpoints, open_run_dirs,
-    releasing_run_dir_locks, resolve_device, rng_states, run_main, set_rng_states, set_seed, start_run_logs,
-    write_state_file)
+    RunLogger, check_resume, check_stack_resources, checkpoint_files, keep_lines, last_checkpoint_note,
+    load_checkpoints, open_run_dirs, releasing_run_dir_locks, resolve_device, rng_states, run_main, set_rng_states,
+    set_seed, start_run_logs, write_state_file)
 
 
 # ======================================================================================
@@ -854,7 +854,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     data.next_observations = ((data.next_observations - state_mean) / state_std).astype(np.float32)
     buffer = ReplayBuffer(data, device)
 
-    seeds = run_seeds(config)
+    seeds = run_seeds(config)  # before any run directory: a stack too large for the process stops here
+    check_stack_resources(config, seeds, device, lambda: CQL(config, state_dim, action_dim, max_action,
+                                                             torch.device("cpu")), state_dim, action_dim)
     trainer = CQL(config, state_dim, action_dim, max_action, device,
                   capturable=config.cudagraphs and device.type == "cuda", seeds=seeds)
     # A run per seed (one unless config.seeds): its own directory, metrics, evaluations and checkpoints.

@@ -31,7 +31,8 @@ from conftest import (
 import algorithms.finetune.cql as finetune
 import algorithms.offline.cql as offline
 from algorithms.common import runs
-from algorithms.common.runs import content_digest, from_plain, load_state_file, to_plain, write_state_file
+from algorithms.common.runs import write_state_file
+from algorithms.common.state_files import content_digest, from_plain, load_state_file, to_plain
 
 ROOT = Path(__file__).resolve().parents[2]
 
