@@ -3,7 +3,8 @@
     python tools/results.py runs/ --csv runs/results.csv --plots runs/plots
 
 A run directory is any folder holding both `config.yaml` (the run's TrainConfig) and `metrics.jsonl`
-(one JSON object per line with "step"), as written by algorithms/offline/cql.py and
+(one JSON object per line with "step"; a non-finite value is the string "NaN", "Infinity" or "-Infinity",
+read back as the float; older files' bare NaN tokens read too), as written by algorithms/offline/cql.py and
 algorithms/finetune/cql.py. Runs are grouped by script kind ("finetune" when the config has
 online_iterations or a row has offline_iter/online_iter, else "offline") and by dataset (config `env`),
 shown under a short name: a dataset file's stem (data/hopper-v4-medium-replay.hdf5 -> hopper-v4-medium-replay),
@@ -48,6 +49,7 @@ TASK_DOMAINS = {
     "antmaze": "antmaze", "maze2d": "maze2d", "pointmaze": "maze2d",
     **{task: "adroit" for task in ("pen", "door", "hammer", "relocate")},
 }
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}  # metrics.jsonl's strict JSON
 CSV_FIELDS = ["kind", "row", "domain", "dataset", "seeds", "datasets", "steps",
               "last_mean", "last_std", "best_mean", "best_std", "env"]
 
@@ -124,6 +126,7 @@ def read_metrics(path: Path) -> List[dict]:
             raise ResultsError(f"{path}:{number}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise ResultsError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        row = {k: NON_FINITE.get(v, v) if isinstance(v, str) and k != "step" else v for k, v in row.items()}
         step = row.get("step")
         if not isinstance(step, (int, float)) or isinstance(step, bool):
             raise ResultsError(f"{path}:{number}: expected a numeric 'step', got {step!r}")

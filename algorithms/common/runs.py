@@ -3,18 +3,23 @@ files written atomically, checkpoint files and which of them --resume continues 
 and the metrics logger (metrics.jsonl, and wandb behind a guard that never stops training).
 
 A write that fails stops the run with a WriteError (a RunFault: exit code 3) naming the file and the last
-good checkpoint; a run directory that cannot be made or locked is a ConfigError naming the field it comes from.
+good checkpoint; a run directory that cannot be made or locked is a ConfigError naming the field it comes from,
+and so is one where a file the run writes is a symbolic link or no regular file (a directory, a FIFO): a run never
+writes through a link. The run directory itself may be a link.
 """
 import contextlib
 import errno
 import fcntl
 import functools
+import io
+import itertools
 import json
 import math
 import os
 import random
 import re
 import resource
+import stat
 import sys
 import tempfile
 import time
@@ -119,13 +124,72 @@ def write_run_records(run_dir: Path, config: Any, seed: int, stack: Optional[Lis
         raise ConfigError(f"field '{run_dir_field(config)}': cannot write {e.path} ({e.reason})") from None
 
 
+RUN_FILES = (".lock", "metrics.jsonl", "config.yaml", STACK_RECORD)  # a run directory's files, with its *.pt files
+NO_ODD_FILES = "a run writes its files neither through a link nor into another kind of file: move it away"
+
+
+def odd_file(path: Path) -> Optional[str]:
+    """What `path` is if it is neither a regular file nor absent ('a symbolic link to x', 'a directory', ...)."""
+    try:
+        kind = stat.S_IFMT(os.lstat(path).st_mode)
+    except OSError:
+        return None
+    if kind == stat.S_IFLNK:
+        with contextlib.suppress(OSError):
+            return f"a symbolic link to {os.readlink(path)}"
+        return "a symbolic link"
+    names = {stat.S_IFREG: None, stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+    return names.get(kind, "a device file")
+
+
+def odd_file_error(path: Path, field: str, kind: str) -> ConfigError:
+    return ConfigError(f"field '{field}': {path} is {kind}; {NO_ODD_FILES}")
+
+
+def odd_write_error(path: Path, kind: str) -> WriteError:
+    reason = f"it is {kind}; {NO_ODD_FILES}"
+    return WriteError(f"cannot write {path} ({reason}){last_checkpoint_note(path.parent)}", path, reason)
+
+
+def open_run_file(path: Any, flags: int) -> int:
+    """os.open for open()'s opener: never through a symbolic link (O_NOFOLLOW: ELOOP) and never a file of another
+    kind (EINVAL; a FIFO would block a read: O_NONBLOCK); open()'s usual 0o666 for a new file."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
+def new_file_mode(path: Path) -> int:
+    """The mode a rewritten `path` gets: the replaced file's, or for a new one open()'s 0o666 less the umask
+    (read from /proc: os.umask would set it, for every thread, meanwhile)."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(os.lstat(path).st_mode)
+    umask = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        umask = next(int(line.split()[1], 8) for line in Path("/proc/self/status").read_text().splitlines()
+                     if line.startswith("Umask:"))
+    if umask is None:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Writes through a temporary file in the same folder and renames: a reader sees old or new. A write that
-    fails (any OSError: a full disk as much as a failing one) removes the temporary file: a WriteError."""
+    """Writes through a temporary file in the same folder and renames: a reader sees old or new, and the new file
+    has the old one's mode (a new one 0o666 less the umask). A write that fails (any OSError: a full disk as much as
+    a failing one) removes the temporary file: a WriteError. So is a path that is a symbolic link, or no regular
+    file: the rename would replace the link, not write the file it names, and a run says so."""
+    if kind := odd_file(path):
+        raise odd_write_error(path, kind)
+    file_mode = new_file_mode(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise write_error(path, e) from None
+    with contextlib.suppress(OSError):  # mkstemp makes 0600; a file system without modes keeps its own
+        os.chmod(tmp, file_mode)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -155,8 +219,10 @@ def lock_run_dir(run_dir: Path, config: Any) -> None:
     field = run_dir_field(config)
     path = run_dir / ".lock"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_run_file(path, os.O_RDWR | os.O_CREAT)
     except OSError as e:
+        if kind := odd_file(path):
+            raise odd_file_error(path, field, kind) from None
         raise ConfigError(f"field '{field}': cannot open the lock file {path} ({e.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -170,11 +236,25 @@ def lock_run_dir(run_dir: Path, config: Any) -> None:
         os.close(fd)
         print(f"warning: cannot lock {path} ({e.strerror}): nothing stops a second process in {run_dir}",
               file=sys.stderr)
+        refuse_odd_run_files(run_dir, field)
         return
+    try:
+        refuse_odd_run_files(run_dir, field)
+    except ConfigError:
+        os.close(fd)
+        raise
     with contextlib.suppress(OSError):  # the pid only makes the message above more helpful
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _RUN_DIR_LOCKS[run_dir] = fd
+
+
+def refuse_odd_run_files(run_dir: Path, field: str) -> None:
+    """A ConfigError naming the field if a file the run writes (RUN_FILES, checkpoint and replay *.pt) is a link or
+    no regular file: found before anything in the directory changes, not when the run gets to write it."""
+    for path in sorted(run_dir.iterdir()):
+        if (path.name in RUN_FILES or path.suffix == ".pt") and (kind := odd_file(path)):
+            raise odd_file_error(path, field, kind)
 
 
 def releasing_run_dir_locks(train: Callable[..., Any]) -> Callable[..., Any]:
@@ -213,14 +293,37 @@ class WandbGuard:
             return None
 
 
+def strict_json(value: Any) -> Any:
+    """value with each non-finite float as the string "NaN", "Infinity" or "-Infinity": strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 class RunLogger:
-    """Every logged row goes to <run_dir>/metrics.jsonl and, unless disabled, to wandb."""
+    """Every logged row goes to <run_dir>/metrics.jsonl and, unless disabled, to wandb. metrics.jsonl is strict
+    JSON, a row per line: a non-finite value is the string "NaN", "Infinity" or "-Infinity" (wandb gets the float).
+    A metrics.jsonl that is a link or no regular file is a ConfigError naming the field."""
 
     def __init__(self, config: Any, run_dir: Path, run_name: str, resume: bool = False,
                  seed: Optional[int] = None, guard: Optional[WandbGuard] = None):
         self.path = run_dir / "metrics.jsonl"
-        self.rows = sum(1 for _ in open(self.path)) if self.path.exists() else 0  # a checkpoint records the count
-        self.file = open(self.path, "a")
+        try:
+            try:  # counted in bytes: a tail that is not UTF-8 (a disk's garbage) is a line like another
+                with open(self.path, "rb", opener=open_run_file) as f:
+                    self.rows = sum(1 for _ in f)  # a checkpoint records the count
+            except FileNotFoundError:
+                self.rows = 0
+            self.file = open(self.path, "a", opener=open_run_file)
+        except OSError as e:
+            field = run_dir_field(config)
+            if kind := odd_file(self.path):
+                raise odd_file_error(self.path, field, kind) from None
+            raise ConfigError(f"field '{field}': cannot open {self.path} ({e.strerror})") from None
         # wandb's own WANDB_MODE counts when the config leaves the mode open (e.g. WANDB_MODE=disabled)
         env_mode = os.environ.get("WANDB_MODE")
         mode = config.wandb_mode or (env_mode if env_mode in ("online", "offline", "disabled") else None) or (
@@ -247,7 +350,7 @@ class RunLogger:
 
     def log(self, row: Dict[str, float], step: int) -> None:
         try:
-            self.file.write(json.dumps({"step": step, **row}) + "\n")
+            self.file.write(json.dumps({"step": step, **strict_json(row)}, allow_nan=False) + "\n")
             self.file.flush()
         except OSError as e:  # disk full or failing: the run stops, and leaves no torn last row behind
             with contextlib.suppress(OSError):
@@ -389,9 +492,17 @@ def resume_checkpoints(run_dir: Path, n_runs: int, unit: str = "update", usable:
 
 
 def keep_lines(path: Path, n: int) -> None:
-    """Keeps the first n lines of a text file (atomically); a torn last line goes too."""
-    lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
-    write_atomic(path, lambda f: f.writelines(lines), mode="w")
+    """Keeps the first n lines of a file (atomically), as bytes: a torn last line goes too, and one that is not
+    UTF-8 (a disk's garbage) as well. A link or no regular file is a WriteError (write_atomic)."""
+    try:
+        with open(path, "rb", opener=open_run_file) as f:
+            lines = list(itertools.islice(f, n))
+    except FileNotFoundError:
+        lines = []
+    except OSError as e:
+        kind = odd_file(path)
+        raise (odd_write_error(path, kind) if kind else write_error(path, e)) from None
+    write_atomic(path, lambda f: f.writelines(lines))
 
 
 def rng_states() -> Dict[str, Any]:
@@ -497,9 +608,72 @@ def check_resume(config: Any, dirs: List[Path], seeds: List[int], states: List[D
         write_atomic(run_dir / RESUMES, lambda f, text=text: f.write(text))
 
 
+class QuietWhenGone:
+    """sys.stdout or sys.stderr of a run: once its reader is gone (a pipe's: EPIPE, a terminal's: EIO) or it takes
+    no writes (EBADF), its file descriptor is pointed at /dev/null and the run goes on (its results are in files),
+    with one warning line on stderr for stdout, instead of a traceback that would stop it."""
+
+    def __init__(self, stream: Any, fd: int):
+        self.stream, self.fd = stream, fd
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            self.gone(e)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            self.gone(e)
+
+    def gone(self, error: OSError) -> None:
+        if error.errno not in (errno.EPIPE, errno.EIO, errno.EBADF):
+            raise error
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self.fd)  # the stream's unwritten text goes there too
+        os.close(null)
+        if self.fd == 1:
+            print(f"warning: stdout is gone ({error.strerror}); the run goes on, its results go to its run "
+                  f"directory", file=sys.stderr)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def guard_output_streams() -> None:
+    """A run outlives its output: a closed stdin, stdout or stderr (`>&-`) is /dev/null (else the next file opened,
+    such as the run's .lock, would take its number and get what is printed to it), as is a stdout or stderr open
+    for reading only (pyenv's shim leaves its script there for a closed one); and a stdout or stderr whose reader
+    goes away (QuietWhenGone) goes on as /dev/null."""
+    for fd in (0, 1, 2):
+        try:
+            access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        except OSError:  # closed
+            access = None
+        usable = access is not None and (fd == 0 or access != os.O_RDONLY)
+        if not usable:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            os.set_inheritable(fd, True)  # os.open's are not: a child process would find it closed
+    if sys.stdout is None:
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+    if sys.stderr is None:
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+    if sys.stdout is sys.__stdout__:  # not a test's captured stream, nor one wrapped already
+        sys.stdout = QuietWhenGone(sys.stdout, 1)
+    if sys.stderr is sys.__stderr__:
+        sys.stderr = QuietWhenGone(sys.stderr, 2)
+
+
 def run_main(parse_config: Callable[[List[str]], Any], train: Callable[[Any], Any], argv: List[str]) -> None:
     """A script's main: bad input (ConfigError, DatasetError) is one line and exit code 2, a fault that stops
     a run (FloatingPointError, RunFault) one line naming the last good checkpoint and exit code 3."""
+    guard_output_streams()
     try:
         train(parse_config(argv))
     except (ConfigError, DatasetError) as e:
