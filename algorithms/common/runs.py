@@ -13,12 +13,14 @@ import json
 import os
 import pickle
 import random
+import shlex
+import signal
 import sys
 import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -395,7 +397,8 @@ def start_run_logs(config: Any, dirs: List[Path], seeds: List[int], stacked: boo
 
 def run_main(parse_config: Callable[[List[str]], Any], train: Callable[[Any], Any], argv: List[str]) -> None:
     """A script's main: bad input (ConfigError, DatasetError) is one line and exit code 2, a fault that stops
-    a run (FloatingPointError, RunFault) one line naming the last good checkpoint and exit code 3."""
+    a run (FloatingPointError, RunFault) one line naming the last good checkpoint and exit code 3, a run stopped
+    by SIGINT or SIGTERM (Stopped) one line naming its checkpoint and exit code 130 or 143."""
     try:
         train(parse_config(argv))
     except (ConfigError, DatasetError) as e:
@@ -404,3 +407,107 @@ def run_main(parse_config: Callable[[List[str]], Any], train: Callable[[Any], An
     except (FloatingPointError, RunFault) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM stopped the run (StopSignals): run_main prints the message, one line (where the run
+    stopped, its checkpoint, the --resume command), and exits 128 + the signal's number (130, 143), as a shell
+    reports a process the signal killed. A BaseException, as KeyboardInterrupt is: no `except Exception` on the
+    way (a checkpoint reader, the wandb guard) takes it for a failure of its own."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (a cluster preempting the job) during a train(). During set-up a signal stops
+    the run at once; while the training loop runs (steps) it is only recorded: the update in flight ends, its
+    checkpoint is written (the loop saves when `caught`, if the run writes checkpoints), and then the run
+    stops. A second signal stops at once, whatever is in flight; so does one after the loop (its last
+    checkpoint is written by then). Every stop is a Stopped."""
+
+    def __init__(self, config: Any, script: str):
+        self.config, self.script = config, script  # script: the file to name in the --resume command
+        self.caught: Optional[int] = None  # the signal recorded while the loop runs
+        self.phase = "set-up"  # then "loop", then "end"
+        self.dirs: List[Path] = []  # the run directories (a stack's, in order)
+        self.unit, self.done = "update", 0  # the loop's unit and how many of them are done
+        self.previous: Dict[int, Any] = {}
+
+    def install(self) -> None:
+        """Takes SIGINT and SIGTERM over; not outside the main thread (where Python delivers no signal)."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[signum] = signal.signal(signum, self.handle)
+            except ValueError:  # not the main thread
+                return
+
+    def restore(self) -> None:
+        """The handlers from before install() (a handler not set from Python, None: the default)."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self.previous = {}
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.phase == "loop" and self.caught is None:
+            self.caught = signum  # steps() stops after the update in flight and its checkpoint
+            return
+        where = {"set-up": "during set-up, before training",
+                 "loop": f"a second time, during {self.unit} {self.done + 1} or its checkpoint (not waiting for them)",
+                 "end": f"after the last {self.unit} ({self.done}), while its last evaluations ran"}[self.phase]
+        raise self.stopped(signum, where)
+
+    def steps(self, steps: Iterable[int], dirs: List[Path], unit: str = "update") -> Iterator[int]:
+        """The training loop's steps (each the count of `unit`s done before it); after each step's body, a
+        signal received while it ran stops the run (Stopped), its checkpoint written by then."""
+        self.dirs, self.unit, self.phase = dirs, unit, "loop"
+        for step in steps:
+            self.done = step
+            yield step
+            self.done = step + 1
+            if self.caught is not None:
+                break
+        self.phase = "end"
+        if self.caught is not None:  # (also one that came as the last step ended)
+            raise self.stopped(self.caught, f"after {unit} {self.done}")
+
+    def stopped(self, signum: int, where: str) -> Stopped:
+        """The Stopped of `signum`, with the checkpoint a --resume continues from and the command."""
+        message = f"stopped by {signal.Signals(signum).name} {where}"
+        dirs = self.dirs or ([Path(self.config.resume)] if self.config.resume else [])
+        if self.phase == "set-up":  # a resumed run's checkpoints are all there still (its newest in use)
+            return Stopped(message + (f"; its checkpoints are kept: {self.resume_command(dirs[0])}"
+                                      if dirs else "; no checkpoint written yet, nothing to resume"), signum)
+        done = set.intersection(*({int(p.stem.split("_")[1]) for p in checkpoint_files(d)} for d in dirs))
+        if not done:  # (a stack's runs resume from a checkpoint of one update that all of them have)
+            return Stopped(message + ("; no checkpoint written yet" if self.config.checkpoints_path
+                                      else "; no checkpoint (checkpoints_path not set)"), signum)
+        checkpoint = (str(dirs[0] / f"checkpoint_{max(done)}.pt") if len(dirs) == 1 else
+                      f"checkpoint_{max(done)}.pt of each of its {len(dirs)} runs in {dirs[0].parent}")
+        return Stopped(f"{message}; checkpoint: {checkpoint}; {self.resume_command(dirs[0])}", signum)
+
+    def resume_command(self, run_dir: Path) -> str:
+        script = os.path.relpath(self.script)
+        script = self.script if script.startswith("..") else script
+        return f"continue with: python {shlex.quote(script)} --resume {shlex.quote(str(run_dir))}"
+
+
+def stopping_on_signals(train: Callable[..., Any]) -> Callable[..., Any]:
+    """train(config, ...) under a StopSignals of its own (its keyword argument `signals`: the loop runs over
+    signals.steps), with the previous handlers back when it returns or raises (a test, a tool may call it
+    again)."""
+
+    @functools.wraps(train)
+    def stopping_train(config: Any, *args: Any, **kwargs: Any) -> Any:
+        signals = StopSignals(config, train.__code__.co_filename)
+        signals.install()
+        try:
+            return train(config, *args, signals=signals, **kwargs)
+        finally:
+            signals.restore()
+
+    return stopping_train

@@ -1345,8 +1345,9 @@ def summarize(runs: List[Run], trainer: CQL, buffer: ReplayBuffer, total: int, e
 
 
 @releasing_run_dir_locks
-def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], CQL], None]] = None
-          ) -> Dict[str, Any]:
+@runs_lib.stopping_on_signals  # SIGINT, SIGTERM: the iteration in flight ends, then a checkpoint, one line (130, 143)
+def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], CQL], None]] = None,
+          signals: Optional[runs_lib.StopSignals] = None) -> Dict[str, Any]:
     """Pre-trains offline, then trains online; returns a summary (scores, returns, counts, timings, paths).
 
     on_iteration(step, runs, trainer), if given, is called before the first iteration (step: the
@@ -1436,7 +1437,7 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
 
     if on_iteration is not None:
         on_iteration(start_it, runs, trainer)
-    for it in bar:  # `it` iterations are done before this one
+    for it in signals.steps(bar, [run.dir for run in runs], "iteration"):  # `it`: iterations done before this one
         if it == config.offline_iterations:
             trainer.cql_alpha = config.cql_alpha_online
             bar.write(f"online tuning from iteration {it}: cql_alpha {config.cql_alpha_online}")
@@ -1472,7 +1473,7 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
             log_evaluations(runs, False, ref_min, ref_max, config.offline_iterations, bar)
         if on_iteration is not None:
             on_iteration(step, runs, trainer)
-        if config.checkpoints_path and (step % checkpoint_freq == 0 or step == total):
+        if config.checkpoints_path and (step % checkpoint_freq == 0 or step == total or signals.caught):
             save_checkpoints(runs, step, trainer, buffer, update, window, state_mean, state_std,
                              config.keep_checkpoints)
     eval_start = time.time()
