@@ -43,7 +43,10 @@ def _by_value(weights: Dict[str, torch.Tensor]) -> Dict[str, Any]:
 def _evaluation_worker(env_spec: Any, n_episodes: int, actor: bytes, evaluate: Callable[..., Any],
                        jobs: Any, results: Any) -> None:
     """Background evaluator process: evaluates each (step, weights, episode_args) job, answers (step, result).
-    actor: the pickled actor (by value, see _by_value)."""
+    actor: the pickled actor (by value, see _by_value). It ignores SIGINT: Ctrl-C in a terminal reaches the whole
+    process group, and the trainer alone stops the run
+    (its evaluations still pending go into its checkpoint); it started with SIGINT blocked (start_worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     warnings.filterwarnings("ignore", message=r".*is out of date\. You should consider upgrading")
     try:
         policy = pickle.loads(actor)
@@ -111,7 +114,11 @@ class Evaluator:
         self.results, answers = context.Pipe(duplex=False)
         self.worker = context.Process(target=_evaluation_worker, daemon=True,
                                       args=(*self.worker_args, self.jobs, answers))
-        self.worker.start()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # inherited: no Ctrl-C traceback
+        try:  # from the worker while it starts (imports torch), before _evaluation_worker ignores SIGINT
+            self.worker.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a SIGINT that came meanwhile reaches the trainer now
         answers.close()  # the worker holds the only writing end: its death reads as the pipe's end
 
     def replace_dead_worker(self) -> None:

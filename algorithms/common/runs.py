@@ -11,14 +11,12 @@ import contextlib
 import errno
 import fcntl
 import functools
-import io
 import itertools
 import json
 import math
 import os
 import random
 import re
-import resource
 import stat
 import sys
 import tempfile
@@ -33,7 +31,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from algorithms.common.config import STACK_RECORD, ConfigError, DatasetError, RunFault, StackRecord, run_config
+from algorithms.common.config import STACK_RECORD, ConfigError, RunFault, StackRecord, run_config
 from algorithms.common.state_files import (
     DIGEST_KEY,
     FORMAT_KEY,
@@ -606,190 +604,3 @@ def check_resume(config: Any, dirs: List[Path], seeds: List[int], states: List[D
         row = json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": changed}) + "\n"
         text = ((run_dir / RESUMES).read_bytes() if (run_dir / RESUMES).is_file() else b"") + row.encode()
         write_atomic(run_dir / RESUMES, lambda f, text=text: f.write(text))
-
-
-class QuietWhenGone:
-    """sys.stdout or sys.stderr of a run: once its reader is gone (a pipe's: EPIPE, a terminal's: EIO) or it takes
-    no writes (EBADF), its file descriptor is pointed at /dev/null and the run goes on (its results are in files),
-    with one warning line on stderr for stdout, instead of a traceback that would stop it."""
-
-    def __init__(self, stream: Any, fd: int):
-        self.stream, self.fd = stream, fd
-
-    def write(self, text: str) -> int:
-        try:
-            return self.stream.write(text)
-        except OSError as e:
-            self.gone(e)
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except OSError as e:
-            self.gone(e)
-
-    def gone(self, error: OSError) -> None:
-        if error.errno not in (errno.EPIPE, errno.EIO, errno.EBADF):
-            raise error
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, self.fd)  # the stream's unwritten text goes there too
-        os.close(null)
-        if self.fd == 1:
-            print(f"warning: stdout is gone ({error.strerror}); the run goes on, its results go to its run "
-                  f"directory", file=sys.stderr)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.stream, name)
-
-
-def guard_output_streams() -> None:
-    """A run outlives its output: a closed stdin, stdout or stderr (`>&-`) is /dev/null (else the next file opened,
-    such as the run's .lock, would take its number and get what is printed to it), as is a stdout or stderr open
-    for reading only (pyenv's shim leaves its script there for a closed one); and a stdout or stderr whose reader
-    goes away (QuietWhenGone) goes on as /dev/null."""
-    for fd in (0, 1, 2):
-        try:
-            access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-        except OSError:  # closed
-            access = None
-        usable = access is not None and (fd == 0 or access != os.O_RDONLY)
-        if not usable:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
-            os.set_inheritable(fd, True)  # os.open's are not: a child process would find it closed
-    if sys.stdout is None:
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
-    if sys.stderr is None:
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
-    if sys.stdout is sys.__stdout__:  # not a test's captured stream, nor one wrapped already
-        sys.stdout = QuietWhenGone(sys.stdout, 1)
-    if sys.stderr is sys.__stderr__:
-        sys.stderr = QuietWhenGone(sys.stderr, 2)
-
-
-def run_main(parse_config: Callable[[List[str]], Any], train: Callable[[Any], Any], argv: List[str]) -> None:
-    """A script's main: bad input (ConfigError, DatasetError) is one line and exit code 2, a fault that stops
-    a run (FloatingPointError, RunFault) one line naming the last good checkpoint and exit code 3."""
-    guard_output_streams()
-    try:
-        train(parse_config(argv))
-    except (ConfigError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (FloatingPointError, RunFault) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
-
-
-# What a --seeds stack holds open and in memory, checked before any run directory exists: a stack too large for
-# the process fails in one line at the start, not with "Too many open files" or an out-of-memory kill mid-run.
-FILES_PER_RUN = 2  # its metrics.jsonl and its run directory's .lock
-FILES_PER_WORKER = 6  # a background evaluator: its job queue's pipe, its answer pipe, its process (5 measured)
-FILES_PER_WANDB_RUN = 4  # a wandb run's files and connection (3 measured, offline mode)
-FILES_SPARE = 32  # what comes and goes: checkpoint writes, torch.compile's workers, wandb's service, a dataset file
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def check_open_files(config: Any, n_runs: int, background: bool) -> None:
-    """Raises the soft open-file limit (ulimit -n) to the hard one if the runs need more than it (training envs
-    are counted as holding none, as MuJoCo's do); a ConfigError naming 'seeds' if even the hard limit is too low."""
-    wandb = (config.wandb_mode or os.environ.get("WANDB_MODE")) != "disabled"
-    per_run = FILES_PER_RUN + FILES_PER_WORKER * background + FILES_PER_WANDB_RUN * wandb
-    try:
-        open_now = len(os.listdir("/proc/self/fd"))
-    except OSError:  # not Linux: what the interpreter and torch hold is within the spare
-        open_now = 0
-    needed = open_now + n_runs * per_run + FILES_SPARE
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or needed <= soft:
-        return
-    if hard == resource.RLIM_INFINITY or needed <= hard:
-        with contextlib.suppress(ValueError, OSError):  # refused: the message below says what to do
-            resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else hard, hard))
-            return
-    what = (f"field 'seeds': {n_runs} runs need" if config.seeds is not None else "the run needs")
-    raise ConfigError(f"{what} about {needed} open files ({per_run} per run: metrics, lock"
-                      + (", background evaluator" if background else "") + (", wandb" if wandb else "")
-                      + f"; {open_now} open now; {FILES_SPARE} spare), more than the open-file limit: ulimit -n is "
-                      f"{soft}, its hard limit {hard}; raise it (ulimit -n {needed})"
-                      + (" or run fewer seeds per process" if config.seeds is not None else ""))
-
-
-def available_memory(device: torch.device) -> Optional[Tuple[int, str]]:
-    """Bytes free for new tensors on the device, and where that figure comes from; None if unknown. On the host:
-    /proc/meminfo's MemAvailable, or less if the process's cgroup (a container) allows less."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0], f"free on {device}"
-    try:
-        meminfo = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return None
-    found = [int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")]
-    if not found:
-        return None
-    available = (found[0], "MemAvailable")
-    with contextlib.suppress(OSError, ValueError):  # no cgroup v2, or no memory limit ("max")
-        limit = int(Path("/sys/fs/cgroup/memory.max").read_text())
-        cgroup = limit - int(Path("/sys/fs/cgroup/memory.current").read_text())
-        available = min(available, (cgroup, "the cgroup's memory.max less memory.current"))
-    return available
-
-
-def run_memory(one_run: Any) -> int:
-    """Bytes of a run's networks while Adam trains them, from a one-run trainer's nn.Module attributes: each
-    trainable parameter four times (weights, gradient, Adam's two moments), a frozen one (a target) once."""
-    modules = [m for m in vars(one_run).values() if isinstance(m, torch.nn.Module)]
-    params = {id(p): p for m in modules for p in m.parameters()}
-    return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in params.values())
-
-
-def check_stack_resources(config: Any, seeds: Optional[List[int]], device: torch.device,
-                          make_one_run: Callable[[], Any], state_dim: int, action_dim: int, ring_rows: int = 0) -> None:
-    """Before any run directory: a ConfigError naming 'seeds' (and 'buffer_size' for per-run replay rings of
-    ring_rows transitions) for runs that cannot all be held open (check_open_files) or in the device's memory.
-    The memory needed is a lower bound (networks and Adam states, replay rings, batches; not the update's
-    intermediate tensors): what it refuses never fits. make_one_run: a one-run trainer on the cpu (run_memory),
-    made aside from the random streams."""
-    n_runs = len(seeds) if seeds is not None else 1
-    background = device.type == "cuda" if config.background_eval is None else config.background_eval  # as train()'s
-    check_open_files(config, n_runs, background)
-    with torch.random.fork_rng(devices=[]):
-        parts = {"networks and Adam states": run_memory(make_one_run())}
-    row_bytes = 4 * (2 * state_dim + action_dim + 2)  # a float32 transition: obs, action, reward, next obs, terminal
-    parts["batches"] = config.batch_size * row_bytes
-    if ring_rows:
-        parts["replay rings"] = ring_rows * row_bytes
-    needed = n_runs * sum(parts.values())
-    available = available_memory(device)
-    if available is None or needed <= available[0]:
-        return
-    named = [f"'{name}'" for name, used in (("seeds", seeds is not None), ("buffer_size", ring_rows)) if used]
-    subject = f"{'fields' if len(named) > 1 else 'field'} {' and '.join(named)}: " if named else ""
-    raise ConfigError(f"{subject}{f'{n_runs} runs need' if n_runs > 1 else 'the run needs'} at least "
-                      f"{_size(needed)} of {device.type} memory ("
-                      + ", ".join(f"{what} {n_runs} x {_size(used)}" for what, used in parts.items())
-                      + (f" ({ring_rows} rows x {row_bytes} B)" if ring_rows else "")
-                      + f"), {_size(available[0])} is available ({available[1]}); run fewer seeds per process"
-                      + (" or a smaller buffer_size" if ring_rows else ""))
-
-
-def zero_tensors(shapes: Dict[str, Tuple[int, ...]], device: torch.device, what: str) -> Dict[str, torch.Tensor]:
-    """float32 zeros of these shapes, by name; a ConfigError "<what> (<size>) does not fit in <device>'s memory"
-    if the allocation fails (check_stack_resources' estimate is a lower bound: the device may still refuse)."""
-    try:
-        return {name: torch.zeros(shape, dtype=torch.float32, device=device) for name, shape in shapes.items()}
-    except RuntimeError as e:  # torch.OutOfMemoryError on cuda, "can't allocate memory" on the cpu
-        if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
-            raise
-        size = _size(4 * sum(math.prod(shape) for shape in shapes.values()))
-        raise ConfigError(f"{what} ({size}) does not fit in {device}'s memory") from None

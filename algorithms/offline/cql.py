@@ -41,9 +41,9 @@ from algorithms.common.evaluation import Evaluator, actor_weights  # noqa: E402
 from algorithms.common.fast import EnsembleLinear  # noqa: E402
 from algorithms.common.runs import RunState as BaseRunState  # noqa: E402
 from algorithms.common.runs import (  # noqa: E402
-    RunLogger, check_resume, check_stack_resources, checkpoint_files, keep_lines, last_checkpoint_note,
-    load_checkpoints, open_run_dirs, releasing_run_dir_locks, resolve_device, rng_states, run_main, set_rng_states,
-    set_seed, start_run_logs, write_state_file)
+    RunLogger, check_resume, checkpoint_files, keep_lines, last_checkpoint_note, load_checkpoints, open_run_dirs,
+    releasing_run_dir_locks, resolve_device, rng_states, set_rng_states, set_seed, start_run_logs, write_state_file)
+from algorithms.common.process import StopSignals, check_stack_resources, run_main, stopping_on_signals  # noqa: E402
 
 
 # ======================================================================================
@@ -828,7 +828,8 @@ def summarize(runs: List[Run], trainer: CQL, elapsed: float, load_seconds: float
 
 
 @releasing_run_dir_locks
-def train(config: TrainConfig) -> Dict[str, Any]:
+@stopping_on_signals  # SIGINT, SIGTERM: the update in flight ends, then a checkpoint and one line (exit 130, 143)
+def train(config: TrainConfig, signals: Optional[StopSignals] = None) -> Dict[str, Any]:
     """Trains CQL on config's dataset; returns a summary (last and best normalized score, paths)."""
     begin = time.time()
     device = resolve_device(config.device)
@@ -922,7 +923,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             # refresh=False: shown at the next refresh, with a fresh update count
             bar.set_postfix(score=f"{np.mean(latest):.1f}", refresh=False)
 
-    for _ in bar:
+    for _ in signals.steps(bar, [run.dir for run in runs]):  # a signal stops it after an update and its checkpoint
         update()
         window += 1
         step = trainer.total_it
@@ -950,7 +951,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         if step % config.log_freq == 0 or step % config.eval_freq == 0 or step == config.max_timesteps:
             for run in runs:
                 log_evaluations(run, run.evaluator.collect())
-        if config.checkpoints_path and (step % checkpoint_freq == 0 or step == config.max_timesteps):
+        if config.checkpoints_path and (step % checkpoint_freq == 0 or step == config.max_timesteps or signals.caught):
             save_checkpoints(runs, step, trainer, update, window, state_mean, state_std, config.keep_checkpoints)
     eval_start = time.time()
     for run in runs:

@@ -15,7 +15,7 @@ import torch
 from conftest import CHILD_ENV, OFFLINE_SCRIPT, offline_run_args
 
 import algorithms.finetune.cql as finetune_cql
-from algorithms.common import runs
+from algorithms.common import process, runs
 from algorithms.common.evaluation import Evaluator, actor_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
@@ -46,7 +46,7 @@ def test_a_low_soft_open_file_limit_is_raised_to_the_hard_one():
     config = SimpleNamespace(wandb_mode="disabled", seeds="300")
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_files() + 16, 256), hard))
-        runs.check_open_files(config, 300, background=True)  # 300 x 8 files: past 256, within the hard limit
+        process.check_open_files(config, 300, background=True)  # 300 x 8 files: past 256, within the hard limit
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
@@ -76,7 +76,7 @@ def test_an_allocation_the_device_refuses_is_a_config_error(monkeypatch):
     monkeypatch.setattr(torch, "zeros", refuse)
     with pytest.raises(runs.ConfigError, match=re.escape("field 'buffer_size': a replay ring of 1000 transitions "
                                                          "(1.1 MiB) does not fit in cpu's memory")):
-        runs.zero_tensors({"observations": (1000, 200), "rewards": (2, 1000, 50)}, torch.device("cpu"),
+        process.zero_tensors({"observations": (1000, 200), "rewards": (2, 1000, 50)}, torch.device("cpu"),
                           "field 'buffer_size': a replay ring of 1000 transitions")
 
 
@@ -89,26 +89,26 @@ class _Trainer:
 
 
 def test_run_memory_counts_each_trainable_parameter_four_times_and_a_frozen_one_once():
-    assert runs.run_memory(_Trainer()) == 4 * (4 * 110 + 110)
+    assert process.run_memory(_Trainer()) == 4 * (4 * 110 + 110)
 
 
 def test_the_memory_estimate_refuses_only_past_what_is_available(monkeypatch):
     config = SimpleNamespace(wandb_mode="disabled", seeds="2", background_eval=False, batch_size=100)
     needed = 2 * (4 * (4 * 110 + 110) + 100 * 4 * (2 * 3 + 1 + 2) + 50 * 4 * (2 * 3 + 1 + 2))  # nets, batches, rings
     for available, refused in ((needed, False), (needed - 1, True)):
-        monkeypatch.setattr(runs, "available_memory", lambda device, free=available: (free, "MemAvailable"))
+        monkeypatch.setattr(process, "available_memory", lambda device, free=available: (free, "MemAvailable"))
         if not refused:
-            runs.check_stack_resources(config, [0, 1], torch.device("cpu"), _Trainer, 3, 1, ring_rows=50)
+            process.check_stack_resources(config, [0, 1], torch.device("cpu"), _Trainer, 3, 1, ring_rows=50)
             continue
         with pytest.raises(runs.ConfigError, match=r"^fields 'seeds' and 'buffer_size': 2 runs need at least"):
-            runs.check_stack_resources(config, [0, 1], torch.device("cpu"), _Trainer, 3, 1, ring_rows=50)
+            process.check_stack_resources(config, [0, 1], torch.device("cpu"), _Trainer, 3, 1, ring_rows=50)
 
 
 def test_the_one_run_trainer_is_made_aside_from_the_random_stream(monkeypatch):
-    monkeypatch.setattr(runs, "available_memory", lambda device: None)
+    monkeypatch.setattr(process, "available_memory", lambda device: None)
     config = SimpleNamespace(wandb_mode="disabled", seeds=None, background_eval=False, batch_size=1)
     torch.manual_seed(0)
-    runs.check_stack_resources(config, None, torch.device("cpu"), _Trainer, 3, 1)
+    process.check_stack_resources(config, None, torch.device("cpu"), _Trainer, 3, 1)
     drawn = torch.rand(1)
     torch.manual_seed(0)
     assert torch.equal(torch.rand(1), drawn)
@@ -130,4 +130,4 @@ def test_a_background_evaluator_holds_no_file_per_pending_weight(tmp_path):
         assert [step for step, _ in evaluator.collect(wait=True)] == [1, 2, 3, 4, 5]
     finally:
         evaluator.close()
-    assert started - before <= runs.FILES_PER_WORKER
+    assert started - before <= process.FILES_PER_WORKER
