@@ -1,7 +1,9 @@
 """Shared fixtures: small datasets made on the spot (the tests never download)."""
 import inspect
 import json
+import multiprocessing.util
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -19,6 +21,30 @@ OFFLINE_SCRIPT = str(ROOT / "algorithms/offline/cql.py")
 FINETUNE_SCRIPT = str(ROOT / "algorithms/finetune/cql.py")
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # a script run as a child process
 BUFFER_FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals")
+
+
+SYSTEM_TMP = Path(tempfile.gettempdir())  # where temporary files go outside the test session
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_temp_dir(tmp_path_factory) -> Path:
+    """A temporary directory for the session, removed at its end, as the temp dir of this process and of the
+    children it starts: Gymnasium-Robotics' maze envs write an ant_maze<time>.xml beside tempfile's directory
+    each time one is made and never remove it (dozens a run)."""
+    tmp_path_factory.getbasetemp()  # pytest's own tmp_path folders stay where they were (pytest keeps the last 3)
+    multiprocessing.util.get_temp_dir()  # so does this process's multiprocessing folder: removed at its exit
+    folder = Path(tempfile.mkdtemp(prefix="cql-tests-"))
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = CHILD_ENV["TMPDIR"] = str(folder)  # CHILD_ENV was copied from os.environ at import
+    tempfile.tempdir = str(folder)
+    yield folder
+    tempfile.tempdir = saved_tempdir
+    for env in (os.environ, CHILD_ENV):
+        if saved_env is None:
+            env.pop("TMPDIR", None)
+        else:
+            env["TMPDIR"] = saved_env
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -330,13 +330,16 @@ def parse_config(argv: List[str], config_class: type, check: Callable[[Any], Non
     removed: fields that older run directories' config.yaml may still hold, by name: (their only value
     then, why they went); that value is accepted and dropped, any other is a ConfigError.
 
-    pyrallis draws the `--help` page from the field comments; values are converted here, since
-    pyrallis accepts `--normalize=notabool` as True and `--load_model=None` as the text 'None'.
+    -h or --help prints the help page of config_class's fields and their comments and exits 0 (a script
+    run with --help prints it before its imports: algorithms/common/help.py).
     """
     if "-h" in argv or "--help" in argv:
-        import pyrallis
+        import sys
 
-        pyrallis.parse(config_class=config_class, args=["--help"])  # prints the help and exits
+        from algorithms.common.help import help_page
+
+        sys.stdout.write(help_page(sys.modules[config_class.__module__].__file__, config_class.__name__))
+        raise SystemExit(0)
     removed = removed or {}
     types = {f.name: f.type for f in fields(config_class)}
     infinite = {f.name for f in fields(config_class) if isinstance(f.default, float) and math.isinf(f.default)}

@@ -10,6 +10,7 @@ import io
 import math
 import os
 import tempfile
+import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from algorithms.common.config import FLOAT32_MAX, MAX_STEPS, ConfigError, DatasetError
+from algorithms.common.config import FLOAT32_MAX, MAX_STEPS, ConfigError, DatasetError, RunFault
 
 # D4RL's locomotion data was recorded on the v2/v3 MuJoCo tasks; Gymnasium's v4 tasks keep their
 # observation layout, so we evaluate on v4 on purpose and silence its "out of date" notice.
@@ -106,11 +107,18 @@ def d4rl_cache_dir() -> Path:
     return Path(os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets"))
 
 
+class DownloadFault(RunFault):
+    """A download that failed: no network, a server that refused or went silent, a file cut short, a full
+    disk. A fault, not bad input (exit code 3): the same command works once the network does."""
+
+
 def download_file(url: str, dest: Path, timeout: float = 60.0) -> Path:
-    """Downloads url to dest through a temporary file in dest's folder, renamed only when complete."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    """Downloads url to dest through a temporary file in dest's folder, renamed only when complete;
+    any failure is a DownloadFault and leaves no file behind."""
+    tmp_name = None
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             received = 0
@@ -120,14 +128,17 @@ def download_file(url: str, dest: Path, timeout: float = 60.0) -> Path:
                     received += len(chunk)
                     bar.update(len(chunk))
             if total is not None and received != total:
-                raise DatasetError(f"download {url}: got {received} of {total} bytes")
+                raise DownloadFault(f"download {url}: got {received} of {total} bytes")
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp_name, dest)
     except BaseException as e:
-        os.unlink(tmp_name)
-        if isinstance(e, OSError):
-            raise DatasetError(f"download {url}: {e}") from None
+        if tmp_name is not None:
+            os.unlink(tmp_name)
+        if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
+            raise DownloadFault(f"download {url}: {e.reason}") from None  # not "<urlopen error ...>"
+        if isinstance(e, OSError):  # HTTPError, a timeout, a reset connection, the disk
+            raise DownloadFault(f"download {url}: {e}") from None
         raise
     return dest
 
@@ -548,7 +559,12 @@ def load_dataset(config: Any) -> OfflineData:
             url = D4RL_DATASETS[name][0]
             path = d4rl_cache_dir() / url.rsplit("/", 1)[1]
             if not path.is_file():
-                download_file(url, path)
+                try:
+                    download_file(url, path)
+                except DownloadFault as e:
+                    raise DownloadFault(f"env {name}: {e}; without network, put D4RL's file {path.name} at {path} "
+                                        f"(the folder: $D4RL_DATASET_DIR, default ~/.d4rl/datasets) or pass "
+                                        f"--dataset_path=<the file>") from None
         if name in D4RL_DATASETS:
             ref_min, ref_max = D4RL_DATASETS[name][1:]
         is_locomotion = task in ("halfcheetah", "hopper", "walker2d")

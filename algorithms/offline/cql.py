@@ -20,15 +20,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import gymnasium as gym
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 if __package__ in (None, ""):  # run as a file (python algorithms/offline/cql.py): the repository root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from algorithms.common.help import exit_with_help_if_asked  # noqa: E402
+exit_with_help_if_asked(__name__, __file__)  # --help answers here, before the seconds of importing torch
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 from algorithms.common import config as strict  # noqa: E402
 from algorithms.common import fast  # noqa: E402
 from algorithms.common.config import (  # noqa: E402

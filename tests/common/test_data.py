@@ -120,13 +120,13 @@ def test_d4rl_name_downloads_into_cache_once_and_trains_on_it(serve, hopper_hdf5
 def test_interrupted_download_leaves_no_file_in_cache(serve, tmp_path):
     url = serve(b"x" * 100_000, cut_after=30_000) + "/file.hdf5"
     dest = tmp_path / "cache" / "file.hdf5"
-    with pytest.raises(DatasetError, match="download"):
+    with pytest.raises(common_data.DownloadFault, match="download"):
         common_data.download_file(url, dest)
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_unreachable_download_is_a_dataset_error(tmp_path):
-    with pytest.raises(DatasetError, match="download http://127.0.0.1:9"):
+def test_unreachable_download_is_a_fault(tmp_path):  # not bad input: tests/common/test_download.py
+    with pytest.raises(common_data.DownloadFault, match="download http://127.0.0.1:9"):
         common_data.download_file("http://127.0.0.1:9/none.hdf5", tmp_path / "none.hdf5", timeout=5)
     assert list(tmp_path.iterdir()) == []
 

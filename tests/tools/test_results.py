@@ -31,12 +31,16 @@ SCORES = {
 }
 
 
-def write_run(root: Path, env: str, seed: int, points, finetune: bool = False) -> Path:
-    """A run dir as the training scripts write it: config.yaml and metrics.jsonl with train and eval rows."""
+def write_run(root: Path, env: str, seed: int, points, finetune: bool = False, config: dict = None,
+              started: float = None) -> Path:
+    """A run dir as the training scripts write it: config.yaml (env, seed, name and `config`; `started`: its
+    modification time) and metrics.jsonl with train and eval rows."""
     label = Path(env).stem if env.endswith((".hdf5", ".h5")) else env.replace("/", "-")  # as the scripts name it
     folder = root / f"CQL-{label}-{seed}-{seed:08x}"
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump({"env": env, "seed": seed, "name": "CQL"}))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"env": env, "seed": seed, "name": "CQL", **(config or {})}))
+    if started is not None:
+        os.utime(folder / "config.yaml", (started, started))
     with open(folder / "metrics.jsonl", "w") as f:
         for step, score in points:
             f.write(json.dumps({"step": step, "qf1_loss": 1.5, "policy_loss": -2.0}) + "\n")
@@ -274,7 +278,85 @@ def test_runs_of_a_seed_stack_count_by_their_own_seeds(tmp_path, capsys):
     for copy in ("a", "b"):  # the same seed twice, one run each
         write_run(tmp_path / "twice" / copy, "hopper-medium-v2", 0, [(1000, 10)])
     assert results.main([str(tmp_path / "twice")]) == 0
-    assert "offline hopper-medium-v2: seed(s) [0] appear in more than one run" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "offline hopper-medium-v2: seed 0: 2 runs; the newest run of each seed counts, 1 older run left out" in err
+    assert "| hopper-medium-v2 | locomotion | 10.0 ± 0.0 | 10.0 ± 0.0 | 1 | 1000 |" in out
+
+
+def test_runs_of_other_lengths_are_other_rows_and_a_seed_counts_once(tmp_path, capsys):
+    """Runs of 1,000, 3,000 and 5,000 updates of one dataset, seeds 0 and 1 each, some run twice: a row per
+    length, 2 distinct seeds each (the newest run of a seed counts); runs that differ only in bookkeeping
+    fields pool into one row, with a note; a field an older config.yaml lacks counts as its default."""
+    root = tmp_path / "runs"
+    for length, base in ((1000, 10), (3000, 30), (5000, 50)):
+        for seed in (0, 1):
+            points = [(step, base + seed) for step in range(1000, length + 1, 1000)]
+            write_run(root / f"new-{length}", "hopper-medium-v2", seed, points, started=2000.0,
+                      config={"max_timesteps": length, "eval_freq": 1000, "device": "cpu"})
+            if length != 1000:  # an older run of the same seed: left out
+                write_run(root / f"old-{length}", "hopper-medium-v2", seed, [(1000, 99), (length, 99)],
+                          started=1000.0, config={"max_timesteps": length, "eval_freq": length, "device": "cuda"})
+    write_run(root / "other-alpha", "hopper-medium-v2", 0, [(5000, 70)],  # cql_alpha: another experiment
+              config={"max_timesteps": 5000, "cql_alpha": 5.0})
+    write_run(root / "default", "walker2d-medium-v2", 0, [(1000, 20)], config={"max_timesteps": 1_000_000})
+    write_run(root / "missing", "walker2d-medium-v2", 1, [(1000, 40)])  # no max_timesteps: the default, pooled
+    assert results.main([str(root)]) == 0
+    out, err = capsys.readouterr()
+    for length, last, best in ((1000, "10.5 ± 0.5", "10.5 ± 0.5"), (3000, "30.5 ± 0.5", "30.5 ± 0.5"),
+                               (5000, "50.5 ± 0.5", "50.5 ± 0.5")):
+        assert f"| hopper-medium-v2 (cql_alpha=10.0, max_timesteps={length}) | locomotion | {last} | {best} | 2 | " \
+               f"{length} |" in out, out
+    assert "| hopper-medium-v2 (cql_alpha=5.0, max_timesteps=5000) | locomotion | 70.0 ± 0.0 | 70.0 ± 0.0 | 1 |" in out
+    assert "| walker2d-medium-v2 | locomotion | 30.0 ± 10.0 | 30.0 ± 10.0 | 2 | 1000 |" in out
+    assert "| **locomotion average** | | **40.2** | **40.2** | 2 datasets | |" in out  # (50.5 + 30) / 2
+    assert "99" not in out
+    left_out = [line for line in err.splitlines() if "left out" in line]
+    assert len(left_out) == 2 and all("seed 0: 2 runs, seed 1: 2 runs; the newest run of each seed counts, "
+                                      "2 older runs left out: " in line and "old-" in line for line in left_out)
+    assert "note: offline hopper-medium-v2: 4 experiments, a row each; the locomotion average takes " \
+           "cql_alpha=10.0, max_timesteps=5000 (the most seeds, then the longest)" in err
+    assert "pooled" not in err  # the older runs (other eval_freq and device) were left out, not pooled
+
+    write_run(root / "gpu", "walker2d-medium-v2", 2, [(1000, 60)], config={"device": "cuda", "eval_freq": 500})
+    assert results.main([str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert "| walker2d-medium-v2 | locomotion | 40.0 ± 16.3 | 40.0 ± 16.3 | 3 | 1000 |" in out
+    assert "note: offline walker2d-medium-v2: pooled 3 runs that differ only in bookkeeping (device, eval_freq)" in err
+    with open(tmp_path / "t.csv", "w"):
+        pass
+    assert results.main([str(root), "--csv", str(tmp_path / "t.csv")]) == 0
+    with open(tmp_path / "t.csv", newline="") as f:
+        variants = {r["variant"] for r in csv.DictReader(f) if r["dataset"] == "hopper-medium-v2"}
+    assert variants == {f"cql_alpha=10.0, max_timesteps={n}" for n in (1000, 3000, 5000)} | {
+        "cql_alpha=5.0, max_timesteps=5000"}
+
+
+def test_curves_mark_each_evaluation_and_say_seed_or_seeds(tmp_path, capsys):
+    """A run of one evaluation shows as a point; legends and titles say "1 seed" / "2 seeds"; runs that share
+    no evaluation step are drawn interpolated, with a note, not as an empty plot."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = tmp_path / "runs"
+    write_run(root, "hopper-medium-v2", 0, [(1000, 42)])
+    write_run(root, "walker2d-medium-v2", 0, [(1000, 10), (3000, 30)])
+    write_run(root, "walker2d-medium-v2", 1, [(2000, 20), (4000, 40)])
+    runs = [results.read_run(folder) for folder in results.find_run_dirs([str(root)])]
+    hopper, walker = results.summarize(runs)
+    fig, ax = plt.subplots()
+    results.draw_curve(ax, hopper, "common", "std", "t")
+    line = ax.lines[0]
+    assert line.get_marker() == "o" and line.get_xdata().tolist() == [1000] and line.get_label() == "1 seed"
+    assert results.grid_title(hopper).endswith("offline, 1 seed")
+    ax.clear()
+    results.draw_curve(ax, walker, "common", "std", "t")
+    assert ax.lines[0].get_label() == "mean of 2 seeds" and ax.lines[0].get_xdata().tolist() == [1000, 2000, 3000]
+    assert "walker2d-medium-v2: its runs share no evaluation step; the curve interpolates them" in \
+        capsys.readouterr().err
+    plt.close(fig)
 
 
 def test_help_runs_as_a_script():
