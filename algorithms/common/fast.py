@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -154,6 +154,53 @@ def compiled_adam_step(optimizer: torch.optim.Adam) -> Callable[[], Any]:
     return torch.compile(optimizer.step)
 
 
+class RunStreams:
+    """Each run's own random stream on the training device, for its batches and noise: run k of a --seeds stack
+    draws exactly what the run with seed k draws alone (a stack of one). starts: on the CPU, each run's CPU
+    stream right after its networks were made (where a lone run's global stream stands when it starts to
+    draw); on a GPU each stream starts from its seed, as a lone run's device stream does."""
+
+    def __init__(self, device: torch.device, seeds: List[int], starts: List[torch.Tensor], stacked: bool):
+        self.device, self.stacked = device, stacked
+        self.generators = [torch.Generator(device) for _ in seeds]
+        for generator, seed, start in zip(self.generators, seeds, starts):
+            if device.type == "cpu":
+                generator.set_state(start)
+            else:
+                generator.manual_seed(seed)
+
+    def draw(self, sample: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        """sample(*args, generator=, device=) of each run, stacked on a leading run dim for a stack."""
+        draws = [sample(*args, generator=generator, device=self.device) for generator in self.generators]
+        return torch.stack(draws) if self.stacked else draws[0]
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return self.draw(torch.randn, shape)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return self.draw(torch.rand, shape)
+
+    def randint(self, high: int, *shape: int) -> torch.Tensor:
+        return self.draw(torch.randint, 0, high, shape)
+
+    def states(self) -> List[torch.Tensor]:
+        return [generator.get_state() for generator in self.generators]
+
+    def resume(self, checkpoints: List[Dict[str, Any]]) -> None:
+        """Each run's stream from its checkpoint's 'streams' entry; a checkpoint written before runs had streams
+        of their own holds the global ones: a lone run's go on from them, a stack's runs from their seeds (they
+        drew from one stream then)."""
+        for generator, checkpoint in zip(self.generators, checkpoints):
+            if checkpoint.get("stream") is not None:
+                generator.set_state(checkpoint["stream"].cpu())
+            elif not self.stacked:
+                rng = checkpoint["run"]["rng"]
+                generator.set_state((rng["torch"] if self.device.type == "cpu" else
+                                     rng["cuda"][self.device.index or 0]).cpu())
+            else:
+                generator.manual_seed(checkpoint["config"]["seed"] + 1_000_003 * checkpoint["total_it"])
+
+
 class UpdateStep:
     """Calls update(phase) for the next phase, and adds its metrics to a device-side running sum.
 
@@ -170,8 +217,10 @@ class UpdateStep:
 
     def __init__(self, update: Callable[[Hashable], Dict[str, torch.Tensor]], next_phase: Callable[[], Hashable],
                  metric_names: Tuple[str, ...], run_shape: Tuple[int, ...], optimizer: torch.optim.Optimizer,
-                 device: torch.device, cudagraphs: bool = False, found_inf: Optional[torch.Tensor] = None):
+                 device: torch.device, cudagraphs: bool = False, found_inf: Optional[torch.Tensor] = None,
+                 generators: Sequence[torch.Generator] = ()):
         self.update, self.next_phase, self.optimizer, self.found_inf = update, next_phase, optimizer, found_inf
+        self.generators = generators  # the runs' own streams (RunStreams): a captured graph advances them
         self.cudagraphs = cudagraphs and device.type == "cuda"
         self.metric_names: List[str] = list(metric_names)
         self.metric_sum = torch.zeros(len(self.metric_names), *run_shape, device=device)
@@ -205,6 +254,8 @@ class UpdateStep:
             return None
         self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph
         graph = torch.cuda.CUDAGraph()
+        for generator in self.generators:
+            graph.register_generator_state(generator)
         with torch.cuda.graph(graph):
             self._update(phase)
         self.graphs[phase] = graph

@@ -489,6 +489,30 @@ def resume_checkpoints(run_dir: Path, n_runs: int, unit: str = "update", usable:
     return chosen, set(bad)
 
 
+def prune_checkpoints(run_dir: Path, replay: Path, keep: int) -> None:
+    """Removes the replay files but `replay` and, with keep > 0, all but the newest keep checkpoints."""
+    for old in run_dir.glob("replay_*.pt"):
+        if old != replay:
+            old.unlink()
+    for old in checkpoint_files(run_dir)[:-keep] if keep else []:
+        old.unlink()
+
+
+def replay_missing(path: Path, state: Dict[str, Any]) -> Optional[str]:
+    """Why checkpoint `path` cannot be resumed from for want of its replay file (online rows), or None."""
+    online = (state.get("progress") or {}).get("online_transitions", 0)
+    if online and not (path.parent / state["replay_file"]).is_file():
+        return f"its replay file {state['replay_file']} is gone: a run keeps only its newest checkpoint's"
+    return None
+
+
+def pending_evaluations(state: Dict[str, Any]) -> Dict[int, Dict[str, torch.Tensor]]:
+    """The actor weights of a checkpoint's unfinished evaluations, by step: in its run state, or, in
+    checkpoints written before 2026-12, at the top level."""
+    run_state = state.get("run") or {}
+    return run_state.get("pending_evaluations", state.get("pending_evaluations", {}))
+
+
 def keep_lines(path: Path, n: int) -> None:
     """Keeps the first n lines of a file (atomically), as bytes: a torn last line goes too, and one that is not
     UTF-8 (a disk's garbage) as well. A link or no regular file is a WriteError (write_atomic)."""

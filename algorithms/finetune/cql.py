@@ -51,7 +51,7 @@ from algorithms.common import process  # noqa: E402
 from algorithms.common import runs as runs_lib  # noqa: E402
 from algorithms.common.runs import RunState as BaseRunState  # noqa: E402
 from algorithms.common.runs import (  # noqa: E402
-    RunLogger, check_resume, checkpoint_files, keep_lines, last_checkpoint_note, load_state_file, open_run_dirs,
+    RunLogger, check_resume, keep_lines, last_checkpoint_note, load_state_file, open_run_dirs,
     releasing_run_dir_locks, resolve_device, rng_states, set_rng_states, set_seed, start_run_logs, write_state_file)
 
 
@@ -265,12 +265,15 @@ class ReplayBuffer:
         self.size = min(self.size + 1, self.capacity)
         self.n_added += 1
 
-    def sample(self, batch_size: int, runs: Tuple[int, ...] = ()) -> Tuple[torch.Tensor, ...]:
-        """A batch of rows; for a stack (runs = (n_seeds,)) one batch from each run's own ring."""
+    def sample(self, batch_size: int, runs: Tuple[int, ...] = (), streams: Optional[fast.RunStreams] = None
+               ) -> Tuple[torch.Tensor, ...]:
+        """A batch of rows; for a stack (runs = (n_seeds,)) one batch from each run's own ring, drawn from each
+        run's stream (or, without streams, the global one)."""
         # Uniform over [0, 2^62), modulo the filled size read on the device: the first (2^62 mod
         # size) rows are drawn more often by a relative 1 / floor(2^62 / size), under 1e-12 for a
         # ring of up to 4 million rows.
-        index = torch.randint(0, 2**62, (*runs, batch_size), device=self.device) % self.size_tensor
+        index = (streams.randint(2**62, batch_size) if streams is not None
+                 else torch.randint(0, 2**62, (*runs, batch_size), device=self.device)) % self.size_tensor
         if not runs:
             return tuple(self.storage[key][index] for key in BUFFER_FIELDS)
         run = torch.arange(runs[0], device=self.device)[:, None]
@@ -572,6 +575,7 @@ class CQL:
             self.target_critic.load_state_dict(self.critic.state_dict())
             self.log_alpha = nn.Parameter(torch.zeros((), device=device))
             self.log_alpha_prime = nn.Parameter(torch.ones((), device=device))
+            starts = [torch.get_rng_state()]  # where its batches and noise draw on from (RunStreams)
         else:
             runs = []
             with torch.random.fork_rng(devices=[]):  # the caller's random stream goes on untouched
@@ -583,6 +587,8 @@ class CQL:
             self.target_critic = EnsembleCritic.stack([r.target_critic for r in runs]).to(device)
             self.log_alpha = nn.Parameter(torch.stack([r.log_alpha.detach() for r in runs]).to(device))
             self.log_alpha_prime = nn.Parameter(torch.stack([r.log_alpha_prime.detach() for r in runs]).to(device))
+            starts = [r.streams.states()[0] for r in runs]
+        self.streams = fast.RunStreams(device, seeds or [config.seed], starts, stacked=seeds is not None)
         self.target_critic.requires_grad_(False)
         self.skip_nonfinite = config.on_nonfinite == "skip"
         # One Adam over four groups: each parameter only gets the gradient of its own loss (see losses),
@@ -613,16 +619,16 @@ class CQL:
         self.cql_alpha_tensor.fill_(float(value))
 
     def draw_noise(self, batch_size: int) -> Dict[str, torch.Tensor]:
-        """Every random draw of one update, so that a test can replay the same update by hand."""
-        n, a, b = self.config.cql_n_actions, self.action_dim, (*self.run_shape, batch_size)  # each run its own
-        next_shape = (*b, n, a) if self.config.cql_max_target_backup else (*b, a)
-        kwargs = {"device": self.device}
+        """Every random draw of one update, so that a test can replay the same update by hand: (*runs, batch,
+        ...), each run's from its own stream (RunStreams: a run of a stack draws what it draws alone)."""
+        n, a, b, draw = self.config.cql_n_actions, self.action_dim, batch_size, self.streams
+        next_shape = (b, n, a) if self.config.cql_max_target_backup else (b, a)
         return {
-            "policy": torch.randn(*b, a, **kwargs),
-            "next": torch.randn(*next_shape, **kwargs),
-            "cql_current": torch.randn(*b, n, a, **kwargs),
-            "cql_next": torch.randn(*b, n, a, **kwargs),
-            "cql_random": torch.rand(*b, n, a, **kwargs) * 2.0 - 1.0,
+            "policy": draw.randn(b, a),
+            "next": draw.randn(*next_shape),
+            "cql_current": draw.randn(b, n, a),
+            "cql_next": draw.randn(b, n, a),
+            "cql_random": draw.rand(b, n, a) * 2.0 - 1.0,
         }
 
     def losses(self, batch: Tuple[torch.Tensor, ...], noise: Dict[str, torch.Tensor], bc: bool, penalty: bool
@@ -792,14 +798,15 @@ class CQL:
                 self.step_optimizer = fast.compiled_adam_step(self.optimizer)
 
         def update(phase: Tuple[bool, ...]) -> Dict[str, torch.Tensor]:
-            return self.apply_update(buffer.sample(batch_size, self.run_shape), self.draw_noise(batch_size), *phase)
+            batch = buffer.sample(batch_size, self.run_shape, self.streams)
+            return self.apply_update(batch, self.draw_noise(batch_size), *phase)
 
         def next_phase() -> Tuple[bool, ...]:
             self.total_it += 1
             return self.phase(self.total_it)
 
         return fast.UpdateStep(update, next_phase, METRIC_NAMES, self.run_shape, self.optimizer, self.device,
-                               cudagraphs, self.found_inf if self.skip_nonfinite else None)
+                               cudagraphs, self.found_inf if self.skip_nonfinite else None, self.streams.generators)
 
     @torch.no_grad()
     def update_target(self) -> None:
@@ -823,7 +830,8 @@ class CQL:
             "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
             "target_critic": self.target_critic.state_dict(),
             "log_alpha": self.log_alpha.detach().clone(), "log_alpha_prime": self.log_alpha_prime.detach().clone(),
-            "optimizer": self.optimizer.state_dict(), "total_it": self.total_it, "cql_alpha": float(self.cql_alpha),
+            "optimizer": self.optimizer.state_dict(), "total_it": self.total_it, "stream": self.streams.states()[0],
+            "cql_alpha": float(self.cql_alpha),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -860,6 +868,7 @@ class CQL:
     def run_state_dict(self, run: int) -> Dict[str, Any]:
         """Run `run` of a stack as a one-run trainer's state_dict (copies): what CQL.load_state_dict takes."""
         return {**fast.run_state_dict(self._run_layout(), self.optimizer, run), "total_it": self.total_it,
+                "stream": self.streams.states()[run],
                 "cql_alpha": float(self.cql_alpha)}
 
     def load_run_state_dicts(self, states: List[Dict[str, Any]]) -> None:
@@ -936,17 +945,8 @@ def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer
              "replay_file": replay.name, "run": run_state.to_dict()}
     write_state_file(path, state)
     if prune:
-        prune_checkpoints(run_dir, replay, keep)
+        runs_lib.prune_checkpoints(run_dir, replay, keep)
     return path
-
-
-def prune_checkpoints(run_dir: Path, replay: Path, keep: int) -> None:
-    """Removes the replay files but `replay` and, with keep > 0, all but the newest keep checkpoints."""
-    for old in run_dir.glob("replay_*.pt"):
-        if old != replay:
-            old.unlink()
-    for old in checkpoint_files(run_dir)[:-keep] if keep else []:
-        old.unlink()
 
 
 def load_checkpoints(paths: List[str], trainer: CQL, buffer: Optional[ReplayBuffer] = None,
@@ -958,21 +958,6 @@ def load_checkpoints(paths: List[str], trainer: CQL, buffer: Optional[ReplayBuff
         for run, (path, state) in enumerate(zip(paths * len(states) if len(paths) == 1 else paths, states)):
             load_replay(path, state, buffer, field, None if trainer.seeds is None else run)
     return states
-
-
-def replay_missing(path: Path, state: Dict[str, Any]) -> Optional[str]:
-    """Why checkpoint `path` cannot be resumed from for want of its replay file (online rows), or None."""
-    online = (state.get("progress") or {}).get("online_transitions", 0)
-    if online and not (path.parent / state["replay_file"]).is_file():
-        return f"its replay file {state['replay_file']} is gone: a run keeps only its newest checkpoint's"
-    return None
-
-
-def pending_evaluations(state: Dict[str, Any]) -> Dict[int, Dict[str, torch.Tensor]]:
-    """The actor weights of a checkpoint's unfinished evaluations, by step: in its run state, or, in
-    checkpoints written before 2026-12, at the top level."""
-    run_state = state.get("run") or {}
-    return run_state.get("pending_evaluations", state.get("pending_evaluations", {}))
 
 
 def new_progress() -> Dict[str, Any]:
@@ -1012,7 +997,7 @@ class RunState(BaseRunState):
     def from_checkpoint(cls, checkpoint: Dict[str, Any]) -> "RunState":
         """A checkpoint's run state; one without a 'run' entry (rng None) gives its progress and pending evaluations."""
         state = cls.from_dict(checkpoint.get("run") or {}, checkpoint.get("progress"))
-        state.pending_evaluations = pending_evaluations(checkpoint)
+        state.pending_evaluations = runs_lib.pending_evaluations(checkpoint)
         return state
 
 
@@ -1173,7 +1158,7 @@ def open_runs(config: TrainConfig, runs: List[Run], trainer: CQL, buffer: Replay
     start), and whether they resume."""
     seeds = [run.seed for run in runs]
     if config.resume:
-        dirs, files = open_run_dirs(config, seeds, dataset_label(config.env), "iteration", replay_missing)
+        dirs, files = open_run_dirs(config, seeds, dataset_label(config.env), "iteration", runs_lib.replay_missing)
         states = load_checkpoints([str(f) for f in files], trainer, buffer, field="resume")
         check_resume(config, dirs, seeds, states, states[0]["progress"]["iteration"])
         for run_dir, state in zip(dirs, states):
@@ -1217,7 +1202,7 @@ def act(trainer: CQL, runs: List[Run], normalize_state: Callable[[np.ndarray], n
         states = torch.as_tensor(np.stack([normalize_state(run.train_env.obs) for run in runs]), device=trainer.device)
         if trainer.seeds is not None:
             states = states[:, None]  # each run's actor takes a batch of one
-        noise = torch.randn(*states.shape[:-1], trainer.action_dim, device=trainer.device)
+        noise = trainer.streams.randn(1, trainer.action_dim)  # each run's own stream, as its updates
         actions = trainer.actor(states, noise)[0].reshape(len(runs), -1).cpu().numpy()
     if not np.isfinite(actions).all():  # broken weights: stop before the env or the buffer sees it
         bad = int(np.argwhere(~np.isfinite(actions))[0][0])
@@ -1299,7 +1284,7 @@ def save_checkpoints(runs: List[Run], step: int, trainer: CQL, buffer: ReplayBuf
         save_checkpoint(run.dir, step, trainer, buffer, state_mean, state_std, state, run=i if stacked else None,
                         prune=False)
     for run in runs:
-        prune_checkpoints(run.dir, run.dir / f"replay_{step}.pt", keep)
+        runs_lib.prune_checkpoints(run.dir, run.dir / f"replay_{step}.pt", keep)
 
 
 def summarize(runs: List[Run], trainer: CQL, buffer: ReplayBuffer, total: int, elapsed: float, load_seconds: float,
@@ -1422,6 +1407,8 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
                                   run.last_good_checkpoint)
     probe_env.close()
     window = restore_runs(runs, states, resumed, update)
+    if resumed:
+        trainer.streams.resume(states)
     total = config.offline_iterations + config.online_iterations
     start_it = runs[0].progress["iteration"]
     trainer.cql_alpha = config.cql_alpha if start_it < config.offline_iterations else config.cql_alpha_online

@@ -177,9 +177,12 @@ class ReplayBuffer:
         self.rewards, self.terminals = rewards[:, 0], terminals[:, 0]
         self.size = len(data.rewards)
 
-    def sample(self, batch_size: int, runs: Tuple[int, ...] = ()) -> Tuple[torch.Tensor, ...]:
-        """A batch of rows; with runs = (n_seeds,), one batch of its own for each run: (n_seeds, batch, ...)."""
-        index = torch.randint(0, self.size, (*runs, batch_size), device=self.rows.device)
+    def sample(self, batch_size: int, runs: Tuple[int, ...] = (), streams: Optional[fast.RunStreams] = None
+               ) -> Tuple[torch.Tensor, ...]:
+        """A batch of rows; with runs = (n_seeds,), one batch of its own for each run: (n_seeds, batch, ...),
+        drawn from each run's stream (or, without streams, the global one)."""
+        index = (streams.randint(self.size, batch_size) if streams is not None
+                 else torch.randint(0, self.size, (*runs, batch_size), device=self.rows.device))
         obs, actions, rewards, next_obs, dones = self.rows[index].split(self.widths, -1)
         return obs, actions, rewards[..., 0], next_obs, dones[..., 0]
 
@@ -437,6 +440,7 @@ class CQL:
             self.target_critic.load_state_dict(self.critic.state_dict())
             self.log_alpha = nn.Parameter(torch.zeros((), device=device))
             self.log_alpha_prime = nn.Parameter(torch.ones((), device=device))
+            starts = [torch.get_rng_state()]  # where its batches and noise draw on from (RunStreams)
         else:
             runs = []
             with torch.random.fork_rng(devices=[]):  # the caller's random stream goes on untouched
@@ -448,6 +452,8 @@ class CQL:
             self.target_critic = EnsembleCritic.stack([r.target_critic for r in runs]).to(device)
             self.log_alpha = nn.Parameter(torch.stack([r.log_alpha.detach() for r in runs]).to(device))
             self.log_alpha_prime = nn.Parameter(torch.stack([r.log_alpha_prime.detach() for r in runs]).to(device))
+            starts = [r.streams.states()[0] for r in runs]
+        self.streams = fast.RunStreams(device, seeds or [config.seed], starts, stacked=seeds is not None)
         self.target_critic.requires_grad_(False)
         self.skip_nonfinite = config.on_nonfinite == "skip"
         # One Adam over four groups: each parameter only gets the gradient of its own loss (see losses),
@@ -467,16 +473,16 @@ class CQL:
         self.total_it = 0
 
     def draw_noise(self, batch_size: int) -> Dict[str, torch.Tensor]:
-        """Every random draw of one update, so that a test can replay the same update by hand."""
-        n, a, b = self.config.cql_n_actions, self.action_dim, (*self.run_shape, batch_size)  # each run its own
-        next_shape = (*b, n, a) if self.config.cql_max_target_backup else (*b, a)
-        kwargs = {"device": self.device}
+        """Every random draw of one update, so that a test can replay the same update by hand: (*runs, batch,
+        ...), each run's from its own stream (RunStreams: a run of a stack draws what it draws alone)."""
+        n, a, b, draw = self.config.cql_n_actions, self.action_dim, batch_size, self.streams
+        next_shape = (b, n, a) if self.config.cql_max_target_backup else (b, a)
         return {
-            "policy": torch.randn(*b, a, **kwargs),
-            "next": torch.randn(*next_shape, **kwargs),
-            "cql_current": torch.randn(*b, n, a, **kwargs),
-            "cql_next": torch.randn(*b, n, a, **kwargs),
-            "cql_random": torch.rand(*b, n, a, **kwargs) * 2.0 - 1.0,
+            "policy": draw.randn(b, a),
+            "next": draw.randn(*next_shape),
+            "cql_current": draw.randn(b, n, a),
+            "cql_next": draw.randn(b, n, a),
+            "cql_random": draw.rand(b, n, a) * 2.0 - 1.0,
         }
 
     def losses(self, batch: Tuple[torch.Tensor, ...], noise: Dict[str, torch.Tensor], bc: bool
@@ -620,14 +626,15 @@ class CQL:
                 self.step_optimizer = fast.compiled_adam_step(self.optimizer)
 
         def update(phase: Tuple[bool, ...]) -> Dict[str, torch.Tensor]:
-            return self.apply_update(buffer.sample(batch_size, self.run_shape), self.draw_noise(batch_size), *phase)
+            batch = buffer.sample(batch_size, self.run_shape, self.streams)
+            return self.apply_update(batch, self.draw_noise(batch_size), *phase)
 
         def next_phase() -> Tuple[bool, ...]:
             self.total_it += 1
             return self.phase(self.total_it)
 
         return fast.UpdateStep(update, next_phase, METRIC_NAMES, self.run_shape, self.optimizer, self.device,
-                               cudagraphs, self.found_inf if self.skip_nonfinite else None)
+                               cudagraphs, self.found_inf if self.skip_nonfinite else None, self.streams.generators)
 
     @torch.no_grad()
     def update_target(self) -> None:
@@ -651,7 +658,7 @@ class CQL:
             "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
             "target_critic": self.target_critic.state_dict(),
             "log_alpha": self.log_alpha.detach().clone(), "log_alpha_prime": self.log_alpha_prime.detach().clone(),
-            "optimizer": self.optimizer.state_dict(), "total_it": self.total_it,
+            "optimizer": self.optimizer.state_dict(), "total_it": self.total_it, "stream": self.streams.states()[0],
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -687,7 +694,8 @@ class CQL:
 
     def run_state_dict(self, run: int) -> Dict[str, Any]:
         """Run `run` of a stack as a one-run trainer's state_dict (copies): what CQL.load_state_dict takes."""
-        return {**fast.run_state_dict(self._run_layout(), self.optimizer, run), "total_it": self.total_it}
+        return {**fast.run_state_dict(self._run_layout(), self.optimizer, run), "total_it": self.total_it,
+                "stream": self.streams.states()[run]}
 
     def load_run_state_dicts(self, states: List[Dict[str, Any]]) -> None:
         """Loads one one-run state_dict per run of the stack (checkpoints of one-seed runs fit too)."""
@@ -904,6 +912,7 @@ def train(config: TrainConfig, signals: Optional[StopSignals] = None) -> Dict[st
             update.run_metric_sum(i).copy_(run_state.metric_sum)
             run.restore(run_state)
         set_rng_states(resumed[0].rng)  # last: from here on the run draws what the stopped one would have
+        trainer.streams.resume(states)
     checkpoint_freq = config.checkpoint_freq or config.eval_freq
     start, first = time.time(), trainer.total_it
     load_seconds, eval_seconds = start - begin, 0.0

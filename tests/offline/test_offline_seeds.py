@@ -221,6 +221,49 @@ def test_update_step_samples_a_batch_per_run_and_sums_metrics_per_run():
     assert batch[0].shape == (len(SEEDS), B, S) and batch[2].shape == (len(SEEDS), B)
 
 
+def test_a_run_of_a_stack_draws_and_trains_as_it_does_alone():
+    """Each run draws its batches and noise from its own stream (RunStreams): run k of a stack draws exactly
+    what the one-seed run with seed k draws, and its update_step follows that run's updates."""
+    c = config()
+    torch.manual_seed(5)
+    stacked = cql.CQL(c, S, A, 1.0, torch.device("cpu"), seeds=SEEDS)
+    alone = [single(c, seed) for seed in SEEDS]
+    buffer = _buffer()
+    noise = stacked.draw_noise(B)
+    for run, trainer in enumerate(alone):
+        for name, value in trainer.draw_noise(B).items():
+            assert torch.equal(noise[name][run], value), (run, name)
+    stacked = cql.CQL(c, S, A, 1.0, torch.device("cpu"), seeds=SEEDS)
+    alone = [single(c, seed) for seed in SEEDS]
+    rows = buffer.sample(B, (len(SEEDS),), stacked.streams)[0]
+    for run, trainer in enumerate(alone):
+        assert torch.equal(rows[run], buffer.sample(B, (), trainer.streams)[0]), run
+    stacked = cql.CQL(c, S, A, 1.0, torch.device("cpu"), seeds=SEEDS)
+    alone = [single(c, seed) for seed in SEEDS]
+    steps = [trainer.update_step(buffer, B) for trainer in [stacked, *alone]]
+    for _ in range(5):
+        for step in steps:
+            step()
+    for run, trainer in enumerate(alone):
+        assert_run_equals(stacked, run, trainer, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_of_a_stack_ends_as_the_run_alone(hopper_hdf5, tmp_path):
+    """Through train(): seed 9 of a stack (0, 9) ends with the weights of the run with seed 9 alone, up to the
+    float rounding of stacked matmuls, and its metrics rows agree to that rounding."""
+    cql.main(offline_run_args(hopper_hdf5, tmp_path / "stack", 60) + ["--seeds=0,9", "--n_episodes=1"])
+    cql.main(offline_run_args(hopper_hdf5, tmp_path / "alone", 60) + ["--seed=9", "--n_episodes=1"])
+    stacked, (alone,) = by_seed(tmp_path / "stack")[9], (tmp_path / "alone").iterdir()
+    want, got = load_state_file(alone / "checkpoint_60.pt"), load_state_file(stacked / "checkpoint_60.pt")
+    for part in ("actor", "critic"):
+        for name, value in want[part].items():
+            torch.testing.assert_close(got[part][name], value, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
+    for want_row, got_row in zip(metrics_rows(alone), metrics_rows(stacked), strict=True):
+        assert want_row.keys() == got_row.keys()
+        for key, value in want_row.items():
+            assert got_row[key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
+
+
 # --------------------------------------------------------------------------- runs
 def run_args(hopper_hdf5: Path, checkpoints: Path, updates: int = 120) -> list:
     return offline_run_args(hopper_hdf5, checkpoints, updates) + ["--seeds=4,9", "--q_n_hidden_layers=2"]
