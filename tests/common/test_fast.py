@@ -48,7 +48,7 @@ def test_every_flag_off_is_the_plain_update_exactly():
     torch.manual_seed(1)
     metric_sum = torch.zeros(len(cql.METRIC_NAMES))
     for _ in range(6):  # crosses the behaviour-cloning phase and both target-update phases
-        metrics = plain.train(buffer.sample(16))
+        metrics = plain.train(buffer.sample(16, (), plain.streams))  # the stream update_step draws from
         metric_sum += torch.stack([metrics[name] for name in cql.METRIC_NAMES])
     step = fast.update_step(buffer, 16, compile=False, cudagraphs=True)  # no cuda: graphs are off
     torch.manual_seed(1)

@@ -22,7 +22,7 @@ from conftest import (
 
 import algorithms.finetune.cql as cql
 from algorithms.common import envs, runs
-from algorithms.common.runs import load_state_file, write_state_file
+from algorithms.common.runs import checkpoint_files, load_state_file, write_state_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
@@ -48,7 +48,7 @@ def test_sigkilled_run_resumes_twice_across_the_switch_to_the_same_weights_and_m
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when_written(resume, killed.parent, "checkpoint_100.pt")
     assert not (killed / "checkpoint_200.pt").exists(), "killed too late to test anything"
-    newest = cql.checkpoint_files(killed)[-1]
+    newest = checkpoint_files(killed)[-1]
     run_state = load_state_file(newest)["run"]
     assert run_state["env"] is not None and run_state["episode"][2] > 0, "resume should start mid-episode"
 
@@ -103,7 +103,7 @@ def test_kill_between_replay_and_checkpoint_write_resumes_from_the_previous_pair
     monkeypatch.setattr(runs, "write_atomic", write_atomic)
     (killed,) = (tmp_path / "b").iterdir()
     assert sorted(p.name for p in killed.glob("replay_*.pt")) == ["replay_40.pt", "replay_60.pt"]
-    assert cql.checkpoint_files(killed)[-1].name == "checkpoint_40.pt"
+    assert checkpoint_files(killed)[-1].name == "checkpoint_40.pt"
 
     cql.train(cql.parse_config([f"--resume={killed}"]))
     assert_same_finetune_run(reference, killed, 80)
@@ -114,7 +114,7 @@ def test_keep_checkpoints_keeps_the_newest_and_one_replay_file(hopper_hdf5, tmp_
     config = cql.parse_config(finetune_run_args(hopper_hdf5, tmp_path, offline=20, online=30)
                               + ["--checkpoint_freq=10", "--keep_checkpoints=2"])
     run_dir = Path(cql.train(config)["run_dir"])
-    assert [p.name for p in cql.checkpoint_files(run_dir)] == ["checkpoint_40.pt", "checkpoint_50.pt"]
+    assert [p.name for p in checkpoint_files(run_dir)] == ["checkpoint_40.pt", "checkpoint_50.pt"]
     assert [p.name for p in run_dir.glob("replay_*.pt")] == ["replay_50.pt"]
 
 
@@ -133,7 +133,7 @@ def test_non_finite_stops_with_exit_3_naming_the_last_good_checkpoint(offline, l
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # not tqdm's
     assert exit_info.value.code == 3 and len(err) == 1 and re.search(message, err[0]), err
     (run_dir,) = tmp_path.iterdir()
-    assert [p.name for p in cql.checkpoint_files(run_dir)] == ["checkpoint_20.pt"]
+    assert [p.name for p in checkpoint_files(run_dir)] == ["checkpoint_20.pt"]
     assert [p.name for p in run_dir.glob("replay_*.pt")] == ["replay_20.pt"]
 
 
@@ -153,7 +153,7 @@ def test_a_stack_stops_on_non_finite_values_naming_the_seed_and_the_last_good_ch
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # not tqdm's
     assert exit_info.value.code == 3 and len(err) == 1 and re.search(message, err[0]), err
     for run_dir in tmp_path.iterdir():
-        assert [p.name for p in cql.checkpoint_files(run_dir)] == ["checkpoint_20.pt"]
+        assert [p.name for p in checkpoint_files(run_dir)] == ["checkpoint_20.pt"]
 
 
 # ------------------------------------------------------------------ bad input: exit 2, one line

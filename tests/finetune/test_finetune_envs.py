@@ -12,7 +12,7 @@ from conftest import metrics_rows
 
 import algorithms.finetune.cql as cql
 from algorithms.common import envs
-from algorithms.common.runs import load_state_file
+from algorithms.common.runs import checkpoint_files, load_state_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
@@ -99,7 +99,7 @@ def test_an_env_that_keeps_failing_stops_with_exit_3_naming_the_last_good_checkp
                         r"RuntimeError: simulator blew up at call 19; env_errors_in_a_row 5\); last good checkpoint: "
                         r".*/checkpoint_10\.pt", err[0]), err[0]
     (run_dir,) = tmp_path.iterdir()
-    assert [p.name for p in cql.checkpoint_files(run_dir)] == ["checkpoint_10.pt"]
+    assert [p.name for p in checkpoint_files(run_dir)] == ["checkpoint_10.pt"]
 
 
 def test_env_errors_in_a_row_must_be_positive(tmp_path, capsys):

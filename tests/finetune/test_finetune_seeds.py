@@ -27,7 +27,7 @@ from conftest import (
 )
 
 import algorithms.finetune.cql as cql
-from algorithms.common.runs import load_state_file
+from algorithms.common.runs import checkpoint_files, load_state_file
 
 S, A, B, N = 5, 3, 16, 4  # state dim, action dim, batch, cql_n_actions
 SEEDS = [3, 7, 11]
@@ -307,9 +307,9 @@ def test_stack_killed_between_two_runs_checkpoint_writes_resumes_to_the_same_run
                           capture_output=True, text=True, timeout=600)
     assert died.returncode == 9, died.stderr[-2000:]
     killed = sorted((tmp_path / "b").iterdir(), key=lambda d: int(d.name.split("-")[-2]))
-    assert [p.name for p in cql.checkpoint_files(killed[0])][-2:] == ["checkpoint_80.pt", "checkpoint_100.pt"]
+    assert [p.name for p in checkpoint_files(killed[0])][-2:] == ["checkpoint_80.pt", "checkpoint_100.pt"]
     assert {p.name for p in killed[0].glob("replay_*.pt")} == {"replay_80.pt", "replay_100.pt"}
-    assert cql.checkpoint_files(killed[1])[-1].name == "checkpoint_80.pt"
+    assert checkpoint_files(killed[1])[-1].name == "checkpoint_80.pt"
     assert [p.name for p in killed[1].glob("replay_*.pt")] == ["replay_80.pt"]
 
     result = subprocess.run([sys.executable, FINETUNE_SCRIPT, f"--resume={killed[0]}"], env=CHILD_ENV,
@@ -320,3 +320,21 @@ def test_stack_killed_between_two_runs_checkpoint_writes_resumes_to_the_same_run
     for want, got in zip(reference, killed):
         assert_same_finetune_run(want, got, 140)
         assert [p.name for p in got.glob("replay_*.pt")] == ["replay_140.pt"]
+
+
+def test_a_run_of_a_stack_ends_as_the_run_alone(hopper_hdf5, tmp_path):
+    """Each run draws its batches, noise and online actions from its own stream: seed 9 of a stack (0, 9)
+    crosses the switch and collects online rows as the run with seed 9 alone does, up to the float rounding
+    of stacked matmuls."""
+    cql.main(finetune_run_args(hopper_hdf5, tmp_path / "stack", offline=20, online=30) + ["--seeds=0,9"])
+    cql.main(finetune_run_args(hopper_hdf5, tmp_path / "alone", offline=20, online=30) + ["--seed=9"])
+    (stacked,) = [d for d in (tmp_path / "stack").iterdir() if d.name.split("-")[-2] == "9"]
+    (alone,) = (tmp_path / "alone").iterdir()
+    want, got = load_state_file(alone / "checkpoint_50.pt"), load_state_file(stacked / "checkpoint_50.pt")
+    for part in ("actor", "critic"):
+        for name, value in want[part].items():
+            torch.testing.assert_close(got[part][name], value, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
+    want_rows, got_rows = (load_state_file(d / "replay_50.pt") for d in (alone, stacked))
+    for key in ("observations", "actions", "rewards"):
+        torch.testing.assert_close(got_rows[key], want_rows[key], rtol=1e-3, atol=1e-4, msg=key)
+    assert want["progress"]["train_episodes"] == got["progress"]["train_episodes"]

@@ -66,7 +66,7 @@ def test_every_flag_off_is_the_plain_update_exactly_across_the_switch(online_alp
             if fast:
                 step()
             else:
-                metrics = trainer.train(buffer.sample(16))
+                metrics = trainer.train(buffer.sample(16, (), trainer.streams))  # update_step's stream
                 metric_sum += torch.stack([metrics[name] for name in cql.METRIC_NAMES])
         means = step.take_means(8) if fast else dict(zip(cql.METRIC_NAMES, (metric_sum / 8).tolist()))
         runs.append((trainer, buffer, means))
