@@ -571,6 +571,8 @@ def open_run_dirs(config: Any, seeds: List[int], label: str, unit: str = "update
     files: List[Path] = []
     bad: Set[Path] = set()
     if config.resume:
+        if Path(config.resume).is_dir():  # a link or FIFO among the checkpoints: one line, before any is judged
+            refuse_odd_run_files(Path(config.resume), "resume")
         files, bad = resume_checkpoints(Path(config.resume), len(seeds), unit, usable)
         dirs = [file.parent for file in files]
     else:

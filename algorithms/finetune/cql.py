@@ -47,8 +47,9 @@ from algorithms.common.envs import (  # noqa: E402
     SUCCESS_KEYS, EnvStep, TrainingEnv, env_state, is_goal_task, set_env_state, step_success)
 from algorithms.common.evaluation import Evaluator, actor_weights  # noqa: E402
 from algorithms.common.fast import EnsembleLinear  # noqa: E402
-from algorithms.common import process  # noqa: E402
 from algorithms.common import runs as runs_lib  # noqa: E402
+from algorithms.common.process import (  # noqa: E402
+    StopSignals, check_stack_resources, run_main, stopping_on_signals, zero_tensors)
 from algorithms.common.runs import RunState as BaseRunState  # noqa: E402
 from algorithms.common.runs import (  # noqa: E402
     RunLogger, check_resume, keep_lines, last_checkpoint_note, load_state_file, open_run_dirs,
@@ -219,7 +220,7 @@ class ReplayBuffer:
         self.runs = runs
         self.shapes = {"observations": (state_dim,), "actions": (action_dim,), "rewards": (),
                        "next_observations": (state_dim,), "terminals": ()}
-        self.storage = process.zero_tensors({k: (*runs, capacity, *shape) for k, shape in self.shapes.items()},
+        self.storage = zero_tensors({k: (*runs, capacity, *shape) for k, shape in self.shapes.items()},
                                              device, f"field 'buffer_size': a replay ring of {capacity} transitions")
         self.size_tensor = torch.zeros((), dtype=torch.int64, device=device)
         self._size = 0
@@ -1328,9 +1329,9 @@ def summarize(runs: List[Run], trainer: CQL, buffer: ReplayBuffer, total: int, e
 
 
 @releasing_run_dir_locks
-@process.stopping_on_signals  # SIGINT, SIGTERM: the iteration in flight ends, then a checkpoint, one line (130, 143)
+@stopping_on_signals  # SIGINT, SIGTERM: the iteration in flight ends, then a checkpoint, one line (130, 143)
 def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], CQL], None]] = None,
-          signals: Optional[process.StopSignals] = None) -> Dict[str, Any]:
+          signals: Optional[StopSignals] = None) -> Dict[str, Any]:
     """Pre-trains offline, then trains online; returns a summary (scores, returns, counts, timings, paths).
 
     on_iteration(step, runs, trainer), if given, is called before the first iteration (step: the
@@ -1375,7 +1376,7 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     # The ring never holds more than the dataset plus every online transition: no larger allocation.
     capacity = max(1, min(config.buffer_size, n_data + config.online_iterations))
     seeds = run_seeds(config)  # before any run directory or ring: a stack too large for the process stops here
-    process.check_stack_resources(config, seeds, device, partial(CQL, config, state_dim, action_dim, max_action,
+    check_stack_resources(config, seeds, device, partial(CQL, config, state_dim, action_dim, max_action,
                                    torch.device("cpu")), state_dim, action_dim, capacity)
     stacked = seeds is not None  # a stack of runs: its batches and noise come from the one stream of config.seed
     runs = [Run(seed, TrainingEnv(env if i == 0 else make_train_env(), seed), goal_task=goal_task)
@@ -1476,7 +1477,7 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    process.run_main(parse_config, train, sys.argv[1:] if argv is None else argv)
+    run_main(parse_config, train, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

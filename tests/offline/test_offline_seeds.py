@@ -255,9 +255,12 @@ def test_a_run_of_a_stack_ends_as_the_run_alone(hopper_hdf5, tmp_path):
     cql.main(offline_run_args(hopper_hdf5, tmp_path / "alone", 60) + ["--seed=9", "--n_episodes=1"])
     stacked, (alone,) = by_seed(tmp_path / "stack")[9], (tmp_path / "alone").iterdir()
     want, got = load_state_file(alone / "checkpoint_60.pt"), load_state_file(stacked / "checkpoint_60.pt")
-    for part in ("actor", "critic"):
+    other = load_state_file(by_seed(tmp_path / "stack")[0] / "checkpoint_60.pt")
+    for part in ("actor", "critic"):  # Adam turns rounding into steps of up to lr where a gradient is ~0: 3e-3
         for name, value in want[part].items():
-            torch.testing.assert_close(got[part][name], value, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
+            torch.testing.assert_close(got[part][name], value, rtol=1e-3, atol=3e-3, msg=f"{part}.{name}")
+    # the tolerance tells runs apart: seed 0's weights are far from seed 9's
+    assert max((other["critic"][k] - v).abs().max() for k, v in want["critic"].items()) > 0.1
     for want_row, got_row in zip(metrics_rows(alone), metrics_rows(stacked), strict=True):
         assert want_row.keys() == got_row.keys()
         for key, value in want_row.items():

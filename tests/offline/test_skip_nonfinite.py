@@ -187,7 +187,7 @@ class Batches:
     def __init__(self):
         self.gen = torch.Generator().manual_seed(5)
 
-    def sample(self, batch_size: int, runs=()):
+    def sample(self, batch_size: int, runs=(), streams=None):  # its own generator, not the runs' streams
         return draw(self.gen, runs)[0]
 
 
@@ -289,4 +289,4 @@ def test_a_window_of_only_bad_updates_stops_with_exit_3(kind, hopper_hdf5, tmp_p
                r"last good checkpoint: .*checkpoint_20\.pt$")
     assert exit_info.value.code == 3 and len(err) == 1 and re.match(message, err[0]), err
     (run_dir,) = tmp_path.iterdir()
-    assert [p.name for p in module.checkpoint_files(run_dir)] == ["checkpoint_20.pt"]
+    assert [p.name for p in runs.checkpoint_files(run_dir)] == ["checkpoint_20.pt"]
