@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+import shlex
 import stat
 import sys
 import tempfile
@@ -272,10 +273,27 @@ def releasing_run_dir_locks(train: Callable[..., Any]) -> Callable[..., Any]:
 
 class WandbGuard:
     """The wandb calls of a process's runs: the first one that fails (no server, wandb raising) prints one
-    warning line and ends wandb for every run of the process; metrics.jsonl goes on with every row."""
+    warning line and ends wandb for every run of the process; metrics.jsonl goes on with every row. Offline,
+    wandb itself prints nothing: when the last run closes, one line names the runs' data and how to upload it."""
 
     def __init__(self) -> None:
         self.failed = False
+        self.open_runs = 0
+        self.offline_dirs: List[Path] = []  # each offline run's wandb/offline-run-<time>-<id>, as wandb made it
+
+    def closed(self) -> None:
+        """A run's wandb has finished; after the last, the one line for the offline runs (none once wandb failed)."""
+        self.open_runs -= 1
+        if self.open_runs or self.failed or not self.offline_dirs:
+            return
+        # a resumed run made a directory per process that ran it: `wandb sync` uploads them in order, as one run
+        dirs = sorted({str(d) for run in self.offline_dirs
+                       for d in [run, *run.parent.glob(f"offline-run-*-{run.name.rsplit('-', 1)[-1]}")]})
+        runs, root = len(self.offline_dirs), os.path.commonpath(dirs)
+        where = (f"in {dirs[0]}" if len(dirs) == 1 else f"under {root}" if len(dirs) == runs else
+                 f"in {len(dirs)} directories under {root}")
+        print(f"wandb: {'offline run' if runs == 1 else f'{runs} offline runs'} {where}; upload "
+              f"{'it' if runs == 1 else 'them'} with: wandb sync {' '.join(map(shlex.quote, dirs))}")
 
     def call(self, what: str, function: Callable[..., Any], *args: Any) -> Any:
         """function(*args), or None once a wandb call has failed."""
@@ -329,6 +347,8 @@ class RunLogger:
         self.wandb = None
         self.guard = guard or WandbGuard()  # one for the runs of a stack: one warning, one timeout at most
         if mode != "disabled":
+            if mode == "offline":  # nothing to the network: wandb (0.31) would still send its usage metrics to the
+                os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # server (and wait 10 s for it at exit)
             import wandb  # imported only when used
 
             stacked = seed is not None  # one of several runs of this process: each its own wandb run
@@ -338,13 +358,19 @@ class RunLogger:
                                  config={**asdict(config), **({"seed": seed} if stacked else {})},
                                  dir=str(run_dir), id=run_name.rsplit("-", 1)[-1],
                                  resume="allow" if resume else None,  # a resumed run goes on in the same run
+                                 # offline: silent (its ~34 lines a run), the guard prints one line for all runs;
+                                 # online: only the run's links. Colours only on a terminal (click strips them)
+                                 settings={"silent": mode == "offline", "quiet": True},
                                  **({"reinit": "create_new"} if stacked else {}))
                 # x-axis "update" instead of wandb's own step: evaluations may arrive after later rows
                 run.define_metric("update")
                 run.define_metric("*", step_metric="update")
+                if mode == "offline":
+                    self.guard.offline_dirs.append(Path(run.dir).parent)  # run.dir is <that directory>/files
                 return run
 
             self.wandb = self.guard.call("init", start)
+            self.guard.open_runs += self.wandb is not None
 
     def log(self, row: Dict[str, float], step: int) -> None:
         try:
@@ -364,6 +390,7 @@ class RunLogger:
         self.file.close()
         if self.wandb is not None:
             self.guard.call("finish", self.wandb.finish)
+            self.guard.closed()
 
 
 CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)\.pt")
