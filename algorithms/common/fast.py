@@ -5,6 +5,7 @@ give each run of a stack its own one-run state dict, the graph-captured update s
 Nothing here knows the algorithm: a script passes its update function, its phases, its metric names and the
 layout of its stacked parameters.
 """
+import ctypes
 import logging
 import os
 import shutil
@@ -152,6 +153,30 @@ def compiled_adam_step(optimizer: torch.optim.Adam) -> Callable[[], Any]:
     # Dynamo says once that it leaves Optimizer.step's profiler range out: nothing a user can act on
     logging.getLogger("torch._dynamo.variables.ctx_manager").setLevel(logging.ERROR)
     return torch.compile(optimizer.step)
+
+
+# glibc's malloc hands large freed blocks back to the OS: a block above its mmap threshold (dynamic, from 128 KiB
+# up to 32 MiB) is unmapped when freed, and free memory above the trim threshold (twice that) at the heap's top is
+# returned. An update on the CPU allocates and frees tens of MiB of activations and gradients (a critic layer's
+# output is 8 MiB at CORL's shapes), so each update page-faulted them in again: ~15k page faults and a quarter of
+# its CPU time in the kernel (benchmarks/finetune_phases.py, docs/speed.md). Kept for reuse, peak memory the same.
+MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold
+TRIM_THRESHOLD = 1 << 30
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # glibc's own settings, when a user gives them
+
+
+def keep_freed_host_memory(device: torch.device) -> bool:
+    """For a run on the CPU under glibc: malloc keeps freed memory for the next update instead of returning it to
+    the OS (mallopt of the mmap and trim thresholds; the math is untouched). Not where the device is a GPU, the C
+    library has no mallopt, or MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set them. Returns whether it did."""
+    if device.type != "cpu" or not sys.platform.startswith("linux") or any(name in os.environ for name in MALLOC_ENV):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process runs on
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return mallopt(m_trim_threshold, TRIM_THRESHOLD) == 1 and mallopt(m_mmap_threshold, MMAP_THRESHOLD) == 1
 
 
 class RunStreams:

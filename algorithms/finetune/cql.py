@@ -1339,6 +1339,7 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     transition (run.train_env.last_step) and snapshots of the actor with it."""
     begin = time.time()
     device = resolve_device(config.device)
+    fast.keep_freed_host_memory(device)  # CPU: no page faults for each update's tensors
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     set_seed(config.seed)
     pure_online = is_pure_online(config)
