@@ -842,6 +842,7 @@ def train(config: TrainConfig, signals: Optional[StopSignals] = None) -> Dict[st
     """Trains CQL on config's dataset; returns a summary (last and best normalized score, paths)."""
     begin = time.time()
     device = resolve_device(config.device)
+    fast.keep_freed_host_memory(device)  # CPU: no page faults for each update's tensors
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     set_seed(config.seed)  # a stack of runs: its batches and noise come from this one stream
     data = load_dataset(config)

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import CHILD_ENV, ROOT, finetune_run_args
+from conftest import CHILD_ENV, ROOT, finetune_run_args, offline_run_args
 
 import algorithms.finetune.cql as cql
+import algorithms.offline.cql as offline_cql
 from algorithms.common import fast
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
@@ -70,4 +71,11 @@ def test_a_finetune_run_keeps_freed_host_memory(hopper_hdf5, tmp_path, monkeypat
     devices = []
     monkeypatch.setattr(fast, "keep_freed_host_memory", devices.append)
     cql.train(cql.parse_config(finetune_run_args(hopper_hdf5, tmp_path / "runs", offline=4, online=6)))
+    assert devices == [torch.device("cpu")]
+
+
+def test_an_offline_run_keeps_freed_host_memory(hopper_hdf5, tmp_path, monkeypatch):
+    devices = []
+    monkeypatch.setattr(fast, "keep_freed_host_memory", devices.append)
+    offline_cql.train(offline_cql.parse_config(offline_run_args(hopper_hdf5, tmp_path / "runs", updates=10)))
     assert devices == [torch.device("cpu")]
