@@ -3,9 +3,11 @@ import inspect
 import json
 import multiprocessing.util
 import os
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -175,6 +177,54 @@ def offline_final_weights(run_dir: Path, step: int) -> dict:
     state = load_state_file(run_dir / f"checkpoint_{step}.pt")
     return {"actor": state["actor"], "critic": state["critic"], "target": state["target_critic"],
             "optimizer": state["optimizer"]["state"], "log_alpha": state["log_alpha"]}
+
+
+def assert_same_offline_weights(want_dir: Path, got_dir: Path, step: int) -> None:
+    """Two offline runs' checkpoints of `step` hold bitwise the same networks, target critics, alpha and Adam state."""
+    want, got = offline_final_weights(want_dir, step), offline_final_weights(got_dir, step)
+    for part in ("actor", "critic", "target"):
+        for name in want[part]:
+            assert torch.equal(want[part][name], got[part][name]), (part, name)
+    assert torch.equal(want["log_alpha"], got["log_alpha"])
+    for index, state in want["optimizer"].items():
+        for key in state:
+            assert torch.equal(state[key], got["optimizer"][index][key]), (index, key)
+
+
+def first_run_rows(run_root: Path) -> list:
+    """The whole rows of the first run's metrics.jsonl under run_root (none before it exists)."""
+    files = sorted(run_root.glob("*/metrics.jsonl"))
+    return [json.loads(line) for line in files[0].read_text().split("\n")[:-1]] if files else []
+
+
+def signal_when(script: str, args: list, run_root: Path, signum: int, ready, group: bool = False) -> tuple:
+    """Runs script with args, sends signum (to its process group, as a terminal's Ctrl-C, with group) once
+    ready(first_run_rows(run_root)); returns its exit code and stderr."""
+    child = subprocess.Popen([sys.executable, script, *args], env=CHILD_ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=group)
+    deadline = time.time() + 300
+    while not ready(first_run_rows(run_root)):
+        assert child.poll() is None and time.time() < deadline, "the run ended before the signal"
+        time.sleep(0.02)
+    (os.killpg if group else os.kill)(child.pid, signum)
+    stderr = child.communicate(timeout=300)[1]
+    return child.returncode, stderr
+
+
+def stop_line(stderr: str) -> str:
+    """The one line a run stopped by a signal prints; no traceback (the bar's lines may stand before it)."""
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("stopped by")]
+    assert len(lines) == 1 and stderr.splitlines()[-1] == lines[0], stderr[-3000:]
+    return lines[0]
+
+
+def resume_as_told(script: str, command: str) -> None:
+    """Runs a stop line's `continue with:` command (with this interpreter), which must finish the run."""
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", os.path.relpath(script)] and argv[2] == "--resume", command
+    result = subprocess.run([sys.executable, *argv[1:]], env=CHILD_ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def finetune_run_args(hopper_hdf5: Path, checkpoints: Path, offline: int = 60, online: int = 140) -> list:

@@ -10,9 +10,9 @@ from conftest import (
     CHILD_ENV,
     OFFLINE_SCRIPT,
     ROOT,
+    assert_same_offline_weights,
     kill_when_written,
     metrics_rows,
-    offline_final_weights,
     offline_run_args,
     poison_critic_at_update,
 )
@@ -38,14 +38,7 @@ def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(hopper_hdf5, tmp_
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed at update" in result.stdout
-    want, got = offline_final_weights(reference, 120), offline_final_weights(killed, 120)
-    for part in ("actor", "critic", "target"):
-        for name in want[part]:
-            assert torch.equal(want[part][name], got[part][name]), (part, name)
-    assert torch.equal(want["log_alpha"], got["log_alpha"])
-    for index, state in want["optimizer"].items():
-        for key in state:
-            assert torch.equal(state[key], got["optimizer"][index][key]), (index, key)
+    assert_same_offline_weights(reference, killed, 120)
     assert metrics_rows(killed) == metrics_rows(reference)  # every row once, the same values, in the same order
 
 

@@ -3,73 +3,30 @@ checkpoint of it is written, one line on stderr names it and the --resume comman
 resumed run ends bitwise as the uninterrupted one. A signal during set-up is one line too; a second one stops
 at once; Ctrl-C reaching the background evaluation worker (a terminal signals the whole process group) prints
 nothing from it, and its pending evaluations go into the checkpoint."""
-import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable, List, Tuple
 
 import pytest
-import torch
-from conftest import CHILD_ENV, OFFLINE_SCRIPT, metrics_rows, offline_final_weights, offline_run_args
+from conftest import (
+    CHILD_ENV,
+    OFFLINE_SCRIPT,
+    assert_same_offline_weights,
+    metrics_rows,
+    offline_run_args,
+    resume_as_told,
+    signal_when,
+    stop_line,
+)
 
 import algorithms.offline.cql as cql
 from algorithms.common import process
+from algorithms.common.state_files import load_state_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread (the in-process runs)
-
-
-def complete_rows(run_root: Path) -> List[dict]:
-    """The whole rows of the first run's metrics.jsonl under run_root (none before it exists)."""
-    files = sorted(run_root.glob("*/metrics.jsonl"))
-    return [json.loads(line) for line in files[0].read_text().split("\n")[:-1]] if files else []
-
-
-def signal_when(args: list, run_root: Path, signum: int, ready: Callable[[List[dict]], bool],
-                group: bool = False) -> Tuple[int, str]:
-    """Runs the script with args, sends signum (to its process group, as a terminal's Ctrl-C, with group) once
-    ready(the rows of its metrics.jsonl); returns its exit code and stderr."""
-    process = subprocess.Popen([sys.executable, OFFLINE_SCRIPT, *args], env=CHILD_ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=group)
-    deadline = time.time() + 300
-    while not ready(complete_rows(run_root)):
-        assert process.poll() is None and time.time() < deadline, "the run ended before the signal"
-        time.sleep(0.02)
-    (os.killpg if group else os.kill)(process.pid, signum)
-    stderr = process.communicate(timeout=300)[1]
-    return process.returncode, stderr
-
-
-def stop_line(stderr: str) -> str:
-    """The one line a stopped run prints; no traceback (the bar's lines may stand before it)."""
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
-    lines = [line for line in stderr.splitlines() if line.startswith("stopped by")]
-    assert len(lines) == 1 and stderr.splitlines()[-1] == lines[0], stderr[-3000:]
-    return lines[0]
-
-
-def resume_as_told(command: str) -> None:
-    """Runs the line's `continue with:` command (with this interpreter), which must finish the run."""
-    argv = shlex.split(command)
-    assert argv[:2] == ["python", os.path.relpath(OFFLINE_SCRIPT)] and argv[2] == "--resume", command
-    result = subprocess.run([sys.executable, *argv[1:]], env=CHILD_ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
-def assert_same_weights(want_dir: Path, got_dir: Path, step: int) -> None:
-    want, got = offline_final_weights(want_dir, step), offline_final_weights(got_dir, step)
-    for part in ("actor", "critic", "target"):
-        for name in want[part]:
-            assert torch.equal(want[part][name], got[part][name]), (part, name)
-    assert torch.equal(want["log_alpha"], got["log_alpha"])
-    for index, state in want["optimizer"].items():
-        for key in state:
-            assert torch.equal(state[key], got["optimizer"][index][key]), (index, key)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +41,7 @@ def reference(hopper_hdf5, tmp_path_factory) -> Path:
 
 def test_sigint_writes_a_checkpoint_of_the_update_and_its_resume_ends_as_the_uninterrupted_run(
         hopper_hdf5, tmp_path, reference):
-    code, stderr = signal_when(offline_run_args(hopper_hdf5, tmp_path), tmp_path, signal.SIGINT,
+    code, stderr = signal_when(OFFLINE_SCRIPT, offline_run_args(hopper_hdf5, tmp_path), tmp_path, signal.SIGINT,
                                lambda rows: len(rows) >= 1)  # the row of update 20
     (run_dir,) = tmp_path.iterdir()
     line = stop_line(stderr)
@@ -93,10 +50,10 @@ def test_sigint_writes_a_checkpoint_of_the_update_and_its_resume_ends_as_the_uni
     step = int(match[1])
     assert 20 <= step < 120, "stopped too late to test anything"
     assert match[2] == str(run_dir / f"checkpoint_{step}.pt")  # the update it stopped after, whatever the schedule
-    assert torch.load(match[2], weights_only=False)["total_it"] == step
+    assert load_state_file(match[2])["total_it"] == step
 
-    resume_as_told(match[3])
-    assert_same_weights(reference, run_dir, 120)
+    resume_as_told(OFFLINE_SCRIPT, match[3])
+    assert_same_offline_weights(reference, run_dir, 120)
     assert metrics_rows(run_dir) == metrics_rows(reference)  # every row once, the same values, in the same order
 
 
@@ -105,7 +62,8 @@ def test_sigterm_stops_a_stack_with_every_runs_checkpoint_and_it_resumes_to_the_
     args = ["--seeds=0,1", *offline_run_args(hopper_hdf5, tmp_path / "a")]
     subprocess.run([sys.executable, OFFLINE_SCRIPT, *args], env=CHILD_ENV, check=True, capture_output=True,
                    timeout=600)
-    code, stderr = signal_when(args[:-1] + [f"--checkpoints_path={tmp_path / 'b'}"], tmp_path / "b", signal.SIGTERM,
+    stopped_args = args[:-1] + [f"--checkpoints_path={tmp_path / 'b'}"]
+    code, stderr = signal_when(OFFLINE_SCRIPT, stopped_args, tmp_path / "b", signal.SIGTERM,
                                lambda rows: len(rows) >= 2)
     line = stop_line(stderr)
     match = re.fullmatch(r"stopped by SIGTERM after update (\d+); checkpoint: checkpoint_(\d+)\.pt of each of its "
@@ -116,25 +74,25 @@ def test_sigterm_stops_a_stack_with_every_runs_checkpoint_and_it_resumes_to_the_
     stopped = sorted((tmp_path / "b").iterdir(), key=lambda d: d.name.split("-")[-2])  # by seed
     assert all((run_dir / f"checkpoint_{step}.pt").exists() for run_dir in stopped)
 
-    resume_as_told(match[4])
+    resume_as_told(OFFLINE_SCRIPT, match[4])
     for want, got in zip(sorted((tmp_path / "a").iterdir(), key=lambda d: d.name.split("-")[-2]), stopped):
-        assert_same_weights(want, got, 120)
+        assert_same_offline_weights(want, got, 120)
         assert metrics_rows(got) == metrics_rows(want)
 
 
 def test_ctrl_c_to_the_process_group_leaves_the_background_worker_quiet_and_its_evaluations_in_the_checkpoint(
         hopper_hdf5, tmp_path, reference):
     args = offline_run_args(hopper_hdf5, tmp_path) + ["--background_eval=true", "--eval_freq=20"]
-    code, stderr = signal_when(args, tmp_path, signal.SIGINT, lambda rows: len(rows) >= 1, group=True)
+    code, stderr = signal_when(OFFLINE_SCRIPT, args, tmp_path, signal.SIGINT, lambda rows: len(rows) >= 1, group=True)
     (run_dir,) = tmp_path.iterdir()
     match = re.fullmatch(r"stopped by SIGINT after update (\d+); checkpoint: (\S+); continue with: (.+)",
                          stop_line(stderr))  # nothing from the worker, which got the SIGINT too
     assert code == 130 and match
-    pending = torch.load(match[2], weights_only=False)["run"]["pending_evaluations"]
+    pending = load_state_file(match[2])["run"]["pending_evaluations"]
     assert 20 in pending, "the worker (still starting) had not evaluated update 20 yet: it goes into the checkpoint"
 
-    resume_as_told(match[3])
-    assert_same_weights(reference, run_dir, 120)
+    resume_as_told(OFFLINE_SCRIPT, match[3])
+    assert_same_offline_weights(reference, run_dir, 120)
     # Evaluations every 20 updates here (every 60 in the reference), arriving at their own update.
     rows = {(row["step"], tuple(sorted(row))): row for row in metrics_rows(run_dir)}
     want = {(row["step"], tuple(sorted(row))): row for row in metrics_rows(reference)}
