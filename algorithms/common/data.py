@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from algorithms.common.config import FLOAT32_MAX, MAX_STEPS, ConfigError, DatasetError, RunFault
+from algorithms.common.process import host_memory
 
 # D4RL's locomotion data was recorded on the v2/v3 MuJoCo tasks; Gymnasium's v4 tasks keep their
 # observation layout, so we evaluate on v4 on purpose and silence its "out of date" notice.
@@ -170,19 +171,9 @@ def _size(n_bytes: float) -> str:
 
 
 def available_memory() -> Optional[int]:
-    """Bytes a new allocation can get: /proc/meminfo's MemAvailable (else os.sysconf's free pages), or a
-    container's cgroup limit less its use when lower; None where neither is known."""
-    known = []
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        lines = Path("/proc/meminfo").read_text().splitlines()
-        known += [int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")]
-    if not known:
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            known.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    with contextlib.suppress(OSError, ValueError):  # cgroup v2; its memory.max is "max" when unlimited
-        cgroup = Path("/sys/fs/cgroup")
-        known.append(int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text()))
-    return min(known) if known else None
+    """Bytes a new allocation on the host can get (process.host_memory); None where unknown."""
+    memory = host_memory()
+    return None if memory is None else memory[0]
 
 
 def _check_d4rl_columns(f: h5py.File, where: str) -> Dict[str, h5py.Dataset]:

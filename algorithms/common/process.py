@@ -153,24 +153,30 @@ def check_open_files(config: Any, n_runs: int, background: bool) -> None:
                       + (" or run fewer seeds per process" if config.seeds is not None else ""))
 
 
+def host_memory() -> Optional[Tuple[int, str]]:
+    """Bytes a new allocation on the host can get, and where that figure comes from: /proc/meminfo's
+    MemAvailable (else os.sysconf's free pages), or a container's cgroup limit less its use when lower; None
+    where neither is known."""
+    known: List[Tuple[int, str]] = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        known += [(int(line.split()[1]) * 1024, "MemAvailable") for line in lines if line.startswith("MemAvailable:")]
+    if not known:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            known.append((os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free pages"))
+    with contextlib.suppress(OSError, ValueError):  # cgroup v2; its memory.max is "max" when unlimited
+        cgroup = Path("/sys/fs/cgroup")
+        known.append((int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text()),
+                      "the cgroup's memory.max less memory.current"))
+    return min(known) if known else None
+
+
 def available_memory(device: torch.device) -> Optional[Tuple[int, str]]:
     """Bytes free for new tensors on the device, and where that figure comes from; None if unknown. On the host:
-    /proc/meminfo's MemAvailable, or less if the process's cgroup (a container) allows less."""
+    host_memory (MemAvailable, or less if the process's cgroup, a container, allows less)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0], f"free on {device}"
-    try:
-        meminfo = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return None
-    found = [int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")]
-    if not found:
-        return None
-    available = (found[0], "MemAvailable")
-    with contextlib.suppress(OSError, ValueError):  # no cgroup v2, or no memory limit ("max")
-        limit = int(Path("/sys/fs/cgroup/memory.max").read_text())
-        cgroup = limit - int(Path("/sys/fs/cgroup/memory.current").read_text())
-        available = min(available, (cgroup, "the cgroup's memory.max less memory.current"))
-    return available
+    return host_memory()
 
 
 def run_memory(one_run: Any) -> int:
