@@ -1,0 +1,85 @@
+"""Stacks of (config, seed) members: the runs one process trains together.
+
+A stack's members share the networks' and the update's shapes and every hyperparameter; they may differ in
+MEMBER_FIELDS: the data side (dataset, its normalisation and reward transform, eval env, reference returns,
+episode length), the seed and the names that label their run. `--seeds=0,1,2,3` makes one member per seed of
+one config; `--stack_configs=a.yaml,b.yaml` one per config file (times each seed). Every member has its own
+run directory whose config.yaml trains it alone; --resume of any of them resumes the whole stack.
+"""
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+from algorithms.common.config import (
+    MAX_RUNS, STACK_RECORD, ConfigError, read_yaml_file, run_config, run_seeds, shown)
+
+# What members of one stack may set each their own way; every other field is the stack's.
+MEMBER_FIELDS = ("env", "dataset_path", "eval_env", "max_episode_steps", "ref_min_score", "ref_max_score",
+                 "minari_download", "goal_in_state", "normalize", "normalize_reward", "reward_scale", "reward_bias",
+                 "seed", "name", "project", "group")
+STACK_ONLY = ("seeds", "stack_configs", "resume")  # how the process was started: no member records them
+
+
+def stack_config_files(config: Any) -> List[str]:
+    """The stack_configs field as a list of files ("a.yaml,b.yaml" -> [a.yaml, b.yaml]), each checked to exist."""
+    files = [f.strip() for f in (config.stack_configs or "").split(",") if f.strip()]
+    if not files:
+        raise ConfigError(f"field 'stack_configs' expects config files like a.yaml,b.yaml, got "
+                          f"{shown(config.stack_configs)}")
+    for file in files:
+        if not Path(file).is_file():
+            raise ConfigError(f"field 'stack_configs': {file} is not a file")
+    if len(set(files)) != len(files):
+        raise ConfigError(f"field 'stack_configs' lists a file twice: {shown(config.stack_configs)}")
+    return files
+
+
+def stack_members(config: Any, read_config: Callable[[str], Any]) -> Optional[List[Any]]:
+    """Each member's own config (run_config: what its config.yaml records), configs-major then seeds; None for
+    a lone run. read_config(path) parses one config file as the script does (no overrides).
+
+    The command line's overrides apply to every member: config is the first file (or the resumed run's own
+    config.yaml) with them applied, so the fields where config differs from that file are the overrides.
+    A resumed stack takes its members from its run directories' config.yaml files, in the stack's order."""
+    if config.resume and (Path(config.resume) / STACK_RECORD).is_file():
+        record = read_yaml_file(str(Path(config.resume) / STACK_RECORD), f"stack record of {config.resume}")
+        names = record.get("runs") if isinstance(record, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) and "/" not in n for n in names):
+            raise ConfigError(f"stack record {Path(config.resume) / STACK_RECORD}: 'runs' must list the stack's "
+                              f"run directory names")
+        files = [str(Path(config.resume).parent / name / "config.yaml") for name in names]
+        base, seeds = str(Path(config.resume) / "config.yaml"), None
+    elif config.stack_configs is not None:
+        files = stack_config_files(config)
+        base, seeds = files[0], run_seeds(config) or [config.seed]
+    elif config.seeds is not None:
+        return [run_config(config, seed) for seed in run_seeds(config)]
+    else:
+        return None
+    if len(files) * len(seeds or [0]) > MAX_RUNS:
+        raise ConfigError(f"fields 'stack_configs' and 'seeds': at most {MAX_RUNS} runs in one process, "
+                          f"got {len(files)} x {len(seeds or [0])}")
+    first = read_config(base)
+    overrides = {f.name: getattr(config, f.name) for f in fields(config)
+                 if f.name not in STACK_ONLY and getattr(config, f.name) != getattr(first, f.name)}
+    if seeds is not None:
+        overrides.pop("seed", None)  # the seeds field sets each member's seed
+    members = []
+    for file in files:
+        own = replace(read_config(file), **overrides)
+        members += [run_config(own, seed) for seed in (seeds or [own.seed])]
+    check_members(members, [f for f in files for _ in (seeds or [0])])
+    return members
+
+
+def check_members(members: List[Any], sources: List[str]) -> None:
+    """Members that cannot share a stack: a ConfigError naming the first field outside MEMBER_FIELDS that two of
+    them set differently, with both values and where each comes from."""
+    shared = [name for name in asdict(members[0]) if name not in MEMBER_FIELDS and name not in STACK_ONLY]
+    for member, source in zip(members[1:], sources[1:]):
+        for name in shared:
+            if getattr(member, name) != getattr(members[0], name):
+                raise ConfigError(
+                    f"field '{name}': {sources[0]} sets {getattr(members[0], name)!r}, {source} sets "
+                    f"{getattr(member, name)!r}; the members of one stack share every field but "
+                    f"{', '.join(MEMBER_FIELDS)} (run them in separate processes)")
