@@ -307,12 +307,14 @@ class StackRecord:
     seeds: str  # the stack's seeds field, as given: "0,1,2,3", or a count "4" (seed..seed+3)
     seed: int  # the stack's seed: where a count starts, and the one stream of its batches and noise
     runs: List[str]  # the stack's run directory names, in the order of its seeds
+    stack_configs: Optional[str] = None  # the config files of a stack of several configs, as given
 
 
 def run_config(config: Any, seed: int) -> Any:
     """The config of the run with this seed alone, as its config.yaml and checkpoints record it:
     --config_path of it trains that seed from the start (no seeds, no resume)."""
-    return replace(config, seed=seed, seeds=None, resume=None)
+    return replace(config, seed=seed, seeds=None, resume=None,
+                   **({"stack_configs": None} if hasattr(config, "stack_configs") else {}))
 
 
 def check_removed(name: str, removed: Tuple[Any, str], value: Any, where: str) -> None:
@@ -360,6 +362,11 @@ def parse_config(argv: List[str], config_class: type, check: Callable[[Any], Non
     config_path = overrides.pop("config_path", None)
     values: Dict[str, Any] = {}
     sources: List[Tuple[str, str, Set[str], Set[str]]] = []  # YAML files in order: what, path, keys allowed, needed
+    stack_files = [f.strip() for f in overrides.get("stack_configs", "").split(",") if f.strip()]
+    if config_path is None and stack_files:  # a stack of configs: the first is the base of the fields they share
+        config_path = stack_files[0]
+    elif config_path is not None and "stack_configs" in overrides:
+        raise ConfigError("command line: give the configs of a stack in --stack_configs alone, not --config_path too")
     if config_path is None and "resume" in overrides:  # a resumed run keeps its own config ...
         config_path = str(Path(overrides["resume"]) / "config.yaml")
         if not Path(config_path).exists():  # one that exists but is no regular file: read_yaml_file says so
@@ -367,7 +374,7 @@ def parse_config(argv: List[str], config_class: type, check: Callable[[Any], Non
         stack_path = Path(overrides["resume"]) / STACK_RECORD
         if stack_path.exists():  # ... and a run of a stack its stack's seed and seeds: the whole stack resumes
             record_keys = {f.name for f in fields(StackRecord)}
-            sources.append(("stack record", str(stack_path), record_keys, record_keys))
+            sources.append(("stack record", str(stack_path), record_keys, {"seeds", "seed", "runs"}))
     if config_path is not None:
         sources.insert(0, ("config file", config_path, set(types), set()))
     for what, path, keys, needed in sources:

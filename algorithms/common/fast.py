@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -205,8 +205,11 @@ class RunStreams:
     def rand(self, *shape: int) -> torch.Tensor:
         return self.draw(torch.rand, shape)
 
-    def randint(self, high: int, *shape: int) -> torch.Tensor:
-        return self.draw(torch.randint, 0, high, shape)
+    def randint(self, high: Union[int, Sequence[int]], *shape: int) -> torch.Tensor:
+        """Integers in [0, high); a stack's high may be a list, one for each run."""
+        highs = [high] * len(self.generators) if isinstance(high, int) else high
+        draws = [torch.randint(0, h, shape, generator=g, device=self.device) for g, h in zip(self.generators, highs)]
+        return torch.stack(draws) if self.stacked else draws[0]
 
     def states(self) -> List[torch.Tensor]:
         return [generator.get_state() for generator in self.generators]

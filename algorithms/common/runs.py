@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -108,15 +108,17 @@ def write_error(path: Path, error: OSError) -> WriteError:
     return WriteError(f"{what} {path} ({reason}){last_checkpoint_note(path.parent)}", path, reason)
 
 
-def write_run_records(run_dir: Path, config: Any, seed: int, stack: Optional[List[str]] = None) -> None:
+def write_run_records(run_dir: Path, config: Any, seed: int, stack: Optional[List[str]] = None,
+                      own_config: Any = None) -> None:
     """A run's config.yaml (its own config, run_config) and, for a run of a stack (stack: its run directory
     names), stack.yaml (StackRecord) first: a run directory with the new config.yaml always has its record.
     A directory that takes no file (a read-only file system, a full disk) is a ConfigError naming the field it
     comes from: nothing has run yet."""
-    own = asdict(run_config(config, seed))
+    own = asdict(own_config or run_config(config, seed))
     try:
         if stack is not None:
-            record = asdict(StackRecord(seeds=config.seeds, seed=config.seed, runs=stack))
+            record = asdict(StackRecord(seeds=config.seeds, seed=config.seed, runs=stack,
+                                        stack_configs=getattr(config, "stack_configs", None)))
             write_atomic(run_dir / STACK_RECORD, lambda f: yaml.safe_dump(record, f, sort_keys=False), mode="w")
         write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(own, f, sort_keys=False), mode="w")
     except WriteError as e:
@@ -589,12 +591,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def open_run_dirs(config: Any, seeds: List[int], label: str, unit: str = "update",
+def open_run_dirs(config: Any, seeds: List[int], label: Union[str, List[str]], unit: str = "update",
                   usable: Usable = lambda path, state: None) -> Tuple[List[Path], List[Path]]:
-    """Each seed's run directory, locked before anything in it changes (a second process stops here), and with
-    config.resume the checkpoints to continue from: the stopped stack's directories and their newest checkpoint
-    of one `unit` that all have, temporary files of writes a kill interrupted removed. Else new directories
-    <name>-<label>-<seed>-<id> under checkpoints_path (or log_dir), and no checkpoints."""
+    """Each run's run directory (label: the dataset's, or a list of each run's), locked before anything in it
+    changes (a second process stops here), and with config.resume the checkpoints to continue from: the stopped
+    stack's directories and their newest checkpoint of one `unit` that all have, temporary files of writes a kill
+    interrupted removed. Else new directories <name>-<label>-<seed>-<id> under checkpoints_path (or log_dir), and
+    no checkpoints."""
     files: List[Path] = []
     bad: Set[Path] = set()
     if config.resume:
@@ -604,7 +607,8 @@ def open_run_dirs(config: Any, seeds: List[int], label: str, unit: str = "update
         dirs = [file.parent for file in files]
     else:
         root = Path(config.checkpoints_path or config.log_dir)
-        dirs = [root / f"{config.name}-{label}-{seed}-{uuid.uuid4().hex[:8]}" for seed in seeds]
+        labels = label if isinstance(label, list) else [label] * len(seeds)
+        dirs = [root / f"{config.name}-{label}-{seed}-{uuid.uuid4().hex[:8]}" for label, seed in zip(labels, seeds)]
     for run_dir in dirs:
         make_run_dir(run_dir, config)
         lock_run_dir(run_dir, config)
@@ -618,14 +622,17 @@ def open_run_dirs(config: Any, seeds: List[int], label: str, unit: str = "update
     return dirs, files
 
 
-def start_run_logs(config: Any, dirs: List[Path], seeds: List[int], stacked: bool) -> List[RunLogger]:
+def start_run_logs(config: Any, dirs: List[Path], seeds: List[int], stacked: bool,
+                   members: Optional[List[Any]] = None) -> List[RunLogger]:
     """Each run's config.yaml (and, for a stack, its record: --resume of any of its directories resumes the whole
-    stack) and its logger: metrics.jsonl and wandb, one guard for the process's runs."""
+    stack) and its logger: metrics.jsonl and wandb, one guard for the process's runs. members: each run's own
+    config (default: config with the run's seed)."""
     guard = WandbGuard()
     loggers = []
-    for run_dir, seed in zip(dirs, seeds):
-        write_run_records(run_dir, config, seed, [d.name for d in dirs] if stacked else None)
-        loggers.append(RunLogger(config, run_dir, run_dir.name, resume=bool(config.resume),
+    for i, (run_dir, seed) in enumerate(zip(dirs, seeds)):
+        own = members[i] if members else run_config(config, seed)
+        write_run_records(run_dir, config, seed, [d.name for d in dirs] if stacked else None, own)
+        loggers.append(RunLogger(own if members else config, run_dir, run_dir.name, resume=bool(config.resume),
                                  seed=seed if stacked else None, guard=guard))
     return loggers
 
@@ -639,13 +646,14 @@ RESUME_MAY_CHANGE = ("max_timesteps", "online_iterations", "eval_freq", "log_fre
 RESUMES = "resumes.jsonl"  # in each run directory: a row per resume, with the fields it changed
 
 
-def check_resume(config: Any, dirs: List[Path], seeds: List[int], states: List[Dict[str, Any]], step: int) -> None:
+def check_resume(config: Any, dirs: List[Path], seeds: List[int], states: List[Dict[str, Any]], step: int,
+                 members: Optional[List[Any]] = None) -> None:
     """Compares each run's config on resume with the one its checkpoint recorded: a field outside
     RESUME_MAY_CHANGE that differs is a ConfigError naming each such field; else the resume and what it changed
     (old and new values) is appended to the run's resumes.jsonl, before config.yaml takes the new values."""
     changes = []
-    for run_dir, seed, state in zip(dirs, seeds, states):
-        saved, now = state.get("config") or {}, asdict(run_config(config, seed))
+    for i, (run_dir, seed, state) in enumerate(zip(dirs, seeds, states)):
+        saved, now = state.get("config") or {}, asdict(members[i] if members else run_config(config, seed))
         changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
         fixed = [f"'{k}' ({old!r} -> {new!r})" for k, (old, new) in changed.items() if k not in RESUME_MAY_CHANGE]
         if fixed:

@@ -8,16 +8,24 @@ run directory whose config.yaml trains it alone; --resume of any of them resumes
 """
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from algorithms.common.config import (
-    MAX_RUNS, STACK_RECORD, ConfigError, read_yaml_file, run_config, run_seeds, shown)
+import numpy as np
+
+from algorithms.common.config import MAX_RUNS, STACK_RECORD, ConfigError, read_yaml_file, run_config, run_seeds, shown
+from algorithms.common.data import dataset_label
 
 # What members of one stack may set each their own way; every other field is the stack's.
 MEMBER_FIELDS = ("env", "dataset_path", "eval_env", "max_episode_steps", "ref_min_score", "ref_max_score",
                  "minari_download", "goal_in_state", "normalize", "normalize_reward", "reward_scale", "reward_bias",
                  "seed", "name", "project", "group")
 STACK_ONLY = ("seeds", "stack_configs", "resume")  # how the process was started: no member records them
+RUN_LABELS = ("seed", "name", "project", "group")  # the member fields that leave its data as it is
+
+
+def data_key(config: Any) -> Tuple[Any, ...]:
+    """What makes a member's training data and evaluation: members with the same key share one copy."""
+    return tuple(getattr(config, name) for name in MEMBER_FIELDS if name not in RUN_LABELS)
 
 
 def stack_config_files(config: Any) -> List[str]:
@@ -62,8 +70,7 @@ def stack_members(config: Any, read_config: Callable[[str], Any]) -> Optional[Li
     first = read_config(base)
     overrides = {f.name: getattr(config, f.name) for f in fields(config)
                  if f.name not in STACK_ONLY and getattr(config, f.name) != getattr(first, f.name)}
-    if seeds is not None:
-        overrides.pop("seed", None)  # the seeds field sets each member's seed
+    overrides.pop("seed", None)  # seeds (or, resumed, each member's own config) set each member's seed
     members = []
     for file in files:
         own = replace(read_config(file), **overrides)
@@ -83,3 +90,40 @@ def check_members(members: List[Any], sources: List[str]) -> None:
                     f"field '{name}': {sources[0]} sets {getattr(members[0], name)!r}, {source} sets "
                     f"{getattr(member, name)!r}; the members of one stack share every field but "
                     f"{', '.join(MEMBER_FIELDS)} (run them in separate processes)")
+
+
+def summarize(runs: List[Any], updates: int, elapsed: float, load_seconds: float, eval_seconds: float,
+              stacked: bool, first: int = 0) -> Dict[str, Any]:
+    """An offline train()'s summary, printed in one line with the runs' normalized scores (a stack of several
+    datasets: each dataset's mean over its seeds); first: the update a resumed process started from (its time
+    counts the updates after it). runs: each with config, dir, logger, scores (by update) and last_return."""
+    summaries = [{"run_dir": str(run.dir), "seed": run.config.seed, "env": run.config.env,
+                  "last_return": run.last_return, "last_score": run.scores[max(run.scores)] if run.scores else None,
+                  "best_score": max(run.scores.values()) if run.scores else None} for run in runs]
+    summary = {"updates": updates, "seconds": elapsed, "load_seconds": load_seconds, "eval_seconds": eval_seconds}
+    if stacked:
+        summary["runs"] = summaries
+    else:
+        summary = {"run_dir": summaries[0]["run_dir"], **summary,
+                   **{k: v for k, v in summaries[0].items() if k not in ("run_dir", "seed", "env")}}
+    by_env: Dict[str, List[float]] = {}
+    for s in summaries:
+        by_env.setdefault(s["env"], []).append(s["last_score"])
+    if any(None in scores for scores in by_env.values()):
+        score_text = "no normalized score (no reference returns)"
+    elif not stacked:
+        score_text = f"normalized score last {summaries[0]['last_score']:.1f}, best {summaries[0]['best_score']:.1f}"
+    elif len(by_env) == 1:
+        last = by_env.popitem()[1]
+        score_text = (f"normalized score last {np.mean(last):.1f} +- {np.std(last):.1f} over {len(runs)} seeds "
+                      f"({', '.join(f'{v:.1f}' for v in last)})")
+    else:
+        score_text = "normalized score last (mean over seeds) " + ", ".join(
+            f"{dataset_label(env)} {np.mean(v):.1f}" for env, v in by_env.items())
+    metrics_paths = runs[0].logger.path if not stacked else f"metrics.jsonl of each run dir in {runs[0].dir.parent}"
+    eval_share = 100 * eval_seconds / max(elapsed + load_seconds, 1e-9)
+    resumed = f" ({updates - first} in this process, resumed at update {first})" if first else ""
+    print(f"done: {updates} updates{resumed} in {elapsed:.0f} s (evaluation held training up "
+          f"{eval_seconds:.1f} s, {eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), {score_text}; "
+          f"metrics in {metrics_paths}")
+    return summary

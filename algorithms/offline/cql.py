@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 if __package__ in (None, ""):  # run as a file (python algorithms/offline/cql.py): the repository root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -34,7 +34,7 @@ from algorithms.common import config as strict  # noqa: E402
 from algorithms.common import fast  # noqa: E402
 from algorithms.common.config import (  # noqa: E402
     MAX_HIDDEN_LAYERS, MAX_SAMPLED_ACTIONS, MAX_STEPS, NON_NEGATIVE, POSITIVE, RUN_BOUNDS, RUN_LIMITS, ConfigError,
-    DatasetError, run_config, run_seeds)
+    DatasetError, run_config)
 from algorithms.common.data import (  # noqa: E402
     OfflineData, action_bound, actions_outside_line, check_dataset_matches_env, dataset_label, load_dataset,
     normalized_score, reference_scores_line, return_range)
@@ -44,6 +44,7 @@ from algorithms.common.runs import RunState as BaseRunState  # noqa: E402
 from algorithms.common.runs import (  # noqa: E402
     RunLogger, check_resume, checkpoint_files, keep_lines, last_checkpoint_note, load_checkpoints, open_run_dirs,
     releasing_run_dir_locks, resolve_device, rng_states, set_rng_states, set_seed, start_run_logs, write_state_file)
+from algorithms.common.stacks import data_key, stack_members, summarize  # noqa: E402
 from algorithms.common.process import StopSignals, check_stack_resources, run_main, stopping_on_signals  # noqa: E402
 
 
@@ -58,6 +59,7 @@ class TrainConfig:
     env: str = "halfcheetah-medium-expert-v2"  # D4RL name, Minari dataset id, or path to a D4RL-format HDF5 file
     seed: int = 0  # seeds python, numpy, torch and the evaluation episodes
     seeds: Optional[str] = None  # runs in one process: a list "0,1,2,3" or a count "4" (seed..seed+3); None: one
+    stack_configs: Optional[str] = None  # config files trained in this process, "a.yaml,b.yaml" (each x seeds)
     eval_freq: int = 5_000  # evaluate every this many updates
     n_episodes: int = 10  # evaluation episodes, run side by side
     max_timesteps: int = 1_000_000  # number of gradient updates
@@ -161,28 +163,63 @@ def normalize_rewards(data: OfflineData, config: TrainConfig, max_episode_steps:
                           f"({config.reward_bias:g}): {data.source}'s rewards overflow float32 once scaled by them")
 
 
+def prepare_data(config: TrainConfig) -> Tuple[OfflineData, np.ndarray, np.ndarray, float, gym.Env]:
+    """config's dataset checked against its eval env, rewards transformed and states normalised; the states'
+    mean and std, the eval env's action bound, and that env (for the evaluators)."""
+    data = load_dataset(config)
+    print(reference_scores_line(config, data.source, data.ref_min_score, data.ref_max_score, data.ref_origin))
+    probe_env = data.make_env()
+    check_dataset_matches_env(data, probe_env)
+    max_action = action_bound(probe_env, "eval env")
+    if outside_line := actions_outside_line(data, max_action):
+        print(outside_line)
+    if len(data.rewards) > config.buffer_size:
+        raise ConfigError(f"field 'buffer_size' ({config.buffer_size}) is smaller than the dataset "
+                          f"({len(data.rewards)} transitions)")
+    if config.normalize_reward:
+        normalize_rewards(data, config)
+    state_dim = data.observations.shape[1]
+    state_mean, state_std = np.zeros(state_dim), np.ones(state_dim)
+    if config.normalize:
+        state_mean, state_std = data.observations.mean(0), data.observations.std(0) + 1e-3
+    data.observations = ((data.observations - state_mean) / state_std).astype(np.float32)
+    data.next_observations = ((data.next_observations - state_mean) / state_std).astype(np.float32)
+    return data, state_mean, state_std, max_action, probe_env
+
+
 class ReplayBuffer:
     """The dataset's transitions as one device tensor, a row (s, a, r, s', done) per transition: a batch
-    is one gather (not five), drawn on the device (no host sync). The fields are column views of it."""
+    is one gather (not five), drawn on the device (no host sync). The fields are column views of it. A stack
+    of members on different datasets holds them as blocks of rows one after another (run_blocks: each run's
+    block), and each run draws from its own block only."""
 
-    def __init__(self, data: OfflineData, device: torch.device):
-        columns = (data.observations, data.actions, data.rewards[:, None], data.next_observations,
-                   data.terminals[:, None])
-        self.widths = [column.shape[1] for column in columns]
-        self.rows = torch.empty(len(data.rewards), sum(self.widths), dtype=torch.float32, device=device)
-        views = self.rows.split(self.widths, 1)
-        for view, column in zip(views, columns):
-            view.copy_(torch.as_tensor(column, dtype=torch.float32))
-        self.observations, self.actions, rewards, self.next_observations, terminals = views
+    def __init__(self, data: Union[OfflineData, List[OfflineData]], device: torch.device,
+                 run_blocks: Optional[List[int]] = None):
+        blocks = data if isinstance(data, list) else [data]
+        sizes = [len(block.rewards) for block in blocks]
+        self.widths = [blocks[0].observations.shape[1], blocks[0].actions.shape[1], 1,
+                       blocks[0].observations.shape[1], 1]
+        self.rows = torch.empty(sum(sizes), sum(self.widths), dtype=torch.float32, device=device)
+        for block, start, size in zip(blocks, np.cumsum([0] + sizes), sizes):
+            columns = (block.observations, block.actions, block.rewards[:, None], block.next_observations,
+                       block.terminals[:, None])
+            for view, column in zip(self.rows[start:start + size].split(self.widths, 1), columns):
+                view.copy_(torch.as_tensor(column, dtype=torch.float32))
+        self.observations, self.actions, rewards, self.next_observations, terminals = self.rows.split(self.widths, 1)
         self.rewards, self.terminals = rewards[:, 0], terminals[:, 0]
-        self.size = len(data.rewards)
+        self.size = sum(sizes)
+        self.run_sizes = [sizes[b] for b in run_blocks] if run_blocks else self.size  # each run draws in [0, size)
+        starts = [int(np.sum(sizes[:b])) for b in run_blocks or [0]]  # ... of its block, which starts here
+        self.run_starts = torch.tensor(starts, device=device)[:, None] if any(starts) else None
 
     def sample(self, batch_size: int, runs: Tuple[int, ...] = (), streams: Optional[fast.RunStreams] = None
                ) -> Tuple[torch.Tensor, ...]:
         """A batch of rows; with runs = (n_seeds,), one batch of its own for each run: (n_seeds, batch, ...),
-        drawn from each run's stream (or, without streams, the global one)."""
-        index = (streams.randint(self.size, batch_size) if streams is not None
+        drawn from each run's stream (or, without streams, the global one; one block only)."""
+        index = (streams.randint(self.run_sizes, batch_size) if streams is not None
                  else torch.randint(0, self.size, (*runs, batch_size), device=self.rows.device))
+        if self.run_starts is not None:
+            index = index + self.run_starts
         obs, actions, rewards, next_obs, dones = self.rows[index].split(self.widths, -1)
         return obs, actions, rewards[..., 0], next_obs, dones[..., 0]
 
@@ -738,12 +775,14 @@ def evaluate(envs: gym.vector.VectorEnv, actor: TanhGaussianActor, seed: int, st
 
 
 def save_checkpoint(path: Path, trainer: CQL, state_mean: np.ndarray, state_std: np.ndarray,
-                    run_state: Optional["RunState"] = None, run: Optional[int] = None) -> None:
+                    run_state: Optional["RunState"] = None, run: Optional[int] = None,
+                    config: Optional[TrainConfig] = None) -> None:
     """Everything needed to continue: trainer (or run `run` of a stack, in the one-run layout),
-    normalisation, config and (for resume) run_state."""
+    normalisation, config (the run's own; default the trainer's) and (for resume) run_state."""
     state = {**(trainer.state_dict() if run is None else trainer.run_state_dict(run)),
              "state_mean": state_mean, "state_std": state_std,
-             "config": asdict(trainer.config if run is None else run_config(trainer.config, trainer.seeds[run])),
+             "config": asdict(config or (trainer.config if run is None else run_config(trainer.config,
+                                                                                   trainer.seeds[run]))),
              "run": None if run_state is None else run_state.to_dict()}
     write_state_file(path, state)
 
@@ -761,9 +800,12 @@ class RunState(BaseRunState):
 
 @dataclass
 class Run:
-    """One seed's run in train(): its directory, logger, evaluator and evaluation results."""
+    """One member's run in train(): its own config, data, directory, logger, evaluator and evaluation results."""
 
-    seed: int
+    config: TrainConfig  # what its config.yaml records: it trains this run alone
+    data: OfflineData  # its dataset (normalised), shared by the members of the same data
+    state_mean: np.ndarray
+    state_std: np.ndarray
     dir: Optional[Path] = None
     logger: Optional[RunLogger] = None
     evaluator: Optional[Evaluator] = None
@@ -777,6 +819,10 @@ class Run:
                         metrics_rows=self.logger.rows, pending_evaluations=dict(self.evaluator.pending), stack=stack,
                         scores=self.scores, last_return=self.last_return)
 
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
     def last_good_checkpoint(self) -> str:
         return last_checkpoint_note(self.dir, none="")
 
@@ -788,7 +834,7 @@ class Run:
 
 
 def save_checkpoints(runs: List[Run], step: int, trainer: CQL, update: fast.UpdateStep, window: int,
-                     state_mean: np.ndarray, state_std: np.ndarray, keep: int) -> None:
+                     keep: int) -> None:
     """Every run's checkpoint of update `step` (a stack: one ordinary checkpoint per run, all of one
     update); old ones go (keep > 0) only once every run has this update's."""
     if not trainer.parameters_finite():  # never overwrite good weights with broken ones
@@ -798,42 +844,11 @@ def save_checkpoints(runs: List[Run], step: int, trainer: CQL, update: fast.Upda
     for i, run in enumerate(runs):
         run_state = run.run_state(rng, update.run_metric_sum(i).clone(), window, update.skipped_updates.clone(),
                                   [r.dir.name for r in runs] if stacked else None)  # the siblings to resume with
-        save_checkpoint(run.dir / f"checkpoint_{step}.pt", trainer, state_mean, state_std, run_state,
-                        run=i if stacked else None)
+        save_checkpoint(run.dir / f"checkpoint_{step}.pt", trainer, run.state_mean, run.state_std, run_state,
+                        run=i if stacked else None, config=run.config if stacked else None)
     for run in runs:
         for old in checkpoint_files(run.dir)[:-keep] if keep else []:
             old.unlink()
-
-
-def summarize(runs: List[Run], trainer: CQL, elapsed: float, load_seconds: float, eval_seconds: float,
-              first: int = 0) -> Dict[str, Any]:
-    """train()'s summary, printed in one line with every run's normalized score; first: the update a resumed
-    process started from (its time counts the updates after it)."""
-    stacked = trainer.seeds is not None
-    summaries = [{"run_dir": str(run.dir), "seed": run.seed, "last_return": run.last_return,
-                  "last_score": run.scores[max(run.scores)] if run.scores else None,
-                  "best_score": max(run.scores.values()) if run.scores else None} for run in runs]
-    summary = {"updates": trainer.total_it, "seconds": elapsed, "load_seconds": load_seconds,
-               "eval_seconds": eval_seconds}
-    if stacked:
-        summary["runs"] = summaries
-    else:
-        summary = {"run_dir": summaries[0]["run_dir"], **summary,
-                   **{k: v for k, v in summaries[0].items() if k not in ("run_dir", "seed")}}
-    if all(s["last_score"] is not None for s in summaries):
-        last = [s["last_score"] for s in summaries]
-        score_text = (f"normalized score last {last[0]:.1f}, best {summaries[0]['best_score']:.1f}" if not stacked else
-                      f"normalized score last {np.mean(last):.1f} +- {np.std(last):.1f} over {len(runs)} seeds "
-                      f"({', '.join(f'{v:.1f}' for v in last)})")
-    else:
-        score_text = "no normalized score (no reference returns)"
-    metrics_paths = runs[0].logger.path if not stacked else f"metrics.jsonl of each run dir in {runs[0].dir.parent}"
-    eval_share = 100 * eval_seconds / max(elapsed + load_seconds, 1e-9)
-    resumed = f" ({trainer.total_it - first} in this process, resumed at update {first})" if first else ""
-    print(f"done: {trainer.total_it} updates{resumed} in {elapsed:.0f} s (evaluation held training up "
-          f"{eval_seconds:.1f} s, {eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), {score_text}; "
-          f"metrics in {metrics_paths}")
-    return summary
 
 
 @releasing_run_dir_locks
@@ -845,54 +860,54 @@ def train(config: TrainConfig, signals: Optional[StopSignals] = None) -> Dict[st
     fast.keep_freed_host_memory(device)  # CPU: no page faults for each update's tensors
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     set_seed(config.seed)  # a stack of runs: its batches and noise come from this one stream
-    data = load_dataset(config)
-    print(reference_scores_line(config, data.source, data.ref_min_score, data.ref_max_score, data.ref_origin))
-    probe_env = data.make_env()
-    check_dataset_matches_env(data, probe_env)
-    max_action = action_bound(probe_env, "eval env")
-    if outside_line := actions_outside_line(data, max_action):
-        print(outside_line)
-    if len(data.rewards) > config.buffer_size:
-        raise ConfigError(f"field 'buffer_size' ({config.buffer_size}) is smaller than the dataset "
-                          f"({len(data.rewards)} transitions)")
-    if config.normalize_reward:
-        normalize_rewards(data, config)
+    members = stack_members(config, lambda path: parse_config(["--config_path", path]))
+    stacked = members is not None
+    members = members or [config]
+    prepared: Dict[Tuple[Any, ...], Tuple[Any, ...]] = {}  # each distinct dataset once: a --seeds stack has one
+    for member in members:
+        if data_key(member) not in prepared:
+            prepared[data_key(member)] = prepare_data(member)
+    blocks = list(prepared)
+    data, _, _, max_action, _ = prepared[blocks[0]]
     state_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
-    state_mean, state_std = np.zeros(state_dim), np.ones(state_dim)
-    if config.normalize:
-        state_mean, state_std = data.observations.mean(0), data.observations.std(0) + 1e-3
-    data.observations = ((data.observations - state_mean) / state_std).astype(np.float32)
-    data.next_observations = ((data.next_observations - state_mean) / state_std).astype(np.float32)
-    buffer = ReplayBuffer(data, device)
+    for other, _, _, bound, _ in list(prepared.values())[1:]:
+        if (other.observations.shape[1], other.actions.shape[1], bound) != (state_dim, action_dim, max_action):
+            raise ConfigError(f"field 'stack_configs': {other.source} has state {other.observations.shape[1]}, "
+                              f"action {other.actions.shape[1]} (bound {bound}), {data.source} state {state_dim}, "
+                              f"action {action_dim} (bound {max_action}): a stack's members share the networks")
+    buffer = ReplayBuffer([prepared[key][0] for key in blocks], device,
+                          [blocks.index(data_key(m)) for m in members] if len(blocks) > 1 else None)
 
-    seeds = run_seeds(config)  # before any run directory: a stack too large for the process stops here
+    seeds = [m.seed for m in members] if stacked else None
     check_stack_resources(config, seeds, device, lambda: CQL(config, state_dim, action_dim, max_action,
                                                              torch.device("cpu")), state_dim, action_dim)
     trainer = CQL(config, state_dim, action_dim, max_action, device,
                   capturable=config.cudagraphs and device.type == "cuda", seeds=seeds)
-    # A run per seed (one unless config.seeds): its own directory, metrics, evaluations and checkpoints.
-    runs = [Run(seed) for seed in (seeds or [config.seed])]
-    stacked = seeds is not None
+    # A run per member (one unless a stack): its own directory, metrics, evaluations and checkpoints.
+    runs = [Run(m, *prepared[data_key(m)][:3]) for m in members]
+    labels = [dataset_label(m.env) for m in members]
     resumed: Optional[List[RunState]] = None  # each run's run state
     if config.resume:
-        dirs, files = open_run_dirs(config, [run.seed for run in runs], dataset_label(config.env))
+        dirs, files = open_run_dirs(config, [run.seed for run in runs], labels)
         states = load_checkpoints([str(f) for f in files], trainer, "resume")
-        check_resume(config, dirs, [run.seed for run in runs], states, trainer.total_it)
+        check_resume(config, dirs, [run.seed for run in runs], states, trainer.total_it, members)
         resumed = [RunState.from_dict(state["run"]) for state in states]
-        state_mean, state_std = states[0]["state_mean"], states[0]["state_std"]
-        for run_dir, run_state in zip(dirs, resumed):
+        for run, run_dir, run_state, state in zip(runs, dirs, resumed, states):
+            run.state_mean, run.state_std = state["state_mean"], state["state_std"]
             keep_lines(run_dir / "metrics.jsonl", run_state.metrics_rows)  # rows after the checkpoint come again
     else:
         if config.load_model:  # a stack starts every run from it
             state = load_checkpoints([config.load_model], trainer, "load_model")[0]
-            state_mean, state_std = state["state_mean"], state["state_std"]
-        dirs, _ = open_run_dirs(config, [run.seed for run in runs], dataset_label(config.env))
-    loggers = start_run_logs(config, dirs, [run.seed for run in runs], stacked)
+            for run in runs:
+                run.state_mean, run.state_std = state["state_mean"], state["state_std"]
+        dirs, _ = open_run_dirs(config, [run.seed for run in runs], labels)
+    loggers = start_run_logs(config, dirs, [run.seed for run in runs], stacked, members)
     for run, run_dir, logger in zip(runs, dirs, loggers):
         run.dir, run.logger = run_dir, logger
-    where = (f"run dir {runs[0].dir}" if not stacked
-             else f"{len(runs)} runs (seeds {', '.join(str(r.seed) for r in runs)}) in {runs[0].dir.parent}")
-    print(f"CQL on {data.source}: {buffer.size} transitions, state {state_dim}, action {action_dim}, "
+    which = f"seeds {', '.join(str(r.seed) for r in runs)}" if len(blocks) == 1 else f"{len(blocks)} datasets"
+    where = f"run dir {runs[0].dir}" if not stacked else f"{len(runs)} runs ({which}) in {runs[0].dir.parent}"
+    source = data.source if len(blocks) == 1 else f"{len(blocks)} datasets"
+    print(f"CQL on {source}: {buffer.size} transitions, state {state_dim}, action {action_dim}, "
           f"device {device}, {where}" + (f", resumed at update {trainer.total_it}" if resumed else ""))
 
     use_compile = fast.resolve_compile(config.compile, device)
@@ -901,10 +916,11 @@ def train(config: TrainConfig, signals: Optional[StopSignals] = None) -> Dict[st
     with torch.random.fork_rng(devices=[]):  # a stack's one-run actor for the evaluators, aside from the stream
         template = TanhGaussianActor(state_dim, action_dim, max_action) if stacked else trainer.actor
     for run in runs:  # episode i of run k is seeded seeds[k] + i
-        run.evaluator = Evaluator(probe_env, data.make_env, config.n_episodes, evaluate,
-                                  (run.seed, state_mean, state_std), template, background, run.dir.name,
+        run.evaluator = Evaluator(prepared[data_key(run.config)][4], run.data.make_env, config.n_episodes, evaluate,
+                                  (run.seed, run.state_mean, run.state_std), template, background, run.dir.name,
                                   run.last_good_checkpoint)
-    probe_env.close()
+    for *_, probe_env in prepared.values():
+        probe_env.close()
     window = 0
     if resumed is not None:
         window = resumed[0].window
@@ -924,7 +940,7 @@ def train(config: TrainConfig, signals: Optional[StopSignals] = None) -> Dict[st
     def log_evaluations(run: Run, finished: List[Tuple[int, np.ndarray]]) -> None:
         for eval_step, returns in finished:  # in the background these may come after later rows
             row = {"eval_return_mean": float(returns.mean()), "eval_return_std": float(returns.std())}
-            score = normalized_score(returns, data.ref_min_score, data.ref_max_score)
+            score = normalized_score(returns, run.data.ref_min_score, run.data.ref_max_score)
             if score is not None:
                 row["d4rl_normalized_score"] = run.scores[eval_step] = score
             run.last_return = row["eval_return_mean"]
@@ -963,7 +979,7 @@ def train(config: TrainConfig, signals: Optional[StopSignals] = None) -> Dict[st
             for run in runs:
                 log_evaluations(run, run.evaluator.collect())
         if config.checkpoints_path and (step % checkpoint_freq == 0 or step == config.max_timesteps or signals.caught):
-            save_checkpoints(runs, step, trainer, update, window, state_mean, state_std, config.keep_checkpoints)
+            save_checkpoints(runs, step, trainer, update, window, config.keep_checkpoints)
     eval_start = time.time()
     for run in runs:
         log_evaluations(run, run.evaluator.collect(wait=True))
@@ -973,7 +989,7 @@ def train(config: TrainConfig, signals: Optional[StopSignals] = None) -> Dict[st
     bar.close()
     for run in runs:
         run.logger.close()
-    return summarize(runs, trainer, time.time() - start, load_seconds, eval_seconds, first)
+    return summarize(runs, trainer.total_it, time.time() - start, load_seconds, eval_seconds, stacked, first)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

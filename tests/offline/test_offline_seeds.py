@@ -26,6 +26,7 @@ from conftest import (
 from test_losses import VARIANTS
 
 import algorithms.offline.cql as cql
+from algorithms.common.config import run_seeds
 from algorithms.common.runs import load_state_file
 
 S, A, B, N = 5, 3, 16, 4  # state dim, action dim, batch, cql_n_actions
@@ -65,14 +66,14 @@ def assert_run_equals(stacked: cql.CQL, run: int, alone: cql.CQL, rtol: float, a
 
 # --------------------------------------------------------------------------- config
 def test_seeds_field_forms_and_errors(tmp_path):
-    assert cql.run_seeds(cql.parse_config([])) is None
-    assert cql.run_seeds(cql.parse_config(["--seeds=0,3, 5"])) == [0, 3, 5]
-    assert cql.run_seeds(cql.parse_config(["--seeds", "3", "--seed=10"])) == [10, 11, 12]
+    assert run_seeds(cql.parse_config([])) is None
+    assert run_seeds(cql.parse_config(["--seeds=0,3, 5"])) == [0, 3, 5]
+    assert run_seeds(cql.parse_config(["--seeds", "3", "--seed=10"])) == [10, 11, 12]
     path = tmp_path / "c.yaml"
     for text, want in (("seeds: 4\n", [0, 1, 2, 3]), ("seeds: [2, 9]\n", [2, 9]), ("seeds: [5]\n", [5]),
                        ("seeds: 1,2\n", [1, 2])):
         path.write_text(text)
-        assert cql.run_seeds(cql.parse_config(["--config_path", str(path)])) == want, text
+        assert run_seeds(cql.parse_config(["--config_path", str(path)])) == want, text
     for bad, message in (("0", "expects a count like 4"), ("a,b", "expects a count"), ("-2", "expects a count"),
                          ("1,1", "lists a seed twice")):
         with pytest.raises(cql.ConfigError, match=f"field 'seeds' {message}") as error:
