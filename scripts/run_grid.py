@@ -1,25 +1,25 @@
-"""Runs every config x seed of a grid on this machine: stacks of runs spread over the GPUs, or one run per process.
+"""Runs every config x seed of a grid on this machine: stacks of runs spread over the GPUs, or a run per process.
 
     python scripts/run_grid.py --configs configs/offline/cql/hopper/*.yaml --seeds 0 1 2 3 --out runs/hopper \\
         -- --max_timesteps=100000
 
-With --stack (the default on a CUDA machine) the configs whose runs can share a process (every field
-outside algorithms/common/stacks.py MEMBER_FIELDS equal, datasets of equal state and action dims) form a
-group, run as one stack `--stack_configs=a.yaml,b.yaml,... --seeds=0,1,2,3 --checkpoints_path=<out>/<group>`
-(each member still gets its own run directory). A field a config file leaves out counts as the program's
-default (its TrainConfig, read from its source); a default that is an expression rather than a literal is
-compared as its text, which at worst keeps two configs apart. The dims come without loading data: a D4RL
-locomotion name's Gymnasium env (data.LOCOMOTION_ENVS), an HDF5 file's column shapes, else eval_env's env;
-a config of unknown dims runs in a group of its own. With --gpus G > 1 the groups' configs, in order, are
-cut into G runs of nearly equal length, one per GPU, so that each GPU trains about as many members; each
-process sees only its GPU (CUDA_VISIBLE_DEVICES), processes on one GPU run one after another.
+With --stack (the default on a CUDA machine) configs that can share a process (equal in every field but
+algorithms/common/stacks.py MEMBER_FIELDS, datasets of equal state and action dims) form a group, run as one
+stack: `--stack_configs=a.yaml,b.yaml --seeds=0,1,2,3 --checkpoints_path=<out>/<group>`. A field a file
+leaves out counts as the program's TrainConfig default (read from its source; a default that is no literal
+is compared as its text, which at worst keeps two configs apart). Dims come without loading data: an HDF5
+file's header, else eval_env's env, else a D4RL locomotion name's Gymnasium env (data.LOCOMOTION_ENVS); a
+config of unknown dims is a group of its own. With --gpus G > 1 the groups' configs, in order, are cut into
+G runs of nearly equal length, one per GPU (each GPU trains about as many members); each process sees only
+its GPU (CUDA_VISIBLE_DEVICES), and the processes of one GPU run one after another.
 
-Re-running a grid on the same --out picks up where it stopped: a group whose runs all hold the checkpoint
-of their last update is skipped, one with checkpoints is resumed (`--resume=<a run dir>`), one without
-starts afresh. Resuming needs checkpoints: the scripts write them because --out sets checkpoints_path.
-A second grid on an --out in use is refused (exit 2). With --stack no each config x seed runs alone,
-`--config_path X --seed S <args after -->`, --jobs at a time, without checkpoints_path. Logs go to
-<out>/logs/; a tqdm bar counts finished processes; the summary lists the failed ones (exit 1 if any).
+Re-running a grid on the same --out goes on where it stopped: a group whose runs all hold the checkpoint of
+their last update is skipped, one with checkpoints resumes (`--resume=<a run dir>`), one without starts
+afresh (a group's folder is named by its first config and --gpus' cuts: re-run with the same --gpus).
+Resuming needs checkpoints: the scripts write them because --out sets checkpoints_path. A second
+grid on an --out in use is refused (exit 2). With --stack no each config x seed runs alone, `--config_path X
+--seed S <args after -->`, --jobs at a time, without checkpoints_path. Logs go to <out>/logs/; a tqdm bar
+counts finished processes; the summary lists the failed ones (exit 1 if any).
 """
 import argparse
 import collections
@@ -158,11 +158,9 @@ def env_dims(env_id: str, kwargs: Tuple[Tuple[str, Any], ...] = ()) -> Dims:
             env = gym.make(env_id, **dict(kwargs))
     except Exception:  # noqa: BLE001 (any env that cannot be made here: unknown dims, the run itself will say why)
         return None
-    observations, actions = env.observation_space, env.action_space
     env.close()
-    if len(getattr(observations, "shape", None) or ()) != 1 or len(getattr(actions, "shape", None) or ()) != 1:
-        return None  # e.g. a goal Dict env: its flattened dims depend on goal_in_state
-    return observations.shape[0], actions.shape[0]
+    shapes = [getattr(space, "shape", None) or () for space in (env.observation_space, env.action_space)]
+    return None if any(len(shape) != 1 for shape in shapes) else (shapes[0][0], shapes[1][0])  # not a goal Dict
 
 
 def hdf5_dims(path: str) -> Dims:
@@ -357,7 +355,7 @@ def hold_lock(out: Path) -> Optional[Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
-    lock = None if args.dry_run else hold_lock(args.out)
+    lock = None if args.dry_run else hold_lock(args.out)  # held until this process ends
     if lock is None and not args.dry_run:
         print(f"error: another grid is running in {args.out} (it holds {args.out / '.grid.lock'}); wait for it "
               f"to end or pass another --out", file=sys.stderr)
@@ -388,7 +386,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         run_lanes([[job] for job in jobs], args.jobs, done)
     bar.close()
     failures = [o for o in outcomes if o.returncode != 0]
-    kind = "stack" if any(job.stack for job in jobs) else "run"
+    kind = "stack" if finished or any(job.stack for job in jobs) else "run"
     print(f"grid: {len(outcomes)} {kind}{'' if len(outcomes) == 1 else 's'}, {len(outcomes) - len(failures)} ok, "
           f"{len(failures)} failed" + (f", {len(finished)} finished before" if finished else "")
           + f"; logs in {args.log_dir}")

@@ -75,10 +75,13 @@ def test_a_shared_field_apart_splits_a_group_and_a_default_written_out_does_not(
                          "e": {"env": str(tmp_path / "missing.hdf5")}}.items():  # unknown dims
         files[name] = tmp_path / f"{name}.yaml"
         files[name].write_text(yaml.safe_dump({**source, **change}))
-    assert "policy_log_std_multiplier" not in source
-    lines = dry_run(tmp_path, [str(files[n]) for n in "abcde"], "--gpus", "0")
+    assert "policy_log_std_multiplier" not in source and source["policy_lr"] == 3e-5
+    files["f"] = tmp_path / "f.yaml"  # YAML reads 3e-5 (no dot) as a string; the program as the float
+    files["f"].write_text(files["a"].read_text().replace("policy_lr: 3.0e-05", "policy_lr: 3e-5"))
+    assert yaml.safe_load(files["f"].read_text())["policy_lr"] == "3e-5"
+    lines = dry_run(tmp_path, [str(files[n]) for n in "abcdef"], "--gpus", "0")
     assert [option(line, "stack_configs") for line in lines] == [
-        f"{files['a']},{files['b']},{files['d']}", str(files["c"]), str(files["e"])]
+        f"{files['a']},{files['b']},{files['d']},{files['f']}", str(files["c"]), str(files["e"])]
 
 
 def test_dims_of_an_hdf5_file_and_of_eval_env(hopper_hdf5):
