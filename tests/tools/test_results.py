@@ -1,4 +1,4 @@
-"""Result tables, plots, sweep files, the grid runner and the Dockerfile lint: all on hand-made inputs."""
+"""Result tables, plots, sweep files and the Dockerfile lint, all on hand-made inputs (grid runner: test_run_grid)."""
 import csv
 import dataclasses
 import importlib
@@ -459,57 +459,6 @@ def test_finetune_sweep_parameters_are_finetune_fields_when_it_exists():
     finetune = importlib.import_module("algorithms.finetune.cql")
     allowed = {f.name for f in dataclasses.fields(finetune.TrainConfig)} | {"config_path"}
     assert set(sweep["parameters"]) <= allowed
-
-
-# ======================================================================================
-# Grid runner
-# ======================================================================================
-FAKE_PROGRAM = """import json, os, sys
-with open(os.environ["GRID_RECORD"], "a") as f:
-    f.write(json.dumps(sys.argv[1:]) + "\\n")
-print("stdout line"); print("stderr line", file=sys.stderr)
-sys.exit(1 if sys.argv[4] == os.environ.get("GRID_FAIL_SEED") else 0)
-"""
-
-
-def run_grid(tmp_path: Path, extra: list, fail_seed: str = "") -> tuple:
-    program, record = tmp_path / "fake.py", tmp_path / "record.jsonl"
-    program.write_text(FAKE_PROGRAM)
-    record.unlink(missing_ok=True)
-    configs = ["configs/offline/cql/hopper/medium_v2.yaml", "configs/offline/cql/walker2d/expert_v2.yaml"]
-    command = [sys.executable, "scripts/run_grid.py", "--program", str(program), "--configs", *configs,
-               "--seeds", "0", "3", "--jobs", "2", "--log_dir", str(tmp_path / "logs"), *extra]
-    env = {**os.environ, "GRID_RECORD": str(record), "GRID_FAIL_SEED": fail_seed}
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
-    calls = [json.loads(line) for line in record.read_text().splitlines()]
-    return done, configs, calls
-
-
-def test_grid_runner_passes_config_path_and_seed(tmp_path):
-    done, configs, calls = run_grid(tmp_path, [])
-    assert done.returncode == 0, done.stderr
-    expected = [["--config_path", c, "--seed", s] for c in configs for s in ("0", "3")]
-    assert sorted(calls) == sorted(expected)
-    assert "grid: 4 runs, 4 ok, 0 failed" in done.stdout
-    log = (tmp_path / "logs" / "offline-cql-hopper-medium_v2-seed3.log").read_text()
-    assert "stdout line" in log and "stderr line" in log
-
-
-def test_grid_runner_overrides_and_failures(tmp_path):
-    done, configs, calls = run_grid(tmp_path, ["--", "--max_timesteps=10", "--device=cpu"], fail_seed="3")
-    assert done.returncode == 1
-    assert all(call[4:] == ["--max_timesteps=10", "--device=cpu"] for call in calls) and len(calls) == 4
-    assert "grid: 4 runs, 2 ok, 2 failed" in done.stdout and "walker2d-expert_v2-seed3.log" in done.stdout
-
-
-def test_grid_runner_stacks_each_configs_seeds_in_one_process(tmp_path):
-    done, configs, calls = run_grid(tmp_path, ["--stack", "yes", "--", "--max_timesteps=10"])
-    assert done.returncode == 0, done.stderr
-    assert sorted(calls) == sorted(["--config_path", c, "--seeds", "0,3", "--max_timesteps=10"] for c in configs)
-    assert "grid: 2 seed stacks, 2 ok, 0 failed" in done.stdout
-    assert "stdout line" in (tmp_path / "logs" / "offline-cql-hopper-medium_v2-seeds0_3.log").read_text()
-    done, _, calls = run_grid(tmp_path, ["--stack", "no"])  # one process per seed, as on a CPU machine
-    assert len(calls) == 4 and all(call[2] == "--seed" for call in calls)
 
 
 # ======================================================================================
