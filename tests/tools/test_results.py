@@ -389,9 +389,11 @@ def test_sweep_parameters_are_config_fields_and_paths_exist(path):
     assert set(sweep["parameters"]) <= allowed, set(sweep["parameters"]) - allowed
     program = REPO / sweep["program"]
     assert program.parent.is_dir(), sweep["program"]  # the finetune script itself may not be written yet
-    paths = swept_values(sweep["parameters"]["config_path"])
+    stacked = "stack_configs" in sweep["parameters"]  # an item is a stack: its config files, comma-joined
+    paths = [p for value in swept_values(sweep["parameters"]["stack_configs" if stacked else "config_path"])
+             for p in str(value).split(",")]
     assert paths and all((REPO / p).is_file() for p in paths), [p for p in paths if not (REPO / p).is_file()]
-    assert swept_values(sweep["parameters"]["seed"])
+    assert swept_values(sweep["parameters"]["seeds" if stacked else "seed"])
 
 
 def test_locomotion_grid_covers_all_18_configs():
@@ -450,6 +452,36 @@ def test_offline_script_accepts_the_agent_arguments():
             if key != "config_path":
                 assert getattr(config, key) == value, key
         assert config.env == "hopper-medium-v2"
+
+
+def test_table_sweep_items_are_run_grids_stacks_and_the_script_trains_each_as_one(tmp_path):
+    """Each item of the stacks sweep is one of the two groups run_grid makes of CORL's 18 configs; the argument
+    form an agent passes parses into that stack's 4 x files members, which share every field they must."""
+    from algorithms.common.stacks import stack_members
+    from algorithms.offline import cql
+
+    sweep = yaml.safe_load((REPO / "configs/sweeps/offline_locomotion_table_stacks.yaml").read_text())["parameters"]
+    stacks = [value.split(",") for value in swept_values(sweep["stack_configs"])]
+    assert sorted(p for files in stacks for p in files) == sorted(expected_d4rl())
+    done = subprocess.run([sys.executable, "scripts/run_grid.py", "--configs", *sorted(expected_d4rl()), "--stack",
+                           "yes", "--gpus", "0", "--dry_run", "--out", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    grouped = [line.split("--stack_configs=")[1].split()[0].split(",") for line in done.stdout.splitlines()
+               if "--stack_configs=" in line]
+    assert sorted(map(sorted, grouped)) == sorted(map(sorted, stacks)) and len(stacks) == 2
+    for files in stacks:
+        params = {"stack_configs": ",".join(files), "seeds": sweep["seeds"]["value"],
+                  "checkpoints_path": sweep["checkpoints_path"]["value"], "wandb_mode": sweep["wandb_mode"]["value"]}
+        argv = agent_args(params)
+        assert argv[0] == f"--stack_configs={','.join(files)}" and argv[1] == "--seeds=0,1,2,3"
+        config = cql.parse_config(argv)
+        members = stack_members(config, lambda path: cql.parse_config(["--config_path", path]))
+        assert len(members) == 4 * len(files)
+        assert [(m.env, m.seed) for m in members[:5]] == [
+            (yaml.safe_load((REPO / files[0]).read_text())["env"], s) for s in range(4)] + [
+            (yaml.safe_load((REPO / files[1]).read_text())["env"], 0)]
+        assert all(m.wandb_mode == "online" and m.checkpoints_path == "runs/table" for m in members)
 
 
 def test_finetune_sweep_parameters_are_finetune_fields_when_it_exists():

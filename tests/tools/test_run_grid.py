@@ -220,3 +220,38 @@ def test_make_table_runs_the_locomotion_grid_in_stacks_then_the_results():
         "--seeds 0 1 2 3 --stack yes --out runs/table -- --tf32=false --max_timesteps=10")
     assert results[1:] == ["tools/results.py", "runs/table", "--csv", "runs/table/results.csv", "--plots",
                            "runs/table/plots"]
+
+
+def test_a_two_config_two_seed_grid_is_one_process_with_four_run_dirs_and_a_row_per_dataset(hopper_hdf5, tmp_path):
+    """The real offline script: one stack process; a re-run finds it finished; a killed stack resumes."""
+    from test_results import rows_by_dataset
+
+    from tools.rollouts import random_transitions, write_d4rl_hdf5
+    second = write_d4rl_hdf5(tmp_path / "hopper-second.hdf5", random_transitions("Hopper-v4", 2000, seed=5),
+                             {"env_id": "Hopper-v4", "ref_min_score": -20.272305, "ref_max_score": 3234.3})
+    configs = []
+    for name, env in (("a", hopper_hdf5), ("b", second)):
+        configs.append(tmp_path / f"{name}.yaml")
+        configs[-1].write_text(yaml.safe_dump({"env": str(env), "batch_size": 32, "cql_n_actions": 4,
+                                               "n_episodes": 2, "max_episode_steps": 30}))
+    options = ["--configs", *map(str, configs), "--seeds", "0", "1", "--stack", "yes", "--gpus", "0",
+               "--out", str(tmp_path / "out"), "--", "--max_timesteps=40", "--eval_freq=20", "--log_freq=20",
+               "--wandb_mode=disabled", "--device=cpu"]
+    assert run_grid.main(options) == 0
+    (group,) = [d for d in (tmp_path / "out").iterdir() if d.name != "logs" and d.is_dir()]
+    run_dirs = sorted(d for d in group.iterdir() if d.is_dir())
+    assert len(run_dirs) == 4 and len(list((tmp_path / "out" / "logs").iterdir())) == 1  # one process
+    rows = rows_by_dataset(group)
+    datasets = {dataset: row for (_, dataset), row in rows.items() if not dataset.endswith("average")}
+    assert sorted(datasets) == ["hopper-random-tiny", "hopper-second"]
+    assert all(row["seeds"] == 2 for row in datasets.values())
+    # re-run: finished, nothing runs again
+    before = {d: (d / "metrics.jsonl").stat().st_mtime_ns for d in run_dirs}
+    assert run_grid.main(options) == 0
+    assert before == {d: (d / "metrics.jsonl").stat().st_mtime_ns for d in run_dirs}
+    # a stack stopped at 20 (its checkpoints of 40 gone) is resumed by the re-run, to its last update
+    for run_dir in run_dirs:
+        (run_dir / "checkpoint_40.pt").unlink()
+    assert run_grid.main(options) == 0
+    assert all((d / "checkpoint_40.pt").is_file() for d in run_dirs)
+    assert all("resumes.jsonl" in {p.name for p in d.iterdir()} for d in run_dirs)
