@@ -117,8 +117,8 @@ def write_run_records(run_dir: Path, config: Any, seed: int, stack: Optional[Lis
     own = asdict(own_config or run_config(config, seed))
     try:
         if stack is not None:
-            record = asdict(StackRecord(seeds=config.seeds, seed=config.seed, runs=stack,
-                                        stack_configs=getattr(config, "stack_configs", None)))
+            record = {k: v for k, v in asdict(StackRecord(config.seeds, config.seed, stack, getattr(
+                config, "stack_configs", None))).items() if k != "stack_configs" or v}  # seed stacks: as before
             write_atomic(run_dir / STACK_RECORD, lambda f: yaml.safe_dump(record, f, sort_keys=False), mode="w")
         write_atomic(run_dir / "config.yaml", lambda f: yaml.safe_dump(own, f, sort_keys=False), mode="w")
     except WriteError as e:
