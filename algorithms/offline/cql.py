@@ -890,7 +890,7 @@ def train(config: TrainConfig, signals: Optional[StopSignals] = None) -> Dict[st
     if config.resume:
         dirs, files = open_run_dirs(config, [run.seed for run in runs], labels)
         states = load_checkpoints([str(f) for f in files], trainer, "resume")
-        check_resume(config, dirs, [run.seed for run in runs], states, trainer.total_it, members)
+        check_resume(config, dirs, [run.seed for run in runs], states, trainer.total_it, members if stacked else None)
         resumed = [RunState.from_dict(state["run"]) for state in states]
         for run, run_dir, run_state, state in zip(runs, dirs, resumed, states):
             run.state_mean, run.state_std = state["state_mean"], state["state_std"]
@@ -901,7 +901,7 @@ def train(config: TrainConfig, signals: Optional[StopSignals] = None) -> Dict[st
             for run in runs:
                 run.state_mean, run.state_std = state["state_mean"], state["state_std"]
         dirs, _ = open_run_dirs(config, [run.seed for run in runs], labels)
-    loggers = start_run_logs(config, dirs, [run.seed for run in runs], stacked, members)
+    loggers = start_run_logs(config, dirs, [run.seed for run in runs], stacked, members if stacked else None)
     for run, run_dir, logger in zip(runs, dirs, loggers):
         run.dir, run.logger = run_dir, logger
     which = f"seeds {', '.join(str(r.seed) for r in runs)}" if len(blocks) == 1 else f"{len(blocks)} datasets"

@@ -46,8 +46,9 @@ def test_synthetic_datasets_have_the_tasks_shapes_and_configs_corls_fields(tmp_p
 def test_done_line_parser_reads_the_line_summarize_prints(capsys):
     assert table_speed.parse_done_line(f"CQL: ...\n{SAMPLE}\n") == {
         "updates": 10000, "seconds": 250.0, "eval_seconds": 30.5, "eval_share": 11.2, "load_seconds": 41.0}
-    runs = [SimpleNamespace(dir=Path(f"r{i}"), seed=i, last_return=None, scores={}, logger=None) for i in range(2)]
-    cql.summarize(runs, SimpleNamespace(seeds=[0, 1], total_it=7000), 123.4, 9.6, 2.25, first=5000)
+    runs = [SimpleNamespace(dir=Path(f"r{i}"), config=SimpleNamespace(seed=i, env=f"e{i}"), last_return=None,
+                            scores={5000: 1.0}, logger=None) for i in range(2)]
+    cql.summarize(runs, 7000, 123.4, 9.6, 2.25, stacked=True, first=5000)
     assert table_speed.parse_done_line(capsys.readouterr().out) == {
         "updates": 7000, "seconds": 123.0, "eval_seconds": 2.2, "eval_share": 1.7, "load_seconds": 10.0}
     assert table_speed.parse_done_line("no such line\n") is None
