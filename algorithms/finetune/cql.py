@@ -209,115 +209,142 @@ class ReplayBuffer:
     tensor `size_tensor`, written in place, so that an update captured once as a CUDA graph samples the whole,
     growing ring with no host sync. A checkpoint keeps online_state(): the online rows, pointer, size, counts.
 
-    With runs = (n_seeds,), one ring per run of a seed stack (storage (n_seeds, capacity, ...)); every run
-    adds one transition per online iteration, so pointer and size are shared.
+    With runs = (n_runs,), one ring per run of a stack (storage (n_runs, capacity, ...)), each with its own
+    dataset, n_data, pointer, size and capacity (lists n_datas, pointers, sizes, capacities; size_tensor
+    (n_runs,)): members of a stack of configs have datasets of different sizes. Every run adds one transition
+    per online iteration, so n_added is shared.
     """
 
-    def __init__(self, capacity: int, state_dim: int, action_dim: int, device: torch.device,
+    def __init__(self, capacity: Union[int, List[int]], state_dim: int, action_dim: int, device: torch.device,
                  runs: Tuple[int, ...] = ()):
-        self.capacity = capacity
+        self.capacities = list(capacity) if isinstance(capacity, list) else [capacity] * (runs[0] if runs else 1)
+        self.capacity = max(self.capacities)  # rows of each ring's storage; a ring wraps at its own capacity
         self.device = device
         self.runs = runs
         self.shapes = {"observations": (state_dim,), "actions": (action_dim,), "rewards": (),
                        "next_observations": (state_dim,), "terminals": ()}
-        self.storage = zero_tensors({k: (*runs, capacity, *shape) for k, shape in self.shapes.items()},
-                                             device, f"field 'buffer_size': a replay ring of {capacity} transitions")
-        self.size_tensor = torch.zeros((), dtype=torch.int64, device=device)
-        self._size = 0
-        self.n_data = 0  # dataset rows loaded at the start
+        self.storage = zero_tensors({k: (*runs, self.capacity, *shape) for k, shape in self.shapes.items()}, device,
+                                    f"field 'buffer_size': a replay ring of {self.capacity} transitions")
+        self.size_tensor = torch.zeros(runs, dtype=torch.int64, device=device)
+        self.sizes = [0] * len(self.capacities)  # rows holding a transition, ...
+        self.n_datas = [0] * len(self.capacities)  # ... dataset rows loaded at the start ...
+        self.pointers = [0] * len(self.capacities)  # ... and the row the next transition goes to, in each ring
         self.n_added = 0  # transitions added online so far (some may be overwritten)
-        self.pointer = 0  # the row the next transition goes to
 
-    @property
-    def size(self) -> int:
-        """Rows holding a transition."""
-        return self._size
+    def _shared(self, values: List[int], name: str) -> int:
+        if len(set(values)) > 1:
+            raise ValueError(f"the runs' rings differ in {name} ({values})")
+        return values[0]
+
+    size = property(lambda self: self._shared(self.sizes, "size"), doc="Rows holding a transition (every ring's).")
+    pointer = property(lambda self: self._shared(self.pointers, "pointer"))
+    n_data = property(lambda self: self._shared(self.n_datas, "n_data"))
 
     @size.setter
     def size(self, value: int) -> None:
-        self._size = value
-        self.size_tensor.fill_(value)  # in place: a captured graph reads the new size
+        self._set_sizes([value] * len(self.sizes))
 
-    def load_dataset(self, arrays: Dict[str, np.ndarray]) -> None:
+    def _set_sizes(self, sizes: List[int]) -> None:
+        self.sizes = sizes  # and in place on the device: a captured graph reads the new sizes
+        if len(set(sizes)) == 1:
+            self.size_tensor.fill_(sizes[0])
+        else:
+            self.size_tensor.copy_(torch.as_tensor(sizes))
+
+    def load_dataset(self, arrays: Dict[str, np.ndarray], run: Optional[int] = None) -> None:
+        """The dataset into every ring (into run `run`'s only)."""
         n = len(arrays["rewards"])
-        if self.size:
+        which = range(len(self.sizes)) if run is None else [run]
+        if any(self.sizes[r] for r in which):
             raise ValueError("the dataset goes into an empty buffer")
-        if n > self.capacity:
-            raise ConfigError(f"field 'buffer_size' ({self.capacity}) is smaller than the dataset ({n} transitions)")
+        if n > min(self.capacities[r] for r in which):
+            raise ConfigError(f"field 'buffer_size' ({min(self.capacities[r] for r in which)}) is smaller than the "
+                              f"dataset ({n} transitions)")
+        ring = () if not self.runs else (slice(None),) if run is None else (run,)
         for key in BUFFER_FIELDS:
-            rows = torch.as_tensor(arrays[key], dtype=torch.float32, device=self.device)
-            self.storage[key][self._rows(slice(0, n))] = rows
-        self.n_data = self.size = n
-        self.pointer = n % self.capacity
-
-    def _rows(self, rows: Any) -> Tuple[Any, ...]:
-        """Index of `rows` in every run's ring."""
-        return (*(slice(None) for _ in self.runs), rows)
+            self.storage[key][(*ring, slice(0, n))] = torch.as_tensor(arrays[key], dtype=torch.float32,
+                                                                      device=self.device)
+        for r in which:
+            self.n_datas[r], self.pointers[r] = n, n % self.capacities[r]
+        self._set_sizes([n if r in which else size for r, size in enumerate(self.sizes)])
 
     def add(self, obs: np.ndarray, action: np.ndarray, reward: Any, next_obs: np.ndarray, terminal: Any) -> None:
-        """One transition, or for a stack one per run (each value with a leading n_seeds dim)."""
+        """One transition, or for a stack one per run (each value with a leading n_runs dim)."""
         values = (obs, action, reward, next_obs, terminal)  # one copy to the device, then split there
         row = np.concatenate([np.reshape(v, (*self.runs, -1)) for v in values], axis=-1).astype(np.float32)
         parts = torch.as_tensor(row, device=self.device).split([math.prod(self.shapes[k]) for k in BUFFER_FIELDS], -1)
-        i = self.pointer
+        if not self.runs:
+            at: Tuple[Any, ...] = (self.pointers[0],)
+        elif len(set(self.pointers)) == 1:  # the rings move together: one slice
+            at = (slice(None), self.pointers[0])
+        else:
+            at = (torch.arange(self.runs[0], device=self.device), torch.as_tensor(self.pointers, device=self.device))
         for key, part in zip(BUFFER_FIELDS, parts):
-            self.storage[key][self._rows(i)] = part.view((*self.runs, *self.shapes[key]))
-        self.pointer = (i + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
+            self.storage[key][at] = part.view((*self.runs, *self.shapes[key]))
+        self.pointers = [(p + 1) % c for p, c in zip(self.pointers, self.capacities)]
+        self._set_sizes([min(s + 1, c) for s, c in zip(self.sizes, self.capacities)])
         self.n_added += 1
 
     def sample(self, batch_size: int, runs: Tuple[int, ...] = (), streams: Optional[fast.RunStreams] = None
                ) -> Tuple[torch.Tensor, ...]:
-        """A batch of rows; for a stack (runs = (n_seeds,)) one batch from each run's own ring, drawn from each
+        """A batch of rows; for a stack (runs = (n_runs,)) one batch from each run's own ring, drawn from each
         run's stream (or, without streams, the global one)."""
         # Uniform over [0, 2^62), modulo the filled size read on the device: the first (2^62 mod
         # size) rows are drawn more often by a relative 1 / floor(2^62 / size), under 1e-12 for a
         # ring of up to 4 million rows.
         index = (streams.randint(2**62, batch_size) if streams is not None
-                 else torch.randint(0, 2**62, (*runs, batch_size), device=self.device)) % self.size_tensor
+                 else torch.randint(0, 2**62, (*runs, batch_size), device=self.device))
         if not runs:
+            index = index % self.size_tensor
             return tuple(self.storage[key][index] for key in BUFFER_FIELDS)
+        index = index % self.size_tensor[:, None]  # each run's own filled size
         run = torch.arange(runs[0], device=self.device)[:, None]
         return tuple(self.storage[key][run, index] for key in BUFFER_FIELDS)
 
     def newest(self, run: int) -> Tuple[np.ndarray, ...]:
         """The newest row of run `run`'s ring, as add() takes it (normalized, transformed)."""
-        i = (self.pointer - 1) % self.capacity
+        i = (self.pointers[run] - 1) % self.capacities[run]
         return tuple(self.storage[key][run, i].cpu().numpy() for key in BUFFER_FIELDS)
 
-    def online_rows(self) -> np.ndarray:
-        """Row indices holding online transitions, oldest first."""
-        m = min(self.n_added, self.capacity)
-        return (self.pointer - m + np.arange(m)) % self.capacity
+    def online_rows(self, run: Optional[int] = None) -> np.ndarray:
+        """Row indices holding online transitions (of run `run`'s ring), oldest first."""
+        capacity, pointer = self.capacities[run or 0], self.pointers[run or 0]
+        m = min(self.n_added, capacity)
+        return (pointer - m + np.arange(m)) % capacity
 
     def _ring(self, key: str, run: Optional[int]) -> torch.Tensor:
         return self.storage[key] if run is None else self.storage[key][run]
 
     def online_state(self, run: Optional[int] = None) -> Dict[str, Any]:
         """The online rows (of run `run` of a stack: a one-run buffer's state)."""
-        rows = self.online_rows()
+        r = run or 0
+        rows = self.online_rows(run)
         index = torch.as_tensor(rows, device=self.device)
-        return {"capacity": self.capacity, "n_data": self.n_data, "n_added": self.n_added, "pointer": self.pointer,
-                "size": self.size, "rows": rows, **{k: self._ring(k, run)[index].cpu() for k in BUFFER_FIELDS}}
+        return {"capacity": self.capacities[r], "n_data": self.n_datas[r], "n_added": self.n_added,
+                "pointer": self.pointers[r], "size": self.sizes[r], "rows": rows,
+                **{k: self._ring(k, run)[index].cpu() for k in BUFFER_FIELDS}}
 
     def load_online_state(self, state: Dict[str, Any], where: str, field: str = "load_model",
                           run: Optional[int] = None) -> None:
         """Puts a checkpoint's online rows back; the ring must be the same, unless it never wrapped."""
-        if state["n_data"] != self.n_data:
+        r = run or 0
+        capacity = self.capacities[r]
+        if state["n_data"] != self.n_datas[r]:
             raise ConfigError(f"field '{field}': {where} was made with a dataset of {state['n_data']} "
-                              f"transitions, this one has {self.n_data}")
+                              f"transitions, this one has {self.n_datas[r]}")
         end = state["n_data"] + state["n_added"]
-        if state["capacity"] != self.capacity and not end <= min(state["capacity"], self.capacity):
+        if state["capacity"] != capacity and not end <= min(state["capacity"], capacity):
             raise ConfigError(f"field '{field}': {where} holds a full replay ring of {state['capacity']} "
-                              f"rows, this run's has {self.capacity} (keep buffer_size and online_iterations)")
+                              f"rows, this run's has {capacity} (keep buffer_size and online_iterations)")
         index = torch.as_tensor(state["rows"], device=self.device)
         for key in BUFFER_FIELDS:
             self._ring(key, run)[index] = state[key].to(self.device)
         self.n_added = state["n_added"]
-        if state["capacity"] == self.capacity:
-            self.pointer, self.size = state["pointer"], state["size"]
-        else:  # it never wrapped: rows [0, end) are filled
-            self.pointer, self.size = end % self.capacity, end
+        if state["capacity"] == capacity:  # else it never wrapped: rows [0, end) are filled
+            self.pointers[r], size = state["pointer"], state["size"]
+        else:
+            self.pointers[r], size = end % capacity, end
+        self._set_sizes([size if i == r else s for i, s in enumerate(self.sizes)])
 
 
 # ======================================================================================
