@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 import algorithms.finetune.cql as finetune
 from algorithms.common import config as strict
 from algorithms.common.data import action_bound, is_gym_id, normalized_score
+from algorithms.common.online import Run
 from algorithms.common.runs import checkpoint_files, load_state_file, resolve_device
 from algorithms.common.runs import write_atomic as write_file_atomic
 
@@ -323,7 +324,7 @@ def train_learner(config: MakeConfig, work: Path) -> List[Dict[str, Any]]:
                           "eval_return_std": float(returns.std())})
         write_atomic(work / "snapshots.json", lambda f: json.dump(snapshots, f, indent=1), mode="w")
 
-    def on_iteration(step: int, runs: List[finetune.Run], trainer: finetune.CQL) -> None:
+    def on_iteration(step: int, runs: List[Run], trainer: finetune.CQL) -> None:
         """Keeps the step's transition; at a snapshot step writes the stream's new chunk, before the
         learner's checkpoint of that step: a checkpoint never counts transitions the stream lacks."""
         if step == start:  # before the first iteration

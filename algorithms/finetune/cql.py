@@ -5,6 +5,7 @@ evaluation of CORL's finetune CQL, on Gymnasium + MuJoCo, h5py and Minari instea
 
     python algorithms/finetune/cql.py --config_path configs/finetune/cql/antmaze/umaze_v2_minari.yaml
     python algorithms/finetune/cql.py --config_path configs/finetune/cql/antmaze/umaze_v2_minari.yaml --seeds=4
+    python algorithms/finetune/cql.py --stack_configs=a.yaml,b.yaml --seeds=0,1  # 2 configs x 2 seeds, one process
     python algorithms/finetune/cql.py --env Pendulum-v1 --offline_iterations 0 --cql_alpha_online 0  # plain SAC
     python algorithms/finetune/cql.py --help  # every option, with its meaning and default
 
@@ -12,15 +13,15 @@ offline_iterations updates on the data, then online_iterations iterations of one
 env with the stochastic policy (into the same replay ring) and one update; at the switch cql_alpha
 becomes cql_alpha_online. This file holds everything that is CQL, top to bottom; what is not (strict config
 parsing, datasets, run directories and checkpoints, the background evaluator, the speed mechanics, the
-training env's steps and state) is in algorithms/common/. The networks and the loss are those of
-algorithms/offline/cql.py, copied on purpose; tests/test_layout.py keeps the copies identical.
+training env's steps and state, the online runs' bookkeeping) is in algorithms/common/. The networks and the
+loss are those of algorithms/offline/cql.py, copied on purpose; tests/test_layout.py keeps the copies identical.
 The manual is docs/finetune.md.
 """
 import copy
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -39,21 +40,22 @@ from algorithms.common import config as strict  # noqa: E402
 from algorithms.common import fast  # noqa: E402
 from algorithms.common.config import (  # noqa: E402
     MAX_HIDDEN_LAYERS, MAX_SAMPLED_ACTIONS, MAX_SEED, MAX_STEPS, NON_NEGATIVE, POSITIVE, RUN_BOUNDS, RUN_LIMITS,
-    ConfigError, DatasetError, run_config, run_seeds)
+    ConfigError, DatasetError, run_config)
 from algorithms.common.data import (  # noqa: E402
-    OfflineData, action_bound, actions_outside_line, check_dataset_matches_env, dataset_label, is_gym_id, load_dataset,
-    make_gym_env, normalized_score, reference_scores_line, resolve_goal_in_state, return_range)
-from algorithms.common.envs import (  # noqa: E402
-    SUCCESS_KEYS, EnvStep, TrainingEnv, env_state, is_goal_task, set_env_state, step_success)
+    OfflineData, action_bound, actions_outside_line, check_dataset_matches_env, is_gym_id, load_dataset,
+    make_gym_env, reference_scores_line, resolve_goal_in_state, return_range)
+from algorithms.common.envs import SUCCESS_KEYS, TrainingEnv, is_goal_task, step_success  # noqa: E402
 from algorithms.common.evaluation import Evaluator, actor_weights  # noqa: E402
 from algorithms.common.fast import EnsembleLinear  # noqa: E402
 from algorithms.common import runs as runs_lib  # noqa: E402
+from algorithms.common.online import (  # noqa: E402
+    Run, RunState, act, load_replay, log_evaluations, open_runs, phase_of, restore_runs,
+    save_checkpoints, step_envs, summarize, window_means)
 from algorithms.common.process import (  # noqa: E402
     StopSignals, check_stack_resources, run_main, stopping_on_signals, zero_tensors)
-from algorithms.common.runs import RunState as BaseRunState  # noqa: E402
 from algorithms.common.runs import (  # noqa: E402
-    RunLogger, check_resume, keep_lines, last_checkpoint_note, load_state_file, open_run_dirs,
-    releasing_run_dir_locks, resolve_device, rng_states, set_rng_states, set_seed, start_run_logs, write_state_file)
+    releasing_run_dir_locks, resolve_device, set_seed, write_state_file)
+from algorithms.common.stacks import data_key, stack_members  # noqa: E402
 
 
 # ======================================================================================
@@ -67,6 +69,7 @@ class TrainConfig:
     env: str = "halfcheetah-medium-expert-v2"  # D4RL name, Minari id, HDF5 path, or (pure online) a Gymnasium id
     seed: int = 0  # seeds python, numpy, torch and the training env
     seeds: Optional[str] = None  # runs in one process: a list "0,1,2,3" or a count "4" (seed..seed+3); None: one
+    stack_configs: Optional[str] = None  # config files trained in this process, "a.yaml,b.yaml" (each x seeds)
     eval_seed: Optional[int] = None  # None: eval episode i is seeded seed + i (as CORL); an int: eval_seed + i
     eval_freq: int = 5_000  # evaluate (and checkpoint) every this many iterations
     n_episodes: int = 10  # evaluation episodes, run side by side
@@ -209,115 +212,142 @@ class ReplayBuffer:
     tensor `size_tensor`, written in place, so that an update captured once as a CUDA graph samples the whole,
     growing ring with no host sync. A checkpoint keeps online_state(): the online rows, pointer, size, counts.
 
-    With runs = (n_seeds,), one ring per run of a seed stack (storage (n_seeds, capacity, ...)); every run
-    adds one transition per online iteration, so pointer and size are shared.
+    With runs = (n_runs,), one ring per run of a stack (storage (n_runs, capacity, ...)), each with its own
+    dataset, n_data, pointer, size and capacity (lists n_datas, pointers, sizes, capacities; size_tensor
+    (n_runs,)): members of a stack of configs have datasets of different sizes. Every run adds one transition
+    per online iteration, so n_added is shared.
     """
 
-    def __init__(self, capacity: int, state_dim: int, action_dim: int, device: torch.device,
+    def __init__(self, capacity: Union[int, List[int]], state_dim: int, action_dim: int, device: torch.device,
                  runs: Tuple[int, ...] = ()):
-        self.capacity = capacity
+        self.capacities = list(capacity) if isinstance(capacity, list) else [capacity] * (runs[0] if runs else 1)
+        self.capacity = max(self.capacities)  # rows of each ring's storage; a ring wraps at its own capacity
         self.device = device
         self.runs = runs
         self.shapes = {"observations": (state_dim,), "actions": (action_dim,), "rewards": (),
                        "next_observations": (state_dim,), "terminals": ()}
-        self.storage = zero_tensors({k: (*runs, capacity, *shape) for k, shape in self.shapes.items()},
-                                             device, f"field 'buffer_size': a replay ring of {capacity} transitions")
-        self.size_tensor = torch.zeros((), dtype=torch.int64, device=device)
-        self._size = 0
-        self.n_data = 0  # dataset rows loaded at the start
+        self.storage = zero_tensors({k: (*runs, self.capacity, *shape) for k, shape in self.shapes.items()}, device,
+                                    f"field 'buffer_size': a replay ring of {self.capacity} transitions")
+        self.size_tensor = torch.zeros(runs, dtype=torch.int64, device=device)
+        self.sizes = [0] * len(self.capacities)  # rows holding a transition, ...
+        self.n_datas = [0] * len(self.capacities)  # ... dataset rows loaded at the start ...
+        self.pointers = [0] * len(self.capacities)  # ... and the row the next transition goes to, in each ring
         self.n_added = 0  # transitions added online so far (some may be overwritten)
-        self.pointer = 0  # the row the next transition goes to
 
-    @property
-    def size(self) -> int:
-        """Rows holding a transition."""
-        return self._size
+    def _shared(self, values: List[int], name: str) -> int:
+        if len(set(values)) > 1:
+            raise ValueError(f"the runs' rings differ in {name} ({values})")
+        return values[0]
+
+    size = property(lambda self: self._shared(self.sizes, "size"), doc="Rows holding a transition (every ring's).")
+    pointer = property(lambda self: self._shared(self.pointers, "pointer"))
+    n_data = property(lambda self: self._shared(self.n_datas, "n_data"))
 
     @size.setter
     def size(self, value: int) -> None:
-        self._size = value
-        self.size_tensor.fill_(value)  # in place: a captured graph reads the new size
+        self._set_sizes([value] * len(self.sizes))
 
-    def load_dataset(self, arrays: Dict[str, np.ndarray]) -> None:
+    def _set_sizes(self, sizes: List[int]) -> None:
+        self.sizes = sizes  # and in place on the device: a captured graph reads the new sizes
+        if len(set(sizes)) == 1:
+            self.size_tensor.fill_(sizes[0])
+        else:
+            self.size_tensor.copy_(torch.as_tensor(sizes))
+
+    def load_dataset(self, arrays: Dict[str, np.ndarray], run: Optional[int] = None) -> None:
+        """The dataset into every ring (into run `run`'s only)."""
         n = len(arrays["rewards"])
-        if self.size:
+        which = range(len(self.sizes)) if run is None else [run]
+        if any(self.sizes[r] for r in which):
             raise ValueError("the dataset goes into an empty buffer")
-        if n > self.capacity:
-            raise ConfigError(f"field 'buffer_size' ({self.capacity}) is smaller than the dataset ({n} transitions)")
+        if n > min(self.capacities[r] for r in which):
+            raise ConfigError(f"field 'buffer_size' ({min(self.capacities[r] for r in which)}) is smaller than the "
+                              f"dataset ({n} transitions)")
+        ring = () if not self.runs else (slice(None),) if run is None else (run,)
         for key in BUFFER_FIELDS:
-            rows = torch.as_tensor(arrays[key], dtype=torch.float32, device=self.device)
-            self.storage[key][self._rows(slice(0, n))] = rows
-        self.n_data = self.size = n
-        self.pointer = n % self.capacity
-
-    def _rows(self, rows: Any) -> Tuple[Any, ...]:
-        """Index of `rows` in every run's ring."""
-        return (*(slice(None) for _ in self.runs), rows)
+            self.storage[key][(*ring, slice(0, n))] = torch.as_tensor(arrays[key], dtype=torch.float32,
+                                                                      device=self.device)
+        for r in which:
+            self.n_datas[r], self.pointers[r] = n, n % self.capacities[r]
+        self._set_sizes([n if r in which else size for r, size in enumerate(self.sizes)])
 
     def add(self, obs: np.ndarray, action: np.ndarray, reward: Any, next_obs: np.ndarray, terminal: Any) -> None:
-        """One transition, or for a stack one per run (each value with a leading n_seeds dim)."""
+        """One transition, or for a stack one per run (each value with a leading n_runs dim)."""
         values = (obs, action, reward, next_obs, terminal)  # one copy to the device, then split there
         row = np.concatenate([np.reshape(v, (*self.runs, -1)) for v in values], axis=-1).astype(np.float32)
         parts = torch.as_tensor(row, device=self.device).split([math.prod(self.shapes[k]) for k in BUFFER_FIELDS], -1)
-        i = self.pointer
+        if not self.runs:
+            at: Tuple[Any, ...] = (self.pointers[0],)
+        elif len(set(self.pointers)) == 1:  # the rings move together: one slice
+            at = (slice(None), self.pointers[0])
+        else:
+            at = (torch.arange(self.runs[0], device=self.device), torch.as_tensor(self.pointers, device=self.device))
         for key, part in zip(BUFFER_FIELDS, parts):
-            self.storage[key][self._rows(i)] = part.view((*self.runs, *self.shapes[key]))
-        self.pointer = (i + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
+            self.storage[key][at] = part.view((*self.runs, *self.shapes[key]))
+        self.pointers = [(p + 1) % c for p, c in zip(self.pointers, self.capacities)]
+        self._set_sizes([min(s + 1, c) for s, c in zip(self.sizes, self.capacities)])
         self.n_added += 1
 
     def sample(self, batch_size: int, runs: Tuple[int, ...] = (), streams: Optional[fast.RunStreams] = None
                ) -> Tuple[torch.Tensor, ...]:
-        """A batch of rows; for a stack (runs = (n_seeds,)) one batch from each run's own ring, drawn from each
+        """A batch of rows; for a stack (runs = (n_runs,)) one batch from each run's own ring, drawn from each
         run's stream (or, without streams, the global one)."""
         # Uniform over [0, 2^62), modulo the filled size read on the device: the first (2^62 mod
         # size) rows are drawn more often by a relative 1 / floor(2^62 / size), under 1e-12 for a
         # ring of up to 4 million rows.
         index = (streams.randint(2**62, batch_size) if streams is not None
-                 else torch.randint(0, 2**62, (*runs, batch_size), device=self.device)) % self.size_tensor
+                 else torch.randint(0, 2**62, (*runs, batch_size), device=self.device))
         if not runs:
+            index = index % self.size_tensor
             return tuple(self.storage[key][index] for key in BUFFER_FIELDS)
+        index = index % self.size_tensor[:, None]  # each run's own filled size
         run = torch.arange(runs[0], device=self.device)[:, None]
         return tuple(self.storage[key][run, index] for key in BUFFER_FIELDS)
 
     def newest(self, run: int) -> Tuple[np.ndarray, ...]:
         """The newest row of run `run`'s ring, as add() takes it (normalized, transformed)."""
-        i = (self.pointer - 1) % self.capacity
+        i = (self.pointers[run] - 1) % self.capacities[run]
         return tuple(self.storage[key][run, i].cpu().numpy() for key in BUFFER_FIELDS)
 
-    def online_rows(self) -> np.ndarray:
-        """Row indices holding online transitions, oldest first."""
-        m = min(self.n_added, self.capacity)
-        return (self.pointer - m + np.arange(m)) % self.capacity
+    def online_rows(self, run: Optional[int] = None) -> np.ndarray:
+        """Row indices holding online transitions (of run `run`'s ring), oldest first."""
+        capacity, pointer = self.capacities[run or 0], self.pointers[run or 0]
+        m = min(self.n_added, capacity)
+        return (pointer - m + np.arange(m)) % capacity
 
     def _ring(self, key: str, run: Optional[int]) -> torch.Tensor:
         return self.storage[key] if run is None else self.storage[key][run]
 
     def online_state(self, run: Optional[int] = None) -> Dict[str, Any]:
         """The online rows (of run `run` of a stack: a one-run buffer's state)."""
-        rows = self.online_rows()
+        r = run or 0
+        rows = self.online_rows(run)
         index = torch.as_tensor(rows, device=self.device)
-        return {"capacity": self.capacity, "n_data": self.n_data, "n_added": self.n_added, "pointer": self.pointer,
-                "size": self.size, "rows": rows, **{k: self._ring(k, run)[index].cpu() for k in BUFFER_FIELDS}}
+        return {"capacity": self.capacities[r], "n_data": self.n_datas[r], "n_added": self.n_added,
+                "pointer": self.pointers[r], "size": self.sizes[r], "rows": rows,
+                **{k: self._ring(k, run)[index].cpu() for k in BUFFER_FIELDS}}
 
     def load_online_state(self, state: Dict[str, Any], where: str, field: str = "load_model",
                           run: Optional[int] = None) -> None:
         """Puts a checkpoint's online rows back; the ring must be the same, unless it never wrapped."""
-        if state["n_data"] != self.n_data:
+        r = run or 0
+        capacity = self.capacities[r]
+        if state["n_data"] != self.n_datas[r]:
             raise ConfigError(f"field '{field}': {where} was made with a dataset of {state['n_data']} "
-                              f"transitions, this one has {self.n_data}")
+                              f"transitions, this one has {self.n_datas[r]}")
         end = state["n_data"] + state["n_added"]
-        if state["capacity"] != self.capacity and not end <= min(state["capacity"], self.capacity):
+        if state["capacity"] != capacity and not end <= min(state["capacity"], capacity):
             raise ConfigError(f"field '{field}': {where} holds a full replay ring of {state['capacity']} "
-                              f"rows, this run's has {self.capacity} (keep buffer_size and online_iterations)")
+                              f"rows, this run's has {capacity} (keep buffer_size and online_iterations)")
         index = torch.as_tensor(state["rows"], device=self.device)
         for key in BUFFER_FIELDS:
             self._ring(key, run)[index] = state[key].to(self.device)
         self.n_added = state["n_added"]
-        if state["capacity"] == self.capacity:
-            self.pointer, self.size = state["pointer"], state["size"]
-        else:  # it never wrapped: rows [0, end) are filled
-            self.pointer, self.size = end % self.capacity, end
+        if state["capacity"] == capacity:  # else it never wrapped: rows [0, end) are filled
+            self.pointers[r], size = state["pointer"], state["size"]
+        else:
+            self.pointers[r], size = end % capacity, end
+        self._set_sizes([size if i == r else s for i, s in enumerate(self.sizes)])
 
 
 # ======================================================================================
@@ -927,21 +957,21 @@ def evaluate(envs: Union[gym.vector.VectorEnv, List[gym.Env]], actor: TanhGaussi
 
 
 def save_checkpoint(run_dir: Path, step: int, trainer: CQL, buffer: ReplayBuffer, state_mean: np.ndarray,
-                    state_std: np.ndarray, run_state: "RunState", keep: int = 0,
-                    run: Optional[int] = None, prune: bool = True) -> Path:
+                    state_std: np.ndarray, run_state: RunState, keep: int = 0, run: Optional[int] = None,
+                    prune: bool = True, config: Optional[TrainConfig] = None) -> Path:
     """checkpoint_<step>.pt (networks, optimizer, alphas, counters, run_state: what --resume needs) and
     replay_<step>.pt (the online rows: large, so only the newest is kept; older checkpoints load for their
     networks only). Both are written atomically, the replay file first, and old files go (prune_checkpoints)
     only after both are in place: a kill at any moment leaves the newest checkpoint with its replay file.
-    With run (a stack), run `run` in the one-run layout; with prune False a stack prunes once every run has
-    this step's files.
+    With run (a stack), run `run` in the one-run layout with its own config (default: the trainer's with the
+    run's seed); with prune False a stack prunes once every run has this step's files.
     """
     replay = run_dir / f"replay_{step}.pt"
     write_state_file(replay, buffer.online_state(run))
     path = run_dir / f"checkpoint_{step}.pt"
+    own = config or (trainer.config if run is None else run_config(trainer.config, trainer.seeds[run]))
     state = {**(trainer.state_dict() if run is None else trainer.run_state_dict(run)),
-             "state_mean": state_mean, "state_std": state_std,
-             "config": asdict(trainer.config if run is None else run_config(trainer.config, trainer.seeds[run])),
+             "state_mean": state_mean, "state_std": state_std, "config": asdict(own),
              "progress": dict(run_state.progress, online_transitions=buffer.n_added),
              "replay_file": replay.name, "run": run_state.to_dict()}
     write_state_file(path, state)
@@ -961,174 +991,9 @@ def load_checkpoints(paths: List[str], trainer: CQL, buffer: Optional[ReplayBuff
     return states
 
 
-def new_progress() -> Dict[str, Any]:
-    """A run's counters at its start: the checkpoint's 'progress' entry (with online_transitions added)."""
-    return {"iteration": 0, "train_episodes": 0, "train_successes": 0, "eval_success_rates": [], "scores": []}
-
-
-@dataclass
-class RunState(BaseRunState):
-    """A run's checkpoint entries 'run' (BaseRunState: what --resume needs, and an online run's episode in
-    progress and results) and 'progress' (its counters, an entry of its own)."""
-
-    progress: Dict[str, Any] = field(default_factory=new_progress)
-    goal_task: bool = False
-    last_score: Optional[float] = None
-    eval_returns: List[float] = field(default_factory=list)
-    episode: Tuple[Optional[np.ndarray], float, int, bool] = (None, 0.0, 0, False)  # obs, return, length, success
-    env: Optional[Dict[str, Any]] = None  # env_state() of the training env mid-episode
-    env_errors: Tuple[int, int] = (0, 0)  # failed training-env steps: all, and the latest in a row
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The checkpoint's 'run' entry (progress is an entry of its own)."""
-        state = super().to_dict()
-        del state["progress"]
-        if not any(self.env_errors):  # written once a step failed: other checkpoints keep their keys
-            del state["env_errors"]
-        return state
-
-    @classmethod
-    def from_dict(cls, run: Dict[str, Any], progress: Optional[Dict[str, Any]] = None) -> "RunState":
-        state = super().from_dict({k: v for k, v in run.items() if k != "progress"})
-        state.episode, state.env_errors = tuple(state.episode), tuple(state.env_errors)
-        state.progress.update({k: copy.deepcopy(v) for k, v in (progress or {}).items() if k in state.progress})
-        return state
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Dict[str, Any]) -> "RunState":
-        """A checkpoint's run state; one without a 'run' entry (rng None) gives its progress and pending evaluations."""
-        state = cls.from_dict(checkpoint.get("run") or {}, checkpoint.get("progress"))
-        state.pending_evaluations = runs_lib.pending_evaluations(checkpoint)
-        return state
-
-
-def load_replay(path: str, state: Dict[str, Any], buffer: ReplayBuffer, field: str, run: Optional[int] = None
-                ) -> None:
-    """Puts the online rows of checkpoint `path` (its replay file) into the buffer (into run `run`'s ring)."""
-    progress = state["progress"]
-    if progress["online_transitions"] > 0:
-        replay = Path(path).parent / state["replay_file"]
-        if not replay.is_file():
-            raise ConfigError(f"field '{field}': {path} needs its replay file {replay}, which is gone "
-                              f"(a run keeps only its newest checkpoint's replay buffer)")
-        try:
-            online = load_state_file(replay)
-        except ValueError as e:
-            raise ConfigError(f"field '{field}': replay file {replay} is unreadable ({e})") from None
-        if online["n_added"] != progress["online_transitions"]:
-            raise ConfigError(f"field '{field}': replay file {replay} holds {online['n_added']} online transitions, "
-                              f"{path} counts {progress['online_transitions']}")
-        buffer.load_online_state(online, str(replay), field, run)
-
-
 # ======================================================================================
 # Training
 # ======================================================================================
-
-
-def phase_of(step: int, offline_iterations: int) -> Dict[str, int]:
-    """offline_iter or online_iter of the step-th iteration, 0-based within its phase as CORL logs them
-    (its loop index t = step - 1, and t - offline_iterations online)."""
-    if step > offline_iterations:
-        return {"online_iter": step - 1 - offline_iterations}
-    return {"offline_iter": step - 1}
-
-
-@dataclass
-class Run:
-    """One seed's run in train(): its training env with the episode in progress, counters, directory, logger,
-    evaluator and evaluation results. One run is a stack of one."""
-
-    seed: int
-    train_env: TrainingEnv
-    goal_task: bool = False  # success is logged (a goal task, or the env reported a success)
-    dir: Optional[Path] = None
-    logger: Optional[RunLogger] = None
-    evaluator: Optional[Evaluator] = None
-    progress: Dict[str, Any] = field(default_factory=new_progress)
-    last_score: Optional[float] = None
-    eval_returns: List[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.train_env.last_good_checkpoint = self.last_good_checkpoint  # its faults name this run's checkpoint
-
-    def step(self, action: np.ndarray, sparse_reward: bool, ref_min: Optional[float], ref_max: Optional[float],
-             step: int, errors_in_a_row: int) -> Tuple[EnvStep, Dict[str, float]]:
-        """One step of the training env (TrainingEnv.step), and the row of the episode it ended (empty while the
-        episode goes on)."""
-        result, ended = self.train_env.step(action, sparse_reward, step, errors_in_a_row)
-        self.goal_task = self.goal_task or result.success is not None
-        row: Dict[str, float] = {}
-        if ended is not None:
-            episode_return, episode_length, episode_success = ended
-            progress = self.progress
-            progress["train_episodes"] += 1
-            row["train/episode_return"], row["train/episode_length"] = episode_return, episode_length
-            score = normalized_score(episode_return, ref_min, ref_max)
-            if score is not None:
-                row["train/d4rl_normalized_episode_return"] = score
-            if self.goal_task:
-                progress["train_successes"] += int(episode_success)
-                row["train/is_success"] = float(episode_success)
-                row["train/regret"] = 1.0 - progress["train_successes"] / progress["train_episodes"]
-            if result.error is not None:
-                row["train/env_errors"] = self.train_env.errors
-        return result, row
-
-    def log_evaluations(self, finished: List[Tuple[int, np.ndarray, np.ndarray, bool]], ref_min: Optional[float],
-                        ref_max: Optional[float], offline_iterations: int) -> None:
-        for eval_step, (returns, successes, reported) in finished:  # in the background these may come after later rows
-            self.goal_task = self.goal_task or reported
-            self.last_score = normalized_score(returns, ref_min, ref_max)
-            self.eval_returns.append(float(returns.mean()))
-            row = {"eval_return_mean": float(returns.mean()), "eval_return_std": float(returns.std())}
-            if self.last_score is not None:
-                row["eval/d4rl_normalized_score"] = row["d4rl_normalized_score"] = self.last_score
-                self.progress["scores"].append(self.last_score)
-            if self.goal_task and eval_step > offline_iterations:  # as CORL: online evaluations only
-                rates = self.progress["eval_success_rates"]
-                rates.append(float(successes.mean()))
-                row["eval/success_rate"] = float(successes.mean())
-                row["eval/regret"] = float(np.mean([1.0 - r for r in rates]))
-            self.logger.log({**row, **phase_of(eval_step, offline_iterations)}, eval_step)
-
-    def last_good_checkpoint(self) -> str:
-        return last_checkpoint_note(self.dir)
-
-    def run_state(self, rng: Dict[str, Any], metric_sum: torch.Tensor, window: int, skipped_updates: torch.Tensor,
-                  stack: Optional[List[str]]) -> RunState:
-        """This run's state for its checkpoint, with the stack's random streams and metric window."""
-        env = self.train_env
-        return RunState(progress=self.progress, rng=rng, metric_sum=metric_sum, window=window,
-                        skipped_updates=skipped_updates, metrics_rows=self.logger.rows,
-                        pending_evaluations=dict(self.evaluator.pending), stack=stack, goal_task=self.goal_task,
-                        last_score=self.last_score, eval_returns=list(self.eval_returns),
-                        episode=(None if env.obs is None else env.obs.copy(), env.episode_return,
-                                 env.episode_length, env.episode_success),
-                        env=None if env.obs is None else env_state(env.env),
-                        env_errors=(env.errors, env.errors_in_a_row))
-
-    def restore(self, state: RunState, resume: bool) -> None:
-        """Takes a checkpoint's progress and unfinished evaluations (which run again); with resume also its
-        evaluation results and episode in progress, with the training env's state."""
-        self.progress = state.progress
-        for eval_step, weights in sorted(state.pending_evaluations.items()):  # CPU copies, as when submitted
-            self.evaluator.submit(eval_step, {k: v.cpu() for k, v in weights.items()})
-        if not resume:  # load_model: fresh episodes, the random streams not restored
-            return
-        self.goal_task, self.last_score, self.eval_returns = state.goal_task, state.last_score, state.eval_returns
-        env = self.train_env
-        env.obs, env.episode_return, env.episode_length, env.episode_success = state.episode
-        env.errors, env.errors_in_a_row = state.env_errors
-        if state.env is not None:
-            set_env_state(env.env, state.env)
-        elif env.obs is not None:  # the env's state could not be saved: a fresh episode, as after load_model
-            print(f"the training env of seed {self.seed} was not saved (its state is not plain data): the episode of "
-                  f"{env.episode_length} steps in progress at iteration {self.progress['iteration']} is dropped, "
-                  f"a new one starts")
-            env.new_episode(None)
-
-
 def prepare_data(config: TrainConfig, data: Optional[OfflineData], reward_transform: Callable[[Any], np.ndarray],
                  state_dim: int) -> Tuple[int, np.ndarray, np.ndarray]:
     """Transforms the dataset's rewards and normalises its states in place (no dataset: pure online);
@@ -1151,181 +1016,87 @@ def prepare_data(config: TrainConfig, data: Optional[OfflineData], reward_transf
     return len(data.rewards), state_mean, state_std
 
 
-def open_runs(config: TrainConfig, runs: List[Run], trainer: CQL, buffer: ReplayBuffer
-              ) -> Tuple[Optional[List[Dict[str, Any]]], bool]:
-    """Gives each run its directory (with the config) and logger, and loads the checkpoints they start from:
-    with resume each run's newest (a stack: of the newest iteration that every run has one of), with
-    load_model the one that every run starts from. Returns those checkpoints, one per run (None: a fresh
-    start), and whether they resume."""
-    seeds = [run.seed for run in runs]
-    if config.resume:
-        dirs, files = open_run_dirs(config, seeds, dataset_label(config.env), "iteration", runs_lib.replay_missing)
-        states = load_checkpoints([str(f) for f in files], trainer, buffer, field="resume")
-        check_resume(config, dirs, seeds, states, states[0]["progress"]["iteration"])
-        for run_dir, state in zip(dirs, states):
-            for orphan in run_dir.glob("replay_*.pt"):  # written by a kill between the replay and checkpoint writes
-                if orphan.name != state["replay_file"]:
-                    orphan.unlink()
-            keep_lines(run_dir / "metrics.jsonl", state["run"]["metrics_rows"])  # rows after the checkpoint come again
+@dataclass
+class Source:
+    """A member's data side (load_source), made once for the members of the same data (stacks.data_key)."""
+
+    data: Optional[OfflineData]  # normalised, rewards transformed; None: pure online
+    text: str  # what it is, for messages
+    make_train_env: Callable[[], gym.Env]
+    make_eval_env: Callable[[], gym.Env]
+    train_env: Optional[gym.Env]  # made to probe the shapes: the first of its runs takes it
+    probe_env: gym.Env  # an eval env, the evaluators' model
+    max_action: float
+    ref_min: Optional[float]
+    ref_max: Optional[float]
+    goal_task: bool
+    sparse_reward: bool  # antmaze: a positive raw reward is a success
+    reward_transform: Callable[[Any], np.ndarray]
+    n_data: int
+    state_mean: np.ndarray
+    state_std: np.ndarray
+
+
+def load_source(config: TrainConfig) -> Source:
+    """config's dataset (none: pure online) and its training and eval envs, checked against each other; the
+    dataset's rewards transformed and states normalised (prepare_data)."""
+    if is_pure_online(config):
+        data = None
+        goal_in_state = resolve_goal_in_state(config, hdf5=False)
+        make_train_env = make_gym_env(config.env, {}, config.max_episode_steps, goal_in_state)
+        make_eval_env = make_gym_env(config.eval_env or config.env, {}, config.max_episode_steps, goal_in_state)
+        ref_min, ref_max = config.ref_min_score, config.ref_max_score
+        text = f"Gymnasium env {config.env} (no dataset)"
     else:
-        states = load_checkpoints([config.load_model], trainer, buffer) if config.load_model else None
-        dirs, _ = open_run_dirs(config, seeds, dataset_label(config.env))
-    loggers = start_run_logs(config, dirs, seeds, trainer.seeds is not None)
-    for run, run_dir, logger in zip(runs, dirs, loggers):
-        run.dir, run.logger = run_dir, logger
-    return states, bool(config.resume)
+        data = load_dataset(config)
+        make_train_env = make_eval_env = data.make_env
+        ref_min, ref_max, text = data.ref_min_score, data.ref_max_score, data.source
+    print(reference_scores_line(config, text, ref_min, ref_max, "" if data is None else data.ref_origin))
+    env = make_train_env()
+    probe_env = make_eval_env()
+    if data is not None:
+        check_dataset_matches_env(data, probe_env)
+    max_action = action_bound(env, "training env")
+    if action_bound(probe_env, "eval env") != max_action:
+        raise DatasetError(f"eval env: action bound {action_bound(probe_env, 'eval env')} differs from the "
+                           f"training env's {max_action}")
+    outside_line = None if data is None else actions_outside_line(data, max_action)
+    if outside_line:
+        print(outside_line)
+    env_names = (config.env, config.eval_env, env.spec.id if env.spec else None)
+    reward_transform = make_reward_transform(config, data)
+    # the training env gives flat rows (flat_observation_env)
+    n_data, state_mean, state_std = prepare_data(config, data, reward_transform, env.observation_space.shape[0])
+    return Source(data, text, make_train_env, make_eval_env, env, probe_env, max_action, ref_min, ref_max,
+                  is_goal_task(*env_names), any(name and "antmaze" in name.lower() for name in env_names),
+                  reward_transform, n_data, state_mean, state_std)
 
 
-def restore_runs(runs: List[Run], states: Optional[List[Dict[str, Any]]], resumed: bool,
-                 update: fast.UpdateStep) -> int:
-    """Puts the checkpoints' run states into the runs (and, resumed, their metric window into the update
-    step, and the random streams last: from here on the runs draw what the stopped ones would have);
-    returns the window's count of updates."""
-    window = 0
-    run_states = [RunState.from_checkpoint(state) for state in states or []]
-    for i, (run, run_state) in enumerate(zip(runs, run_states)):
-        run.restore(run_state, resumed)
-        if resumed:  # the loop goes on as it would have
-            update.run_metric_sum(i).copy_(run_state.metric_sum)
-            update.skipped_updates.copy_(torch.as_tensor(run_state.skipped_updates))
-            window = run_state.window
-    if resumed:
-        set_rng_states(run_states[0].rng)
-    return window
+def load_sources(members: List[TrainConfig]) -> Dict[Tuple[Any, ...], Source]:
+    """Each distinct data side of the members once (a --seeds stack has one), by data_key; members that cannot
+    share the networks (state or action size, action bound) or that mix pure online with datasets are a
+    ConfigError naming stack_configs."""
+    online = [m for m in members if is_pure_online(m)]
+    if online and len(online) < len(members):
+        other = next(m for m in members if not is_pure_online(m))
+        raise ConfigError(f"field 'stack_configs': {online[0].env} is pure online (no dataset), {other.env} is not: "
+                          f"a stack's members all train on datasets or all without (run them in separate processes)")
+    sources: Dict[Tuple[Any, ...], Source] = {}
+    for member in members:
+        if data_key(member) not in sources:
+            sources[data_key(member)] = load_source(member)
+    first, *others = sources.values()
 
+    def shape(s: Source) -> Tuple[int, int, float]:
+        return s.train_env.observation_space.shape[0], s.train_env.action_space.shape[0], s.max_action
 
-def act(trainer: CQL, runs: List[Run], normalize_state: Callable[[np.ndarray], np.ndarray], warmup: bool,
-        it: int) -> np.ndarray:
-    """One action per run (rows): uniformly random in warmup, else all actors in one call, one host sync."""
-    if warmup:
-        return np.stack([run.train_env.env.action_space.sample() for run in runs])
-    with torch.no_grad():
-        states = torch.as_tensor(np.stack([normalize_state(run.train_env.obs) for run in runs]), device=trainer.device)
-        if trainer.seeds is not None:
-            states = states[:, None]  # each run's actor takes a batch of one
-        noise = trainer.streams.randn(1, trainer.action_dim)  # each run's own stream, as its updates
-        actions = trainer.actor(states, noise)[0].reshape(len(runs), -1).cpu().numpy()
-    if not np.isfinite(actions).all():  # broken weights: stop before the env or the buffer sees it
-        bad = int(np.argwhere(~np.isfinite(actions))[0][0])
-        raise FloatingPointError(f"non-finite action ({actions[bad]}) from the actor"
-                                 + (f" of seed {runs[bad].seed}" if trainer.seeds is not None else "")
-                                 + f" in iteration {it + 1}" + runs[bad].last_good_checkpoint())
-    return actions
-
-
-def step_envs(runs: List[Run], actions: np.ndarray, buffer: ReplayBuffer,
-              normalize_state: Callable[[np.ndarray], np.ndarray], reward_transform: Callable[[Any], np.ndarray],
-              sparse_reward: bool, ref_min: Optional[float], ref_max: Optional[float], step: int = 0,
-              errors_in_a_row: int = 5) -> List[Dict[str, float]]:
-    """Steps every run's env with its action and adds the transitions to the buffer (a stack: one to each run's
-    ring); returns each run's row of the ended episode (empty if none ended). A failed step (step_env) stores
-    nothing of its own: a one-run ring adds no row; a stack's rings move together, so the failed run's row
-    repeats its newest transition, unless the rings are still empty (the stack's first online step, with no
-    dataset): then none adds one."""
-    transitions: List[Optional[Tuple[Any, ...]]] = []
-    rows = []
-    for run, action in zip(runs, actions):
-        obs = run.train_env.obs
-        result, row = run.step(action, sparse_reward, ref_min, ref_max, step, errors_in_a_row)
-        rows.append(row)
-        # A time-limit truncation is not a terminal: the target bootstraps through it.
-        transitions.append(None if result.error is not None else (
-            normalize_state(obs), action, reward_transform(result.reward), normalize_state(result.next_obs),
-            float(result.terminated)))
-    if any(t is None for t in transitions):
-        if not buffer.runs or not buffer.size:
-            return rows
-        transitions = [buffer.newest(i) if t is None else t for i, t in enumerate(transitions)]
-    buffer.add(*(np.stack(column) for column in zip(*transitions)))
-    return rows
-
-
-def window_means(update: fast.UpdateStep, runs: List[Run], window: int, step: int) -> List[Dict[str, float]]:
-    """Each run's metric means over the window of `window` updates that ends at iteration `step`; a window
-    with no kept update or a non-finite mean stops training, naming the last good checkpoint."""
-    stacked = update.metric_sum.dim() > 1  # (metrics, n_seeds) sums
-    run_means = update.take_run_means(window)
-    span = f"{step - window + 1}..{step}"
-    if run_means[0].get("skipped_updates") == window:  # on_nonfinite "skip", and nothing was kept
-        raise FloatingPointError(f"every update in iterations {span} had a non-finite loss or gradient"
-                                 + (" in some run of the stack" if stacked else "") + " (on_nonfinite=skip)"
-                                 + runs[0].last_good_checkpoint())
-    for run, means in zip(runs, run_means):
-        for name, value in means.items():
-            if not math.isfinite(value):
-                raise FloatingPointError(f"non-finite {name} ({value})" + (f" of seed {run.seed}" if stacked else "")
-                                         + f" in iterations {span}" + run.last_good_checkpoint())
-    return run_means
-
-
-def log_evaluations(runs: List[Run], wait: bool, ref_min: Optional[float], ref_max: Optional[float],
-                    offline_iterations: int, bar: Any) -> None:
-    """Logs the evaluations finished since the last call (with wait, all submitted ones) of every run."""
-    finished = [run.evaluator.collect(wait=wait) for run in runs]
-    for run, results in zip(runs, finished):
-        run.log_evaluations(results, ref_min, ref_max, offline_iterations)
-    latest = [run.last_score if run.last_score is not None else run.eval_returns[-1] if run.eval_returns else None
-              for run in runs]
-    if any(finished) and None not in latest:  # a stack shows the mean over its runs
-        bar.set_postfix(score=f"{np.mean(latest):.1f}", refresh=False)  # shown at the next refresh, with a fresh count
-
-
-def save_checkpoints(runs: List[Run], step: int, trainer: CQL, buffer: ReplayBuffer, update: fast.UpdateStep,
-                     window: int, state_mean: np.ndarray, state_std: np.ndarray, keep: int) -> None:
-    """Every run's checkpoint of iteration `step` (a stack: one ordinary checkpoint per run); the old files
-    go only once every run has this iteration's."""
-    if not trainer.parameters_finite():  # never replace good weights with broken ones
-        raise FloatingPointError(f"non-finite network weights after iteration {step}" + runs[0].last_good_checkpoint())
-    stacked = trainer.seeds is not None
-    rng = rng_states()
-    for i, run in enumerate(runs):
-        run.progress["iteration"] = step
-        state = run.run_state(rng, update.run_metric_sum(i).clone(), window, update.skipped_updates.clone(),
-                              [r.dir.name for r in runs] if stacked else None)  # the sibling runs to resume with
-        save_checkpoint(run.dir, step, trainer, buffer, state_mean, state_std, state, run=i if stacked else None,
-                        prune=False)
-    for run in runs:
-        runs_lib.prune_checkpoints(run.dir, run.dir / f"replay_{step}.pt", keep)
-
-
-def summarize(runs: List[Run], trainer: CQL, buffer: ReplayBuffer, total: int, elapsed: float, load_seconds: float,
-              eval_seconds: float, first: int = 0) -> Dict[str, Any]:
-    """train()'s summary, printed in one line with every run's normalized score; first: the iteration a resumed
-    process started from (its time counts the iterations after it)."""
-    stacked = trainer.seeds is not None
-    summaries = [{"seed": run.seed, "run_dir": str(run.dir), "last_score": run.last_score,
-                  "best_score": max(run.progress["scores"]) if run.progress["scores"] else None,
-                  "eval_returns": run.eval_returns, "train_episodes": run.progress["train_episodes"],
-                  "env_errors": run.train_env.errors} for run in runs]
-    summary = {"iterations": total, "updates": trainer.total_it, "seconds": elapsed, "load_seconds": load_seconds,
-               "eval_seconds": eval_seconds, "cql_alpha": float(trainer.cql_alpha),
-               "online_transitions": buffer.n_added}
-    if stacked:
-        summary = {"runs": summaries, "run_dirs": [s["run_dir"] for s in summaries], **summary}
-    else:
-        summary = {"run_dir": summaries[0]["run_dir"], **summary,
-                   **{k: v for k, v in summaries[0].items() if k not in ("seed", "run_dir")}}
-    last = [run.last_score for run in runs]
-    if None not in last and not stacked:
-        score_text = f"normalized score last {last[0]:.1f}, best {summaries[0]['best_score']:.1f}"
-    elif None not in last:
-        score_text = (f"normalized score last {np.mean(last):.1f} +- {np.std(last):.1f} over {len(runs)} seeds "
-                      f"({', '.join(f'{v:.1f}' for v in last)})")
-    elif all(run.eval_returns for run in runs):
-        score_text = "eval return last " + ", ".join(f"{run.eval_returns[-1]:.1f}" for run in runs)
-    else:
-        score_text = "no evaluation"
-    metrics = runs[0].logger.path if not stacked else f"metrics.jsonl of each run dir in {runs[0].dir.parent}"
-    each = f" each, {len(runs)} runs" if stacked else ""
-    eval_share = 100 * eval_seconds / max(elapsed + load_seconds, 1e-9)
-    env_errors = [s["env_errors"] for s in summaries]
-    failed = (f"; the training env failed {' + '.join(map(str, env_errors))} steps (their episodes ended as "
-              f"truncated, see train/env_errors)" if any(env_errors) else "")
-    resumed = f", {total - first} in this process, resumed at iteration {first}" if first else ""
-    print(f"done: {total} iterations ({trainer.total_it} updates{each}{resumed}) in {elapsed:.0f} s (evaluation "
-          f"held training up {eval_seconds:.1f} s, {eval_share:.1f}% of the run; set-up {load_seconds:.0f} s), "
-          f"{score_text}{failed}; metrics in {metrics}")
-    return summary
+    for other in others:
+        if shape(other) != shape(first):
+            raise ConfigError(f"field 'stack_configs': {other.text} has state {shape(other)[0]}, action "
+                              f"{shape(other)[1]} (bound {shape(other)[2]}), {first.text} state {shape(first)[0]}, "
+                              f"action {shape(first)[1]} (bound {shape(first)[2]}): a stack's members share the "
+                              f"networks")
+    return sources
 
 
 @releasing_run_dir_locks
@@ -1342,58 +1113,43 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     fast.keep_freed_host_memory(device)  # CPU: no page faults for each update's tensors
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     set_seed(config.seed)
-    pure_online = is_pure_online(config)
-    if pure_online:
-        data = None
-        goal_in_state = resolve_goal_in_state(config, hdf5=False)
-        make_train_env = make_gym_env(config.env, {}, config.max_episode_steps, goal_in_state)
-        make_eval_env = make_gym_env(config.eval_env or config.env, {}, config.max_episode_steps, goal_in_state)
-        ref_min, ref_max = config.ref_min_score, config.ref_max_score
-        source = f"Gymnasium env {config.env} (no dataset)"
-    else:
-        data = load_dataset(config)
-        make_train_env = make_eval_env = data.make_env
-        ref_min, ref_max, source = data.ref_min_score, data.ref_max_score, data.source
-    print(reference_scores_line(config, source, ref_min, ref_max, "" if data is None else data.ref_origin))
-    env = make_train_env()
-    probe_env = make_eval_env()
-    if data is not None:
-        check_dataset_matches_env(data, probe_env)
-    max_action = action_bound(env, "training env")
-    if action_bound(probe_env, "eval env") != max_action:
-        raise DatasetError(f"eval env: action bound {action_bound(probe_env, 'eval env')} differs from the "
-                           f"training env's {max_action}")
-    outside_line = None if data is None else actions_outside_line(data, max_action)
-    if outside_line:
-        print(outside_line)
-    state_dim = env.observation_space.shape[0]  # the training env gives flat rows (flat_observation_env)
-    action_dim = env.action_space.shape[0]
-    env_names = (config.env, config.eval_env, env.spec.id if env.spec else None)
-    goal_task = is_goal_task(*env_names)
-    sparse_reward = any(name and "antmaze" in name.lower() for name in env_names)
-
-    reward_transform = make_reward_transform(config, data)
-    n_data, state_mean, state_std = prepare_data(config, data, reward_transform, state_dim)
-    # The ring never holds more than the dataset plus every online transition: no larger allocation.
-    capacity = max(1, min(config.buffer_size, n_data + config.online_iterations))
-    seeds = run_seeds(config)  # before any run directory or ring: a stack too large for the process stops here
+    members = stack_members(config, lambda path: parse_config(["--config_path", path]))
+    stacked = members is not None  # a stack of runs (--seeds, --stack_configs): each its own config and data side
+    members = members or [config]
+    sources = load_sources(members)
+    first = sources[data_key(members[0])]
+    state_dim, action_dim, max_action = (first.train_env.observation_space.shape[0],
+                                         first.train_env.action_space.shape[0], first.max_action)
+    # A ring never holds more than its dataset plus every online transition: no larger allocation.
+    capacities = [max(1, min(config.buffer_size, sources[data_key(m)].n_data + config.online_iterations))
+                  for m in members]
+    seeds = [m.seed for m in members] if stacked else None  # before any run directory or ring: too large stops
     check_stack_resources(config, seeds, device, partial(CQL, config, state_dim, action_dim, max_action,
-                                   torch.device("cpu")), state_dim, action_dim, capacity)
-    stacked = seeds is not None  # a stack of runs: its batches and noise come from the one stream of config.seed
-    runs = [Run(seed, TrainingEnv(env if i == 0 else make_train_env(), seed), goal_task=goal_task)
-            for i, seed in enumerate(seeds or [config.seed])]
-    buffer = ReplayBuffer(capacity, state_dim, action_dim, device, runs=(len(runs),) if stacked else ())
-    if data is not None:
-        buffer.load_dataset({key: getattr(data, key) for key in BUFFER_FIELDS})
+                                   torch.device("cpu")), state_dim, action_dim, max(capacities))
+    runs = []
+    for member in members:
+        source = sources[data_key(member)]
+        env, source.train_env = source.train_env or source.make_train_env(), None
+        runs.append(Run(member, TrainingEnv(env, member.seed), source.state_mean, source.state_std,
+                        source.reward_transform, source.sparse_reward, source.ref_min, source.ref_max,
+                        source.goal_task))
+    buffer = ReplayBuffer(capacities if stacked else capacities[0], state_dim, action_dim, device,
+                          runs=(len(runs),) if stacked else ())
+    for i, member in enumerate(members):  # each run's dataset into its own ring (one source: into all at once)
+        data = sources[data_key(member)].data
+        if data is not None and (len(sources) > 1 or i == 0):
+            buffer.load_dataset({key: getattr(data, key) for key in BUFFER_FIELDS}, i if len(sources) > 1 else None)
     trainer = CQL(config, state_dim, action_dim, max_action, device,
                   capturable=config.cudagraphs and device.type == "cuda", seeds=seeds)
-    states, resumed = open_runs(config, runs, trainer, buffer)
-    if states is not None:
-        state_mean, state_std = states[0]["state_mean"], states[0]["state_std"]
-    where = (f"run dir {runs[0].dir}" if not stacked else f"{len(runs)} runs (seeds "
-             f"{', '.join(str(r.seed) for r in runs)}), run dirs {', '.join(str(r.dir) for r in runs)}")
-    print(f"CQL on {source}: {buffer.size} transitions in a ring of {capacity}{' each' if stacked else ''}, "
-          f"state {state_dim}, action {action_dim}, device {device}, {where}"
+    states, resumed = open_runs(config, runs, stacked, lambda paths, field: load_checkpoints(paths, trainer, buffer,
+                                                                                            field))
+    which = f"seeds {', '.join(str(r.seed) for r in runs)}" if len(sources) == 1 else f"{len(sources)} datasets"
+    where = (f"run dir {runs[0].dir}" if not stacked else f"{len(runs)} runs ({which}), run dirs "
+             f"{', '.join(str(r.dir) for r in runs)}")
+    ring = (f"{buffer.sizes[0]} transitions in a ring of {buffer.capacity}{' each' if stacked else ''}"
+            if len(sources) == 1 else f"{'/'.join(map(str, buffer.sizes))} transitions in rings of {buffer.capacity}")
+    print(f"CQL on {first.text if len(sources) == 1 else f'{len(sources)} datasets'}: {ring}, state {state_dim}, "
+          f"action {action_dim}, device {device}, {where}"
           + (f", resumed at iteration {states[0]['progress']['iteration']}" if resumed else ""))
 
     use_compile = fast.resolve_compile(config.compile, device)
@@ -1401,16 +1157,19 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     background = device.type == "cuda" if config.background_eval is None else config.background_eval
     with torch.random.fork_rng(devices=[]):  # a stack's one-run actor for the evaluators, aside from the stream
         template = TanhGaussianActor(state_dim, action_dim, max_action) if stacked else trainer.actor
-    episodes = partial(evaluate, sparse_reward=sparse_reward)
     for run in runs:  # episode j of every evaluation is seeded the run's seed + j (as CORL reseeds), or eval_seed + j
         eval_seed = run.seed if config.eval_seed is None else config.eval_seed
-        run.evaluator = Evaluator(probe_env, make_eval_env, config.n_episodes, episodes,
-                                  (eval_seed, state_mean, state_std), template, background, run.dir.name,
+        source = sources[data_key(run.config)]
+        run.evaluator = Evaluator(source.probe_env, source.make_eval_env, config.n_episodes,
+                                  partial(evaluate, sparse_reward=run.sparse_reward),
+                                  (eval_seed, run.state_mean, run.state_std), template, background, run.dir.name,
                                   run.last_good_checkpoint)
-    probe_env.close()
+    for source in sources.values():
+        source.probe_env.close()
     window = restore_runs(runs, states, resumed, update)
     if resumed:
         trainer.streams.resume(states)
+    pure_online = is_pure_online(members[0])
     total = config.offline_iterations + config.online_iterations
     start_it = runs[0].progress["iteration"]
     trainer.cql_alpha = config.cql_alpha if start_it < config.offline_iterations else config.cql_alpha_online
@@ -1420,9 +1179,6 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     bar = tqdm(range(start_it, total), desc="CQL" + (f" x{len(runs)}" if stacked else ""), unit="it",
                dynamic_ncols=True, initial=start_it, total=total,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay short when not a terminal
-
-    def normalize_state(obs: np.ndarray) -> np.ndarray:
-        return ((obs - state_mean) / state_std).astype(np.float32)
 
     if on_iteration is not None:
         on_iteration(start_it, runs, trainer)
@@ -1438,9 +1194,8 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
                 if run.train_env.obs is None:  # the first online iteration, or the first after a resume
                     run.train_env.reset(run.seed + online_it)
             warmup = pure_online and online_it < config.warmup_steps
-            actions = act(trainer, runs, normalize_state, warmup, it)
-            rows = step_envs(runs, actions, buffer, normalize_state, reward_transform, sparse_reward, ref_min, ref_max,
-                             it + 1, config.env_errors_in_a_row)
+            actions = act(trainer, runs, warmup, it)
+            rows = step_envs(runs, actions, buffer, it + 1, config.env_errors_in_a_row)
         if not warmup:
             update()
             window += 1
@@ -1459,14 +1214,13 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
                 run.evaluator.submit(step, actor_weights(trainer.actor, i if stacked else None))
             eval_seconds += time.time() - eval_start
         if step % config.eval_freq == 0 or step % config.log_freq == 0 or step == total:
-            log_evaluations(runs, False, ref_min, ref_max, config.offline_iterations, bar)
+            log_evaluations(runs, False, config.offline_iterations, bar)
         if on_iteration is not None:
             on_iteration(step, runs, trainer)
         if config.checkpoints_path and (step % checkpoint_freq == 0 or step == total or signals.caught):
-            save_checkpoints(runs, step, trainer, buffer, update, window, state_mean, state_std,
-                             config.keep_checkpoints)
+            save_checkpoints(runs, step, trainer, buffer, update, window, config.keep_checkpoints, save_checkpoint)
     eval_start = time.time()
-    log_evaluations(runs, True, ref_min, ref_max, config.offline_iterations, bar)
+    log_evaluations(runs, True, config.offline_iterations, bar)
     eval_seconds += time.time() - eval_start
     for run in runs:
         run.evaluator.close()
@@ -1474,7 +1228,8 @@ def train(config: TrainConfig, on_iteration: Optional[Callable[[int, List[Run], 
     bar.close()
     for run in runs:
         run.logger.close()
-    return summarize(runs, trainer, buffer, total, time.time() - start, load_seconds, eval_seconds, start_it)
+    return summarize(runs, stacked, total, trainer.total_it, time.time() - start, load_seconds, eval_seconds, start_it,
+                     cql_alpha=float(trainer.cql_alpha), online_transitions=buffer.n_added)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -6,6 +6,7 @@ import torch
 
 import algorithms.finetune.cql as finetune
 import algorithms.offline.cql as offline
+from algorithms.common.online import new_progress
 
 COMMON = {"rng": {"torch": torch.get_rng_state()}, "metric_sum": torch.arange(3.0), "window": 7,
           "skipped_updates": torch.tensor(2.0), "metrics_rows": 12, "pending_evaluations": {40: {"w": torch.ones(2)}}}
@@ -49,4 +50,4 @@ def test_finetune_checkpoint_gives_progress_and_pending_evaluations_of_either_la
     assert state.progress["scores"] is not progress["scores"]  # a copy: the run appends to its own
     loaded = finetune.RunState.from_checkpoint({"progress": progress, "run": None})  # load_model only
     assert loaded.rng is None and loaded.pending_evaluations == {} and loaded.progress["iteration"] == 30
-    assert finetune.RunState().progress == finetune.new_progress() and finetune.RunState().episode[0] is None
+    assert finetune.RunState().progress == new_progress() and finetune.RunState().episode[0] is None
