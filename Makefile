@@ -1,5 +1,5 @@
 # make test | make grid [CONFIGS=... SEEDS="0 1" JOBS=2 ARGS="--max_timesteps=1000"] | make grid-minari [...] | make results [RUNS=runs]
-# make table [TF32=true ARGS=...]: CORL's offline locomotion table (18 configs x 4 seeds, in stacks) into runs/table
+# make table [TF32=false ARGS=...]: CORL's offline locomotion table (18 configs x 4 seeds, in stacks, TF32) into runs/table
 PYTHON ?= python
 # CORL's offline locomotion benchmark: halfcheetah, hopper, walker2d x 6 D4RL datasets.
 LOCOMOTION := $(sort $(wildcard configs/offline/cql/halfcheetah/*_v2.yaml configs/offline/cql/hopper/*_v2.yaml configs/offline/cql/walker2d/*_v2.yaml))
@@ -11,7 +11,7 @@ JOBS ?= 1
 PROGRAM ?= algorithms/offline/cql.py
 ARGS ?=
 RUNS ?= runs
-TF32 ?= false
+TF32 ?= true
 
 .PHONY: test grid grid-minari table results lint-dockerfile
 

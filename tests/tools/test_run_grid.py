@@ -217,7 +217,7 @@ def test_make_table_runs_the_locomotion_grid_in_stacks_then_the_results():
     grid, results = [shlex.split(line) for line in done.stdout.replace("\\\n", " ").splitlines()]
     assert grid[1:3] == ["scripts/run_grid.py", "--program"] and grid[grid.index("--configs") + 1:][:18] == LOCOMOTION
     assert " ".join(grid[grid.index("--seeds"):]).endswith(
-        "--seeds 0 1 2 3 --stack yes --out runs/table -- --tf32=false --max_timesteps=10")
+        "--seeds 0 1 2 3 --stack yes --out runs/table -- --tf32=true --max_timesteps=10")  # the table's precision
     assert results[1:] == ["tools/results.py", "runs/table", "--csv", "runs/table/results.csv", "--plots",
                            "runs/table/plots"]
 
