@@ -353,7 +353,7 @@ def test_wandb_mode_env_disabled_needs_no_wandb_package(tmp_path, monkeypatch):
     # wandb's own WANDB_MODE=disabled is obeyed when the config leaves wandb_mode open, so a machine
     # without the wandb package can train; without it, the logger does try to import wandb. Both scripts
     # log through algorithms.common.runs' RunLogger: tested once.
-    assert cql.RunLogger is importlib.import_module("algorithms.finetune.cql").RunLogger is runs.RunLogger
+    assert cql.RunLogger is importlib.import_module("algorithms.common.online").RunLogger is runs.RunLogger
     monkeypatch.setitem(sys.modules, "wandb", None)  # "import wandb" now raises ImportError
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "disabled")
