@@ -14,8 +14,9 @@ G runs of nearly equal length, one per GPU (each GPU trains about as many member
 its GPU (CUDA_VISIBLE_DEVICES), and the processes of one GPU run one after another.
 
 Re-running a grid on the same --out goes on where it stopped: a group whose runs all hold the checkpoint of
-their last update is skipped, one with checkpoints resumes (`--resume=<a run dir>`), one without starts
-afresh (a group's folder is named by its first config and --gpus' cuts: re-run with the same --gpus).
+their last update (or of the --max_timesteps given after `--`, which lengthens a finished grid) is
+skipped, one with checkpoints resumes (`--resume=<a run dir>`), one without starts afresh (a group's
+folder is named by its first config and --gpus' cuts: re-run with the same --gpus).
 Resuming needs checkpoints: the scripts write them because --out sets checkpoints_path. A second
 grid on an --out in use is refused (exit 2). With --stack no each config x seed runs alone, `--config_path X
 --seed S <args after -->`, --jobs at a time, without checkpoints_path. Logs go to <out>/logs/; a tqdm bar
@@ -238,10 +239,26 @@ def last_update(config: Dict[str, Any]) -> int:
     return config.get("max_timesteps", config.get("offline_iterations", 0) + config.get("online_iterations", 0))
 
 
-def group_state(folder: Path, members: collections.Counter) -> Tuple[str, Optional[Path]]:
+LENGTH_FIELDS = ("max_timesteps", "offline_iterations", "online_iterations")
+
+
+def length_overrides(extra: List[str]) -> Dict[str, int]:
+    """The run-length fields the arguments after `--` set (--max_timesteps=N or --max_timesteps N)."""
+    found: Dict[str, int] = {}
+    for i, token in enumerate(extra):
+        key, has_value, value = token.lstrip("-").replace("-", "_").partition("=")
+        value = value if has_value else (extra[i + 1] if i + 1 < len(extra) else "")
+        if token.startswith("--") and key in LENGTH_FIELDS and value.lstrip("-").isdigit():
+            found[key] = int(value)
+    return found
+
+
+def group_state(folder: Path, members: collections.Counter, lengths: Optional[Dict[str, int]] = None
+                ) -> Tuple[str, Optional[Path]]:
     """("done", None), ("resume", a run dir with checkpoints) or ("fresh", None) for a group whose run
-    directories go to folder; members: its (env, seed) pairs. A stack there counts when its run directories'
-    config.yaml files hold exactly these pairs (another grid's, e.g. of other seeds, is left alone)."""
+    directories go to folder; members: its (env, seed) pairs; lengths: run lengths set on the command line (a
+    longer one resumes a finished stack). A stack there counts when its run directories' config.yaml files hold
+    exactly these pairs (another grid's, e.g. of other seeds, is left alone)."""
     stacks = set()
     for run_dir in sorted(folder.iterdir()) if folder.is_dir() else []:
         if (run_dir / "config.yaml").is_file():
@@ -253,7 +270,8 @@ def group_state(folder: Path, members: collections.Counter) -> Tuple[str, Option
         configs = [read_yaml(d / "config.yaml") for d in dirs]
         if collections.Counter((c.get("env"), c.get("seed")) for c in configs) != members:
             continue
-        if all((d / f"checkpoint_{last_update(c)}.pt").is_file() for d, c in zip(dirs, configs)):
+        if all((d / f"checkpoint_{last_update({**c, **(lengths or {})})}.pt").is_file()
+               for d, c in zip(dirs, configs)):
             return "done", None
         for d in dirs:
             files = checkpoint_files(d)
@@ -277,7 +295,7 @@ def stack_jobs(args: argparse.Namespace, extra: List[str], gpus: int) -> Tuple[L
         names.add(name)
         env = defaults.get("env", (None, None))[1]
         members = collections.Counter((read[c].get("env", env), seed) for c in configs for seed in args.seeds)
-        state, run_dir = group_state(args.out / name, members)
+        state, run_dir = group_state(args.out / name, members, length_overrides(extra))
         if state == "done":
             finished.append(name)
             continue

@@ -92,6 +92,12 @@ def test_dims_of_an_hdf5_file_and_of_eval_env(hopper_hdf5):
 
 
 # ------------------------------------------------------------------ over GPUs
+def test_length_overrides_read_both_argument_forms():
+    assert run_grid.length_overrides(["--max_timesteps=70", "--online_iterations", "5", "--tf32=true"]) == {
+        "max_timesteps": 70, "online_iterations": 5}
+    assert run_grid.length_overrides(["--max_timesteps", "--x"]) == {}
+
+
 @pytest.mark.parametrize("gpus", [1, 2, 3, 4, 8])
 def test_spread_balances_members_over_gpus(gpus):
     seeds = 4
@@ -255,3 +261,6 @@ def test_a_two_config_two_seed_grid_is_one_process_with_four_run_dirs_and_a_row_
     assert run_grid.main(options) == 0
     assert all((d / "checkpoint_40.pt").is_file() for d in run_dirs)
     assert all("resumes.jsonl" in {p.name for p in d.iterdir()} for d in run_dirs)
+    # a longer run asked for after `--` resumes the finished stack to it
+    assert run_grid.main([o if o != "--max_timesteps=40" else "--max_timesteps=60" for o in options]) == 0
+    assert all((d / "checkpoint_60.pt").is_file() for d in run_dirs)
