@@ -29,13 +29,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional
 
-import gymnasium as gym
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from algorithms.common.config import ConfigError, run_seeds  # noqa: E402
 from algorithms.common.data import LOCOMOTION_ENVS  # noqa: E402
+from scripts.run_grid import env_dims  # noqa: E402
 from tools.rollouts import random_transitions, write_d4rl_hdf5  # noqa: E402
 
 KINDS = ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")
@@ -51,14 +51,6 @@ def dataset_name(task: str, kind: str) -> str:
 
 def corl_config(task: str, kind: str) -> Path:
     return ROOT / "configs" / "offline" / "cql" / task / f"{kind.replace('-', '_')}_v2.yaml"
-
-
-def env_dims(task: str) -> tuple:
-    """The Gymnasium id of task's eval env, its state and action dims."""
-    env = gym.make(LOCOMOTION_ENVS[task][0])
-    dims = (env.spec.id, env.observation_space.shape[0], env.action_space.shape[0])
-    env.close()
-    return dims
 
 
 def write_dataset(path: Path, task: str, transitions: int, seed: int) -> Path:
@@ -164,7 +156,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             command = stack_command(args.python, configs, args.seeds, args.updates, work, extra)
             if args.dry_run:
                 for task in GROUPS[group]:
-                    env_id, state_dim, action_dim = env_dims(task)
+                    env_id, kwargs = LOCOMOTION_ENVS[task]
+                    state_dim, action_dim = env_dims(env_id, tuple(kwargs.items()))
                     print(f"data: {len(KINDS)} files {work}/data/{task}-<kind>-v2.hdf5, {args.transitions} "
                           f"random-action steps of {env_id} each (state {state_dim}, action {action_dim})")
                 print(f"{group} ({len(configs)} configs x {n_seeds} seeds): {shlex.join(command)}")

@@ -310,6 +310,11 @@ class StackRecord:
     stack_configs: Optional[str] = None  # the config files of a stack of several configs, as given
 
 
+def listed_files(text: Optional[str]) -> List[str]:
+    """A comma-separated list of files as given (stack_configs: "a.yaml, b.yaml" -> [a.yaml, b.yaml])."""
+    return [file.strip() for file in (text or "").split(",") if file.strip()]
+
+
 def run_config(config: Any, seed: int) -> Any:
     """The config of the run with this seed alone, as its config.yaml and checkpoints record it:
     --config_path of it trains that seed from the start (no seeds, no resume)."""
@@ -362,7 +367,7 @@ def parse_config(argv: List[str], config_class: type, check: Callable[[Any], Non
     config_path = overrides.pop("config_path", None)
     values: Dict[str, Any] = {}
     sources: List[Tuple[str, str, Set[str], Set[str]]] = []  # YAML files in order: what, path, keys allowed, needed
-    stack_files = [f.strip() for f in overrides.get("stack_configs", "").split(",") if f.strip()]
+    stack_files = listed_files(overrides.get("stack_configs"))
     if config_path is None and stack_files:  # a stack of configs: the first is the base of the fields they share
         config_path = stack_files[0]
     elif config_path is not None and "stack_configs" in overrides:

@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -591,9 +591,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def open_run_dirs(config: Any, seeds: List[int], label: Union[str, List[str]], unit: str = "update",
+def open_run_dirs(config: Any, seeds: List[int], labels: List[str], unit: str = "update",
                   usable: Usable = lambda path, state: None) -> Tuple[List[Path], List[Path]]:
-    """Each run's run directory (label: the dataset's, or a list of each run's), locked before anything in it
+    """Each run's run directory (labels: each run's dataset label), locked before anything in it
     changes (a second process stops here), and with config.resume the checkpoints to continue from: the stopped
     stack's directories and their newest checkpoint of one `unit` that all have, temporary files of writes a kill
     interrupted removed. Else new directories <name>-<label>-<seed>-<id> under checkpoints_path (or log_dir), and
@@ -607,7 +607,6 @@ def open_run_dirs(config: Any, seeds: List[int], label: Union[str, List[str]], u
         dirs = [file.parent for file in files]
     else:
         root = Path(config.checkpoints_path or config.log_dir)
-        labels = label if isinstance(label, list) else [label] * len(seeds)
         dirs = [root / f"{config.name}-{label}-{seed}-{uuid.uuid4().hex[:8]}" for label, seed in zip(labels, seeds)]
     for run_dir in dirs:
         make_run_dir(run_dir, config)

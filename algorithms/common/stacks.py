@@ -12,7 +12,16 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from algorithms.common.config import MAX_RUNS, STACK_RECORD, ConfigError, read_yaml_file, run_config, run_seeds, shown
+from algorithms.common.config import (
+    MAX_RUNS,
+    STACK_RECORD,
+    ConfigError,
+    listed_files,
+    read_yaml_file,
+    run_config,
+    run_seeds,
+    shown,
+)
 from algorithms.common.data import dataset_label
 
 # What members of one stack may set each their own way; every other field is the stack's.
@@ -28,9 +37,28 @@ def data_key(config: Any) -> Tuple[Any, ...]:
     return tuple(getattr(config, name) for name in MEMBER_FIELDS if name not in RUN_LABELS)
 
 
+def prepare_members(members: List[Any], prepare: Callable[[Any], Any], shape: Callable[[Any], Tuple[int, int, float]],
+                    what: Callable[[Any], str]) -> Dict[Tuple[Any, ...], Any]:
+    """prepare(member) of each distinct data side once (a --seeds stack has one), by data_key; a ConfigError naming
+    stack_configs when two cannot share the networks: shape(prepared) = (state size, action size, action bound)
+    differs, what(prepared) naming each in the message."""
+    prepared: Dict[Tuple[Any, ...], Any] = {}
+    for member in members:
+        if data_key(member) not in prepared:
+            prepared[data_key(member)] = prepare(member)
+    first, *others = prepared.values()
+    for other in others:
+        if shape(other) != shape(first):
+            (state, action, bound), (state_0, action_0, bound_0) = shape(other), shape(first)
+            raise ConfigError(f"field 'stack_configs': {what(other)} has state {state}, action {action} (bound "
+                              f"{bound}), {what(first)} state {state_0}, action {action_0} (bound {bound_0}): a "
+                              f"stack's members share the networks")
+    return prepared
+
+
 def stack_config_files(config: Any) -> List[str]:
     """The stack_configs field as a list of files ("a.yaml,b.yaml" -> [a.yaml, b.yaml]), each checked to exist."""
-    files = [f.strip() for f in (config.stack_configs or "").split(",") if f.strip()]
+    files = listed_files(config.stack_configs)
     if not files:
         raise ConfigError(f"field 'stack_configs' expects config files like a.yaml,b.yaml, got "
                           f"{shown(config.stack_configs)}")
@@ -67,13 +95,14 @@ def stack_members(config: Any, read_config: Callable[[str], Any]) -> Optional[Li
     if len(files) * len(seeds or [0]) > MAX_RUNS:
         raise ConfigError(f"fields 'stack_configs' and 'seeds': at most {MAX_RUNS} runs in one process, "
                           f"got {len(files)} x {len(seeds or [0])}")
-    first = read_config(base)
+    parsed = {file: read_config(file) for file in dict.fromkeys([base, *files])}  # each file once
+    first = parsed[base]
     overrides = {f.name: getattr(config, f.name) for f in fields(config)
                  if f.name not in STACK_ONLY and getattr(config, f.name) != getattr(first, f.name)}
     overrides.pop("seed", None)  # seeds (or, resumed, each member's own config) set each member's seed
     members = []
     for file in files:
-        own = replace(read_config(file), **overrides)
+        own = replace(parsed[file], **overrides)
         members += [run_config(own, seed) for seed in (seeds or [own.seed])]
     check_members(members, [f for f in files for _ in (seeds or [0])])
     return members

@@ -55,7 +55,7 @@ from algorithms.common.process import (  # noqa: E402
     StopSignals, check_stack_resources, run_main, stopping_on_signals, zero_tensors)
 from algorithms.common.runs import (  # noqa: E402
     releasing_run_dir_locks, resolve_device, set_seed, write_state_file)
-from algorithms.common.stacks import data_key, stack_members  # noqa: E402
+from algorithms.common.stacks import data_key, prepare_members, stack_members  # noqa: E402
 
 
 # ======================================================================================
@@ -1081,22 +1081,9 @@ def load_sources(members: List[TrainConfig]) -> Dict[Tuple[Any, ...], Source]:
         other = next(m for m in members if not is_pure_online(m))
         raise ConfigError(f"field 'stack_configs': {online[0].env} is pure online (no dataset), {other.env} is not: "
                           f"a stack's members all train on datasets or all without (run them in separate processes)")
-    sources: Dict[Tuple[Any, ...], Source] = {}
-    for member in members:
-        if data_key(member) not in sources:
-            sources[data_key(member)] = load_source(member)
-    first, *others = sources.values()
-
-    def shape(s: Source) -> Tuple[int, int, float]:
-        return s.train_env.observation_space.shape[0], s.train_env.action_space.shape[0], s.max_action
-
-    for other in others:
-        if shape(other) != shape(first):
-            raise ConfigError(f"field 'stack_configs': {other.text} has state {shape(other)[0]}, action "
-                              f"{shape(other)[1]} (bound {shape(other)[2]}), {first.text} state {shape(first)[0]}, "
-                              f"action {shape(first)[1]} (bound {shape(first)[2]}): a stack's members share the "
-                              f"networks")
-    return sources
+    return prepare_members(members, load_source, lambda s: (s.train_env.observation_space.shape[0],
+                                                           s.train_env.action_space.shape[0], s.max_action),
+                           lambda s: s.text)
 
 
 @releasing_run_dir_locks

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 if __package__ in (None, ""):  # run as a file (python algorithms/offline/cql.py): the repository root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -34,7 +34,7 @@ from algorithms.common import config as strict  # noqa: E402
 from algorithms.common import fast  # noqa: E402
 from algorithms.common.config import (  # noqa: E402
     MAX_HIDDEN_LAYERS, MAX_SAMPLED_ACTIONS, MAX_STEPS, NON_NEGATIVE, POSITIVE, RUN_BOUNDS, RUN_LIMITS, ConfigError,
-    DatasetError, run_config)
+    DatasetError)
 from algorithms.common.data import (  # noqa: E402
     OfflineData, action_bound, actions_outside_line, check_dataset_matches_env, dataset_label, load_dataset,
     normalized_score, reference_scores_line, return_range)
@@ -44,7 +44,7 @@ from algorithms.common.runs import RunState as BaseRunState  # noqa: E402
 from algorithms.common.runs import (  # noqa: E402
     RunLogger, check_resume, checkpoint_files, keep_lines, last_checkpoint_note, load_checkpoints, open_run_dirs,
     releasing_run_dir_locks, resolve_device, rng_states, set_rng_states, set_seed, start_run_logs, write_state_file)
-from algorithms.common.stacks import data_key, stack_members, summarize  # noqa: E402
+from algorithms.common.stacks import data_key, prepare_members, stack_members, summarize  # noqa: E402
 from algorithms.common.process import StopSignals, check_stack_resources, run_main, stopping_on_signals  # noqa: E402
 
 
@@ -163,9 +163,18 @@ def normalize_rewards(data: OfflineData, config: TrainConfig, max_episode_steps:
                           f"({config.reward_bias:g}): {data.source}'s rewards overflow float32 once scaled by them")
 
 
-def prepare_data(config: TrainConfig) -> Tuple[OfflineData, np.ndarray, np.ndarray, float, gym.Env]:
-    """config's dataset checked against its eval env, rewards transformed and states normalised; the states'
-    mean and std, the eval env's action bound, and that env (for the evaluators)."""
+class Prepared(NamedTuple):
+    """A member's data side (prepare_data), made once for the members of the same data (stacks.data_key)."""
+
+    data: OfflineData  # rewards transformed, states normalised
+    state_mean: np.ndarray
+    state_std: np.ndarray
+    max_action: float  # the eval env's action bound
+    probe_env: gym.Env  # an eval env, the evaluators' model
+
+
+def prepare_data(config: TrainConfig) -> Prepared:
+    """config's dataset checked against its eval env, rewards transformed and states normalised."""
     data = load_dataset(config)
     print(reference_scores_line(config, data.source, data.ref_min_score, data.ref_max_score, data.ref_origin))
     probe_env = data.make_env()
@@ -184,7 +193,7 @@ def prepare_data(config: TrainConfig) -> Tuple[OfflineData, np.ndarray, np.ndarr
         state_mean, state_std = data.observations.mean(0), data.observations.std(0) + 1e-3
     data.observations = ((data.observations - state_mean) / state_std).astype(np.float32)
     data.next_observations = ((data.next_observations - state_mean) / state_std).astype(np.float32)
-    return data, state_mean, state_std, max_action, probe_env
+    return Prepared(data, state_mean, state_std, max_action, probe_env)
 
 
 class ReplayBuffer:
@@ -200,7 +209,8 @@ class ReplayBuffer:
         self.widths = [blocks[0].observations.shape[1], blocks[0].actions.shape[1], 1,
                        blocks[0].observations.shape[1], 1]
         self.rows = torch.empty(sum(sizes), sum(self.widths), dtype=torch.float32, device=device)
-        for block, start, size in zip(blocks, np.cumsum([0] + sizes), sizes):
+        starts = np.cumsum([0] + sizes)  # each block's first row
+        for block, start, size in zip(blocks, starts, sizes):
             columns = (block.observations, block.actions, block.rewards[:, None], block.next_observations,
                        block.terminals[:, None])
             for view, column in zip(self.rows[start:start + size].split(self.widths, 1), columns):
@@ -209,8 +219,8 @@ class ReplayBuffer:
         self.rewards, self.terminals = rewards[:, 0], terminals[:, 0]
         self.size = sum(sizes)
         self.run_sizes = [sizes[b] for b in run_blocks] if run_blocks else self.size  # each run draws in [0, size)
-        starts = [int(np.sum(sizes[:b])) for b in run_blocks or [0]]  # ... of its block, which starts here
-        self.run_starts = torch.tensor(starts, device=device)[:, None] if any(starts) else None
+        run_starts = [int(starts[b]) for b in run_blocks or [0]]  # ... of its block, which starts here
+        self.run_starts = torch.tensor(run_starts, device=device)[:, None] if any(run_starts) else None
 
     def sample(self, batch_size: int, runs: Tuple[int, ...] = (), streams: Optional[fast.RunStreams] = None
                ) -> Tuple[torch.Tensor, ...]:
@@ -780,9 +790,7 @@ def save_checkpoint(path: Path, trainer: CQL, state_mean: np.ndarray, state_std:
     """Everything needed to continue: trainer (or run `run` of a stack, in the one-run layout),
     normalisation, config (the run's own; default the trainer's) and (for resume) run_state."""
     state = {**(trainer.state_dict() if run is None else trainer.run_state_dict(run)),
-             "state_mean": state_mean, "state_std": state_std,
-             "config": asdict(config or (trainer.config if run is None else run_config(trainer.config,
-                                                                                   trainer.seeds[run]))),
+             "state_mean": state_mean, "state_std": state_std, "config": asdict(config or trainer.config),
              "run": None if run_state is None else run_state.to_dict()}
     write_state_file(path, state)
 
@@ -845,7 +853,7 @@ def save_checkpoints(runs: List[Run], step: int, trainer: CQL, update: fast.Upda
         run_state = run.run_state(rng, update.run_metric_sum(i).clone(), window, update.skipped_updates.clone(),
                                   [r.dir.name for r in runs] if stacked else None)  # the siblings to resume with
         save_checkpoint(run.dir / f"checkpoint_{step}.pt", trainer, run.state_mean, run.state_std, run_state,
-                        run=i if stacked else None, config=run.config if stacked else None)
+                        run=i if stacked else None, config=run.config)
     for run in runs:
         for old in checkpoint_files(run.dir)[:-keep] if keep else []:
             old.unlink()
@@ -863,19 +871,12 @@ def train(config: TrainConfig, signals: Optional[StopSignals] = None) -> Dict[st
     members = stack_members(config, lambda path: parse_config(["--config_path", path]))
     stacked = members is not None
     members = members or [config]
-    prepared: Dict[Tuple[Any, ...], Tuple[Any, ...]] = {}  # each distinct dataset once: a --seeds stack has one
-    for member in members:
-        if data_key(member) not in prepared:
-            prepared[data_key(member)] = prepare_data(member)
+    prepared = prepare_members(members, prepare_data, lambda p: (p.data.observations.shape[1], p.data.actions.shape[1],
+                                                                 p.max_action), lambda p: p.data.source)
     blocks = list(prepared)
-    data, _, _, max_action, _ = prepared[blocks[0]]
+    data, max_action = prepared[blocks[0]].data, prepared[blocks[0]].max_action
     state_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
-    for other, _, _, bound, _ in list(prepared.values())[1:]:
-        if (other.observations.shape[1], other.actions.shape[1], bound) != (state_dim, action_dim, max_action):
-            raise ConfigError(f"field 'stack_configs': {other.source} has state {other.observations.shape[1]}, "
-                              f"action {other.actions.shape[1]} (bound {bound}), {data.source} state {state_dim}, "
-                              f"action {action_dim} (bound {max_action}): a stack's members share the networks")
-    buffer = ReplayBuffer([prepared[key][0] for key in blocks], device,
+    buffer = ReplayBuffer([prepared[key].data for key in blocks], device,
                           [blocks.index(data_key(m)) for m in members] if len(blocks) > 1 else None)
 
     seeds = [m.seed for m in members] if stacked else None
@@ -883,8 +884,7 @@ def train(config: TrainConfig, signals: Optional[StopSignals] = None) -> Dict[st
                                                              torch.device("cpu")), state_dim, action_dim)
     trainer = CQL(config, state_dim, action_dim, max_action, device,
                   capturable=config.cudagraphs and device.type == "cuda", seeds=seeds)
-    # A run per member (one unless a stack): its own directory, metrics, evaluations and checkpoints.
-    runs = [Run(m, *prepared[data_key(m)][:3]) for m in members]
+    runs = [Run(m, *prepared[data_key(m)][:3]) for m in members]  # a run per member: its data, state mean and std
     labels = [dataset_label(m.env) for m in members]
     resumed: Optional[List[RunState]] = None  # each run's run state
     if config.resume:
@@ -916,11 +916,11 @@ def train(config: TrainConfig, signals: Optional[StopSignals] = None) -> Dict[st
     with torch.random.fork_rng(devices=[]):  # a stack's one-run actor for the evaluators, aside from the stream
         template = TanhGaussianActor(state_dim, action_dim, max_action) if stacked else trainer.actor
     for run in runs:  # episode i of run k is seeded seeds[k] + i
-        run.evaluator = Evaluator(prepared[data_key(run.config)][4], run.data.make_env, config.n_episodes, evaluate,
-                                  (run.seed, run.state_mean, run.state_std), template, background, run.dir.name,
-                                  run.last_good_checkpoint)
-    for *_, probe_env in prepared.values():
-        probe_env.close()
+        run.evaluator = Evaluator(prepared[data_key(run.config)].probe_env, run.data.make_env, config.n_episodes,
+                                  evaluate, (run.seed, run.state_mean, run.state_std), template, background,
+                                  run.dir.name, run.last_good_checkpoint)
+    for data_side in prepared.values():
+        data_side.probe_env.close()
     window = 0
     if resumed is not None:
         window = resumed[0].window
