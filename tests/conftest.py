@@ -11,9 +11,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
+import yaml
 
 from algorithms.common.runs import load_state_file
 from tools.rollouts import random_transitions, write_d4rl_hdf5
@@ -49,12 +51,70 @@ def session_temp_dir(tmp_path_factory) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+HOPPER_ATTRS = {"env_id": "Hopper-v4", "ref_min_score": -20.272305, "ref_max_score": 3234.3}  # D4RL's references
+
+
 @pytest.fixture(scope="session")
 def hopper_hdf5(tmp_path_factory) -> Path:
     """A 3000-step random Hopper-v4 dataset in D4RL's HDF5 layout, eval env in its metadata."""
     path = tmp_path_factory.mktemp("data") / "hopper-random-tiny.hdf5"
-    return write_d4rl_hdf5(path, random_transitions("Hopper-v4", 3000, seed=0),
-                           {"env_id": "Hopper-v4", "ref_min_score": -20.272305, "ref_max_score": 3234.3})
+    return write_d4rl_hdf5(path, random_transitions("Hopper-v4", 3000, seed=0), HOPPER_ATTRS)
+
+
+@pytest.fixture(scope="session")
+def second_hopper(tmp_path_factory) -> Path:
+    """Another Hopper dataset (other transitions, another size): a second config's data in a stack."""
+    return write_d4rl_hdf5(tmp_path_factory.mktemp("data") / "hopper-second.hdf5",
+                           random_transitions("Hopper-v4", 2000, seed=5), HOPPER_ATTRS)
+
+
+# ---------------------------------------------------------------- stacks of configs (both scripts)
+def config_file_of(run_args: list, folder: Path, name: str, **fields) -> str:
+    """<folder>/<name>.yaml holding a run's --key=value arguments (checkpoints_path left out), `fields` on top."""
+    values = {}
+    for arg in run_args:
+        key, _, value = arg[2:].partition("=")
+        values[key] = yaml.safe_load(value)
+    values.pop("checkpoints_path")
+    values.update(fields)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def by_member(folder: Path) -> dict:
+    """{(dataset label, seed): run dir} of a stack's run directories."""
+    return {(d.name.split("-", 1)[1].rsplit("-", 2)[0], int(d.name.split("-")[-2])): d for d in folder.iterdir()}
+
+
+def assert_each_member_records_itself(root: Path, first: Path, second: Path) -> dict:
+    """A stack of configs [first's data, second's with normalize_reward] x seeds 0, 1 left four run directories
+    under root, each listing the stack in stack.yaml and with its own config.yaml; returns by_member(root)."""
+    runs = by_member(root)
+    assert sorted(runs) == [(first.stem, 0), (first.stem, 1), (second.stem, 0), (second.stem, 1)]
+    names = yaml.safe_load((runs[second.stem, 1] / "stack.yaml").read_text())["runs"]
+    assert sorted(names) == sorted(d.name for d in runs.values())
+    for (label, seed), run_dir in runs.items():
+        own = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert (own["seed"], own["seeds"], own["stack_configs"]) == (seed, None, None)
+        assert own["env"] == str(first if label == first.stem else second)
+        assert own["normalize_reward"] is (label == second.stem)
+    return runs
+
+
+def assert_other_shapes_are_one_line(script: str, make_config: Callable[[str, Path], str], hopper: Path,
+                                     tmp_path: Path) -> None:
+    """A stack of a config on the Hopper dataset and one on a HalfCheetah dataset (make_config(name, dataset):
+    its file) stops with one line naming both datasets' shapes, exit 2."""
+    cheetah = write_d4rl_hdf5(tmp_path / "cheetah.hdf5", random_transitions("HalfCheetah-v4", 500, seed=0),
+                              {"env_id": "HalfCheetah-v4"})
+    files = [make_config("a", hopper), make_config("b", cheetah)]
+    done = subprocess.run([sys.executable, script, f"--stack_configs={','.join(files)}",
+                           f"--checkpoints_path={tmp_path / 'runs'}"], env=CHILD_ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: field 'stack_configs': dataset file ")
+    assert "state 17, action 6" in done.stderr and "state 11, action 3" in done.stderr
 
 
 def metrics_rows(run_dir) -> list:
@@ -209,6 +269,14 @@ def signal_when(script: str, args: list, run_root: Path, signum: int, ready, gro
     (os.killpg if group else os.kill)(child.pid, signum)
     stderr = child.communicate(timeout=300)[1]
     return child.returncode, stderr
+
+
+def uninterrupted_then_stopped(script: str, args: list, tmp_path: Path, signum: int, ready) -> tuple:
+    """Runs args (their last one --checkpoints_path=<tmp_path>/a) to the end, then again into <tmp_path>/b stopped
+    by signum once ready(rows) (signal_when); returns the stopped run's exit code and stderr."""
+    subprocess.run([sys.executable, script, *args], env=CHILD_ENV, check=True, capture_output=True, timeout=600)
+    stopped_args = args[:-1] + [f"--checkpoints_path={tmp_path / 'b'}"]
+    return signal_when(script, stopped_args, tmp_path / "b", signum, ready)
 
 
 def stop_line(stderr: str) -> str:

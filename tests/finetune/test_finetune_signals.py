@@ -4,20 +4,17 @@ one line names it and the --resume command, exit code 143 / 130; the resumed run
 uninterrupted one (tests/offline/test_signals.py: the same for the offline script, set-up, a second signal)."""
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import List
 
 import pytest
 from conftest import (
-    CHILD_ENV,
     FINETUNE_SCRIPT,
     assert_same_finetune_run,
     finetune_run_args,
     resume_as_told,
-    signal_when,
     stop_line,
+    uninterrupted_then_stopped,
 )
 
 from algorithms.common.state_files import load_state_file
@@ -32,11 +29,8 @@ def by_seed(root: Path) -> List[Path]:
 def test_sigterm_online_writes_the_iterations_checkpoint_and_its_resume_ends_as_the_uninterrupted_run(
         hopper_hdf5, tmp_path):
     args = finetune_run_args(hopper_hdf5, tmp_path / "a")
-    subprocess.run([sys.executable, FINETUNE_SCRIPT, *args], env=CHILD_ENV, check=True, capture_output=True,
-                   timeout=600)
-    stopped_args = args[:-1] + [f"--checkpoints_path={tmp_path / 'b'}"]
-    code, stderr = signal_when(FINETUNE_SCRIPT, stopped_args, tmp_path / "b", signal.SIGTERM,
-                               lambda rows: any("online_iter" in row for row in rows))  # online since iteration 60
+    code, stderr = uninterrupted_then_stopped(  # once online: since iteration 60
+        FINETUNE_SCRIPT, args, tmp_path, signal.SIGTERM, lambda rows: any("online_iter" in row for row in rows))
     (run_dir,) = (tmp_path / "b").iterdir()
     match = re.fullmatch(r"stopped by SIGTERM after iteration (\d+); checkpoint: (\S+); continue with: (.+)",
                          stop_line(stderr))
@@ -54,11 +48,8 @@ def test_sigterm_online_writes_the_iterations_checkpoint_and_its_resume_ends_as_
 def test_sigint_stops_a_stack_with_every_runs_checkpoint_and_it_resumes_to_the_uninterrupted_stack(
         hopper_hdf5, tmp_path):
     args = ["--seeds=0,1", *finetune_run_args(hopper_hdf5, tmp_path / "a")]
-    subprocess.run([sys.executable, FINETUNE_SCRIPT, *args], env=CHILD_ENV, check=True, capture_output=True,
-                   timeout=600)
-    stopped_args = args[:-1] + [f"--checkpoints_path={tmp_path / 'b'}"]
-    code, stderr = signal_when(FINETUNE_SCRIPT, stopped_args, tmp_path / "b", signal.SIGINT,
-                               lambda rows: len(rows) >= 3)  # offline still: the resume crosses the switch
+    code, stderr = uninterrupted_then_stopped(  # offline still: the resume crosses the switch
+        FINETUNE_SCRIPT, args, tmp_path, signal.SIGINT, lambda rows: len(rows) >= 3)
     match = re.fullmatch(r"stopped by SIGINT after iteration (\d+); checkpoint: checkpoint_(\d+)\.pt of each "
                          r"of its 2 runs in (\S+); continue with: (.+)", stop_line(stderr))
     assert match, stderr[-3000:]

@@ -7,44 +7,32 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CHILD_ENV, OFFLINE_SCRIPT, metrics_rows, offline_run_args
+from conftest import (
+    CHILD_ENV,
+    HOPPER_ATTRS,
+    OFFLINE_SCRIPT,
+    assert_each_member_records_itself,
+    assert_other_shapes_are_one_line,
+    by_member,
+    config_file_of,
+    metrics_rows,
+    offline_run_args,
+)
 
 import algorithms.offline.cql as cql
 from algorithms.common.config import ConfigError
 from algorithms.common.state_files import load_state_file
 from tools.rollouts import random_transitions, write_d4rl_hdf5
 
-REFS = {"env_id": "Hopper-v4", "ref_min_score": -20.272305, "ref_max_score": 3234.3}
-
-
-@pytest.fixture(scope="module")
-def second_hopper(tmp_path_factory) -> Path:
-    """Another Hopper dataset (other transitions, other size): the second config's data."""
-    return write_d4rl_hdf5(tmp_path_factory.mktemp("data") / "hopper-second.hdf5",
-                           random_transitions("Hopper-v4", 2000, seed=5), REFS)
-
 
 def config_file(folder: Path, name: str, **fields) -> str:
     """A config file of the short test run (offline_run_args' fields) with `fields` on top."""
-    values = {}
-    for arg in offline_run_args(Path("unset"), folder / "unset"):
-        key, _, value = arg[2:].partition("=")
-        values[key] = yaml.safe_load(value)
-    values.pop("checkpoints_path")
-    values.update(fields)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return str(path)
+    return config_file_of(offline_run_args(Path("unset"), folder / "unset"), folder, name, **fields)
 
 
 def stack_args(files, checkpoints: Path, updates: int = 60, *more) -> list:
     return [f"--stack_configs={','.join(files)}", f"--checkpoints_path={checkpoints}", f"--max_timesteps={updates}",
             *more]
-
-
-def by_member(folder: Path) -> dict:
-    """{(dataset label, seed): run dir} of a stack's run directories."""
-    return {(d.name.split("-", 1)[1].rsplit("-", 2)[0], int(d.name.split("-")[-2])): d for d in folder.iterdir()}
 
 
 def test_a_two_config_two_seed_stack_is_one_process_with_four_run_dirs(hopper_hdf5, second_hopper, tmp_path):
@@ -55,16 +43,9 @@ def test_a_two_config_two_seed_stack_is_one_process_with_four_run_dirs(hopper_hd
     assert done.returncode == 0, done.stderr[-2000:]
     assert "4 runs (2 datasets)" in done.stdout
     assert "hopper-random-tiny" in done.stdout.splitlines()[-1] and "hopper-second" in done.stdout.splitlines()[-1]
-    runs = by_member(tmp_path / "runs")
-    assert sorted(runs) == [("hopper-random-tiny", 0), ("hopper-random-tiny", 1), ("hopper-second", 0),
-                            ("hopper-second", 1)]
-    names = yaml.safe_load((runs["hopper-second", 1] / "stack.yaml").read_text())["runs"]
-    assert sorted(names) == sorted(d.name for d in runs.values())
-    for (label, seed), run_dir in runs.items():
+    runs = assert_each_member_records_itself(tmp_path / "runs", hopper_hdf5, second_hopper)
+    for run_dir in runs.values():
         own = yaml.safe_load((run_dir / "config.yaml").read_text())
-        assert (own["seed"], own["seeds"], own["stack_configs"]) == (seed, None, None)
-        assert own["env"] == str(hopper_hdf5 if label == "hopper-random-tiny" else second_hopper)
-        assert own["normalize_reward"] is (label == "hopper-second")
         assert [r["step"] for r in metrics_rows(run_dir) if "d4rl_normalized_score" in r] == [60]
         assert load_state_file(run_dir / "checkpoint_60.pt")["config"] == own  # a checkpoint of the run alone
 
@@ -74,7 +55,7 @@ def test_a_member_ends_as_its_config_alone_and_is_deaf_to_the_others_data(hopper
     stacked-matmul rounding), and member (a, seed 0) ends bitwise the same when b's data is another dataset (of
     another size, rewards transformed)."""
     a, b = config_file(tmp_path, "a", env=str(hopper_hdf5)), config_file(tmp_path, "b", env=str(second_hopper))
-    third = write_d4rl_hdf5(tmp_path / "hopper-third.hdf5", random_transitions("Hopper-v4", 1500, seed=7), REFS)
+    third = write_d4rl_hdf5(tmp_path / "hopper-third.hdf5", random_transitions("Hopper-v4", 1500, seed=7), HOPPER_ATTRS)
     b_other = config_file(tmp_path, "b_other", env=str(third), normalize_reward=True)
     cql.main(stack_args([a, b], tmp_path / "stack") + ["--seeds=0,1"])
     cql.main(["--config_path", b, "--seed=1", f"--checkpoints_path={tmp_path / 'alone'}", "--max_timesteps=60"])
@@ -126,14 +107,8 @@ def test_members_that_cannot_share_a_stack_are_one_line_naming_the_field_and_bot
 
 
 def test_members_of_other_shapes_are_one_line(hopper_hdf5, tmp_path):
-    cheetah = write_d4rl_hdf5(tmp_path / "cheetah.hdf5", random_transitions("HalfCheetah-v4", 500, seed=0),
-                              {"env_id": "HalfCheetah-v4"})
-    files = [config_file(tmp_path, "a", env=str(hopper_hdf5)), config_file(tmp_path, "b", env=str(cheetah))]
-    done = subprocess.run([sys.executable, OFFLINE_SCRIPT, *stack_args(files, tmp_path / "runs")], env=CHILD_ENV,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith("error: field 'stack_configs': dataset file ")
-    assert "state 17, action 6" in done.stderr and "state 11, action 3" in done.stderr
+    assert_other_shapes_are_one_line(OFFLINE_SCRIPT, lambda name, env: config_file(tmp_path, name, env=str(env)),
+                                     hopper_hdf5, tmp_path)
 
 
 @pytest.mark.parametrize("value, expected", [

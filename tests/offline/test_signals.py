@@ -20,6 +20,7 @@ from conftest import (
     resume_as_told,
     signal_when,
     stop_line,
+    uninterrupted_then_stopped,
 )
 
 import algorithms.offline.cql as cql
@@ -60,11 +61,8 @@ def test_sigint_writes_a_checkpoint_of_the_update_and_its_resume_ends_as_the_uni
 def test_sigterm_stops_a_stack_with_every_runs_checkpoint_and_it_resumes_to_the_uninterrupted_stack(
         hopper_hdf5, tmp_path):
     args = ["--seeds=0,1", *offline_run_args(hopper_hdf5, tmp_path / "a")]
-    subprocess.run([sys.executable, OFFLINE_SCRIPT, *args], env=CHILD_ENV, check=True, capture_output=True,
-                   timeout=600)
-    stopped_args = args[:-1] + [f"--checkpoints_path={tmp_path / 'b'}"]
-    code, stderr = signal_when(OFFLINE_SCRIPT, stopped_args, tmp_path / "b", signal.SIGTERM,
-                               lambda rows: len(rows) >= 2)
+    code, stderr = uninterrupted_then_stopped(OFFLINE_SCRIPT, args, tmp_path, signal.SIGTERM,
+                                              lambda rows: len(rows) >= 2)
     line = stop_line(stderr)
     match = re.fullmatch(r"stopped by SIGTERM after update (\d+); checkpoint: checkpoint_(\d+)\.pt of each of its "
                          r"2 runs in (\S+); continue with: (.+)", line)

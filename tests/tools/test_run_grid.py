@@ -228,15 +228,13 @@ def test_make_table_runs_the_locomotion_grid_in_stacks_then_the_results():
                            "runs/table/plots"]
 
 
-def test_a_two_config_two_seed_grid_is_one_process_with_four_run_dirs_and_a_row_per_dataset(hopper_hdf5, tmp_path):
+def test_a_two_config_two_seed_grid_is_one_process_with_four_run_dirs_and_a_row_per_dataset(
+        hopper_hdf5, second_hopper, tmp_path):
     """The real offline script: one stack process; a re-run finds it finished; a killed stack resumes."""
     from test_results import rows_by_dataset
 
-    from tools.rollouts import random_transitions, write_d4rl_hdf5
-    second = write_d4rl_hdf5(tmp_path / "hopper-second.hdf5", random_transitions("Hopper-v4", 2000, seed=5),
-                             {"env_id": "Hopper-v4", "ref_min_score": -20.272305, "ref_max_score": 3234.3})
     configs = []
-    for name, env in (("a", hopper_hdf5), ("b", second)):
+    for name, env in (("a", hopper_hdf5), ("b", second_hopper)):
         configs.append(tmp_path / f"{name}.yaml")
         configs[-1].write_text(yaml.safe_dump({"env": str(env), "batch_size": 32, "cql_n_actions": 4,
                                                "n_episodes": 2, "max_episode_steps": 30}))
